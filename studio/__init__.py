@@ -1,0 +1,1 @@
+"""MoL Studio: the Gradio app over `mol`, its persistence (SQLAlchemy + SQLite) and its Plotly figures."""

@@ -1,0 +1,301 @@
+"""The fused model: embeddings of the base, a stack of slots (each one or more expert blocks, routed), the
+base's final norm and head. Reads top to bottom: FusedCache, ExpertBlock, FusedSlot, FusedModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mol.routers import Routing, load_balancing_loss, z_loss
+from mol.trace import SlotTrace, Trace
+
+
+@dataclass
+class FusedCache:
+    """One KV-cache layer per slot-expert (index = ExpertPlan.cache_index), the attention mask of everything
+    seen so far, and each pooled router's per-sequence decision."""
+
+    kv: DynamicCache = field(default_factory=DynamicCache)
+    mask: torch.Tensor | None = None  # [B, seen]
+    pooled: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+
+@dataclass
+class MoLOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    cache: FusedCache | None = None
+    trace: Trace | None = None
+
+
+@dataclass
+class StepContext:
+    """What every block of one forward step shares."""
+
+    mask4d: torch.Tensor  # [B, 1, Q, K] additive
+    mask2d: torch.Tensor  # [B, Q] 1 for real tokens of this step
+    position_ids: torch.Tensor  # [B, Q]
+    cache: FusedCache | None
+    rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rotary_modules: nn.ModuleDict
+    routings: list[tuple[int, Routing]] = field(default_factory=list)
+    calibrate: object = None  # callable(slot, h) used by mol.calibrate
+
+    def position_embeddings(self, alias: str, x: torch.Tensor):
+        if alias not in self.rotary:
+            self.rotary[alias] = self.rotary_modules[alias](x, self.position_ids)
+        return self.rotary[alias]
+
+
+class ExpertBlock(nn.Module):
+    """One source layer, called with its own family's keywords, positions and adapter."""
+
+    def __init__(self, name: str, alias: str, layer: nn.Module, cache_keyword: str, takes: tuple[str, ...],
+                 adapter: nn.Module | None = None, positions: nn.Module | None = None, position_offset: int = 0):
+        super().__init__()
+        self.name, self.alias = name, alias
+        self.layer = layer
+        self.cache_keyword, self.takes = cache_keyword, takes
+        self.adapter = adapter
+        self.positions = positions  # absolute-position embedding of the block's own model (foreign stream)
+        self.position_offset = position_offset
+
+    def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = h if self.adapter is None else self.adapter.into(h)
+        if self.positions is not None:
+            x = x + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
+        kwargs = {"attention_mask": ctx.mask4d, "use_cache": ctx.cache is not None}
+        if ctx.cache is not None:
+            kwargs[self.cache_keyword] = ctx.cache.kv
+        if "position_ids" in self.takes:
+            kwargs["position_ids"] = ctx.position_ids
+        if "position_embeddings" in self.takes:
+            kwargs["position_embeddings"] = ctx.position_embeddings(self.alias, x)
+        y = self.layer(x, **kwargs)
+        if isinstance(y, tuple):  # older releases return (hidden, ...)
+            y = y[0]
+        if self.adapter is None and self.positions is None:
+            return y
+        delta = y - x
+        return h + (delta if self.adapter is None else self.adapter.out(delta))
+
+
+class FusedSlot(nn.Module):
+    def __init__(self, index: int, experts: list[ExpertBlock], router: nn.Module | None = None):
+        super().__init__()
+        self.index = index
+        self.experts = nn.ModuleList(experts)
+        self.router = router
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.calibrate is not None:
+            ctx.calibrate(self, h)
+        if self.router is None:
+            return self.experts[0](h, ctx)
+        state = None
+        if ctx.cache is not None and self.router.kind == "pooled":
+            state = ctx.cache.pooled.setdefault(self.index, {})
+        routing = self.router(h, ctx.mask2d if state is None else _whole_mask(ctx), state)
+        ctx.routings.append((self.index, routing))
+        # Every expert of a token router sees every token, so each expert's KV cache stays whole; a pooled
+        # router with a fixed per-sequence decision runs only the experts some sequence chose.
+        if state is not None:
+            needed = sorted(set(routing.chosen[:, 0, 0].tolist()))
+        else:
+            needed = range(len(self.experts))
+        out = torch.zeros_like(h)
+        for i in needed:
+            w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
+            out = out + w.to(h.dtype) * self.experts[i](h, ctx)
+        return out
+
+
+def _whole_mask(ctx: StepContext) -> torch.Tensor:
+    """The pooled decision is taken over every real token seen so far (the prompt, at the first step)."""
+    return ctx.mask2d
+
+
+class FusedModel(nn.Module):
+    """A language model assembled from blocks of several source models. Build it with `mol.build(recipe)`."""
+
+    def __init__(self, plan, embed: nn.Module, head: nn.Module, final_norm: nn.Module | None,
+                 slots: list[FusedSlot], rotary: dict[str, nn.Module], positions: nn.Module | None = None,
+                 position_offset: int = 0, project_in: nn.Module | None = None,
+                 project_out: nn.Module | None = None, tokenizer=None):
+        super().__init__()
+        self.plan = plan
+        self.recipe = plan.recipe
+        self.embed, self.head, self.final_norm = embed, head, final_norm
+        self.positions, self.position_offset = positions, position_offset
+        self.project_in, self.project_out = project_in, project_out
+        self.slots = nn.ModuleList(slots)
+        self.rotary = nn.ModuleDict(rotary)
+        self.tokenizer = tokenizer
+        self.last_trace: Trace | None = None
+        self.aux_loss_weight = 0.01
+        self.z_loss_weight = 0.0
+
+    # ---- properties -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def routed_slots(self) -> list[FusedSlot]:
+        return [s for s in self.slots if s.router is not None]
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapters and routers: the only parts of a fused model that train (source blocks stay frozen)."""
+        return {n: p for n, p in self.named_parameters() if ".adapter." in n or ".router." in n}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = (".adapter.", ".router.")
+        return {n: t for n, t in self.state_dict().items() if any(k in n for k in keep)}
+
+    def new_cache(self) -> FusedCache:
+        return FusedCache()
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: FusedCache | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool = False) -> MoLOutput:
+        input_ids = input_ids.to(self.device)
+        bsz, q = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(bsz, q, dtype=torch.long, device=self.device)
+        attention_mask = attention_mask.to(self.device).long()
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        past = cache.length if cache is not None else 0
+        full_mask = attention_mask if cache is None or cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
+        position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        ctx = StepContext(mask4d=self._mask4d(full_mask, q), mask2d=attention_mask, position_ids=position_ids,
+                          cache=cache, rotary={}, rotary_modules=self.rotary)
+
+        h = self.embed(input_ids)
+        if self.positions is not None:
+            h = h + nn.functional.embedding(position_ids + self.position_offset, self.positions.weight)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        for slot in self.slots:
+            h = slot(h, ctx)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        logits = self.head(h)
+        if cache is not None:
+            cache.mask = full_mask
+
+        trace = Trace(token_ids=input_ids.detach().cpu(), attention_mask=attention_mask.detach().cpu(), slots=[
+            SlotTrace(i, self.slots[i].expert_names, self.slots[i].router.kind, r.probs.detach().float().cpu(),
+                      r.chosen.detach().cpu()) for i, r in ctx.routings])
+        out = MoLOutput(logits=logits, cache=cache, trace=trace)
+        if ctx.routings:
+            out.aux_loss = torch.stack([load_balancing_loss(r.probs, r.chosen, attention_mask) for _, r in ctx.routings]).mean()
+            out.z_loss = torch.stack([z_loss(r.logits, attention_mask) for _, r in ctx.routings]).mean()
+        if labels is not None:
+            shift = logits[:, :-1].float()
+            target = labels[:, 1:].to(self.device)
+            out.loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100)
+        self.last_trace = trace
+        return out
+
+    def _mask4d(self, full_mask: torch.Tensor, q: int) -> torch.Tensor:
+        """Additive causal mask over every key seen so far; its key length equals each slot's cache length."""
+        bsz, k = full_mask.shape
+        past = k - q
+        rows = torch.arange(q, device=self.device).unsqueeze(1) + past
+        cols = torch.arange(k, device=self.device).unsqueeze(0)
+        allowed = (cols <= rows).unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
+        mask = torch.zeros(bsz, 1, q, k, dtype=self.dtype, device=self.device)
+        return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
+
+    # ---- generation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, streamer=None, stop=None) -> torch.Tensor:
+        """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new].
+
+        `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early.
+        `last_trace` then covers the prompt and every generated token."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).long()
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        if pad_token_id is None:
+            pad_token_id = next(iter(eos), 0)
+        cache = self.new_cache()
+        tokens, masks, traces = [input_ids], [attention_mask], []
+        step_ids, step_mask = input_ids, attention_mask
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            out = self.forward(step_ids, step_mask, cache=cache)
+            traces.append(out.trace)
+            logits = out.logits[:, -1].float()
+            nxt = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            step_mask = (~finished).long().unsqueeze(1)
+            finished = finished | torch.isin(nxt, torch.tensor(sorted(eos), device=self.device, dtype=nxt.dtype)) \
+                if eos else finished
+            step_ids = nxt.unsqueeze(1)
+            tokens.append(step_ids)
+            masks.append(step_mask)
+            if streamer is not None:
+                streamer(nxt)
+            if bool(finished.all()) or (stop is not None and stop()):
+                break
+        read = input_ids.shape[1] + len(traces) - 1  # the last new token was never fed back
+        self.last_trace = _join_traces(traces, torch.cat(tokens, 1)[:, :read], torch.cat(masks, 1)[:, :read])
+        return torch.cat(tokens, 1)
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _join_traces(traces: list[Trace], token_ids: torch.Tensor, mask: torch.Tensor) -> Trace:
+    """Concatenate per-step traces along the token axis (the trace covers every token the model read)."""
+    if not traces:
+        return Trace(token_ids=token_ids.cpu(), attention_mask=mask.cpu())
+    slots = []
+    for j, first in enumerate(traces[0].slots):
+        probs = torch.cat([t.slots[j].probs for t in traces], 1)
+        chosen = torch.cat([t.slots[j].chosen for t in traces], 1)
+        slots.append(SlotTrace(first.slot, first.experts, first.router, probs, chosen))
+    return Trace(token_ids=token_ids.cpu(), attention_mask=mask.cpu(), slots=slots)

@@ -1,0 +1,249 @@
+"""Build a FusedModel from a plan, reading only the planned tensors (safetensors mmap), constructing blocks
+on the meta device and filling them."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from mol.adapters import make_adapter
+from mol.errors import CheckpointError, ResourceError
+from mol.families import cache_keyword
+from mol.fused import ExpertBlock, FusedModel, FusedSlot
+from mol.plan import Plan, plan
+from mol.recipe import Recipe
+from mol.routers import make_router
+from mol.sources import ModelSource
+
+log = logging.getLogger(__name__)
+_ATTN = "sdpa"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class TensorReader:
+    """Reads named tensors of one source from its safetensors files, and counts the bytes it read."""
+
+    def __init__(self, source: ModelSource, stack: ExitStack):
+        self.source, self.stack = source, stack
+        self.handles: dict[Path, object] = {}
+        self.bytes_read = 0
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.source.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.source.alias}: tensor '{name}' is missing from '{self.source.folder}'.")
+        fh = self.handles.get(info.file)
+        if fh is None:
+            try:
+                fh = self.stack.enter_context(safe_open(str(info.file), framework="pt", device="cpu"))
+            except Exception as exc:
+                raise CheckpointError(f"'{info.file}' cannot be opened as safetensors: {exc}.") from None
+            self.handles[info.file] = fh
+        try:
+            t = fh.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"'{info.file}': tensor '{name}' cannot be read ({exc}); the file may be truncated.") from None
+        self.bytes_read += info.nbytes
+        return t
+
+
+def _source_config(src: ModelSource, layers: int | None = None):
+    """A copy of the source's config for building parts of it, attention implementation set explicitly: left
+    unset, the mask comes back None and attention is not causal."""
+    cfg = copy.deepcopy(src.config)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = cfg.layer_types[:layers]
+    cfg._attn_implementation = _ATTN
+    cfg.use_cache = True
+    return cfg
+
+
+def _shell(src: ModelSource) -> nn.Module:
+    """The source's own model class with one layer, on the meta device: its module tree tells us the classes."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _source_config(src, layers=1)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, attn_implementation=_ATTN)
+
+
+def _fill(module: nn.Module, prefix: str, reader: TensorReader, device, dtype, shared: dict | None = None) -> nn.Module:
+    """Load `prefix.<name>` for every parameter/buffer of a meta-device module, casting floats to `dtype`."""
+    state = {}
+    for name, meta in module.state_dict().items():
+        full = f"{prefix}.{name}"
+        if shared is not None and full in shared:
+            t = shared[full]
+        else:
+            t = reader.get(full)
+            if t.is_floating_point():
+                t = t.to(dtype)
+            t = t.to(device)
+            if shared is not None:
+                shared[full] = t
+        if tuple(t.shape) != tuple(meta.shape):
+            raise CheckpointError(
+                f"{reader.source.alias}: tensor '{full}' has shape {list(t.shape)} but the config implies "
+                f"{list(meta.shape)}; config.json does not match the weights in '{reader.source.folder}'."
+            )
+        state[name] = t
+    module.load_state_dict(state, assign=True, strict=True)
+    return module
+
+
+def _reindex(layer: nn.Module, index: int) -> None:
+    """Give every attention module of an extracted layer its slot's cache index: two blocks sharing an index
+    would silently overwrite each other's keys and values."""
+    for m in layer.modules():
+        if hasattr(m, "layer_idx"):
+            m.layer_idx = index
+
+
+def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+          weights: str | Path | None = None, load_tokenizer: bool = True) -> FusedModel:
+    """Turn a recipe (object, YAML path or text, or a Plan) into a FusedModel on one device."""
+    if isinstance(recipe, str | Path):
+        recipe = Recipe.from_yaml(recipe)
+    the_plan = recipe if isinstance(recipe, Plan) else plan(recipe)
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    dtype = dtype or default_dtype(device)
+    try:
+        model = _build(the_plan, device, dtype)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ResourceError(
+            f"Out of memory on {device} while building '{the_plan.recipe.name}' "
+            f"(estimate {the_plan.memory_estimate(str(dtype).split('.')[-1])['total'] / 2**30:.2f} GiB). "
+            "Use fewer or smaller blocks, bf16, or another device."
+        ) from None
+    if weights is not None:
+        from mol.weights import load_trainable
+
+        load_trainable(model, weights)
+    if load_tokenizer:
+        model.tokenizer = load_base_tokenizer(the_plan.base)
+    return model
+
+
+def load_base_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src.folder), trust_remote_code=False)
+    except Exception as exc:  # missing or broken tokenizer files
+        log.warning("no tokenizer for %s: %s", src.alias, exc)
+        return None
+
+
+def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedModel:
+    recipe = the_plan.recipe
+    base = the_plan.base
+    with ExitStack() as stack:
+        readers = {a: TensorReader(s, stack) for a, s in the_plan.sources.items()}
+        shells = {a: _shell(s) for a, s in the_plan.sources.items()}
+        shared: dict[str, dict] = {a: {} for a in the_plan.sources}
+
+        def part(alias: str, path: str | None) -> nn.Module | None:
+            if not path:
+                return None
+            try:
+                mod = shells[alias].get_submodule(path)
+            except AttributeError:
+                return None
+            if mod is None or not list(mod.state_dict()):
+                return None
+            return _fill(mod, path, readers[alias], device, dtype, shared[alias])
+
+        fam = base.family
+        embed = part(base.alias, fam.embed)
+        final_norm = part(base.alias, fam.final_norm)
+        positions = part(base.alias, fam.positions)
+        project_in = part(base.alias, fam.project_in)
+        project_out = part(base.alias, fam.project_out)
+        head_in_files = fam.head_in_files(base.tensors)
+        if head_in_files is not None:
+            shell = shells[base.alias]
+            head_module = next(shell.get_submodule(h) for h in fam.head_names() if _has(shell, h))
+            head = _fill(head_module, head_in_files, readers[base.alias], device, dtype, shared[base.alias])
+        else:  # tied to the input embedding
+            head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
+            head.weight = embed.weight
+
+        rotary: dict[str, nn.Module] = {}
+        for alias, src in the_plan.sources.items():
+            if src.family.rotary:
+                rot_cls = type(shells[alias].get_submodule(src.family.rotary))
+                rotary[alias] = rot_cls(config=_source_config(src), device=device) if _takes_device(rot_cls) \
+                    else rot_cls(config=_source_config(src)).to(device)
+
+        layer_classes = {a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()}
+        foreign_positions: dict[str, nn.Module] = {}
+        slots = []
+        for sp in the_plan.slots:
+            blocks = []
+            for e in sp.experts:
+                src = the_plan.sources[e.alias]
+                cfg = _source_config(src)
+                with torch.device("meta"):
+                    layer = layer_classes[e.alias](cfg, e.layer)  # original index: some families scale by it
+                _fill(layer, f"{src.family.layers}.{e.layer}", readers[e.alias], device, dtype, shared[e.alias])
+                _reindex(layer, e.cache_index)
+                layer.requires_grad_(False)
+                adapter = None
+                if e.adapter is not None:
+                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(device=device, dtype=dtype)
+                pos = None
+                if e.add_positions:
+                    if e.alias not in foreign_positions:
+                        foreign_positions[e.alias] = part(e.alias, src.family.positions).requires_grad_(False)
+                    pos = foreign_positions[e.alias]
+                blocks.append(ExpertBlock(e.name, e.alias, layer, cache_keyword(layer), src.family.layer_takes,
+                                          adapter=adapter, positions=pos, position_offset=src.family.position_offset))
+            router = None
+            if sp.routed:
+                r = sp.slot.router
+                router = make_router(r.type, base.width, len(blocks), r.top_k).to(device=device, dtype=torch.float32)
+            slots.append(FusedSlot(sp.index, blocks, router))
+
+        model = FusedModel(the_plan, embed=embed, head=head, final_norm=final_norm, slots=slots, rotary=rotary,
+                           positions=positions, position_offset=fam.position_offset, project_in=project_in,
+                           project_out=project_out)
+        for mod in (embed, head, final_norm, positions, project_in, project_out):
+            if mod is not None:
+                mod.requires_grad_(False)
+        model.bytes_read = sum(r.bytes_read for r in readers.values())
+        model.eval()
+        return model
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _takes_device(cls) -> bool:
+    import inspect
+
+    return "device" in inspect.signature(cls.__init__).parameters

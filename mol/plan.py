@@ -1,0 +1,245 @@
+"""Plan: a recipe resolved against its source models' configs and safetensors headers. Every
+incompatibility is found here, before a byte of weights is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mol.errors import CheckpointError, IncompatibleModelsError, RecipeError
+from mol.recipe import Recipe, Slot
+from mol.sources import ModelSource, TensorInfo, load_source
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    name: str  # "alias:layer"
+    alias: str
+    layer: int
+    width: int
+    cache_index: int  # this expert's own layer in the fused KV cache
+    adapter: str | None  # None: the block runs directly in the base stream; else "linear"/"bottleneck"
+    add_positions: bool  # absolute-position block in a foreign stream: add its own position embedding
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    index: int
+    slot: Slot
+    experts: tuple[ExpertPlan, ...]
+
+    @property
+    def routed(self) -> bool:
+        return len(self.experts) > 1
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    sources: dict[str, ModelSource]
+    slots: list[SlotPlan]
+    reads: dict[str, list[TensorInfo]]  # alias -> tensors to read
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> ModelSource:
+        return self.sources[self.recipe.base]
+
+    @property
+    def width(self) -> int:
+        return self.base.width
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(t.nbytes for ts in self.reads.values() for t in ts)
+
+    @property
+    def tensors_to_read(self) -> int:
+        return sum(len(ts) for ts in self.reads.values())
+
+    @property
+    def cache_layers(self) -> int:
+        return sum(len(s.experts) for s in self.slots)
+
+    def adapter_parameters(self) -> int:
+        total, d = 0, self.width
+        for s in self.slots:
+            for e in s.experts:
+                if e.adapter == "linear":
+                    total += 2 * d * e.width
+                elif e.adapter == "bottleneck":
+                    r = self.recipe.adapter.rank or 64
+                    total += 2 * r * (d + e.width)
+        return total
+
+    def router_parameters(self) -> int:
+        return sum((self.width + 1) * len(s.experts) for s in self.slots if s.routed)
+
+    def memory_estimate(self, dtype: str = "float32", context_tokens: int = 2048, batch: int = 1) -> dict[str, int]:
+        """Bytes of device memory: weights (in `dtype`), trainable parts, and the KV cache for `context_tokens`."""
+        size = _BYTES.get(dtype, 4)
+        weights = 0
+        for ts in self.reads.values():
+            for t in ts:
+                elem = max(1, _dtype_bytes(t.dtype))
+                weights += t.nbytes // elem * size
+        trainable = (self.adapter_parameters() + self.router_parameters()) * size
+        kv = 0
+        for s in self.slots:
+            for e in s.experts:
+                src = self.sources[e.alias]
+                head_dim = getattr(src.config, "head_dim", None) or src.width // src.heads
+                kv += 2 * src.kv_heads * head_dim * size
+        kv *= context_tokens * batch
+        return {"weights": weights, "trainable": trainable, "kv_cache": kv, "total": weights + trainable + kv}
+
+    def summary(self) -> str:
+        r = self.recipe
+        lines = [f"Recipe '{r.name}': {len(self.slots)} slots, {sum(s.routed for s in self.slots)} routed, "
+                 f"base '{r.base}' (width {self.width})."]
+        for alias, src in self.sources.items():
+            lines.append(f"  {alias}: {src.family.name} ({src.model_type}), {src.num_layers} layers, width {src.width}, "
+                         f"{src.heads} heads, tokenizer {src.tokenizer_id} — {src.ref}")
+        for s in self.slots:
+            parts = []
+            for e in s.experts:
+                extra = f" +{e.adapter} adapter" if e.adapter else ""
+                parts.append(f"{e.name}{extra}")
+            router = ""
+            if s.slot.router is not None:
+                router = f"  [{s.slot.router.type}" + (f", top_k={s.slot.router.top_k}]" if s.slot.router.type == "token" else "]")
+            lines.append(f"  slot {s.index}: {', '.join(parts)}{router}")
+        mem = self.memory_estimate()
+        lines.append(f"Reads {self.tensors_to_read} tensors, {_fmt_bytes(self.bytes_to_read)} from disk.")
+        lines.append(f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router parameters.")
+        lines.append(f"Memory estimate (fp32, 2048-token context): weights {_fmt_bytes(mem['weights'])}, "
+                     f"KV cache {_fmt_bytes(mem['kv_cache'])}, total {_fmt_bytes(mem['total'])}.")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.name,
+            "slots": len(self.slots),
+            "routed_slots": sum(s.routed for s in self.slots),
+            "models": {a: s.card() for a, s in self.sources.items()},
+            "tensors_to_read": self.tensors_to_read,
+            "bytes_to_read": self.bytes_to_read,
+            "memory_estimate": self.memory_estimate(),
+            "adapter_parameters": self.adapter_parameters(),
+            "router_parameters": self.router_parameters(),
+            "warnings": list(self.warnings),
+        }
+
+
+def _dtype_bytes(st_dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}.get(st_dtype, 4)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bin: bool = False) -> Plan:
+    """Resolve `recipe` against its models' configs and weight headers; raise a typed error on any problem."""
+    search = [recipe.source_dir] if recipe.source_dir else []
+    sources = dict(sources or {})
+    for alias in recipe.used_aliases:
+        if alias not in sources:
+            sources[alias] = load_source(alias, recipe.models[alias], search, allow_bin=allow_bin)
+    unused = [a for a in recipe.models if a not in sources]
+    warnings = [f"model '{a}' is listed but no slot uses it; it will not be loaded." for a in unused]
+    base = sources[recipe.base]
+
+    _check_tokenizers(base, sources, warnings)
+    for src in sources.values():
+        _check_config_matches_weights(src)
+
+    reads: dict[str, dict[str, TensorInfo]] = {a: {} for a in sources}
+    for role, path in base.family.module_prefixes().items():
+        found = _tensors_under(base, path)
+        if not found and role in ("embed", "final_norm", "positions"):
+            raise CheckpointError(f"{base.alias}: no '{path}.*' tensors in '{base.folder}'; the checkpoint does not "
+                                  f"match its config ({base.family.name} family).")
+        reads[base.alias].update(found)
+    head = base.family.head_in_files(base.tensors)
+    if head is not None:
+        reads[base.alias].update(_tensors_under(base, head))
+
+    slot_plans: list[SlotPlan] = []
+    cache_index = 0
+    for i, slot in enumerate(recipe.slots):
+        experts = []
+        for ref in slot.experts:
+            src = sources[ref.model]
+            if ref.layer >= src.num_layers:
+                raise RecipeError(f"slots[{i}]: '{ref}' is out of range: model '{ref.model}' has {src.num_layers} "
+                                  f"layers (0..{src.num_layers - 1}).")
+            layer_tensors = _tensors_under(src, src.family.layers + f".{ref.layer}")
+            if not layer_tensors:
+                raise CheckpointError(f"{ref.model}: the weights have no tensors for layer {ref.layer} "
+                                      f"('{src.family.layer_prefix(ref.layer)}*'); the checkpoint is incomplete.")
+            reads[ref.model].update(layer_tensors)
+            foreign = ref.model != recipe.base
+            add_pos = foreign and src.family.positions is not None
+            if add_pos:
+                reads[ref.model].update(_tensors_under(src, src.family.positions))
+            adapter = recipe.adapter.type if foreign else None
+            experts.append(ExpertPlan(str(ref), ref.model, ref.layer, src.width, cache_index, adapter, add_pos))
+            cache_index += 1
+        slot_plans.append(SlotPlan(i, slot, tuple(experts)))
+
+    widths = {s.width for s in sources.values()}
+    if len(widths) > 1:
+        warnings.append("models of different widths are fused through adapters; run mol.calibrate (or train) "
+                        "before expecting good text from the foreign blocks.")
+    return Plan(recipe=recipe, sources=sources, slots=slot_plans,
+                reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items() if d},
+                warnings=warnings)
+
+
+def _tensors_under(src: ModelSource, module_path: str) -> dict[str, TensorInfo]:
+    prefix = module_path + "."
+    return {n: t for n, t in src.tensors.items() if n.startswith(prefix)}
+
+
+def _check_tokenizers(base: ModelSource, sources: dict[str, ModelSource], warnings: list[str]) -> None:
+    for alias, src in sources.items():
+        if src is base:
+            continue
+        a, b = base.tokenizer_fingerprint, src.tokenizer_fingerprint
+        if a and b and a != b:
+            raise IncompatibleModelsError(
+                f"Tokenizers differ: base '{base.alias}' ({base.ref}, vocabulary {a}) and '{alias}' ({src.ref}, "
+                f"vocabulary {b}). Blocks can only be fused between models whose vocabularies are identical; "
+                "pick models that share one tokenizer."
+            )
+        if src.vocab_size != base.vocab_size and (not a or not b):
+            raise IncompatibleModelsError(
+                f"Vocabulary sizes differ: base '{base.alias}' has {base.vocab_size} ids, '{alias}' has "
+                f"{src.vocab_size}; their tokenizers cannot be the same."
+            )
+        if not a or not b:
+            warnings.append(f"'{alias}' or the base has no tokenizer files; vocabularies could not be compared.")
+
+
+def _check_config_matches_weights(src: ModelSource) -> None:
+    embed = src.tensors.get(src.family.embed + ".weight")
+    if embed is None:
+        return
+    width = int(getattr(src.config, "word_embed_proj_dim", None) or src.width)
+    if len(embed.shape) != 2 or embed.shape[1] != width:
+        raise CheckpointError(
+            f"{src.alias}: config.json says width {width} but the embedding weight has shape {list(embed.shape)}; "
+            f"the config does not match the weights in '{src.folder}'."
+        )
+    if embed.shape[0] < src.vocab_size:
+        raise CheckpointError(
+            f"{src.alias}: config.json says {src.vocab_size} vocabulary ids but the embedding has {embed.shape[0]} rows."
+        )

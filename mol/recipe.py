@@ -1,0 +1,307 @@
+"""The recipe: pure, validated data naming source models and the fused model's slots.
+
+Canonical YAML (what `to_yaml` writes)::
+
+    name: prose-code
+    base: bard
+    models: {bard: assets/models/mango-bard, coder: assets/models/mango-coder}
+    adapter: {type: linear}
+    slots:
+      - experts: ["bard:0"]
+      - experts: ["bard:1", "coder:1"]
+        router: {type: token, top_k: 1}
+
+Shorthands accepted on input: a slot may be a string ("bard:0"), an inclusive range ("bard:0-3", several
+plain slots) or a list of experts (token-routed, top-1); `router` may be a string ("token", "pooled");
+`adapter` may be a string ("linear", "bottleneck")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mol.errors import RecipeError
+
+ROUTER_TYPES = ("token", "pooled")
+ADAPTER_TYPES = ("linear", "bottleneck")
+MAX_SLOTS = 4096
+_ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+_EXPERT_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(-?\d+)\s*$")
+_RANGE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """Layer `layer` of the model with alias `model`."""
+
+    model: str
+    layer: int
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.layer}"
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> ExpertRef:
+        if isinstance(value, ExpertRef):
+            return value
+        if isinstance(value, dict) and set(value) == {"model", "layer"}:
+            value = f"{value['model']}:{value['layer']}"
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: an expert is written 'alias:layer' (e.g. \"bard:3\"), got {_short(value)}.")
+        m = _EXPERT_RE.match(value)
+        if not m:
+            raise RecipeError(f"{where}: '{_short(value)}' is not 'alias:layer' (e.g. \"bard:3\").")
+        layer = int(m.group(2))
+        if layer < 0:
+            raise RecipeError(f"{where}: layer index {layer} is negative; layers count from 0.")
+        return cls(m.group(1), layer)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    type: str = "token"
+    top_k: int = 1
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "top_k": self.top_k} if self.type == "token" else {"type": self.type}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    type: str = "linear"
+    rank: int | None = None  # bottleneck only
+
+    def to_dict(self) -> dict:
+        return {"type": self.type} if self.rank is None else {"type": self.type, "rank": self.rank}
+
+
+@dataclass(frozen=True)
+class Slot:
+    experts: tuple[ExpertRef, ...]
+    router: RouterSpec | None = None  # None for a single-expert (plain stacking) slot
+
+    @property
+    def routed(self) -> bool:
+        return len(self.experts) > 1
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"experts": [str(e) for e in self.experts]}
+        if self.router is not None:
+            out["router"] = self.router.to_dict()
+        return out
+
+
+@dataclass
+class Recipe:
+    name: str
+    base: str
+    models: dict[str, str]
+    slots: list[Slot]
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    # Folder that relative model paths are resolved against first (the recipe file's folder).
+    source_dir: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, source_dir: Path | None = None) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}.")
+        allowed = {"name", "base", "models", "slots", "adapter", "description"}
+        unknown = sorted(str(k) for k in data if k not in allowed)
+        if unknown:
+            raise RecipeError(f"Unknown recipe key(s): {', '.join(unknown)}. Allowed: {', '.join(sorted(allowed))}.")
+        for key in ("name", "models", "slots"):
+            if key not in data or data[key] in (None, "", [], {}):
+                raise RecipeError(f"The recipe needs '{key}'.")
+        name = data["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise RecipeError(f"'name' must be a non-empty string, got {_short(name)}.")
+        models = data["models"]
+        if isinstance(models, list):  # shorthand: a list of paths, aliases are folder names
+            models = {Path(str(m)).name.replace(" ", "_") or f"m{i}": m for i, m in enumerate(models)}
+        if not isinstance(models, dict):
+            raise RecipeError("'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}.")
+        models = {str(k): v for k, v in models.items()}
+        for alias, ref in models.items():
+            if not isinstance(ref, str) or not ref.strip():
+                raise RecipeError(f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}.")
+        base = data.get("base")
+        if base is None:
+            base = next(iter(models))
+        if not isinstance(base, str):
+            raise RecipeError(f"'base' must be one of the model aliases ({', '.join(models)}), got {_short(base)}.")
+        adapter = _parse_adapter(data.get("adapter"))
+        raw_slots = data["slots"]
+        if not isinstance(raw_slots, list):
+            raise RecipeError("'slots' is a list; each slot is {experts: [\"alias:layer\", ...], router: {...}}.")
+        slots: list[Slot] = []
+        for i, raw in enumerate(raw_slots):
+            slots.extend(_parse_slot(raw, f"slots[{i}]"))
+            if len(slots) > MAX_SLOTS:
+                raise RecipeError(f"The recipe has more than {MAX_SLOTS} slots.")
+        return cls(name=name.strip(), base=base, models=models, slots=slots, adapter=adapter, source_dir=source_dir)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> Recipe:
+        """Read a recipe from a YAML file path or from YAML text."""
+        source_dir = None
+        text = path_or_text
+        if isinstance(path_or_text, Path) or (
+            isinstance(path_or_text, str) and "\n" not in path_or_text and path_or_text.strip().endswith((".yaml", ".yml"))
+        ):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise RecipeError(f"Recipe file '{path}' does not exist.")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RecipeError(f"Cannot read recipe file '{path}': {exc}.") from None
+            source_dir = path.resolve().parent
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(f"The recipe is not valid YAML{where}: {problem}.") from None
+        return cls.from_dict(data, source_dir=source_dir)
+
+    # ---- output ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.base,
+            "models": dict(self.models),
+            "adapter": self.adapter.to_dict(),
+            "slots": [s.to_dict() for s in self.slots],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+
+    # ---- checks that need no model files -------------------------------------------------------------
+    def validate(self) -> None:
+        for alias in self.models:
+            if not _ALIAS_RE.match(alias):
+                raise RecipeError(
+                    f"Model alias '{_short(alias)}' is not allowed: use letters, digits, '_', '-', '.' (max 64), "
+                    "starting with a letter."
+                )
+        if self.base not in self.models:
+            raise RecipeError(f"base '{_short(self.base)}' is not one of the model aliases: {', '.join(self.models)}.")
+        if not self.slots:
+            raise RecipeError("The recipe has no slots; add at least one, e.g. {experts: [\"base:0\"]}.")
+        for i, slot in enumerate(self.slots):
+            if not slot.experts:
+                raise RecipeError(f"slots[{i}] has no experts; give at least one 'alias:layer'.")
+            for e in slot.experts:
+                if e.model not in self.models:
+                    raise RecipeError(
+                        f"slots[{i}]: expert '{e}' names unknown model alias '{e.model}'. "
+                        f"Known aliases: {', '.join(self.models)}."
+                    )
+            if len(set(slot.experts)) != len(slot.experts):
+                raise RecipeError(f"slots[{i}] lists the same expert twice; each candidate must be distinct.")
+            if slot.router is not None and slot.router.type == "token" and slot.router.top_k > len(slot.experts):
+                raise RecipeError(
+                    f"slots[{i}]: top_k={slot.router.top_k} is larger than the number of experts "
+                    f"({len(slot.experts)}); use top_k between 1 and {len(slot.experts)}."
+                )
+
+    @property
+    def used_aliases(self) -> list[str]:
+        seen = [self.base]
+        for s in self.slots:
+            for e in s.experts:
+                if e.model not in seen:
+                    seen.append(e.model)
+        return seen
+
+    def describe(self) -> str:
+        routed = sum(s.routed for s in self.slots)
+        return f"{self.name}: {len(self.slots)} slots ({routed} routed), base {self.base}, models {', '.join(self.models)}"
+
+
+def _parse_adapter(raw: Any) -> AdapterSpec:
+    if raw is None:
+        return AdapterSpec()
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError("'adapter' is {type: linear} or {type: bottleneck, rank: 64}.")
+    unknown = sorted(str(k) for k in raw if k not in ("type", "rank"))
+    if unknown:
+        raise RecipeError(f"adapter: unknown key(s) {', '.join(unknown)}; allowed: type, rank.")
+    kind = raw.get("type", "linear")
+    if kind not in ADAPTER_TYPES:
+        raise RecipeError(f"adapter.type '{_short(kind)}' is not one of: {', '.join(ADAPTER_TYPES)}.")
+    rank = raw.get("rank")
+    if kind == "bottleneck":
+        rank = 64 if rank is None else rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
+            raise RecipeError(f"adapter.rank must be an integer between 1 and 65536, got {_short(rank)}.")
+    elif rank is not None:
+        raise RecipeError("adapter.rank applies to the bottleneck adapter only; remove it or use type: bottleneck.")
+    return AdapterSpec(kind, rank)
+
+
+def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
+    if raw is None:
+        return RouterSpec() if n_experts > 1 else None
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}.router is {{type: token, top_k: 1}} or {{type: pooled}}, got {_short(raw)}.")
+    unknown = sorted(str(k) for k in raw if k not in ("type", "top_k"))
+    if unknown:
+        raise RecipeError(f"{where}.router: unknown key(s) {', '.join(unknown)}; allowed: type, top_k.")
+    kind = raw.get("type", "token")
+    if kind not in ROUTER_TYPES:
+        raise RecipeError(f"{where}.router.type '{_short(kind)}' is not one of: {', '.join(ROUTER_TYPES)}.")
+    top_k = raw.get("top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise RecipeError(f"{where}.router.top_k must be a positive integer, got {_short(top_k)}.")
+    if kind == "pooled" and top_k != 1:
+        raise RecipeError(f"{where}.router: a pooled router runs one expert per sequence; remove top_k.")
+    if n_experts == 1:
+        return None  # a router over one expert is plain stacking
+    return RouterSpec(kind, top_k)
+
+
+def _parse_slot(raw: Any, where: str) -> list[Slot]:
+    if isinstance(raw, str):
+        m = _RANGE_RE.match(raw)
+        if m:
+            alias, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
+            if hi < lo:
+                raise RecipeError(f"{where}: range '{raw}' ends before it starts.")
+            if hi - lo >= MAX_SLOTS:
+                raise RecipeError(f"{where}: range '{raw}' is longer than {MAX_SLOTS} layers.")
+            return [Slot((ExpertRef(alias, i),)) for i in range(lo, hi + 1)]
+        return [Slot((ExpertRef.parse(raw, where),))]
+    if isinstance(raw, list):
+        raw = {"experts": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a slot is {{experts: [\"alias:layer\", ...]}}, got {_short(raw)}.")
+    unknown = sorted(str(k) for k in raw if k not in ("experts", "router"))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: experts, router.")
+    experts = raw.get("experts")
+    if isinstance(experts, str):
+        experts = [experts]
+    if not isinstance(experts, list) or not experts:
+        raise RecipeError(f"{where}: 'experts' must be a non-empty list like [\"bard:1\", \"coder:1\"].")
+    refs = tuple(ExpertRef.parse(e, f"{where}.experts[{j}]") for j, e in enumerate(experts))
+    return [Slot(refs, _parse_router(raw.get("router"), len(refs), where))]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 1] + "…"

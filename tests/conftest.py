@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny real checkpoints on disk (random weights, one shared tokenizer), built once per run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import make_model, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_dir):
+    return make_tokenizer(tiny_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir, tokenizer_dir):
+    """Factory: tiny(family, width=64, layers=4, **overrides) -> folder of a saved random model (cached)."""
+    made: dict = {}
+
+    def factory(family: str, width: int = 64, layers: int = 4, seed: int = 0, **overrides):
+        key = (family, width, layers, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            name = f"{family}-w{width}-l{layers}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            made[key] = make_model(tiny_dir / name, family, width, layers, tokenizer_dir, seed=seed, **overrides)
+        return made[key]
+
+    return factory

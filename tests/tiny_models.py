@@ -1,0 +1,86 @@
+"""Tiny random checkpoints of every supported family, saved as real Hugging Face folders."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+CORPUS = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune. def main(argv):\n    return sorted(argv, key=len)\n"
+    "import os\nfor line in open(path):\n    print(line.strip())\n"
+) * 20
+
+
+def make_tokenizer(folder: Path, vocab_size: int = VOCAB) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def config_for(family: str, width: int, layers: int, **overrides):
+    from transformers import (
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        PhiConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    heads = max(2, width // 16)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+        cfg = cls(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, tie_word_embeddings=False,
+                  **common)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=256, **common)
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+                            num_attention_heads=heads, max_position_embeddings=256, rotary_pct=0.5,
+                            tie_word_embeddings=False, **common)
+    elif family == "opt":
+        cfg = OPTConfig(hidden_size=width, ffn_dim=width * 2, num_hidden_layers=layers, num_attention_heads=heads,
+                        max_position_embeddings=256, word_embed_proj_dim=width, **common)
+    elif family == "phi":
+        cfg = PhiConfig(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+                        num_attention_heads=heads, max_position_embeddings=256, partial_rotary_factor=0.5, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_model(folder: Path, family: str, width: int, layers: int, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    cfg = config_for(family, width, layers, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger-than-default weights so layers visibly matter in comparisons
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.08)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0).save_pretrained(str(folder))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder

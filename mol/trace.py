@@ -50,7 +50,7 @@ class Trace:
         keep = None
         if self.attention_mask is not None:
             keep = self.attention_mask[batch_index].bool()
-            ids = [i for i, k in zip(ids, keep.tolist()) if k]
+            ids = [i for i, k in zip(ids, keep.tolist(), strict=True) if k]
         out_slots = []
         for s in self.slots:
             p, c = s.probs[batch_index], s.chosen[batch_index]

@@ -147,6 +147,7 @@ class FusedModel(nn.Module):
         self.last_trace: Trace | None = None
         self.aux_loss_weight = 0.01
         self.z_loss_weight = 0.0
+        self.calibration_hook = None  # set by mol.calibrate for one forward pass
 
     # ---- properties -------------------------------------------------------------------------------------
     @property
@@ -187,7 +188,7 @@ class FusedModel(nn.Module):
         full_mask = attention_mask if cache is None or cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         ctx = StepContext(mask4d=self._mask4d(full_mask, q), mask2d=attention_mask, position_ids=position_ids,
-                          cache=cache, rotary={}, rotary_modules=self.rotary)
+                          cache=cache, rotary={}, rotary_modules=self.rotary, calibrate=self.calibration_hook)
 
         h = self.embed(input_ids)
         if self.positions is not None:

@@ -129,6 +129,7 @@ class Recipe:
         if not isinstance(models, dict):
             raise RecipeError("'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}.")
         models = {str(k): v for k, v in models.items()}
+        _check_aliases(models)
         for alias, ref in models.items():
             if not isinstance(ref, str) or not ref.strip():
                 raise RecipeError(f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}.")
@@ -188,12 +189,7 @@ class Recipe:
 
     # ---- checks that need no model files -------------------------------------------------------------
     def validate(self) -> None:
-        for alias in self.models:
-            if not _ALIAS_RE.match(alias):
-                raise RecipeError(
-                    f"Model alias '{_short(alias)}' is not allowed: use letters, digits, '_', '-', '.' (max 64), "
-                    "starting with a letter."
-                )
+        _check_aliases(self.models)
         if self.base not in self.models:
             raise RecipeError(f"base '{_short(self.base)}' is not one of the model aliases: {', '.join(self.models)}.")
         if not self.slots:
@@ -227,6 +223,15 @@ class Recipe:
     def describe(self) -> str:
         routed = sum(s.routed for s in self.slots)
         return f"{self.name}: {len(self.slots)} slots ({routed} routed), base {self.base}, models {', '.join(self.models)}"
+
+
+def _check_aliases(models: dict) -> None:
+    for alias in models:
+        if not _ALIAS_RE.match(alias):
+            raise RecipeError(
+                f"Model alias '{_short(alias)}' is not allowed: use letters, digits, '_', '-', '.' (max 64), "
+                "starting with a letter."
+            )
 
 
 def _parse_adapter(raw: Any) -> AdapterSpec:

@@ -80,20 +80,56 @@ def _canon(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+_GAP = 0.4  # cost of an added or removed slot; pairing two slots costs 1 - similarity
+
+
+def _align(a: list[str], b: list[str]) -> list[tuple[int | None, int | None]]:
+    """Least-cost alignment of two short runs of differing slots (edit distance with similarity-weighted
+    substitution), so a changed slot pairs with its edited self rather than with whatever sits at its index."""
+    if len(a) * len(b) > 40_000:  # huge rewrites: pair by position
+        n = min(len(a), len(b))
+        return [(i, i) for i in range(n)] + [(i, None) for i in range(n, len(a))] + [(None, j) for j in
+                                                                                   range(n, len(b))]
+    inf = float("inf")
+    cost = [[inf] * (len(b) + 1) for _ in range(len(a) + 1)]
+    step: list[list[tuple[int, int]]] = [[(0, 0)] * (len(b) + 1) for _ in range(len(a) + 1)]
+    cost[0][0] = 0.0
+    for i in range(len(a) + 1):
+        for j in range(len(b) + 1):
+            if i and cost[i - 1][j] + _GAP < cost[i][j]:
+                cost[i][j], step[i][j] = cost[i - 1][j] + _GAP, (1, 0)
+            if j and cost[i][j - 1] + _GAP < cost[i][j]:
+                cost[i][j], step[i][j] = cost[i][j - 1] + _GAP, (0, 1)
+            if i and j:
+                c = cost[i - 1][j - 1] + 1.0 - difflib.SequenceMatcher(None, a[i - 1], b[j - 1]).ratio()
+                if c < cost[i][j]:
+                    cost[i][j], step[i][j] = c, (1, 1)
+    pairs: list[tuple[int | None, int | None]] = []
+    i, j = len(a), len(b)
+    while i or j:
+        di, dj = step[i][j]
+        pairs.append((i - 1 if di else None, j - 1 if dj else None))
+        i, j = i - di, j - dj
+    return pairs[::-1]
+
+
 def slot_changes(old: list[Any], new: list[Any]) -> list[SlotChange]:
     out: list[SlotChange] = []
-    matcher = difflib.SequenceMatcher(a=[_canon(s) for s in old], b=[_canon(s) for s in new], autojunk=False)
+    ca, cb = [_canon(s) for s in old], [_canon(s) for s in new]
+    matcher = difflib.SequenceMatcher(a=ca, b=cb, autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
-        paired = min(i2 - i1, j2 - j1) if tag == "replace" else 0
-        for d in range(paired):
-            i, j = i1 + d, j1 + d
-            out.append(SlotChange("changed", i, j, old[i], new[j], tuple(key_changes(old[i], new[j]))))
-        for i in range(i1 + paired, i2):
-            out.append(SlotChange("removed", i, None, old[i], None))
-        for j in range(j1 + paired, j2):
-            out.append(SlotChange("added", None, j, None, new[j]))
+        for di, dj in _align(ca[i1:i2], cb[j1:j2]):
+            i = None if di is None else i1 + di
+            j = None if dj is None else j1 + dj
+            if i is not None and j is not None:
+                out.append(SlotChange("changed", i, j, old[i], new[j], tuple(key_changes(old[i], new[j]))))
+            elif i is not None:
+                out.append(SlotChange("removed", i, None, old[i], None))
+            else:
+                assert j is not None
+                out.append(SlotChange("added", None, j, None, new[j]))
     return out
 
 

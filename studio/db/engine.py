@@ -128,6 +128,19 @@ def upgrade(engine: Engine, revision: str = "head", *, backup_before: bool = Tru
         command.upgrade(cfg, revision)
 
 
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the schema back to `revision` (for development; the app itself only ever upgrades). A database
+    file is first copied to `<file>.pre-<revision>-<UTC time>.bak`: downgrades drop tables."""
+    path = sqlite_path(str(engine.url))
+    if path is not None and path.exists():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        copy_sqlite(engine, path.with_name(f"{path.name}.pre-{revision}-{stamp}.bak"))
+    cfg = alembic_config()
+    with engine.execution_options(mango_begin="IMMEDIATE").connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
 def copy_sqlite(engine: Engine, dest: Path) -> None:
     """A consistent copy of a live database (WAL included) through sqlite's online backup API, written as one
     self-contained file (rollback journal mode, no -wal/-shm companions)."""
@@ -152,6 +165,6 @@ def init_db(url: str | None = None) -> Engine:
 
 
 __all__ = [
-    "MIGRATIONS_DIR", "alembic_config", "copy_sqlite", "create_db_engine", "current_revision", "default_data_dir",
+    "MIGRATIONS_DIR", "alembic_config", "copy_sqlite", "create_db_engine", "current_revision", "default_data_dir", "downgrade",
     "head_revision", "init_db", "known_revisions", "resolve_url", "sqlite_path", "upgrade",
 ]

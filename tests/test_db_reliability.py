@@ -1,0 +1,167 @@
+"""Nothing lost: concurrent writers (threads and processes), stale edits, and a writer killed mid-save."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mol.errors import ConflictError
+from studio.db import Repository
+
+ROOT = Path(__file__).resolve().parent.parent
+WRITERS, SAVES = 8, 50
+
+
+def _save_many(url: str, recipe_id: int, writer: int, saves: int, start=None) -> list[int]:
+    """One writer: `saves` versions on top of whatever is latest. Returns the numbers it was given."""
+    repo = Repository(url)
+    try:
+        if start is not None:
+            start.wait(120)  # imports take a while: start saving together, or the writers hardly overlap
+        return [repo.save_version(recipe_id, f"slots: [bard:{writer}]\n# save {i}\n", note=f"w{writer} s{i}").number
+                for i in range(saves)]
+    finally:
+        repo.close()
+
+
+def _process_writer(url: str, recipe_ids: list[int], writer: int, saves: int, queue, start) -> None:
+    try:
+        # two writers per recipe: they race for the same version numbers
+        nums = _save_many(url, recipe_ids[writer % len(recipe_ids)], writer, saves, start)
+        queue.put((writer, nums, None))
+    except BaseException as e:  # reported to the parent, which fails the test
+        queue.put((writer, [], f"{type(e).__name__}: {e}"))
+
+
+def _check_everything_kept(url: str, recipe_ids: list[int], returned: dict[int, list[int]]) -> None:
+    repo = Repository(url)
+    try:
+        notes = set()
+        for rid in recipe_ids:
+            numbers = [v.number for v in repo.list_versions(rid)]
+            assert numbers == list(range(1, len(numbers) + 1)), "version numbers must be contiguous"
+            notes.update(v.note for v in repo.list_versions(rid))
+        assert {f"w{w} s{i}" for w in range(WRITERS) for i in range(SAVES)} <= notes
+        assert sum(len(repo.list_versions(r)) for r in recipe_ids) == WRITERS * SAVES + len(recipe_ids)
+        for nums in returned.values():
+            assert nums == sorted(nums) and len(set(nums)) == SAVES
+        assert repo.integrity_check() == "ok"
+    finally:
+        repo.close()
+
+
+def _setup(tmp_path, n_recipes: int) -> tuple[str, list[int]]:
+    url = f"sqlite:///{tmp_path / 'mango.db'}"
+    repo = Repository(url)
+    ids = [repo.create_recipe(f"r{i}", "slots: []\n").recipe_id for i in range(n_recipes)]
+    repo.close()
+    return url, ids
+
+
+def test_concurrent_saves_from_threads(tmp_path):
+    url, ids = _setup(tmp_path, 4)
+    repo = Repository(url)  # one repository shared by every thread, as in the studio's thread pool
+    returned: dict[int, list[int]] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(WRITERS)
+
+    def writer(w: int) -> None:
+        try:
+            barrier.wait()
+            returned[w] = [repo.save_version(ids[w % len(ids)], f"slots: [bard:{w}]\n# {i}\n",
+                                             note=f"w{w} s{i}").number for i in range(SAVES)]
+        except BaseException as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    repo.close()
+    assert not errors, errors
+    _check_everything_kept(url, ids, returned)
+
+
+def test_concurrent_saves_from_processes(tmp_path):
+    url, ids = _setup(tmp_path, 4)
+    ctx = mp.get_context("spawn")
+    queue, start = ctx.Queue(), ctx.Barrier(WRITERS)
+    procs = [ctx.Process(target=_process_writer, args=(url, ids, w, SAVES, queue, start)) for w in range(WRITERS)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert not [r[2] for r in results if r[2]], "a writer failed"  # no "database is locked" surfaced
+    assert all(p.exitcode == 0 for p in procs)
+    _check_everything_kept(url, ids, {w: nums for w, nums, _ in results})
+
+
+def test_stale_edits_keep_both_versions(tmp_path):
+    url, [rid] = _setup(tmp_path, 1)
+    tab_a, tab_b = Repository(url), Repository(url)  # two browser tabs, both showing version 1
+    a = tab_a.save_version(rid, "slots: [bard:0]\n", note="tab A", parent_version=1)
+    with pytest.raises(ConflictError) as info:
+        tab_b.save_version(rid, "slots: [coder:0]\n", note="tab B", parent_version=1)
+    assert (a.number, info.value.version, info.value.latest) == (2, 3, 2)
+    versions = tab_a.list_versions(rid)
+    assert [(v.number, v.note, v.yaml_text) for v in versions[1:]] == [
+        (2, "tab A", "slots: [bard:0]\n"), (3, "tab B", "slots: [coder:0]\n")]
+    assert versions[1].parent_id == versions[2].parent_id == versions[0].id
+    tab_a.close()
+    tab_b.close()
+
+
+CRASH_CHILD = """
+import sys
+from studio.db import Repository
+repo = Repository(sys.argv[1])
+rid = int(sys.argv[2])
+i = 0
+while True:
+    v = repo.save_version(rid, "slots: [bard:1]\\n# " + "x" * (i % 997) + "\\n", note=f"crash {i}")
+    print(v.number, flush=True)  # printed only after the save returned
+    i += 1
+"""
+
+
+def test_killed_writer_loses_nothing_that_returned(tmp_path):
+    url, [rid] = _setup(tmp_path, 1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    acknowledged: list[int] = []
+    for round_ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, url, str(rid)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        assert child.stdout is not None
+        target = 20 + 7 * round_  # kill at a different point each round
+        got = []
+        deadline = time.monotonic() + 120
+        while len(got) < target and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            got.append(int(line))
+        child.send_signal(signal.SIGKILL)
+        rest, err = child.communicate(timeout=30)
+        got += [int(x) for x in rest.split()]  # lines already printed before the kill
+        assert len(got) >= target, err
+        acknowledged += got
+
+    with sqlite3.connect(tmp_path / "mango.db") as conn:  # opens and is sound, straight after the kills
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    repo = Repository(url)
+    numbers = [v.number for v in repo.list_versions(rid)]
+    assert set(acknowledged) <= set(numbers)
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert repo.save_version(rid, "slots: []\n").number == len(numbers) + 1
+    repo.close()

@@ -45,6 +45,11 @@ class TensorReader:
         info = self.source.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.source.alias}: tensor '{name}' is missing from '{self.source.folder}'.")
+        if info.file.suffix == ".bin":  # opt-in pickles (allow_bin), loaded with weights_only
+            from mol.sources import load_pickle
+
+            self.bytes_read += info.nbytes
+            return load_pickle(info.file)[name]
         fh = self.handles.get(info.file)
         if fh is None:
             try:
@@ -115,11 +120,11 @@ def _reindex(layer: nn.Module, index: int) -> None:
 
 
 def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-          weights: str | Path | None = None, load_tokenizer: bool = True) -> FusedModel:
+          weights: str | Path | None = None, load_tokenizer: bool = True, allow_bin: bool = False) -> FusedModel:
     """Turn a recipe (object, YAML path or text, or a Plan) into a FusedModel on one device."""
     if isinstance(recipe, str | Path):
         recipe = Recipe.from_yaml(recipe)
-    the_plan = recipe if isinstance(recipe, Plan) else plan(recipe)
+    the_plan = recipe if isinstance(recipe, Plan) else plan(recipe, allow_bin=allow_bin)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

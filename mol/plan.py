@@ -148,6 +148,14 @@ def _fmt_bytes(n: int) -> str:
 
 def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bin: bool = False) -> Plan:
     """Resolve `recipe` against its models' configs and weight headers; raise a typed error on any problem."""
+    from mol.hosted import current_policy
+
+    policy = current_policy()
+    policy.check_recipe(recipe)
+    if allow_bin and policy.restricted:
+        from mol.errors import AccessError
+
+        raise AccessError("This server never unpickles .bin weights; use safetensors models.")
     search = [recipe.source_dir] if recipe.source_dir else []
     sources = dict(sources or {})
     for alias in recipe.used_aliases:

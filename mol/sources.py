@@ -118,11 +118,15 @@ class ModelSource:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
-            if list(self.folder.glob("*.bin")) or list(self.folder.glob("*.pt")):
+            bins = sorted(self.folder.glob("pytorch_model*.bin"))
+            if bins and self.allow_bin:
+                return _index_pickles(bins)
+            if bins or list(self.folder.glob("*.pt")):
                 raise CheckpointError(
                     f"{self.alias}: '{self.folder}' has only PyTorch pickle weights (.bin). Pickles can run code "
                     "when loaded, so they are refused; convert the model to safetensors "
-                    "(model.save_pretrained(..., safe_serialization=True))."
+                    "(model.save_pretrained(..., safe_serialization=True)), or opt in with allow_bin=True "
+                    "(`--allow-bin`) if you trust the file."
                 )
             raise CheckpointError(f"{self.alias}: no safetensors weights in '{self.folder}'.")
         out: dict[str, TensorInfo] = {}
@@ -171,6 +175,29 @@ class ModelSource:
             "parameters": self.parameter_count,
             "tokenizer": self.tokenizer_id,
         }
+
+
+def _index_pickles(files: list[Path]) -> dict[str, TensorInfo]:
+    """Opt-in only: tensors of PyTorch pickles, loaded with weights_only (no arbitrary objects)."""
+    out = {}
+    for f in files:
+        for name, t in load_pickle(f).items():
+            out[name] = TensorInfo(name, f, str(t.dtype), tuple(t.shape), t.numel() * t.element_size())
+    return out
+
+
+_PICKLES: dict[Path, dict] = {}
+
+
+def load_pickle(path: Path) -> dict:
+    import torch
+
+    if path not in _PICKLES:
+        try:
+            _PICKLES[path] = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"'{path}' cannot be read as a PyTorch weights file: {exc}.") from None
+    return _PICKLES[path]
 
 
 def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
@@ -229,6 +256,9 @@ def _fetch_from_hub(repo_id: str, filenames: list[str], folder: Path | None = No
 
 def resolve_folder(ref: str, search_dirs: list[Path] | None = None) -> tuple[Path, str | None]:
     """Local folder for a model reference (path or Hub id); returns (folder, hub_id or None)."""
+    from mol.hosted import current_policy
+
+    policy = current_policy()
     ref = ref.strip()
     candidates = []
     p = Path(ref).expanduser()
@@ -239,8 +269,12 @@ def resolve_folder(ref: str, search_dirs: list[Path] | None = None) -> tuple[Pat
         candidates.append(Path.cwd() / p)
     for c in candidates:
         if c.is_dir():
+            policy.check_local(ref, c)
             return c.resolve(), None
+    if policy.restricted and not _looks_like_hub_id(ref):
+        policy.check_local(ref, candidates[-1])
     if _looks_like_hub_id(ref):
+        policy.check_hub(ref)
         wanted = ["config.json", "generation_config.json", "*.safetensors.index.json", *TOKENIZER_FILES]
         folder = _fetch_from_hub(ref, wanted)
         if not any(folder.glob("*.safetensors.index.json")):

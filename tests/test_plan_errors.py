@@ -115,3 +115,19 @@ def test_relative_paths_resolve_against_the_recipe_file(tiny, tmp_path):
     rfile.write_text("name: rel\nmodels: {a: ../models/tiny}\nslots: [a:0-1]\n")
     p = mol.plan(mol.Recipe.from_yaml(rfile))
     assert p.base.folder == (models / "tiny").resolve()
+
+
+def test_pickle_checkpoint_loads_when_the_user_opts_in(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = copy_model(tiny("llama"), tmp_path / "pickle-ok")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    r = recipe({"a": str(folder)}, ["a:0-3"])
+    model = mol.build(r, device="cpu", allow_bin=True)
+    ref = mol.build(recipe({"a": str(tiny("llama"))}, ["a:0-3"]), device="cpu")
+    ids = torch.randint(1, 300, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

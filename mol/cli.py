@@ -8,12 +8,13 @@ import importlib
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 
 from mol.errors import MolError
 
 # Subcommand modules, in the order `mol --help` lists them.
 COMMANDS = ["inspect", "plan", "run", "calibrate"]
-OPTIONAL_COMMANDS = ["train", "eval", "export", "mergekit", "push", "db"]
+OPTIONAL_COMMANDS = ["train", "eval", "export", "mergekit", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not part of this installation
             raise
         module.register(sub)
+    # Packages built on mol (the studio's `mol db`) add subcommands through this entry-point group, so mol
+    # itself never imports them.
+    for ep in entry_points(group="mol.commands"):
+        if ep.name not in sub.choices:
+            ep.load()(sub)
     return parser
 
 

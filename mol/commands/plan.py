@@ -10,11 +10,13 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="validate a recipe: tensors to read, bytes, memory estimate, warnings")
     p.add_argument("recipe", help="recipe YAML file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also load PyTorch pickle (.bin) weights; only for files you trust")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    the_plan = plan(load_recipe(args.recipe))
+    the_plan = plan(load_recipe(args.recipe), allow_bin=args.allow_bin)
     if args.json:
         print_json(the_plan.to_dict())
     else:

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--weights", help="trained adapters/routers (.safetensors) saved by `mol train`")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the text and the full trace as JSON")
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also load PyTorch pickle (.bin) weights; only for files you trust")
     p.set_defaults(func=run)
 
 
@@ -30,7 +32,7 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise ResourceError("--max-new-tokens must be between 1 and 4096.")
-    model = build(load_recipe(args.recipe), device=args.device, weights=args.weights)
+    model = build(load_recipe(args.recipe), device=args.device, weights=args.weights, allow_bin=args.allow_bin)
     tok = model.tokenizer
     if tok is None:
         raise ResourceError("The base model has no tokenizer files; `mol run` needs them to read the prompt.")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mol.errors import ResourceError
 from mol.routers import Routing, load_balancing_loss, z_loss
 from mol.trace import SlotTrace, Trace
 
@@ -250,17 +251,34 @@ class FusedModel(nn.Module):
             pad_token_id = next(iter(eos), 0)
         cache = self.new_cache()
         tokens, masks, traces = [input_ids], [attention_mask], []
-        step_ids, step_mask = input_ids, attention_mask
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        try:
+            self._decode(cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id,
+                         dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator), streamer, stop)
+        except torch.OutOfMemoryError:
+            del cache
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise ResourceError(
+                f"Out of memory on {self.device} while generating {max_new_tokens} tokens for a batch of "
+                f"{input_ids.shape[0]}; use a shorter prompt, fewer new tokens or a smaller batch."
+            ) from None
+        read = input_ids.shape[1] + len(traces) - 1  # the last new token was never fed back
+        self.last_trace = _join_traces(traces, torch.cat(tokens, 1)[:, :read], torch.cat(masks, 1)[:, :read])
+        return torch.cat(tokens, 1)
+
+    def _decode(self, cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id, sampling, streamer, stop):
+        step_ids, step_mask = tokens[0], masks[0]
+        finished = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(sorted(eos), device=self.device, dtype=torch.long)
         for _ in range(max_new_tokens):
             out = self.forward(step_ids, step_mask, cache=cache)
             traces.append(out.trace)
-            logits = out.logits[:, -1].float()
-            nxt = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            nxt = _pick(out.logits[:, -1].float(), **sampling)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             step_mask = (~finished).long().unsqueeze(1)
-            finished = finished | torch.isin(nxt, torch.tensor(sorted(eos), device=self.device, dtype=nxt.dtype)) \
-                if eos else finished
+            if eos:
+                finished = finished | torch.isin(nxt, eos_ids)
             step_ids = nxt.unsqueeze(1)
             tokens.append(step_ids)
             masks.append(step_mask)
@@ -268,9 +286,6 @@ class FusedModel(nn.Module):
                 streamer(nxt)
             if bool(finished.all()) or (stop is not None and stop()):
                 break
-        read = input_ids.shape[1] + len(traces) - 1  # the last new token was never fed back
-        self.last_trace = _join_traces(traces, torch.cat(tokens, 1)[:, :read], torch.cat(masks, 1)[:, :read])
-        return torch.cat(tokens, 1)
 
 
 def _pick(logits, do_sample, temperature, top_k, top_p, generator):

@@ -206,3 +206,21 @@ def test_layer_used_twice_gets_two_cache_slots(tiny):
         model.slots[3].experts[0].layer.mlp.up_proj.weight.data_ptr()
     full, inc, _ = _incremental_vs_full(model, torch.randint(1, 380, (1, 10)))
     assert (full - inc).abs().max() <= 1e-4
+
+
+def test_out_of_memory_while_generating_is_a_clear_error(tiny, monkeypatch):
+    model = mol.build(identity_recipe(tiny("llama")), device="cpu")
+    calls = {"n": 0}
+    original = model.slots[2].forward
+
+    def flaky(h, ctx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(h, ctx)
+
+    monkeypatch.setattr(model.slots[2], "forward", flaky)
+    with pytest.raises(mol.errors.ResourceError, match="Out of memory"):
+        model.generate(torch.randint(1, 300, (1, 5)), max_new_tokens=8)
+    monkeypatch.undo()
+    assert model.generate(torch.randint(1, 300, (1, 5)), max_new_tokens=3, eos_token_id=[]).shape == (1, 8)

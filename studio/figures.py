@@ -189,11 +189,11 @@ def router_heatmap(trace: Mapping[str, Any], colors: Mapping[str, str] | None = 
                        "<br>%{customdata[3]}<extra></extra>"),
         colorbar={"title": {"text": "top-1 expert", "side": "right"}, "tickmode": "array",
                   "tickvals": list(range(len(experts))), "ticktext": [html.escape(e) for e in experts],
-                  "thickness": 14, "len": 1.0 if len(slots) > 3 else 1.2},
+                  "thickness": 14, "len": 1.0},
     ))
     fig.update_layout(
         title={"text": title}, font=_FONT, template="plotly_white",
-        height=max(220, 110 + 34 * len(slots)), margin={"l": 80, "r": 20, "t": 50, "b": 70},
+        height=max(220, 110 + 34 * len(slots), 100 + 18 * len(experts)),  # room for every colour-bar label margin={"l": 80, "r": 20, "t": 50, "b": 70},
         xaxis={"title": {"text": "token"}, "tickmode": "array", "tickvals": tickvals,
                "ticktext": [visible_token(tokens[i], max_label_chars) for i in tickvals],
                "tickangle": -45 if n_tokens > 12 else 0, "showgrid": False, "zeroline": False},

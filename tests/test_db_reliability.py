@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mol.errors import ConflictError
+from mol.errors import ConflictError, StorageError
 from studio.db import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +120,35 @@ def test_stale_edits_keep_both_versions(tmp_path):
     assert versions[1].parent_id == versions[2].parent_id == versions[0].id
     tab_a.close()
     tab_b.close()
+
+
+def test_locked_database_is_retried_not_reported(tmp_path):
+    url, [rid] = _setup(tmp_path, 1)
+    # SQLite's own wait is made tiny, so only the repository's retry with backoff can ride out the lock
+    repo = Repository(url, busy_timeout_s=0.001)
+    blocker = sqlite3.connect(tmp_path / "mango.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+    def release() -> None:
+        time.sleep(0.4)
+        blocker.execute("COMMIT")
+
+    t = threading.Thread(target=release)
+    t.start()
+    started = time.monotonic()
+    assert repo.save_version(rid, "slots: [bard:0]\n").number == 2
+    assert time.monotonic() - started >= 0.3  # it really waited for the lock
+    t.join()
+    # a lock that outlasts the retry window is a clear StorageError, and nothing half-saved is left behind
+    impatient = Repository(url, busy_timeout_s=0.001, retry_for_s=0.2)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StorageError, match="locked"):
+        impatient.save_version(rid, "slots: [bard:9]\n")
+    blocker.execute("COMMIT")
+    assert [v.number for v in repo.list_versions(rid)] == [1, 2]
+    impatient.close()
+    blocker.close()
+    repo.close()
 
 
 CRASH_CHILD = """

@@ -179,7 +179,7 @@ probability_rows = st.integers(2, 4).flatmap(lambda n: st.tuples(
     st.just(n), st.lists(st.lists(st.floats(0, 1), min_size=n, max_size=n), min_size=1, max_size=30)))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(data=probability_rows, n_slots=st.integers(1, 4), tokens=st.lists(st.text(max_size=6), max_size=30))
 def test_any_trace_renders(data, n_slots, tokens):
     n_exp, probs = data

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 10.0
 
 
 def default_data_dir() -> Path:

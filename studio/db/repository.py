@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .diff import YamlDiff, diff_yaml
 from .engine import (
+    BUSY_TIMEOUT_S,
     copy_sqlite,
     create_db_engine,
     current_revision,
@@ -239,10 +240,13 @@ class Repository:
 
     Opening a repository upgrades the schema to the newest migration (see `studio.db.engine.upgrade`)."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, max_retries: int = 30) -> None:
+    def __init__(self, url: str | None = None, *, migrate: bool = True, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 retry_for_s: float = 60.0) -> None:
+        """`busy_timeout_s`: how long SQLite itself waits for a lock; `retry_for_s`: how long a call keeps
+        retrying (with backoff) on "database is locked" before giving up with a `StorageError`."""
         self.url = resolve_url(url)
-        self.max_retries = max_retries
-        self.engine: Engine = create_db_engine(self.url)
+        self.retry_for_s = retry_for_s
+        self.engine: Engine = create_db_engine(self.url, busy_timeout_s=busy_timeout_s)
         if migrate:
             self._call(lambda: upgrade(self.engine))
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
@@ -260,25 +264,28 @@ class Repository:
     # -- transaction helpers ------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run `fn`, retrying with jittered exponential backoff while SQLite says locked/busy."""
-        for attempt in range(self.max_retries + 1):
+        """Run `fn` (one whole transaction), again with jittered exponential backoff while SQLite says
+        locked/busy, for up to `retry_for_s` seconds."""
+        deadline = time.monotonic() + self.retry_for_s
+        attempt = 0
+        while True:
             try:
                 return fn()
             except OperationalError as e:
                 if not _is_busy(e):
                     raise StorageError(f"Database error: {e.orig}") from e
-                if attempt == self.max_retries:
+                if time.monotonic() >= deadline:
                     raise StorageError(
                         "The database stayed locked by another writer; nothing was saved. Try again."
                     ) from e
             except IntegrityError as e:
                 # Belt and braces: BEGIN IMMEDIATE already serialises numbering, the unique key catches the rest.
-                if not _is_version_number_clash(e) or attempt == self.max_retries:
+                if not _is_version_number_clash(e) or time.monotonic() >= deadline:
                     if _is_name_clash(e):
                         raise DuplicateNameError("A recipe with this name already exists.") from e
                     raise StorageError(f"The database refused the change: {e.orig}") from e
-            time.sleep(min(1.0, 0.005 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+            time.sleep(min(0.5, 0.002 * 2**attempt) * (0.5 + random.random()))
+            attempt += 1
 
     def _write(self, fn: Callable[[Session], T]) -> T:
         def once() -> T:

@@ -1,0 +1,306 @@
+"""Training a fused model's adapters and routers (source blocks, embeddings, norm and head stay frozen).
+
+    result = train("assets/recipes/fused-token.yaml", ["prose=prose.txt", "code=code.txt"], TrainConfig(steps=300))
+
+Loss: next-token cross-entropy + aux_loss_weight * Switch load balancing + z_loss_weight * router z-loss.
+AdamW, linear warm-up then cosine decay, gradient accumulation, bf16 autocast on GPU (fp32 on CPU). Batch k is a
+function of (seed, k) alone, so a fixed seed gives the same weights, and a resumed run the same weights as an
+uninterrupted one. A run writes three files next to each other:
+
+    W.safetensors        adapters and routers only (load with `mol.build(recipe, weights=W)`)
+    W.train.json         config, data, metrics, loss curve, hardware
+    W.optim.safetensors  optimizer moments, for `resume`"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mol.data import DomainTokens, TrainBatches, load_domains, tokenize_domains
+from mol.errors import CheckpointError, DataError
+from mol.fused import FusedModel
+from mol.router_init import ROUTER_INITS, init_routers
+
+log = logging.getLogger(__name__)
+ADAPTER_INITS = ("identity", "lstsq")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3  # adapters
+    router_lr: float = 1e-2
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # adapters start at a meaningful map (identity / least squares), not at zero
+    grad_clip: float = 1.0
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    seed: int = 0
+    adapter_init: str = "identity"  # identity | lstsq (mol.calibrate, closed form)
+    router_init: str = "uniform"  # uniform | random | ridge (closed form from the domain labels)
+    train_adapters: bool = True
+    train_routers: bool = True
+    init_tokens: int = 2048  # per domain, for least-squares adapters and ridge routers
+    max_tokens: int | None = None  # cap on each domain's token stream
+    save_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_init not in ADAPTER_INITS:
+            raise DataError(f"adapter_init '{self.adapter_init}' is not one of: {', '.join(ADAPTER_INITS)}.")
+        if self.router_init not in ROUTER_INITS:
+            raise DataError(f"router_init '{self.router_init}' is not one of: {', '.join(ROUTER_INITS)}.")
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise DataError(f"{name} must be at least 1.")
+        if self.steps < 0:
+            raise DataError("steps must be zero or more.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    model: FusedModel
+    steps: int
+    curve: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    weights_path: Path | None = None
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if config.warmup and step < config.warmup:
+        return (step + 1) / config.warmup
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def companion_paths(weights: str | Path) -> tuple[Path, Path, Path]:
+    """(weights, run JSON, optimizer state) of one run."""
+    w = Path(weights)
+    stem = w.name[: -len(".safetensors")] if w.name.endswith(".safetensors") else w.name
+    return w, w.with_name(stem + ".train.json"), w.with_name(stem + ".optim.safetensors")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---- pieces of a run -------------------------------------------------------------------------------------------
+def _model(model_or_recipe, config: TrainConfig) -> FusedModel:
+    if isinstance(model_or_recipe, FusedModel):
+        return model_or_recipe
+    from mol.loading import build
+
+    return build(model_or_recipe, device=config.device, dtype=torch.float32)
+
+
+def _tokens(model: FusedModel, datasets, config: TrainConfig) -> tuple[dict[str, DomainTokens], dict]:
+    if isinstance(datasets, dict) and datasets and all(isinstance(v, DomainTokens) for v in datasets.values()):
+        return dict(datasets), {n: {"tokens": len(t)} for n, t in datasets.items()}
+    domains = load_domains(datasets)
+    tokens = tokenize_domains(model.tokenizer, domains, max_tokens=config.max_tokens)
+    described = {d.name: {"paths": [str(p) for p in d.paths], "tokens": len(tokens[d.name])} for d in domains}
+    return tokens, described
+
+
+def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
+    adapters, routers = [], []
+    for name, p in model.trainable_parameters().items():
+        if not p.requires_grad and not getattr(p, "_switched_off", False):
+            continue  # fixed by design, e.g. a bottleneck adapter's calibrated map
+        (routers if ".router." in name else adapters).append((name, p))
+    for part, on in ((adapters, config.train_adapters), (routers, config.train_routers)):
+        for _, p in part:
+            p.requires_grad_(on)
+            p._switched_off = not on  # a later run may switch it back on
+    groups = []
+    if config.train_adapters and adapters:
+        groups.append({"params": [p for _, p in adapters], "names": [n for n, _ in adapters], "lr": config.lr,
+                       "base_lr": config.lr, "weight_decay": config.weight_decay})
+    if config.train_routers and routers:
+        groups.append({"params": [p for _, p in routers], "names": [n for n, _ in routers], "lr": config.router_lr,
+                       "base_lr": config.router_lr, "weight_decay": 0.0})
+    return groups
+
+
+def initialise(model: FusedModel, tokens: dict[str, DomainTokens], config: TrainConfig,
+               domain_experts: dict[str, str] | None = None) -> dict:
+    """Adapters (identity as built, or least squares) then routers (uniform, random or ridge), in that order:
+    the closed-form router reads the stream the initialised adapters make."""
+    report: dict = {}
+    if config.adapter_init == "lstsq" and any(e.adapter is not None for s in model.slots for e in s.experts):
+        from mol.calibrate import calibrate
+
+        tok = model.tokenizer
+        texts = [tok.decode(t.ids[: config.init_tokens].tolist()) for t in tokens.values()]
+        report["adapter_fit"] = calibrate(model, texts, max_tokens=config.init_tokens * len(texts))
+    if config.router_init == "ridge" and model.routed_slots and domain_experts is None:
+        from mol.evaluate import infer_domain_experts
+
+        domain_experts = infer_domain_experts(model, tokens)
+    if domain_experts is not None:
+        report["domain_experts"] = dict(domain_experts)
+    report["router_fit"] = init_routers(model, config.router_init, tokens, domain_experts, seed=config.seed,
+                                        sample_tokens=config.init_tokens)
+    return report
+
+
+def _save(model: FusedModel, opt: torch.optim.Optimizer, weights: Path, run: dict) -> None:
+    from mol.weights import save_trainable
+
+    w, run_json, optim_path = companion_paths(weights)
+    save_trainable(model, w, metadata={"step": run["step"], "config": run["config"]})
+    state = {}
+    for group in opt.param_groups:
+        for name, p in zip(group["names"], group["params"], strict=True):
+            s = opt.state.get(p)
+            if s:
+                state[f"exp_avg/{name}"] = s["exp_avg"].detach().cpu().contiguous()
+                state[f"exp_avg_sq/{name}"] = s["exp_avg_sq"].detach().cpu().contiguous()
+                state[f"step/{name}"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1).cpu()
+    tmp = optim_path.with_name(optim_path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(optim_path)
+    tmp = run_json.with_name(run_json.name + ".tmp")
+    tmp.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_json)
+
+
+def _restore(model: FusedModel, opt: torch.optim.Optimizer, weights: Path) -> dict:
+    from mol.weights import load_trainable
+
+    w, run_json, optim_path = companion_paths(weights)
+    if not run_json.is_file() or not optim_path.is_file():
+        raise CheckpointError(f"Cannot resume: '{run_json.name}' or '{optim_path.name}' is missing beside '{w}'.")
+    load_trainable(model, w)
+    run = json.loads(run_json.read_text(encoding="utf-8"))
+    state = load_file(str(optim_path))
+    for group in opt.param_groups:
+        for name, p in zip(group["names"], group["params"], strict=True):
+            if f"exp_avg/{name}" in state:
+                opt.state[p] = {"step": state[f"step/{name}"].reshape(()).clone(),
+                                "exp_avg": state[f"exp_avg/{name}"].to(p), "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(p)}
+    return run
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train")
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: str | Path | None = None,
+          resume: bool = False, progress: bool = True, domain_experts: dict[str, str] | None = None) -> TrainResult:
+    """Train the adapters and routers of a fused model (or of a recipe / recipe YAML path) on named datasets
+    (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save the run there; with
+    `resume`, continue the run saved at `out` up to `config.steps`."""
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    model = _model(model_or_recipe, config)
+    if out is None and not isinstance(model_or_recipe, FusedModel) and str(model_or_recipe).endswith((".yaml", ".yml")):
+        out = Path(str(model_or_recipe)).with_suffix(".safetensors")
+    tokens, data_description = _tokens(model, datasets, config)
+    batches = TrainBatches(tokens, config.seq_len, config.batch_size, config.seed)
+    model.aux_loss_weight, model.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
+
+    run: dict = {"recipe": model.recipe.to_yaml(), "config": asdict(config), "data": data_description,
+                 "hardware": hardware(), "torch": torch.__version__, "step": 0, "curve": [], "metrics": {}}
+    resumed = resume and out is not None and companion_paths(out)[1].is_file()
+    if not resumed:
+        run["init"] = initialise(model, tokens, config, domain_experts)
+    groups = _param_groups(model, config)
+    if not groups and config.steps > 0:
+        raise DataError("Nothing to train: the recipe has no adapters or routers (or both are switched off).")
+    opt = torch.optim.AdamW(groups or [{"params": [], "names": []}], betas=(0.9, 0.95), eps=1e-8)
+    if resumed:
+        saved = _restore(model, opt, Path(out))
+        run.update({k: saved[k] for k in ("step", "curve", "init", "metrics") if k in saved})
+        run["metrics"].setdefault("train_seconds", 0.0)
+    start = int(run["step"])
+    params = [p for g in groups for p in g["params"]]
+    device = model.device
+    autocast = device.type == "cuda"
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    seconds = float(run["metrics"].get("train_seconds", 0.0))
+    bar = _progress(config.steps, start, progress)
+    smooth = None
+    step = start
+    model.eval()  # no dropout anywhere: frozen source blocks must behave exactly as at inference
+    try:
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            factor = lr_factor(step, config)
+            for g in opt.param_groups:
+                g["lr"] = g.get("base_lr", 0.0) * factor
+            lm_sum = aux_sum = z_sum = 0.0
+            for micro in range(config.grad_accum):
+                ids, _ = batches.batch(step * config.grad_accum + micro)
+                ids = ids.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out_ = model(ids, labels=ids)
+                loss = out_.loss
+                if out_.aux_loss is not None:
+                    loss = loss + config.aux_loss_weight * out_.aux_loss + config.z_loss_weight * out_.z_loss
+                    aux_sum += float(out_.aux_loss.detach()) / config.grad_accum
+                    z_sum += float(out_.z_loss.detach()) / config.grad_accum
+                (loss / config.grad_accum).backward()
+                lm_sum += float(out_.loss.detach()) / config.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if params else 0.0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            seconds += dt
+            run["curve"].append({"step": step + 1, "loss": round(lm_sum, 5), "aux_loss": round(aux_sum, 5),
+                                 "z_loss": round(z_sum, 5), "lr_factor": round(factor, 5),
+                                 "grad_norm": round(grad_norm, 4), "seconds": round(seconds, 3)})
+            smooth = lm_sum if smooth is None else 0.9 * smooth + 0.1 * lm_sum
+            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):,.0f}")
+            bar.update(1)
+            run["step"] = step + 1
+            run["metrics"]["train_seconds"] = round(seconds, 3)
+            if out is not None and config.save_every and (step + 1) % config.save_every == 0:
+                _save(model, opt, Path(out), run)
+            if config.max_seconds is not None and seconds >= config.max_seconds:
+                log.warning("stopping after %d steps: max_seconds=%s reached", step + 1, config.max_seconds)
+                break
+    finally:
+        bar.close()
+    done = int(run["step"])
+    trained = done - start
+    run["metrics"].update({
+        "steps": done,
+        "tokens": done * tokens_per_step,
+        "tokens_per_second": round(trained * tokens_per_step / max(seconds, 1e-9), 1) if trained else None,
+        "final_loss": run["curve"][-1]["loss"] if run["curve"] else None,
+        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters().values() if p.requires_grad),
+    })
+    result = TrainResult(model=model, steps=done, curve=run["curve"], metrics=run["metrics"])
+    if out is not None:
+        _save(model, opt, Path(out), run)
+        result.weights_path = Path(out)
+    return result
+
+
+__all__ = ["ADAPTER_INITS", "TrainConfig", "TrainResult", "companion_paths", "initialise", "lr_factor", "train"]

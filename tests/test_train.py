@@ -1,0 +1,155 @@
+"""Training adapters and routers on tiny real checkpoints: the loss goes down, frozen blocks stay bit-identical,
+saved weights reload to the same logits, a fixed seed (and a resumed run) gives the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mol
+from mol.data import load_domains, tokenize_domains
+from mol.errors import CheckpointError, DataError
+from mol.evaluate import score
+from mol.routers import load_balancing_loss
+from mol.train import TrainConfig, companion_paths, lr_factor, train
+
+PROSE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
+CODE = "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n" * 30
+FAST = dict(seq_len=32, batch_size=4, warmup=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "prose.txt").write_text(PROSE)
+    (d / "code").mkdir()
+    (d / "code" / "a.py").write_text(CODE)
+    (d / "code" / "notes.bin").write_bytes(b"\x00\x01 ignored: not a text extension")
+    return [f"prose={d / 'prose.txt'}", f"code={d / 'code'}"]
+
+
+@pytest.fixture
+def recipe(tiny):
+    a, b = tiny("llama"), tiny("gpt_neox", width=48)
+    return mol.Recipe.from_dict({
+        "name": "tiny-fusion", "base": "a", "models": {"a": str(a), "b": str(b)},
+        "slots": ["a:0", {"experts": ["a:1", "b:1"]}, {"experts": ["a:2", "b:2"], "router": "pooled"}, "a:3"],
+    })
+
+
+def config(**kw) -> TrainConfig:
+    base = {k: v for k, v in FAST.items() if k != "progress"}
+    return TrainConfig(**{"steps": 6, "device": "cpu", **base, **kw})
+
+
+def frozen_state(model) -> dict[str, torch.Tensor]:
+    trainable = set(model.trainable_state_dict())
+    return {k: v.clone() for k, v in model.state_dict().items() if k not in trainable}
+
+
+def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe, data):
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(model.tokenizer, load_domains(data))
+    before_loss = sum(score(model, t, seq_len=64).loss for t in tokens.values())
+    before_frozen = frozen_state(model)
+    before_trainable = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+    result = train(model, tokens, config(steps=15, lr=1e-2), progress=False)
+
+    after_loss = sum(score(model, t, seq_len=64).loss for t in tokens.values())
+    assert after_loss < before_loss - 0.5, (before_loss, after_loss)
+    after_frozen = frozen_state(model)
+    assert after_frozen.keys() == before_frozen.keys() and len(after_frozen) > 0
+    assert all(torch.equal(before_frozen[k], after_frozen[k]) for k in before_frozen)
+    changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, before_trainable[k])]
+    assert any(".adapter." in k for k in changed) and any(".router." in k for k in changed)
+    assert len(result.curve) == 15 and result.metrics["steps"] == 15
+
+
+def test_saved_weights_reload_to_the_same_logits(recipe, data, tmp_path):
+    out = tmp_path / "run.safetensors"
+    result = train(recipe, data, config(router_init="random"), out=out, progress=False)
+    weights, run_json, optim = companion_paths(out)
+    assert weights.is_file() and optim.is_file()
+    run = json.loads(run_json.read_text())
+    assert run["step"] == 6 and len(run["curve"]) == 6 and run["config"]["seq_len"] == 32
+    assert set(run["data"]) == {"prose", "code"} and run["data"]["code"]["tokens"] > 0
+
+    ids = torch.randint(1, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = result.model(ids).logits
+        reloaded = mol.build(recipe, device="cpu", dtype=torch.float32, weights=out)(ids).logits
+        fresh = mol.build(recipe, device="cpu", dtype=torch.float32)(ids).logits
+    assert torch.equal(trained, reloaded)
+    assert not torch.allclose(trained, fresh)
+
+
+def test_fixed_seed_gives_the_same_weights_and_resume_equals_one_run(recipe, data, tmp_path):
+    one = train(recipe, data, config(steps=6), out=tmp_path / "one.safetensors", progress=False).model
+    again = train(recipe, data, config(steps=6), progress=False).model
+    train(recipe, data, config(steps=3), out=tmp_path / "two.safetensors", progress=False)
+    two = train(recipe, data, config(steps=6), out=tmp_path / "two.safetensors", resume=True, progress=False)
+    a, b, c = one.trainable_state_dict(), again.trainable_state_dict(), two.model.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], c[k], atol=1e-6, rtol=0) for k in a)
+    run = json.loads(companion_paths(tmp_path / "two.safetensors")[1].read_text())
+    assert run["step"] == 6 and [p["step"] for p in run["curve"]] == [1, 2, 3, 4, 5, 6]
+    other = train(recipe, data, config(steps=6, seed=1), progress=False).model.trainable_state_dict()
+    assert any(not torch.equal(a[k], other[k]) for k in a)
+
+
+def test_resume_without_a_saved_run_state_is_a_clear_error(recipe, data, tmp_path):
+    out = tmp_path / "w.safetensors"
+    train(recipe, data, config(steps=2), out=out, progress=False)
+    companion_paths(out)[2].unlink()
+    with pytest.raises(CheckpointError, match="optim"):
+        train(recipe, data, config(steps=4), out=out, resume=True, progress=False)
+
+
+def test_load_balancing_loss_known_values():
+    n, tokens = 4, 8
+    uniform = torch.full((1, tokens, n), 1.0 / n)
+    even = torch.arange(tokens).remainder(n).view(1, tokens, 1)
+    assert load_balancing_loss(uniform, even).item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = torch.zeros(1, tokens, n)
+    collapsed[..., 0] = 1.0
+    assert load_balancing_loss(collapsed, torch.zeros(1, tokens, 1, dtype=torch.long)).item() == pytest.approx(n)
+
+
+def test_closed_form_router_follows_the_domain_labels(recipe, data):
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(model.tokenizer, load_domains(data))
+    experts = {"prose": "a", "code": "b"}
+    from mol.router_init import init_routers
+
+    report = init_routers(model, "ridge", tokens, experts, sample_tokens=512, seq_len=32)
+    assert set(report) == {"slot 1", "slot 2"}
+    assert report["slot 1"] > 0.9  # token router: two very different texts
+    for name, t in tokens.items():
+        res = score(model, t, seq_len=64, label_experts=experts)
+        assert res.agreement["1"] > 0.9, (name, res.agreement)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, c) == pytest.approx(0.1)
+    assert lr_factor(9, c) == pytest.approx(1.0)
+    assert lr_factor(10, c) == pytest.approx(1.0)
+    assert lr_factor(55, c) == pytest.approx(0.55)
+    assert lr_factor(100, c) == pytest.approx(0.1)
+    assert all(lr_factor(s, c) >= lr_factor(s + 1, c) for s in range(10, 100))
+
+
+def test_bad_inputs_are_typed_errors(recipe, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(recipe, [f"prose={tmp_path / 'missing.txt'}"], config(), progress=False)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="no text"):
+        train(recipe, [f"prose={tmp_path / 'empty.txt'}"], config(), progress=False)
+    (tmp_path / "short.txt").write_text("def f(): pass\n")
+    with pytest.raises(DataError, match="seq-len"):
+        train(recipe, [f"code={tmp_path / 'short.txt'}"], config(), progress=False)
+    with pytest.raises(DataError, match="router_init"):
+        TrainConfig(router_init="magic")

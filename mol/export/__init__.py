@@ -1,0 +1,221 @@
+"""Export: a fused model leaves Mango as a standard Hugging Face folder.
+
+    from mol.export import export
+    result = export("recipe.yaml", "out/my-model", weights="trained.safetensors")
+    result.format   # "standard" (the source architecture) or "mol" (MoLForCausalLM + its code)
+
+A plain stack of blocks sharing one architecture is written as that architecture (loads with no Mango code, as
+mergekit's passthrough writes it); anything else (routers, adapters, mixed families) as `MoLForCausalLM`.
+Weights are streamed tensor by tensor into safetensors shards inside a staging folder that is renamed into
+place at the end, so an interrupted export leaves nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("auto", "standard", "mol")
+_EXTRA_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str  # "standard" or "mol"
+    shards: list[dict]  # [{file, tensors, bytes}]
+    layers: int  # decoder layers in the written config (slot-experts for "mol")
+    dtype: str
+    not_standard_because: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s["bytes"] for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "layers": self.layers, "dtype": self.dtype,
+                "shards": self.shards, "total_bytes": self.total_bytes,
+                "not_standard_because": self.not_standard_because}
+
+
+def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = None, *, format: str = "auto",
+           dtype: Any = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+           evaluation: dict | list | None = None) -> ExportResult:
+    """Write a recipe (object, YAML path or text, Plan) or a built FusedModel to the folder `out`.
+
+    `weights`: trained adapters/routers (.safetensors from `mol train` / `save_trainable`); with a FusedModel,
+    its own adapters and routers are exported (and `weights`, if given, replaces them). `format`: "auto" picks
+    "standard" whenever the recipe allows it. `dtype`: output dtype of floating tensors (default: the
+    model's dtype, else the base checkpoint's). `evaluation`: {metric: value} shown in the model card."""
+    import yaml
+
+    from mol.errors import RecipeError
+    from mol.export import card, remote, standard
+    from mol.export.shards import parse_size, write_shards
+    from mol.export.trainable import TrainableParts
+
+    if format not in FORMATS:
+        raise RecipeError(f"Unknown export format '{format}'; use one of: {', '.join(FORMATS)}.")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    the_plan, model = _resolve(recipe_or_model)
+    parts = TrainableParts(the_plan)
+    trained = weights is not None
+    if model is not None:
+        parts.load_state_dict({k: v.detach().cpu() for k, v in model.trainable_state_dict().items()})
+        trained = True
+    if weights is not None:
+        from mol.weights import load_trainable
+
+        load_trainable(parts, weights)
+    out_dtype = _dtype(dtype, model, the_plan)
+
+    blockers = standard.standard_blockers(the_plan, parts)
+    fmt = format if format != "auto" else ("standard" if not blockers else "mol")
+    if fmt == "standard" and blockers:
+        raise RecipeError("This recipe cannot be exported as a standard checkpoint: " + " ".join(blockers)
+                          + " Export it with format='mol' (MoLForCausalLM) instead.")
+    if fmt == "standard":
+        trained = False  # every adapter is the identity and there is no router: nothing trained is written
+
+    out = Path(out)
+    recipe_dict = _public_recipe(the_plan)
+    recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True, width=120)
+    with staging(out, overwrite) as folder:
+        if fmt == "standard":
+            entries = standard.standard_entries(the_plan, out_dtype)
+            standard.write_standard_config(the_plan, folder, out_dtype)
+            layers = len(the_plan.slots)
+        else:
+            entries = remote.remote_entries(the_plan, parts, out_dtype)
+            remote.remote_config(the_plan, out_dtype, recipe_dict).save_pretrained(str(folder))
+            remote.copy_code(folder)
+            layers = the_plan.cache_layers
+        shards = write_shards(folder, entries, shard_bytes)
+        _copy_side_files(the_plan, folder)
+        (folder / "mol_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        if fmt == "standard":
+            _write_mergekit_config(the_plan, folder, out_dtype)
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        card.write_card(folder, card.model_card(the_plan, fmt, recipe_yaml, dtype=dtype_name, shards=len(shards),
+                                                trained=trained, evaluation=evaluation, blockers=blockers))
+    return ExportResult(out, fmt, shards, layers, dtype_name, blockers)
+
+
+def _resolve(obj):
+    """(Plan, FusedModel or None) from whatever the caller passed."""
+    from mol.plan import Plan, plan
+    from mol.recipe import Recipe
+
+    if hasattr(obj, "trainable_state_dict") and hasattr(obj, "plan"):
+        return obj.plan, obj
+    if isinstance(obj, Plan):
+        return obj, None
+    if isinstance(obj, (str, Path)):
+        obj = Recipe.from_yaml(obj)
+    if isinstance(obj, Recipe):
+        return plan(obj), None
+    from mol.errors import RecipeError
+
+    raise RecipeError(f"export() takes a recipe, a YAML path, a Plan or a FusedModel, not {type(obj).__name__}.")
+
+
+def _dtype(dtype, model, the_plan):
+    import torch
+
+    from mol.errors import RecipeError
+    from mol.export.shards import ST_DTYPES
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise RecipeError(f"Unknown dtype '{dtype}'; use one of: {', '.join(names)}.")
+        return names[dtype]
+    if dtype is not None:
+        return dtype
+    if model is not None:
+        return model.dtype
+    base = the_plan.base
+    embed = base.tensors.get(base.family.embed + ".weight")
+    found = ST_DTYPES.get(embed.dtype) if embed is not None else None
+    return found if found is not None and found.is_floating_point else torch.float32
+
+
+def _public_recipe(the_plan) -> dict:
+    from mol.export.card import public_ref
+
+    d = the_plan.recipe.to_dict()
+    d["models"] = {a: public_ref(the_plan.sources[a]) if a in the_plan.sources else ref
+                   for a, ref in d["models"].items()}
+    return d
+
+
+def _write_mergekit_config(the_plan, folder: Path, dtype) -> None:
+    """The equivalent mergekit config, beside a standard export, when there is one."""
+    from mol.errors import RecipeError
+    from mol.export.mergekit import export_mergekit
+
+    try:
+        text = export_mergekit(the_plan, dtype=dtype)
+    except RecipeError:
+        return
+    (folder / "mergekit_config.yml").write_text(text, encoding="utf-8")
+
+
+def _copy_side_files(the_plan, folder: Path) -> None:
+    """Tokenizer and generation config of the base, as mergekit copies them from its donor model."""
+    from mol.sources import TOKENIZER_FILES
+
+    src = the_plan.base.folder
+    for name in (*TOKENIZER_FILES, *_EXTRA_FILES):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+
+
+@contextmanager
+def staging(out: Path, overwrite: bool = False):
+    """A sibling folder to write into; renamed to `out` on success, removed on any failure."""
+    from mol.errors import StorageError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"'{out}' exists and is not a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise StorageError(f"'{out}' already exists and is not empty; choose another folder or overwrite it "
+                           "(--force / overwrite=True).")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise StorageError(f"Cannot write into '{out.parent}': {exc}.") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise StorageError(f"Writing '{out}' failed: {exc}. Nothing was left behind.") from None
+        raise
+
+
+def register_auto_classes() -> None:
+    """Let `AutoModelForCausalLM.from_pretrained` load exported MoL folders without remote code."""
+    from mol.export.auto import register_auto_classes as register
+
+    register()
+
+
+__all__ = ["ExportResult", "FORMATS", "export", "register_auto_classes", "staging"]

@@ -1,0 +1,220 @@
+"""Streamed safetensors writing: tensors are copied one at a time (in bounded chunks) from their source files
+into shards, so peak host memory stays near one chunk however large the model is. Each shard's header is
+written first (shapes and dtypes are known from the sources' headers), then the data follows in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mol.errors import CheckpointError
+
+# safetensors dtype names <-> torch dtypes
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+CHUNK_BYTES = 32 * 2**20  # copy (and cast) at most this many source bytes at a time
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the output: where its data comes from and what it becomes.
+
+    Either `file` + `source_name` (read from a source checkpoint) or `tensor` (already in memory: adapters,
+    routers). `dtype` is the output dtype (floats are cast; other dtypes are copied as they are)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source_dtype: torch.dtype
+    file: Path | None = None
+    source_name: str | None = None
+    tensor: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def output_dtype(source: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    return wanted if wanted is not None and source.is_floating_point else source
+
+
+def entry_from_file(name: str, file: Path, source_name: str, st_dtype: str, shape: tuple[int, ...],
+                    dtype: torch.dtype | None = None) -> TensorEntry:
+    src = ST_DTYPES.get(st_dtype)
+    if src is None:
+        src = _pickle_dtype(st_dtype)
+    return TensorEntry(name, tuple(shape), output_dtype(src, dtype), src, file=file, source_name=source_name)
+
+
+def entry_from_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorEntry:
+    t = tensor.detach()
+    return TensorEntry(name, tuple(t.shape), output_dtype(t.dtype, dtype), t.dtype, tensor=t)
+
+
+def _pickle_dtype(name: str) -> torch.dtype:
+    """TensorInfo of opt-in `.bin` sources carries torch's own dtype name ("torch.float32")."""
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise CheckpointError(f"Unsupported tensor dtype '{name}' in a source checkpoint.")
+    return dt
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 5000000, "500MB", "2GB", "1.5GiB"."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    unit = next((u for u in units if text.endswith(u)), "")
+    number, scale = (text[: -len(unit)], units[unit]) if unit else (text, 1)
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"'{value}' is not a size; write e.g. 500MB or 2GB.") from None
+    if size <= 0:
+        raise ValueError(f"Shard size must be positive, got '{value}'.")
+    return size
+
+
+def plan_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Greedy split in output order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class SourceReader:
+    """Reads raw tensor bytes straight from safetensors files by offset (no mmap: pages read this way do not
+    stay in the process's resident memory)."""
+
+    def __init__(self):
+        self._offsets: dict[Path, tuple[int, dict[str, tuple[int, int]]]] = {}
+        self._pickles: dict[Path, dict] = {}
+
+    def _header(self, file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+        if file not in self._offsets:
+            try:
+                with open(file, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(n))
+            except (OSError, ValueError, struct.error) as exc:
+                raise CheckpointError(f"'{file}' cannot be read as safetensors: {exc}.") from None
+            offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+            self._offsets[file] = (8 + n, offsets)
+        return self._offsets[file]
+
+    def chunks(self, entry: TensorEntry) -> Iterable[bytes]:
+        """The output bytes of `entry`, in pieces of at most about CHUNK_BYTES."""
+        if entry.tensor is not None:
+            yield _to_bytes(entry.tensor.to("cpu").to(entry.dtype).contiguous())
+            return
+        if entry.file.suffix != ".safetensors":
+            yield _to_bytes(self._pickle_tensor(entry).to(entry.dtype).contiguous())
+            return
+        start_of_data, offsets = self._header(entry.file)
+        if entry.source_name not in offsets:
+            raise CheckpointError(f"'{entry.file}': tensor '{entry.source_name}' is missing.")
+        begin, end = offsets[entry.source_name]
+        src_item = _itemsize(entry.source_dtype)
+        step = max(src_item, CHUNK_BYTES // src_item * src_item)
+        with open(entry.file, "rb", buffering=0) as fh:
+            pos = begin
+            while pos < end:
+                want = min(step, end - pos)
+                data = os.pread(fh.fileno(), want, start_of_data + pos)
+                if len(data) != want:
+                    raise CheckpointError(f"'{entry.file}' is truncated inside tensor '{entry.source_name}'.")
+                pos += want
+                if entry.dtype == entry.source_dtype:
+                    yield data
+                else:
+                    t = torch.frombuffer(bytearray(data), dtype=entry.source_dtype)
+                    yield _to_bytes(t.to(entry.dtype))
+
+    def _pickle_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        if entry.file not in self._pickles:
+            self._pickles[entry.file] = torch.load(str(entry.file), map_location="cpu", weights_only=True, mmap=True)
+        return self._pickles[entry.file][entry.source_name]
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) -> int:
+    """Write one safetensors file: the header first, then each tensor's data streamed in order."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": TORCH_TO_ST[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors itself writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for e in entries:
+            written = 0
+            for piece in reader.chunks(e):
+                out.write(piece)
+                written += len(piece)
+            if written != e.nbytes:
+                raise CheckpointError(f"tensor '{e.name}' produced {written} bytes, expected {e.nbytes}.")
+        out.flush()
+        os.fsync(out.fileno())
+    return offset
+
+
+def write_shards(folder: Path, entries: list[TensorEntry], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[dict]:
+    """Write `entries` as one or more shards into `folder` (+ the index when there are several); returns
+    [{file, tensors, bytes}] per shard."""
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate output tensor names: {dup[:3]}")
+    groups = plan_shards(entries, max_shard_bytes)
+    files = shard_names(len(groups))
+    reader = SourceReader()
+    written = []
+    weight_map: dict[str, str] = {}
+    for file, group in zip(files, groups, strict=True):
+        size = write_shard(folder / file, group, reader)
+        written.append({"file": file, "tensors": len(group), "bytes": size})
+        weight_map.update({e.name: file for e in group})
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(w["bytes"] for w in written)}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return written

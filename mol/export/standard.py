@@ -1,0 +1,109 @@
+"""Export as the source's own standard architecture: a plain stack of blocks that all share one architecture
+(and one layer configuration) becomes that architecture with the new layer count, exactly as mergekit's
+`passthrough` method writes it. Loads with `AutoModelForCausalLM.from_pretrained` and no Mango code."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from mol.export.shards import TensorEntry, entry_from_file
+from mol.export.trainable import TrainableParts, is_identity
+from mol.plan import Plan
+
+# Config keys that may differ between two sources whose layers are interchangeable: counts, bookkeeping,
+# token ids and the tie (the base's embeddings, norm and head are used in both cases).
+_LAYER_NEUTRAL_KEYS = {
+    "num_hidden_layers", "n_layer", "num_layers", "layer_types", "max_window_layers", "architectures",
+    "transformers_version", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+    "tie_word_embeddings", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+}
+
+
+def standard_blockers(the_plan: Plan, parts: TrainableParts) -> list[str]:
+    """Why this recipe cannot be written as a standard checkpoint (empty: it can)."""
+    base = the_plan.base
+    reasons: list[str] = []
+    adapters = parts.adapters()
+    base_layer_config = _layer_config(base.config)
+    for sp in the_plan.slots:
+        if sp.routed:
+            reasons.append(f"slot {sp.index} routes between {len(sp.experts)} experts "
+                           f"({', '.join(e.name for e in sp.experts)}); standard architectures have no routers.")
+            continue
+        e = sp.experts[0]
+        src = the_plan.sources[e.alias]
+        if src.model_type != base.model_type:
+            reasons.append(f"slot {sp.index}: block '{e.name}' is {src.model_type}, the base '{base.alias}' is "
+                           f"{base.model_type}.")
+            continue
+        if e.alias != base.alias:
+            diff = _config_difference(base_layer_config, _layer_config(src.config))
+            if diff:
+                reasons.append(f"slot {sp.index}: '{e.alias}' configures its layers differently from the base "
+                               f"({diff}).")
+            if e.add_positions:
+                reasons.append(f"slot {sp.index}: block '{e.name}' adds its own model's position embedding when it "
+                               "runs in the base's stream.")
+            adapter = adapters.get(f"slots.{sp.index}.experts.0")
+            if adapter is not None and not is_identity(adapter):
+                reasons.append(f"slot {sp.index}: the adapter of '{e.name}' is calibrated or trained (not the "
+                               "identity).")
+    return reasons
+
+
+def _layer_config(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _LAYER_NEUTRAL_KEYS and not k.startswith("_")}
+
+
+def _config_difference(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+
+
+def standard_config(the_plan: Plan, dtype: torch.dtype):
+    """The base's config with the new layer count (and per-layer attention types taken from each block)."""
+    base = the_plan.base
+    cfg = copy.deepcopy(base.config)
+    cfg.num_hidden_layers = len(the_plan.slots)
+    if isinstance(getattr(base.config, "layer_types", None), list):
+        types = []
+        for sp in the_plan.slots:
+            e = sp.experts[0]
+            types.append(the_plan.sources[e.alias].config.layer_types[e.layer])
+        cfg.layer_types = types
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEntry]:
+    """Every non-layer tensor of the base under its own name, then each slot's layer renumbered consecutively."""
+    base = the_plan.base
+    layers = base.family.layers + "."
+    pre_roles = [base.family.embed, base.family.positions, base.family.project_in]
+    pre_prefixes = tuple(p + "." for p in pre_roles if p)
+    non_layer = sorted(n for n in base.tensors if not n.startswith(layers))
+    pre = [n for n in non_layer if n.startswith(pre_prefixes)]
+    post = [n for n in non_layer if not n.startswith(pre_prefixes)]
+
+    def from_base(name: str) -> TensorEntry:
+        t = base.tensors[name]
+        return entry_from_file(name, t.file, name, t.dtype, t.shape, dtype)
+
+    entries = [from_base(n) for n in pre]
+    for sp in the_plan.slots:
+        e = sp.experts[0]
+        src = the_plan.sources[e.alias]
+        prefix = src.family.layer_prefix(e.layer)
+        for name in sorted(n for n in src.tensors if n.startswith(prefix)):
+            t = src.tensors[name]
+            out = base.family.layer_prefix(sp.index) + name[len(prefix):]
+            entries.append(entry_from_file(out, t.file, name, t.dtype, t.shape, dtype))
+    entries.extend(from_base(n) for n in post)
+    return entries
+
+
+def write_standard_config(the_plan: Plan, folder: Path, dtype: torch.dtype) -> None:
+    standard_config(the_plan, dtype).save_pretrained(str(folder))

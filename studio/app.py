@@ -1,0 +1,127 @@
+"""The studio app: assembles the tabs and wires what crosses between them; the tabs hold their own UI, the
+engine does the work.
+
+    python app.py                      # http://127.0.0.1:7860, the embedded demo models, offline
+    MANGO_DB_URL=sqlite:///my.db python app.py"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the studio makes no calls home
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from studio.engine import StudioEngine  # noqa: E402
+from studio.tabs.common import initial_workspace, palette_models, user_message  # noqa: E402
+from studio.tabs.evaluate import create_evaluate_tab  # noqa: E402
+from studio.tabs.models import create_models_tab, model_rows  # noqa: E402
+from studio.tabs.playground import create_playground_tab, playground_versions  # noqa: E402
+from studio.tabs.recipe import create_recipe_tab  # noqa: E402
+from studio.tabs.train import create_train_tab  # noqa: E402
+
+STATIC = Path(__file__).resolve().parent / "static"
+INTRO = ("# MoL Studio\nFuse transformer blocks from different language models: pick **Models**, drag layers into "
+         "a **Recipe**, save it, run prompts in the **Playground** with the routing shown, then **Train** and "
+         "**Evaluate** its adapters and routers.")
+
+
+def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
+    engine = engine or StudioEngine()
+    with gr.Blocks(title="MoL Studio") as demo:
+        gr.Markdown(INTRO)
+        workspace = gr.State(initial_workspace(engine))  # architecture cards only, never models
+        with gr.Tabs(selected="recipe"):
+            with gr.Tab("Models", id="models", elem_id="tab-models"):
+                models = create_models_tab(engine, workspace)
+            with gr.Tab("Recipe", id="recipe", elem_id="tab-recipe"):
+                recipe = create_recipe_tab(engine, workspace)
+            with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
+                play = create_playground_tab(engine, workspace)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = create_train_tab(engine, recipe)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
+                evaluate = create_evaluate_tab(engine, recipe, train)
+        _wire(engine, demo, workspace, models, recipe, play, train, evaluate)
+    demo.queue(default_concurrency_limit=4)
+    return demo
+
+
+def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: dict, recipe: dict, play: dict,
+          train: dict, evaluate: dict) -> None:
+    """What one tab's action changes in another."""
+
+    def workspace_views(ws, board_v, base_v):
+        pm = palette_models(ws)
+        aliases = [c["alias"] for c in ws or []]
+        return ({"models": pm}, {**(board_v or {}), "models": pm},
+                gr.update(choices=aliases, value=base_v if base_v in aliases else (aliases[0] if aliases else None)),
+                model_rows(ws))
+
+    models["added"].then(workspace_views, [workspace, recipe["board"], recipe["base"]],
+                         [recipe["palette"], recipe["board"], recipe["base"], models["model_list"]],
+                         api_visibility="private")
+    for event in recipe["recipe_loaded"]:  # opening a recipe may bring models into the workspace
+        event.then(model_rows, workspace, models["model_list"], api_visibility="private")
+
+    version_targets = [play["version"], *train.get("version_targets", []), *evaluate.get("version_targets", [])]
+
+    def versions_for_runs(loaded_v):
+        try:
+            choices = playground_versions(engine)
+        except Exception as exc:
+            gr.Warning(user_message(exc))
+            return _outputs([gr.update()] * len(version_targets))
+        ids = [c[1] for c in choices]
+        pick = loaded_v.get("version_id") if loaded_v and loaded_v.get("version_id") in ids else (
+            ids[0] if ids else None)
+        return _outputs([gr.update(choices=choices, value=pick)] * len(version_targets))
+
+    for event in [recipe["saved"], *recipe["recipe_loaded"], *recipe["changed_versions"]]:
+        event.then(versions_for_runs, recipe["loaded"], version_targets, api_visibility="private")
+
+    def on_load():
+        try:
+            versions = recipe["refresh_versions"](False)
+            runs = play["refresh_runs"]()
+        except Exception as exc:  # a broken database must not blank the page: say what is wrong
+            gr.Warning(user_message(exc))
+            return [gr.update()] * (3 + 2 + len(version_targets))
+        targets = versions_for_runs(None)
+        return [*versions, *runs, *(targets if isinstance(targets, tuple) else [targets])]
+
+    demo.load(on_load, None, [*recipe["version_outputs"], play["runs"], play["run_pick"], *version_targets],
+              api_visibility="private")
+
+
+def _outputs(values: list) -> Any:
+    """Gradio passes a single output's return value through whole: one value, not a list of one."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def theme() -> gr.themes.Base:
+    """System fonts only: the default themes fetch web fonts, and the studio must work offline."""
+    return gr.themes.Soft(primary_hue="orange", secondary_hue="blue",
+                          font=[gr.themes.Font("ui-sans-serif"), gr.themes.Font("system-ui"), "sans-serif"],
+                          font_mono=[gr.themes.Font("ui-monospace"), gr.themes.Font("Menlo"), "monospace"])
+
+
+def launch_settings(**overrides: Any) -> dict[str, Any]:
+    """Arguments for `Blocks.launch` (Gradio 6 takes theme and css there, not in `Blocks`)."""
+    settings: dict[str, Any] = {"theme": theme(), "css": (STATIC / "studio.css").read_text(encoding="utf-8"),
+                                "show_error": False}
+    if os.environ.get("SPACE_ID") is None:
+        settings["server_name"] = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    settings.update(overrides)
+    return settings
+
+
+def main() -> None:
+    build_app().launch(**launch_settings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Models tab: the session's source models with their architecture cards; add one by Hub id or local folder."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from mol.errors import RecipeError
+from studio.engine import StudioEngine
+from studio.tabs.common import api_errors, fmt_count, fusable_notes, message_html, user_message
+from studio.tabs.recipe_board import ALIAS_RE, alias_for
+
+MODEL_COLUMNS = ["Alias", "Family", "Layers", "Width", "Heads", "KV heads", "Parameters", "Tokenizer", "Fusable",
+                 "Source"]
+
+
+def model_rows(workspace: list[dict]) -> list[list]:
+    notes = fusable_notes(workspace)
+    rows = []
+    for c in workspace or []:
+        if "error" in c:
+            rows.append([c["alias"], "—", "", "", "", "", "", "", notes[c["alias"]], c["ref"]])
+            continue
+        rows.append([c["alias"], c["family"], c["layers"], c["width"], c["heads"], c["kv_heads"],
+                     fmt_count(c["parameters"]), c["tokenizer"], notes[c["alias"]], c["ref"]])
+    return rows
+
+
+def card_html(card: dict, note: str = "") -> str:
+    if "error" in card:
+        return message_html(card["error"], ok=False)
+    rows = [("Family", f"{card['family']} ({card['model_type']})"), ("Layers", card["layers"]),
+            ("Width", card["width"]), ("Heads", f"{card['heads']} ({card['kv_heads']} key/value)"),
+            ("Parameters", f"{card['parameters']:,}"), ("Vocabulary", f"{card['vocab_size']:,}"),
+            ("Tokenizer", card["tokenizer"]), ("Fusable", note), ("Source", card["ref"])]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<div class="model-card"><h4>{html.escape(card["alias"])}</h4><table>{body}</table></div>'
+
+
+def add_model(engine: StudioEngine, workspace: list[dict], ref: str, alias: str) -> tuple[list[dict], dict]:
+    """Validate a model (config, weights headers, tokenizer) and add its card to the workspace."""
+    ref, alias = (ref or "").strip(), (alias or "").strip()
+    if not ref:
+        raise RecipeError("Give a Hub id (org/name) or a local model folder.")
+    workspace = list(workspace or [])
+    taken = {c["alias"]: c["ref"] for c in workspace}
+    if ref in taken.values():
+        raise RecipeError(f"'{ref}' is already in the list as '{next(a for a, r in taken.items() if r == ref)}'.")
+    if alias and not ALIAS_RE.match(alias):
+        raise RecipeError(f"Alias '{alias}' is not allowed: use letters, digits, '_', '-', '.', starting with a letter.")
+    if alias in taken:
+        raise RecipeError(f"Alias '{alias}' is taken by {taken[alias]}; choose another.")
+    alias = alias or alias_for(ref, taken)
+    card = engine.model_card(alias, ref)
+    return [*workspace, card], card
+
+
+def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr.components.Component]:
+    gr.Markdown("The models this session can fuse. Blocks fuse only between models with the same tokenizer; "
+                "widths and families may differ (adapters bridge them).")
+    model_list = gr.Dataframe(headers=MODEL_COLUMNS, value=model_rows(workspace.value), interactive=False,
+                              elem_id="model-list", label="Source models", wrap=True)
+    with gr.Row(equal_height=True):
+        ref = gr.Textbox(label="Hub id or local folder", placeholder="org/name or path/to/model-folder",
+                         elem_id="model-ref", scale=3)
+        alias = gr.Textbox(label="Alias (optional)", placeholder="short name used in recipes", elem_id="model-alias",
+                           scale=1)
+        add = gr.Button("Add model", variant="primary", elem_id="add-model", scale=1)
+    status = gr.HTML(elem_id="model-status")
+    card = gr.HTML(elem_id="model-card")
+
+    def on_add(ws: list[dict], ref_text: str, alias_text: str):
+        try:
+            ws, new_card = add_model(engine, ws, ref_text, alias_text)
+        except Exception as exc:
+            return ws, gr.update(), message_html(user_message(exc), ok=False), ""
+        note = fusable_notes(ws)[new_card["alias"]]
+        return (ws, model_rows(ws), message_html(f"Added '{new_card['alias']}'."), card_html(new_card, note))
+
+    added = add.click(on_add, [workspace, ref, alias], [workspace, model_list, status, card], api_name="ui_add_model",
+                      api_visibility="undocumented")
+    ref.submit(on_add, [workspace, ref, alias], [workspace, model_list, status, card], api_visibility="private")
+
+    @api_errors
+    def list_models() -> list[dict]:
+        """Architecture cards of the embedded models."""
+        ws = [engine.model_card(a, r) for a, r in engine.embedded_models().items()]
+        notes = fusable_notes(ws)
+        return [{**c, "fusable": notes[c["alias"]]} for c in ws]
+
+    @api_errors
+    def inspect_model(ref: str, alias: str = "") -> dict:
+        """Validate a model by Hub id or local folder and return its architecture card."""
+        _, new_card = add_model(engine, [], ref, alias)
+        return new_card
+
+    gr.api(list_models, api_name="list_models")
+    gr.api(inspect_model, api_name="inspect_model")
+    return {"model_list": model_list, "model_ref": ref, "model_alias": alias, "add_model": add,
+            "model_status": status, "model_card": card, "added": added}

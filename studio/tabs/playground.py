@@ -1,0 +1,247 @@
+"""Playground tab: run a prompt through a saved recipe version with streamed output, see the routing (router
+heatmap and expert load, drawn when generation ends), run the same prompt through source models alone, and
+reopen any earlier run."""
+
+from __future__ import annotations
+
+import html
+import threading
+from typing import Any
+
+import gradio as gr
+
+from mol.errors import RecipeError
+from studio import figures
+from studio.engine import StudioEngine, clamp_settings, gpu_task
+from studio.tabs.common import api_errors, fmt_time, message_html, user_message
+from studio.tabs.recipe_board import model_colors
+
+RUN_COLUMNS = ["Id", "Time (UTC)", "Recipe", "Version", "Prompt", "Output"]
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def run_rows(engine: StudioEngine, limit: int = 100) -> list[list]:
+    return [[r.id, fmt_time(r.created_at), r.recipe_name, r.version_number, _short(r.prompt), _short(r.output_text)]
+            for r in engine.repo.list_runs(limit=limit)]
+
+
+def run_choices(rows: list[list]) -> list[tuple[str, int]]:
+    return [(f"#{r[0]} {r[2]} v{r[3]}: {r[4][:40]}", r[0]) for r in rows]
+
+
+def playground_versions(engine: StudioEngine) -> list[tuple[str, int]]:
+    """Every version of every live recipe, newest first."""
+    out = []
+    for r in engine.repo.list_recipes():
+        for v in reversed(engine.repo.list_versions(r.id)):
+            out.append((f"{r.name} v{v.number}" + (f" — {v.note[:40]}" if v.note else ""), v.id))
+    return out
+
+
+def trace_colors(workspace: list[dict] | None, trace: dict | None) -> dict[str, str]:
+    """Colours by the workspace's model order (as the palette draws them), so chips and plots agree."""
+    aliases = [c["alias"] for c in workspace or []]
+    for s in (trace or {}).get("slots") or []:
+        aliases += [e.rsplit(":", 1)[0] for e in s.get("experts") or []]
+    return model_colors(list(dict.fromkeys(aliases)))
+
+
+def figures_for(trace: dict | None, colors: dict[str, str]):
+    trace = trace or {"tokens": [], "slots": []}
+    return figures.router_heatmap(trace, colors=colors), figures.expert_load(trace, colors=colors)
+
+
+def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
+    cards = "".join(
+        f'<div class="source-output" style="--chip:{colors.get(a.split(" ")[0], "#868e96")}" data-source="{html.escape(a)}">'
+        f"<strong>{html.escape(a)}</strong><pre>{html.escape(t)}</pre></div>" for a, t in outputs.items())
+    return f'<div class="source-outputs">{cards}</div>'
+
+
+def recipe_sources(engine: StudioEngine, version_id: int | None) -> dict[str, str]:
+    if version_id is None:
+        return {}
+    v = engine.repo.get_version_by_id(int(version_id))
+    return dict(engine.recipe_from_yaml(v.yaml_text).models)
+
+
+def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
+    limit = engine.config.max_new_tokens
+    version = gr.Dropdown(choices=[], label="Recipe version", elem_id="run-version",
+                          info="save a recipe in the Recipe tab to run it")
+    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="To be, or not to be")
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            max_new = gr.Slider(1, limit, value=min(48, limit), step=1, label="New tokens", elem_id="max-new-tokens")
+            do_sample = gr.Checkbox(value=False, label="Sample (off: greedy)", elem_id="do-sample")
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+        with gr.Row():
+            temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label="Temperature", elem_id="temperature")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
+    with gr.Row():
+        run = gr.Button("Run", variant="primary", elem_id="run-prompt")
+        stop = gr.Button("Stop", elem_id="stop-run")
+    run_status = gr.HTML(elem_id="run-status")
+    output = gr.Textbox(label="Output", lines=6, elem_id="output-text", interactive=False)
+    with gr.Row():
+        heatmap = gr.Plot(label="Router heatmap", elem_id="router-heatmap")
+        load = gr.Plot(label="Expert load", elem_id="expert-load")
+    with gr.Accordion("Side by side: the same prompt through source models alone", open=False):
+        sources = gr.CheckboxGroup(choices=[], label="Source models", elem_id="compare-sources")
+        run_sources = gr.Button("Run on the chosen sources", elem_id="run-sources")
+        source_view = gr.HTML(elem_id="source-outputs")
+    with gr.Accordion("Runs", open=True):
+        runs = gr.Dataframe(headers=RUN_COLUMNS, value=[], interactive=False, elem_id="runs-list",
+                            label="Saved runs (newest first)", max_height=320)
+        with gr.Row():
+            run_pick = gr.Dropdown(choices=[], label="Run", elem_id="run-pick", scale=3)
+            open_run = gr.Button("Open run", size="sm", elem_id="open-run", scale=1, min_width=120)
+
+    sampling = [max_new, do_sample, temperature, top_k, top_p, seed]
+
+    def settings_of(max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v) -> dict:
+        return clamp_settings({"max_new_tokens": max_new_v, "do_sample": do_sample_v, "temperature": temperature_v,
+                               "top_k": top_k_v, "top_p": top_p_v, "seed": seed_v}, limit)
+
+    def refresh_runs(keep: int | None = None):
+        rows = run_rows(engine)
+        ids = [r[0] for r in rows]
+        return rows, gr.update(choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None))
+
+    @gpu_task
+    def on_run(version_id, prompt_v, *rest):
+        *sampling_v, ws = rest
+        keep = gr.update()
+        stop_event = threading.Event()
+        try:
+            if version_id is None:
+                raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
+            yield "", keep, keep, message_html("Loading the model…"), keep, keep
+            n = 0
+            for update in engine.run_prompt(int(version_id), prompt_v or "", settings_of(*sampling_v), stop_event):
+                if not update.done:
+                    n += 1
+                    yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
+                    continue
+                colors = trace_colors(ws, update.trace)
+                hm, ld = figures_for(update.trace, colors)
+                routed = len((update.trace or {}).get("slots") or [])
+                msg = (f"Saved as run #{update.run_id}: {len((update.trace or {}).get('tokens') or [])} tokens, "
+                       f"{routed} routed slot{'s' if routed != 1 else ''}.")
+                yield (update.text, hm, ld, message_html(msg), *refresh_runs(update.run_id))
+        except Exception as exc:
+            yield keep, keep, keep, message_html(user_message(exc), ok=False), keep, keep
+        finally:
+            stop_event.set()
+
+    run_event = run.click(on_run, [version, prompt, *sampling, workspace],
+                          [output, heatmap, load, run_status, runs, run_pick], api_name="ui_run_prompt",
+                          api_visibility="undocumented", concurrency_limit=engine.config.generation_concurrency,
+                          concurrency_id="generation")
+    prompt.submit(on_run, [version, prompt, *sampling, workspace], [output, heatmap, load, run_status, runs, run_pick],
+                  api_visibility="private", concurrency_limit=engine.config.generation_concurrency,
+                  concurrency_id="generation")
+    stop.click(None, cancels=[run_event], api_visibility="private")
+
+    def on_version(version_id):
+        try:
+            aliases = list(recipe_sources(engine, version_id))
+        except Exception:
+            aliases = []
+        return gr.update(choices=aliases, value=[a for a in aliases[:2]])
+
+    version.change(on_version, version, sources, api_visibility="private")
+
+    @gpu_task
+    def on_sources(version_id, chosen, prompt_v, *rest):
+        *sampling_v, ws = rest
+        try:
+            refs = recipe_sources(engine, version_id)
+            if not chosen:
+                raise RecipeError("Tick at least one source model.")
+            settings = settings_of(*sampling_v)
+            outputs = {a: engine.run_source(a, refs[a], prompt_v or "", settings) for a in chosen if a in refs}
+        except Exception as exc:
+            return message_html(user_message(exc), ok=False)
+        return source_outputs_html(outputs, trace_colors(ws, None))
+
+    run_sources.click(on_sources, [version, sources, prompt, *sampling, workspace], source_view,
+                      api_name="ui_run_sources", api_visibility="undocumented",
+                      concurrency_limit=engine.config.generation_concurrency, concurrency_id="generation")
+
+    def on_open_run(run_id, ws):
+        keep = gr.update()
+        try:
+            if run_id is None:
+                raise RecipeError("Pick a run to open.")
+            r = engine.repo.get_run(int(run_id))
+        except Exception as exc:
+            return (*[keep] * 11, message_html(user_message(exc), ok=False))
+        s = clamp_settings(r.settings, limit)
+        hm, ld = figures_for(r.trace, trace_colors(ws, r.trace))
+        return (gr.update(value=r.version_id), r.prompt, s["max_new_tokens"], s["do_sample"], s["temperature"],
+                s["top_k"], s["top_p"], s["seed"], r.output_text, gr.update(value=hm), gr.update(value=ld),
+                message_html(f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."))
+
+    open_run.click(on_open_run, [run_pick, workspace], [version, prompt, *sampling, output, heatmap, load, run_status],
+                   api_name="ui_open_run", api_visibility="undocumented")
+
+    def on_select_run(evt: gr.SelectData, rows):
+        try:
+            return gr.update(value=int(rows.iloc[evt.index[0]]["Id"]))
+        except Exception:
+            return gr.update()
+
+    runs.select(on_select_run, runs, run_pick, api_visibility="private")
+    _register_api(engine)
+    return {"version": version, "prompt": prompt, "run": run, "stop": stop, "output": output, "heatmap": heatmap,
+            "load": load, "run_status": run_status, "sources": sources, "source_view": source_view, "runs": runs,
+            "run_pick": run_pick, "refresh_runs": refresh_runs, "run_event": run_event}
+
+
+def _register_api(engine: StudioEngine) -> None:
+    limit = engine.config.max_new_tokens
+
+    @api_errors
+    @gpu_task
+    def generate(version_id: int, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
+        """Run a prompt through a saved recipe version; the run is stored. Returns {text, run_id, trace}."""
+        settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                   "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
+        *_, last = engine.run_prompt(int(version_id), prompt, settings)  # the final update carries the run
+        return {"text": last.text, "run_id": last.run_id, "trace": last.trace}
+
+    @api_errors
+    @gpu_task
+    def generate_source(version_id: int, alias: str, prompt: str, max_new_tokens: int = 32) -> str:
+        """The same prompt through one source model of a recipe version, alone (greedy)."""
+        refs = recipe_sources(engine, version_id)
+        if alias not in refs:
+            raise RecipeError(f"The recipe has no model '{alias}'; it has: {', '.join(refs)}.")
+        return engine.run_source(alias, refs[alias], prompt, {"max_new_tokens": max_new_tokens})
+
+    @api_errors
+    def list_runs(limit: int = 50) -> list[dict]:
+        return [{"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
+                 "prompt": r.prompt, "output": r.output_text, "settings": r.settings,
+                 "created_at": r.created_at.isoformat()} for r in engine.repo.list_runs(limit=int(limit))]
+
+    @api_errors
+    def get_run(run_id: int) -> dict:
+        r = engine.repo.get_run(int(run_id))
+        return {"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
+                "prompt": r.prompt, "output": r.output_text, "settings": r.settings, "trace": r.trace,
+                "created_at": r.created_at.isoformat()}
+
+    gr.api(generate, api_name="generate", concurrency_limit=engine.config.generation_concurrency,
+           concurrency_id="generation")
+    gr.api(generate_source, api_name="generate_source", concurrency_limit=engine.config.generation_concurrency,
+           concurrency_id="generation")
+    gr.api(list_runs, api_name="list_runs")
+    gr.api(get_run, api_name="get_run")

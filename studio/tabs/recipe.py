@@ -1,0 +1,483 @@
+"""Recipe tab: the layer palette, the slot board, recipe settings, inline plan validation, saved versions
+(open, duplicate, compare, delete and restore) and YAML import/export (mergekit passthrough too)."""
+
+from __future__ import annotations
+
+import html
+import tempfile
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mol.errors import RecipeError
+from studio.engine import PlanReport, StudioEngine
+from studio.tabs import recipe_board as rb
+from studio.tabs.common import (
+    api_errors,
+    fmt_bytes,
+    fmt_count,
+    fmt_time,
+    merge_models,
+    message_html,
+    palette_models,
+    user_message,
+    workspace_refs,
+)
+
+STATIC = Path(__file__).resolve().parents[1] / "static"
+VERSION_COLUMNS = ["Recipe", "Version", "Saved (UTC)", "Note", "Id", "State"]
+
+
+# ---- rendering --------------------------------------------------------------------------------------
+
+
+def plan_html(report: PlanReport | None) -> str:
+    if report is None:
+        return ('<div class="plan empty" role="status"><div class="plan-head">Empty recipe</div>'
+                "Drag layer chips from the palette onto the board to add slots.</div>")
+    if not report.ok:
+        return (f'<div class="plan error" role="alert"><div class="plan-head">Recipe error</div>'
+                f'<div class="plan-message">{html.escape(report.error or "")}</div></div>')
+    s = report.summary
+    mem = s["memory"]
+    facts = [
+        f"Reads {s['tensors_to_read']} tensors ({fmt_bytes(s['bytes_to_read'])}) from disk",
+        f"Memory estimate (fp32, 2048-token context): weights {fmt_bytes(mem['weights'])}, "
+        f"KV cache {fmt_bytes(mem['kv_cache'])}, total {fmt_bytes(mem['total'])}",
+        f"Trainable (adapters and routers): {fmt_count(s['trainable_parameters'])} parameters",
+    ]
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in facts)
+    items += "".join(f'<li class="plan-warning">warning: {html.escape(w)}</li>' for w in report.warnings)
+    head = (f"Valid: {s['slots']} slot{'s' if s['slots'] != 1 else ''} ({s['routed_slots']} routed), "
+            f"base {s['base']}, width {s['width']}")
+    return f'<div class="plan ok" role="status"><div class="plan-head">{html.escape(head)}</div><ul>{items}</ul></div>'
+
+
+def diff_html(diff: Any) -> str:
+    """A version comparison: what changed outside the slots, which slots changed, and the text diff."""
+    d = diff.diff
+    title = f"{d_label(diff.old)} → {d_label(diff.new)}"
+    if diff.identical:
+        return f'<div class="version-diff"><strong>{html.escape(title)}</strong>: identical.</div>'
+    items = []
+    for c in d.changes:
+        items.append(f"{c.path}: {c.kind}" + (f" ({c.old!r} → {c.new!r})" if c.kind == "changed" else
+                                              f" ({c.new!r})" if c.kind == "added" else f" ({c.old!r})"))
+    for s in d.slots:
+        if s.kind == "added":
+            items.append(f"slot {s.new_index} added: {_slot_text(s.new)}")
+        elif s.kind == "removed":
+            items.append(f"slot {s.old_index} removed: {_slot_text(s.old)}")
+        else:
+            items.append(f"slot {s.old_index} → {s.new_index} changed: {_slot_text(s.old)} ⇒ {_slot_text(s.new)}")
+    lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
+    return (f'<div class="version-diff"><strong>{html.escape(title)}</strong><ul>{lis}</ul>'
+            f"<details><summary>YAML diff</summary><pre>{html.escape(d.text_diff)}</pre></details></div>")
+
+
+def d_label(v: Any) -> str:
+    return f"{v.recipe_name} v{v.number}"
+
+
+def _slot_text(slot: Any) -> str:
+    if isinstance(slot, dict):
+        experts = ", ".join(map(str, slot.get("experts") or []))
+        router = slot.get("router")
+        return f"[{experts}]" + (f" {router.get('type', 'token')} router" if isinstance(router, dict) else "")
+    return str(slot)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return obj
+
+
+# ---- what the tab does (plain functions, used by the UI callbacks and the API) ------------------------
+
+
+def save_recipe(engine: StudioEngine, yaml_text: str, note: str = "", based_on: dict | None = None):
+    """Store a recipe as a new version (a new recipe when no live one has its name). Returns the version and
+    a warning when someone saved the same recipe meanwhile (both versions are kept)."""
+    recipe = engine.recipe_from_yaml(yaml_text)
+    text = recipe.to_yaml()
+    repo = engine.repo
+    existing = repo.find_recipe(recipe.name)
+    if existing is None:
+        return repo.create_recipe(recipe.name, text, note), None
+    parent = based_on.get("version") if based_on and based_on.get("recipe_id") == existing.id else None
+    from studio.db import VersionConflictError
+
+    try:
+        return repo.save_version(existing.id, text, note, parent_version=parent), None
+    except VersionConflictError as exc:
+        return repo.get_version(existing.id, exc.version), str(exc)
+
+
+def version_rows(engine: StudioEngine, include_deleted: bool = False) -> list[list]:
+    rows = []
+    for r in engine.repo.list_recipes(deleted=None if include_deleted else False):
+        for v in reversed(engine.repo.list_versions(r.id)):
+            rows.append([r.name, v.number, fmt_time(v.created_at), v.note, v.id, "deleted" if r.deleted else "saved"])
+    return rows
+
+
+def version_choices(rows: list[list]) -> list[tuple[str, int]]:
+    return [(f"{r[0]} v{r[1]}" + (f" — {r[3][:40]}" if r[3] else "") + (" (deleted)" if r[5] == "deleted" else ""),
+             r[4]) for r in rows]
+
+
+def edit_yaml(yaml_text: str, op, *args) -> str:
+    """Apply one board operation to recipe YAML and return the new, validated YAML."""
+    recipe = rb.parse_recipe_text(yaml_text)
+    slots = op(rb.slots_of(recipe), *args)
+    draft = rb.draft_recipe(recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots)
+    return rb.Recipe.from_dict(draft).to_yaml()
+
+
+# ---- the tab ----------------------------------------------------------------------------------------
+
+
+def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
+    models = palette_models(workspace.value)
+    aliases = [m["alias"] for m in models]
+    loaded = gr.State(None)  # {"recipe_id", "version", "version_id"} of the version being edited
+    with gr.Row():
+        with gr.Column(scale=1, min_width=220):
+            gr.Markdown("**Layer palette** — drag a chip onto the board")
+            palette = gr.HTML(value={"models": models}, html_template='<div class="mango-palette"></div>',
+                              js_on_load=(STATIC / "palette.js").read_text(), elem_id="layer-palette",
+                              apply_default_css=False)
+        with gr.Column(scale=2, min_width=320):
+            gr.Markdown("**Recipe board** — one row per slot; several candidates make a routed slot")
+            board = gr.HTML(value={"models": models, "slots": []}, html_template='<div class="mango-board"></div>',
+                            js_on_load=(STATIC / "board.js").read_text(), elem_id="recipe-board",
+                            apply_default_css=False)
+            plan_status = gr.HTML(plan_html(None), elem_id="plan-status")
+        with gr.Column(scale=1, min_width=240):
+            name = gr.Textbox(label="Recipe name", value="my-recipe", elem_id="recipe-name")
+            base = gr.Dropdown(choices=aliases, value=aliases[0] if aliases else None, label="Base model",
+                               info="embeddings, final norm and head come from it", elem_id="recipe-base")
+            with gr.Row():
+                adapter = gr.Radio(["linear", "bottleneck"], value="linear", label="Adapter", elem_id="recipe-adapter")
+                rank = gr.Number(value=64, precision=0, minimum=1, label="Bottleneck rank", elem_id="recipe-rank")
+            note = gr.Textbox(label="Version note", placeholder="what changed", elem_id="recipe-note")
+            save = gr.Button("Save version", variant="primary", elem_id="save-recipe")
+            save_status = gr.HTML(elem_id="save-status")
+
+    with gr.Accordion("Saved recipes and versions", open=True):
+        show_deleted = gr.Checkbox(label="Show deleted recipes", value=False, elem_id="show-deleted")
+        versions = gr.Dataframe(headers=VERSION_COLUMNS, value=[], interactive=False, elem_id="recipe-versions",
+                                label="Versions (newest first)", max_height=320)
+        with gr.Row():
+            with gr.Column(scale=2):
+                version_pick = gr.Dropdown(choices=[], label="Version", elem_id="version-pick")
+                with gr.Row():
+                    open_btn = gr.Button("Open", size="sm", elem_id="open-version")
+                    duplicate_btn = gr.Button("Duplicate", size="sm", elem_id="duplicate-version")
+                    delete_btn = gr.Button("Delete recipe", size="sm", variant="stop", elem_id="delete-recipe")
+                    restore_btn = gr.Button("Restore recipe", size="sm", elem_id="restore-recipe")
+            with gr.Column(scale=2):
+                compare_with = gr.Dropdown(choices=[], label="Compare with", elem_id="compare-with")
+                compare_btn = gr.Button("Compare the two versions", size="sm", elem_id="compare-versions")
+        versions_status = gr.HTML(elem_id="versions-status")
+        diff_view = gr.HTML(elem_id="version-diff")
+
+    with gr.Accordion("YAML: import and export", open=False):
+        yaml_code = gr.Code(language="yaml", label="Recipe YAML (Mango or mergekit passthrough)",
+                            elem_id="recipe-yaml", interactive=True)
+        with gr.Row():
+            import_btn = gr.Button("Import YAML above", elem_id="import-yaml")
+            upload = gr.UploadButton("Import file…", file_types=[".yaml", ".yml"], elem_id="upload-yaml")
+            export_btn = gr.Button("Export YAML", elem_id="export-yaml")
+            examples = gr.Dropdown(choices=sorted(p.name for p in engine.config.recipes_dir.glob("*.y*ml"))
+                                   if engine.config.recipes_dir.is_dir() else [],
+                                   label="Example recipes", elem_id="recipe-examples")
+        export_file = gr.File(label="Exported recipe", elem_id="recipe-export", visible=True)
+        import_status = gr.HTML(elem_id="import-status")
+
+    settings = [name, base, adapter, rank]
+
+    # ---- validation: every edit of the board or the settings ----
+    def validate(name_v, base_v, adapter_v, rank_v, ws, board_v):
+        slots = (board_v or {}).get("slots") or []
+        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+        report = engine.check(draft) if slots else None
+        return plan_html(report), rb.draft_yaml(draft)
+
+    for comp in (board, base, adapter, rank):
+        comp.change(validate, [*settings, workspace, board], [plan_status, yaml_code], api_visibility="private",
+                    trigger_mode="always_last", show_progress="hidden")
+    name.change(validate, [*settings, workspace, board], [plan_status, yaml_code], api_visibility="private",
+                trigger_mode="always_last", show_progress="hidden")
+
+    # ---- versions list ----
+    def refresh_versions(include_deleted: bool, keep: int | None = None):
+        rows = version_rows(engine, include_deleted)
+        choices = version_choices(rows)
+        ids = [c[1] for c in choices]
+        pick = keep if keep in ids else (ids[0] if ids else None)
+        return rows, gr.update(choices=choices, value=pick), gr.update(choices=choices, value=None)
+
+    version_outputs = [versions, version_pick, compare_with]
+    show_deleted.change(refresh_versions, show_deleted, version_outputs, api_visibility="private")
+
+    def on_select_row(evt: gr.SelectData, rows):
+        try:
+            return gr.update(value=int(rows.iloc[evt.index[0]]["Id"]) if hasattr(rows, "iloc")
+                             else int(rows[evt.index[0]][4]))
+        except Exception:
+            return gr.update()
+
+    versions.select(on_select_row, versions, version_pick, api_visibility="private")
+
+    # ---- save ----
+    def on_save(name_v, base_v, adapter_v, rank_v, note_v, ws, board_v, loaded_v, include_deleted):
+        slots = (board_v or {}).get("slots") or []
+        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+        try:
+            version, warning = save_recipe(engine, rb.draft_yaml(draft), note_v or "", loaded_v)
+        except Exception as exc:
+            return (message_html("Not saved: " + user_message(exc), ok=False), loaded_v, *[gr.update()] * 4)
+        state = {"recipe_id": version.recipe_id, "version": version.number, "version_id": version.id}
+        msg = warning or f"Saved '{version.recipe_name}' as version {version.number}."
+        return (message_html(msg, ok=warning is None), state, *refresh_versions(include_deleted, version.id), "")
+
+    saved = save.click(on_save, [*settings, note, workspace, board, loaded, show_deleted],
+                       [save_status, loaded, *version_outputs, note], api_name="ui_save_recipe",
+                       api_visibility="undocumented")
+
+    # ---- open / import: a recipe into the board ----
+    def load_recipe(recipe, ws, state, status: str):
+        ws = merge_models(engine, ws, dict(recipe.models))
+        pm = palette_models(ws)
+        aliases_now = [c["alias"] for c in ws]
+        return (recipe.name, gr.update(choices=aliases_now, value=recipe.base), recipe.adapter.type,
+                recipe.adapter.rank or 64, ws, {"models": pm}, {"models": pm, "slots": rb.slots_of(recipe)},
+                state, status)
+
+    load_outputs = [name, base, adapter, rank, workspace, palette, board, loaded]
+
+    def on_open(version_id, ws, loaded_v):
+        try:
+            if version_id is None:
+                raise RecipeError("Pick a version to open.")
+            v = engine.repo.get_version_by_id(int(version_id))
+            recipe = engine.recipe_from_yaml(v.yaml_text)
+        except Exception as exc:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
+                    message_html(user_message(exc), ok=False))
+        state = {"recipe_id": v.recipe_id, "version": v.number, "version_id": v.id}
+        return load_recipe(recipe, ws, state, message_html(f"Opened '{v.recipe_name}' version {v.number}."))
+
+    opened = open_btn.click(on_open, [version_pick, workspace, loaded], [*load_outputs, versions_status],
+                            api_name="ui_open_version", api_visibility="undocumented")
+
+    def on_duplicate(version_id, ws, loaded_v, include_deleted):
+        try:
+            if version_id is None:
+                raise RecipeError("Pick a version to duplicate.")
+            copy = engine.repo.duplicate_recipe(int(version_id))
+        except Exception as exc:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
+                    message_html(user_message(exc), ok=False), *[gr.update()] * 3)
+        out = on_open(copy.id, ws, loaded_v)
+        return (*out[:-1], message_html(f"Duplicated as '{copy.recipe_name}' (version 1), now open."),
+                *refresh_versions(include_deleted, copy.id))
+
+    duplicated = duplicate_btn.click(on_duplicate, [version_pick, workspace, loaded, show_deleted],
+                                     [*load_outputs, versions_status, *version_outputs],
+                                     api_name="ui_duplicate_version", api_visibility="undocumented")
+
+    def on_delete(version_id, include_deleted):
+        try:
+            if version_id is None:
+                raise RecipeError("Pick a version of the recipe to delete.")
+            v = engine.repo.get_version_by_id(int(version_id))
+            engine.repo.delete_recipe(v.recipe_id)
+        except Exception as exc:
+            return message_html(user_message(exc), ok=False), *[gr.update()] * 3
+        return (message_html(f"Deleted '{v.recipe_name}'. Tick 'Show deleted recipes' to restore it."),
+                *refresh_versions(include_deleted))
+
+    deleted = delete_btn.click(on_delete, [version_pick, show_deleted], [versions_status, *version_outputs],
+                               api_name="ui_delete_recipe", api_visibility="undocumented")
+
+    def on_restore(version_id, include_deleted):
+        try:
+            if version_id is None:
+                raise RecipeError("Pick a version of the deleted recipe to restore.")
+            v = engine.repo.get_version_by_id(int(version_id))
+            info = engine.repo.restore_recipe(v.recipe_id)
+        except Exception as exc:
+            return message_html(user_message(exc), ok=False), *[gr.update()] * 3
+        return message_html(f"Restored '{info.name}'."), *refresh_versions(include_deleted, int(version_id))
+
+    restored = restore_btn.click(on_restore, [version_pick, show_deleted], [versions_status, *version_outputs],
+                                 api_name="ui_restore_recipe", api_visibility="undocumented")
+
+    def on_compare(old_id, new_id):
+        try:
+            if old_id is None or new_id is None:
+                raise RecipeError("Pick two versions: 'Version' and 'Compare with'.")
+            return engine_compare(engine, int(old_id), int(new_id)), ""
+        except Exception as exc:
+            return "", message_html(user_message(exc), ok=False)
+
+    compare_btn.click(on_compare, [version_pick, compare_with], [diff_view, versions_status],
+                      api_name="ui_compare_versions", api_visibility="undocumented")
+
+    def on_import(text, ws, loaded_v):
+        try:
+            recipe = rb.parse_recipe_text(text or "")
+        except Exception as exc:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
+                    message_html("Not imported: " + user_message(exc), ok=False))
+        return load_recipe(recipe, ws, None, message_html(f"Imported '{recipe.name}' ({len(recipe.slots)} slots)."))
+
+    imported = import_btn.click(on_import, [yaml_code, workspace, loaded], [*load_outputs, import_status],
+                                api_name="ui_import_yaml", api_visibility="undocumented")
+
+    def on_upload(file, ws, loaded_v):
+        try:
+            text = Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
+                    message_html(f"Cannot read the file: {exc}", ok=False))
+        return on_import(text, ws, loaded_v)
+
+    uploaded = upload.upload(on_upload, [upload, workspace, loaded], [*load_outputs, import_status],
+                             api_visibility="private")
+
+    def on_example(filename, ws, loaded_v):
+        if not filename:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v, "")
+        return on_import((engine.config.recipes_dir / Path(filename).name).read_text(encoding="utf-8"), ws, loaded_v)
+
+    example_loaded = examples.change(on_example, [examples, workspace, loaded], [*load_outputs, import_status],
+                                     api_visibility="private")
+
+    def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v):
+        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), (board_v or {}).get("slots") or [])
+        try:
+            text = engine.recipe_from_dict(draft).to_yaml()
+        except Exception as exc:
+            return None, message_html("Not exported: " + user_message(exc), ok=False)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in draft["name"]) or "recipe"
+        path = Path(tempfile.mkdtemp(prefix="mango-export-")) / f"{safe}.yaml"
+        path.write_text(text, encoding="utf-8")
+        return str(path), message_html(f"Exported {path.name}.")
+
+    export_btn.click(on_export, [*settings, workspace, board], [export_file, import_status],
+                     api_name="ui_export_yaml", api_visibility="undocumented")
+
+    _register_api(engine)
+    return {
+        "palette": palette, "board": board, "name": name, "base": base, "adapter": adapter, "rank": rank,
+        "note": note, "save": save, "save_status": save_status, "plan_status": plan_status, "loaded": loaded,
+        "versions": versions, "version_pick": version_pick, "compare_with": compare_with,
+        "show_deleted": show_deleted, "versions_status": versions_status, "diff_view": diff_view,
+        "yaml_code": yaml_code, "import_status": import_status, "export_file": export_file,
+        "refresh_versions": refresh_versions, "version_outputs": version_outputs,
+        "recipe_loaded": [opened, duplicated, imported, uploaded, example_loaded], "saved": saved,
+        "changed_versions": [deleted, restored],
+    }
+
+
+def engine_compare(engine: StudioEngine, old_id: int, new_id: int) -> str:
+    return diff_html(engine.repo.compare_versions(old_id, new_id))
+
+
+def _register_api(engine: StudioEngine) -> None:
+    """The recipe tab's actions as API endpoints over recipe YAML (usable from gradio_client)."""
+
+    @api_errors
+    def validate_recipe(yaml_text: str) -> dict:
+        """Plan a recipe: {ok, error, summary, warnings}."""
+        recipe = rb.parse_recipe_text(yaml_text)
+        report = engine.check(recipe.to_dict())
+        return asdict(report)
+
+    @api_errors
+    def save_recipe_api(yaml_text: str, note: str = "") -> dict:
+        """Save a recipe as a new version (a new recipe if no live recipe has its name)."""
+        version, warning = save_recipe(engine, yaml_text, note)
+        return {**_jsonable(version), "warning": warning}
+
+    @api_errors
+    def list_recipes(include_deleted: bool = False) -> list[dict]:
+        return _jsonable(engine.repo.list_recipes(deleted=None if include_deleted else False))
+
+    @api_errors
+    def list_versions(recipe_id: int) -> list[dict]:
+        return _jsonable(engine.repo.list_versions(int(recipe_id)))
+
+    @api_errors
+    def get_version(version_id: int) -> dict:
+        return _jsonable(engine.repo.get_version_by_id(int(version_id)))
+
+    @api_errors
+    def duplicate_version(version_id: int, new_name: str = "") -> dict:
+        return _jsonable(engine.repo.duplicate_recipe(int(version_id), new_name or None))
+
+    @api_errors
+    def compare_versions(old_version_id: int, new_version_id: int) -> dict:
+        d = engine.repo.compare_versions(int(old_version_id), int(new_version_id)).diff
+        return {"identical": d.identical, "changed_keys": list(d.changed_keys), "changes": _jsonable(d.changes),
+                "slots": _jsonable(d.slots), "text_diff": d.text_diff}
+
+    @api_errors
+    def delete_recipe(recipe_id: int) -> dict:
+        return _jsonable(engine.repo.delete_recipe(int(recipe_id)))
+
+    @api_errors
+    def restore_recipe(recipe_id: int, new_name: str = "") -> dict:
+        return _jsonable(engine.repo.restore_recipe(int(recipe_id), new_name or None))
+
+    @api_errors
+    def import_recipe(text: str) -> str:
+        """Mango or mergekit passthrough YAML in, canonical Mango YAML out."""
+        return rb.parse_recipe_text(text).to_yaml()
+
+    @api_errors
+    def add_slot(yaml_text: str, expert: str, index: int = -1) -> str:
+        """Insert a plain slot holding `expert` ("alias:layer") before `index` (-1: append)."""
+        return edit_yaml(yaml_text, rb.add_slot, expert, None if index < 0 else index)
+
+    @api_errors
+    def add_expert(yaml_text: str, slot: int, expert: str) -> str:
+        return edit_yaml(yaml_text, rb.add_expert, slot, expert)
+
+    @api_errors
+    def remove_slot(yaml_text: str, slot: int) -> str:
+        return edit_yaml(yaml_text, rb.remove_slot, slot)
+
+    @api_errors
+    def remove_expert(yaml_text: str, slot: int, expert: str) -> str:
+        return edit_yaml(yaml_text, rb.remove_expert, slot, expert)
+
+    @api_errors
+    def move_slot(yaml_text: str, slot: int, to: int) -> str:
+        return edit_yaml(yaml_text, rb.move_slot, slot, to)
+
+    @api_errors
+    def set_router(yaml_text: str, slot: int, router_type: str = "token", top_k: int = 1) -> str:
+        return edit_yaml(yaml_text, rb.set_router, slot, router_type, top_k)
+
+    for fn, name in [(validate_recipe, "validate_recipe"), (save_recipe_api, "save_recipe"),
+                     (list_recipes, "list_recipes"), (list_versions, "list_versions"), (get_version, "get_version"),
+                     (duplicate_version, "duplicate_version"), (compare_versions, "compare_versions"),
+                     (delete_recipe, "delete_recipe"), (restore_recipe, "restore_recipe"),
+                     (import_recipe, "import_recipe"), (add_slot, "add_slot"), (add_expert, "add_expert"),
+                     (remove_slot, "remove_slot"), (remove_expert, "remove_expert"), (move_slot, "move_slot"),
+                     (set_router, "set_router")]:
+        gr.api(fn, api_name=name)

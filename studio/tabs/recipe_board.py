@@ -1,0 +1,212 @@
+"""The recipe board's data: a draft recipe as plain JSON (it may be invalid while someone edits it), the edit
+operations the board offers, and conversions to and from recipe YAML (canonical, or mergekit passthrough).
+
+The board widget (static/board.js) applies the same operations in the browser for instant feedback; these
+Python versions back the API endpoints and the tests. A slot is {"experts": ["alias:layer", ...],
+"router": {"type": "token"|"pooled", "top_k": int} | None}."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+
+from mol.errors import RecipeError
+from mol.recipe import Recipe
+
+DEFAULT_ROUTER = {"type": "token", "top_k": 1}
+_FALLBACK_COLORS = ("#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d")
+
+
+def model_colors(aliases: list[str]) -> dict[str, str]:
+    """One colour per model, the same ones the figures use."""
+    try:
+        from studio.figures import model_colors as figure_colors
+    except ImportError:
+        return {a: _FALLBACK_COLORS[i % len(_FALLBACK_COLORS)] for i, a in enumerate(aliases)}
+    return dict(figure_colors(aliases))
+
+
+# ---- slot operations (pure: each returns a new list) -------------------------------------------------
+
+
+def _normalise(slot: dict) -> dict:
+    experts = list(dict.fromkeys(slot.get("experts") or []))  # no duplicates, order kept
+    router = slot.get("router")
+    if len(experts) < 2:
+        router = None
+    else:
+        router = dict(router or DEFAULT_ROUTER)
+        router["type"] = router.get("type") if router.get("type") in ("token", "pooled") else "token"
+        top_k = int(router.get("top_k") or 1)
+        router["top_k"] = 1 if router["type"] == "pooled" else max(1, min(top_k, len(experts)))
+    return {"experts": experts, "router": router}
+
+
+def _check_index(slots: list[dict], index: int, what: str = "slot") -> int:
+    if not isinstance(index, int) or not 0 <= index < len(slots):
+        raise RecipeError(f"There is no {what} {index}; the recipe has {len(slots)} slots (0..{len(slots) - 1}).")
+    return index
+
+
+def add_slot(slots: list[dict], expert: str, index: int | None = None) -> list[dict]:
+    """A new plain slot holding `expert`, inserted before `index` (appended when None)."""
+    out = copy.deepcopy(slots)
+    index = len(out) if index is None else max(0, min(int(index), len(out)))
+    out.insert(index, {"experts": [expert], "router": None})
+    return out
+
+
+def add_expert(slots: list[dict], slot: int, expert: str) -> list[dict]:
+    """Add `expert` as one more candidate of slot `slot` (the slot becomes token-routed, top-1)."""
+    out = copy.deepcopy(slots)
+    _check_index(out, slot)
+    if expert in out[slot]["experts"]:
+        raise RecipeError(f"Slot {slot} already has expert '{expert}'; each candidate must be distinct.")
+    out[slot] = _normalise({**out[slot], "experts": [*out[slot]["experts"], expert]})
+    return out
+
+
+def remove_slot(slots: list[dict], slot: int) -> list[dict]:
+    out = copy.deepcopy(slots)
+    del out[_check_index(out, slot)]
+    return out
+
+
+def remove_expert(slots: list[dict], slot: int, expert: str) -> list[dict]:
+    """Remove one candidate; removing the last one removes the slot."""
+    out = copy.deepcopy(slots)
+    _check_index(out, slot)
+    if expert not in out[slot]["experts"]:
+        raise RecipeError(f"Slot {slot} has no expert '{expert}'.")
+    experts = [e for e in out[slot]["experts"] if e != expert]
+    if not experts:
+        del out[slot]
+    else:
+        out[slot] = _normalise({**out[slot], "experts": experts})
+    return out
+
+
+def move_slot(slots: list[dict], slot: int, to: int) -> list[dict]:
+    """Move slot `slot` so that it ends up at position `to` (clamped to the ends)."""
+    out = copy.deepcopy(slots)
+    moved = out.pop(_check_index(out, slot))
+    out.insert(max(0, min(int(to), len(out))), moved)
+    return out
+
+
+def set_router(slots: list[dict], slot: int, router_type: str, top_k: int = 1) -> list[dict]:
+    out = copy.deepcopy(slots)
+    _check_index(out, slot)
+    if len(out[slot]["experts"]) < 2:
+        raise RecipeError(f"Slot {slot} has one expert; a router needs at least two candidates.")
+    if router_type not in ("token", "pooled"):
+        raise RecipeError(f"Router type '{router_type}' is not one of: token, pooled.")
+    n = len(out[slot]["experts"])
+    if router_type == "token" and not 1 <= int(top_k) <= n:
+        raise RecipeError(f"top_k must be between 1 and {n} (the slot's number of experts), got {top_k}.")
+    out[slot] = _normalise({**out[slot], "router": {"type": router_type, "top_k": int(top_k)}})
+    return out
+
+
+# ---- drafts <-> recipes -----------------------------------------------------------------------------
+
+
+def draft_recipe(name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str],
+                 slots: list[dict]) -> dict:
+    """The recipe dict of what the board shows. Only models the slots use (and the base) are listed, so a
+    workspace of many models does not fill every recipe with unused ones."""
+    used = [e.split(":", 1)[0] for s in slots for e in s.get("experts") or []]
+    base = base or (used[0] if used else next(iter(models), ""))
+    aliases = list(dict.fromkeys([base, *used]))
+    adapter_spec: dict[str, Any] = {"type": adapter or "linear"}
+    if adapter == "bottleneck" and rank:
+        adapter_spec["rank"] = int(rank)
+    out_slots = []
+    for s in slots:
+        entry: dict[str, Any] = {"experts": list(s.get("experts") or [])}
+        if s.get("router") and len(entry["experts"]) > 1:
+            r = s["router"]
+            entry["router"] = {"type": r.get("type", "token")}
+            if entry["router"]["type"] == "token":
+                entry["router"]["top_k"] = int(r.get("top_k") or 1)
+        out_slots.append(entry)
+    return {
+        "name": (name or "").strip(),
+        "base": base,
+        "models": {a: models[a] for a in aliases if a in models},
+        "adapter": adapter_spec,
+        "slots": out_slots,
+    }
+
+
+def draft_yaml(draft: dict) -> str:
+    return yaml.safe_dump(draft, sort_keys=False, allow_unicode=True, width=120)
+
+
+def slots_of(recipe: Recipe) -> list[dict]:
+    """The board's slot list for a (valid) recipe."""
+    return [_normalise({"experts": [str(e) for e in s.experts],
+                        "router": {"type": s.router.type, "top_k": s.router.top_k} if s.router else None})
+            for s in recipe.slots]
+
+
+def parse_recipe_text(text: str, default_name: str = "imported") -> Recipe:
+    """A recipe from YAML text: Mango's own format, or mergekit's passthrough format (`slices:` with
+    `layer_range`). Raises `RecipeError` with a user-facing message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return Recipe.from_yaml(text)  # re-raises with Mango's message (line, column, problem)
+    if isinstance(data, dict) and "slices" in data:
+        data = mergekit_to_recipe(data, default_name)
+    return Recipe.from_dict(data)
+
+
+def mergekit_to_recipe(data: dict, name: str = "imported") -> dict:
+    """mergekit passthrough (`slices: [{sources: [{model, layer_range: [start, end)}]}]`) as a recipe dict:
+    every layer of every slice becomes one plain slot, in order; the first model is the base."""
+    method = data.get("merge_method", "passthrough")
+    if method != "passthrough":
+        raise RecipeError(f"Only mergekit's passthrough merges can be imported; this one uses '{method}'.")
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError("mergekit 'slices' must be a non-empty list of {sources: [{model, layer_range}]}.")
+    models: dict[str, str] = {}
+    slots: list[str] = []
+    for i, sl in enumerate(slices):
+        sources = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise RecipeError(f"slices[{i}]: a passthrough slice has exactly one source, got "
+                              f"{len(sources) if isinstance(sources, list) else 'none'}.")
+        src = sources[0]
+        ref, rng = (src.get("model"), src.get("layer_range")) if isinstance(src, dict) else (None, None)
+        if not isinstance(ref, str) or not ref.strip():
+            raise RecipeError(f"slices[{i}].sources[0]: 'model' must be a Hub id or a folder.")
+        if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) for x in rng)
+                or not 0 <= rng[0] < rng[1]):
+            raise RecipeError(f"slices[{i}].sources[0]: 'layer_range' must be [start, end) with 0 <= start < end, "
+                              f"got {rng!r}.")
+        alias = next((a for a, r in models.items() if r == ref), None) or alias_for(ref, models)
+        models[alias] = ref
+        slots.extend(f"{alias}:{layer}" for layer in range(rng[0], rng[1]))
+    return {"name": str(data.get("name") or name), "base": next(iter(models)), "models": models, "slots": slots}
+
+
+ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")  # the same rule as mol.recipe
+
+
+def alias_for(ref: str, taken: dict[str, str] | list[str]) -> str:
+    """A free alias derived from a folder name or Hub id ("assets/models/mango-bard" -> "bard")."""
+    stem = (PurePosixPath(ref.rstrip("/")).name or "model").removeprefix("mango-")
+    alias = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem)
+    if not alias[0].isalpha():
+        alias = "m_" + alias
+    alias = alias[:60]
+    out, n = alias, 2
+    while out in taken:
+        out, n = f"{alias}_{n}", n + 1
+    return out

@@ -1,0 +1,151 @@
+"""The studio engine on real tiny checkpoints and a real SQLite file: plans, the model cache, streamed
+generation, stored runs and traces, hosted-mode access."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mol.errors import AccessError, ResourceError
+from studio.engine import ModelCache, StudioConfig, StudioEngine, clamp_settings
+from studio.tabs.recipe_board import draft_recipe, draft_yaml
+from tests.studio_server import make_models_dir
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny):
+    return make_models_dir(tmp_path_factory.mktemp("studio-models"), tiny)
+
+
+@pytest.fixture
+def engine(models_dir, tmp_path):
+    return StudioEngine(StudioConfig(models_dir=models_dir, db_url=f"sqlite:///{tmp_path / 'studio.db'}"))
+
+
+def routed_draft(engine, name="fused"):
+    models = engine.embedded_models()
+    return draft_recipe(name, "bard", "linear", None, models, [
+        {"experts": ["bard:0"]},
+        {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
+        {"experts": ["bard:2", "base:1"], "router": {"type": "token", "top_k": 2}},
+        {"experts": ["bard:3"]},
+    ])
+
+
+def test_embedded_models_and_cards(engine):
+    models = engine.embedded_models()
+    assert list(models) == ["bard", "base", "coder"]
+    card = engine.model_card("coder", models["coder"])
+    assert (card["family"], card["layers"], card["width"]) == ("gpt_neox", 3, 48)
+    assert card["fingerprint"] == engine.model_card("bard", models["bard"])["fingerprint"]
+    assert "folder" not in card  # no server paths in what the browser sees
+
+
+def test_check_valid_and_invalid_recipes(engine):
+    report = engine.check(routed_draft(engine))
+    assert report.ok, report.error
+    assert report.summary["slots"] == 4 and report.summary["routed_slots"] == 2
+    assert report.summary["memory"]["total"] > report.summary["memory"]["weights"] > 0
+    assert any("different widths" in w for w in report.warnings)
+
+    bad = routed_draft(engine)
+    bad["slots"][0]["experts"] = ["bard:9"]
+    report = engine.check(bad)
+    assert not report.ok and "out of range" in report.error and "4 layers" in report.error
+
+    unknown = routed_draft(engine)
+    unknown["slots"][0]["experts"] = ["ghost:0"]
+    assert "unknown model alias 'ghost'" in engine.check(unknown).error
+
+    assert "needs 'name'" in engine.check({**routed_draft(engine), "name": ""}).error
+
+
+def test_model_cache_is_lru_and_builds_each_key_once():
+    cache = ModelCache(capacity=2)
+    builds = []
+
+    def build(key):
+        def make():
+            builds.append(key)
+            time.sleep(0.05)
+            return object()
+        return make
+
+    threads = [threading.Thread(target=cache.get, args=("a", build("a"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == ["a"]
+    cache.get("b", build("b"))
+    cache.get("a", build("a"))  # touch a: b is now least recent
+    cache.get("c", build("c"))
+    assert cache.keys() == ["a", "c"]
+    assert builds == ["a", "b", "c"]
+
+
+def test_run_prompt_streams_stores_the_run_and_caches_the_model(engine):
+    version = engine.repo.create_recipe("fused", draft_yaml(routed_draft(engine)))
+    updates = list(engine.run_prompt(version.id, "To be, or not", {"max_new_tokens": 6}))
+    partial, final = updates[:-1], updates[-1]
+    assert len(partial) >= 1 and all(not u.done for u in partial)
+    assert final.done and final.run_id is not None
+    run = engine.repo.get_run(final.run_id)
+    assert run.version_id == version.id and run.output_text == final.text
+    assert run.settings["max_new_tokens"] == 6
+    trace = run.trace
+    prompt_len = len(engine.fused_for_version(version.id)[0].tokenizer("To be, or not")["input_ids"])
+    new_tokens = len(partial)
+    assert len(trace["tokens"]) == prompt_len + new_tokens - 1  # the last new token is never read back
+    assert [s["experts"] for s in trace["slots"]] == [["bard:1", "coder:1"], ["bard:2", "base:1"]]
+    assert all(len(s["probs"]) == len(trace["tokens"]) for s in trace["slots"])
+    assert all(len(row) == 2 for row in trace["slots"][1]["chosen"])  # top_k=2 there
+    assert engine.cache.keys() == [("version", version.id)]
+    list(engine.run_prompt(version.id, "again", {"max_new_tokens": 2}))
+    assert engine.cache.keys() == [("version", version.id)]
+    assert len(engine.repo.list_runs()) == 2
+
+
+def test_stopping_ends_generation_early(engine):
+    version = engine.repo.create_recipe("plain", draft_yaml(draft_recipe(
+        "plain", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}])))
+    model, _ = engine.fused_for_version(version.id)
+    unstopped = sum(1 for _ in engine.stream(model, "def main", {"max_new_tokens": 30}))
+    assert unstopped > 10  # this prompt does not hit end-of-text early, so a short run means the stop worked
+    stop = threading.Event()
+    seen = 0
+    for _update in engine.stream(model, "def main", {"max_new_tokens": 30}, stop):
+        seen += 1
+        if seen == 3:
+            stop.set()
+    assert seen < 10
+
+
+def test_source_model_alone_and_limits(engine):
+    models = engine.embedded_models()
+    text = engine.run_source("coder", models["coder"], "import os", {"max_new_tokens": 4})
+    assert isinstance(text, str)
+    assert ("source", "coder", models["coder"]) in engine.cache.keys()
+    engine.config.max_prompt_tokens = 4
+    with pytest.raises(ResourceError, match="at most 4"):
+        list(engine.stream(engine.fused_for_source("coder", models["coder"]), "one two three four five six", {}))
+
+
+def test_clamp_settings():
+    s = clamp_settings({"max_new_tokens": 10_000, "temperature": 0, "top_p": 3, "top_k": -5}, 64)
+    assert s == {"max_new_tokens": 64, "do_sample": False, "temperature": 0.05, "top_k": 0, "top_p": 1.0, "seed": 0}
+
+
+def test_hosted_mode_only_opens_its_own_models(engine, models_dir, tmp_path, tiny):
+    engine.config.hosted = True
+    engine.check_access(engine.embedded_models()["bard"])
+    engine.check_access("org/some-model")  # Hub ids are decided by the Hub client's own settings
+    outside = tiny("llama", width=32, layers=2)
+    with pytest.raises(AccessError, match="outside"):
+        engine.model_card("x", str(outside))
+    with pytest.raises(AccessError):
+        engine.check_access(str(models_dir / ".." / "elsewhere"))
+    report = engine.check(draft_recipe("x", "x", "linear", None, {"x": str(outside)}, [{"experts": ["x:0"]}]))
+    assert not report.ok and "outside" in report.error

@@ -200,7 +200,7 @@ class MoLPreTrainedModel(PreTrainedModel):
     config_class = MoLConfig
     base_model_prefix = "mol"
     _supports_sdpa = True
-    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]  # routers run in float32 whatever the model dtype, as in Mango
     # Every parameter is read from the checkpoint; transformers' own initialiser recomputes the non-persistent
     # buffers (rotary frequencies) that loading on the meta device leaves empty.
 
@@ -213,7 +213,9 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         attn = config._attn_implementation if config._attn_implementation in ("eager", "sdpa") else "sdpa"
         configs = {alias: source_config(entry, attn) for alias, entry in config.sources.items()}
         # Each source's own model class with one layer shows which classes build its parts.
-        shells = {alias: AutoModelForCausalLM.from_config(_one_layer(cfg)) for alias, cfg in configs.items()}
+        # (Built in the dtype being loaded, not the dtype each source was saved in.)
+        shells = {alias: AutoModelForCausalLM.from_config(_one_layer(cfg), dtype=torch.get_default_dtype())
+                  for alias, cfg in configs.items()}
         base, where = shells[config.base], config.sources[config.base]["modules"]
 
         def part(shell, path):

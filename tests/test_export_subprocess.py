@@ -1,0 +1,112 @@
+"""Exports load where Mango is not installed: a fresh interpreter that refuses to import `mol` loads the
+standard export with plain transformers and the MoL export with trust_remote_code, and gets the fused runtime's
+logits and generations. Also: `import mol` registration stays lazy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import mol
+from mol.export import export
+
+REPO = Path(__file__).resolve().parents[1]
+
+LOADER = r'''
+import importlib.abc, json, sys
+
+class NoMol(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mol" or name.startswith("mol."):
+            raise ImportError("mol is not installed here")
+
+sys.meta_path.insert(0, NoMol())
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+folder, inputs, remote = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+data = load_file(inputs)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+with torch.no_grad():
+    logits = model(data["ids"], attention_mask=data["mask"]).logits
+real = data["mask"].bool()
+diff = (logits - data["logits"])[real].abs().max().item()
+prompt, pmask = data["ids"][:, :7], data["mask"][:, :7]
+generated = model.generate(prompt, attention_mask=pmask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+print(json.dumps({"diff": diff, "generated": generated.tolist(), "class": type(model).__module__,
+                  "mol_imported": any(k == "mol" or k.startswith("mol.") for k in sys.modules)}))
+'''
+
+
+def run_without_mol(tmp_path, folder, remote, ids, mask, logits):
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({"ids": ids, "mask": mask, "logits": logits.contiguous()}, str(inputs))
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(script), str(folder), str(inputs), "1" if remote else "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def batch():
+    ids = torch.randint(1, 380, (2, 12), generator=torch.Generator().manual_seed(21))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return ids, mask
+
+
+def test_standard_export_loads_without_mol(tiny, tmp_path):
+    recipe = mol.Recipe.from_dict({"name": "s", "models": {"m": str(tiny("qwen2"))}, "slots": ["m:0-3", "m:2-3"]})
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    folder = export(recipe, tmp_path / "standard").path
+    ids, mask = batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    got = run_without_mol(tmp_path, folder, False, ids, mask, logits)
+    assert got["diff"] <= 1e-5
+    assert got["class"].startswith("transformers.models.qwen2")
+    assert not got["mol_imported"]
+    ours = model.generate(ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=6, eos_token_id=[])
+    assert got["generated"] == ours.tolist()
+
+
+def test_mol_export_loads_with_remote_code_without_mol(tiny, tmp_path):
+    recipe = mol.Recipe.from_dict({
+        "name": "r", "base": "l",
+        "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=96)), "n": str(tiny("gpt_neox", width=48))},
+        "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "n:2", {"experts": ["l:3", "n:3"], "router": "pooled"}],
+    })
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for slot in model.routed_slots:
+            slot.router.proj.weight.copy_(torch.randn(slot.router.proj.weight.shape, generator=g) * 2)
+    folder = export(model, tmp_path / "remote").path
+    ids, mask = batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    got = run_without_mol(tmp_path, folder, True, ids, mask, logits)
+    assert got["diff"] <= 1e-5
+    assert got["class"].startswith("transformers_modules.") and got["class"].endswith("modeling_mol")
+    assert not got["mol_imported"]
+    ours = model.generate(ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=6, eos_token_id=[])
+    assert got["generated"] == ours.tolist()
+
+
+def test_registration_does_not_import_the_modelling_code():
+    code = ("import sys, mol.export; mol.export.register_auto_classes(); "
+            "from transformers import AutoConfig; from transformers.models.auto.configuration_auto import "
+            "CONFIG_MAPPING; assert 'mol' in CONFIG_MAPPING; "
+            "print('mol.export.modeling_mol' in sys.modules, 'transformers.modeling_utils' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:1] == ["False"]

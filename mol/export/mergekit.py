@@ -60,18 +60,30 @@ def _load(config: Any) -> tuple[Any, Path | None]:
         raise RecipeError(f"The mergekit config is not valid YAML: {exc}.") from None
 
 
-def _model_ref(raw: Any, where: str) -> str:
-    """mergekit model references: "org/name", "path@revision", "base+lora", or {model: {path, revision}, lora}."""
+def _model_ref(raw: Any, where: str, notes: list[str] | None = None) -> str:
+    """mergekit model references: "org/name", "org/name@revision", "base+lora", or {model: {path, revision},
+    lora}. Recipes name models without a revision, so a pinned one is dropped (with a note)."""
+    revision = None
     if isinstance(raw, dict):
         if raw.get("lora"):
             raise RecipeError(f"{where}: LoRA-merged models are not supported; merge the LoRA first.")
         inner = raw.get("model", raw)
-        raw = inner.get("path") if isinstance(inner, dict) else inner
+        if isinstance(inner, dict):
+            raw, revision = inner.get("path"), inner.get("revision")
+        else:
+            raw = inner
     if not isinstance(raw, str) or not raw.strip():
         raise RecipeError(f"{where}: 'model' must be a model path or Hub id, got {raw!r}.")
     if "+" in raw:
         raise RecipeError(f"{where}: '{raw}' applies a LoRA ('+'); merge the LoRA into the model first.")
-    return raw.strip()
+    ref = raw.strip()
+    if "@" in ref and "/" in ref.split("@", 1)[0]:
+        ref, revision = ref.split("@", 1)
+    if revision and notes is not None:
+        note = f"'{ref}' is pinned to revision '{revision}' in mergekit; the recipe uses what is downloaded."
+        if note not in notes:
+            notes.append(note)
+    return ref
 
 
 def _alias_for(ref: str, taken: set[str]) -> str:
@@ -115,6 +127,7 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
         raise RecipeError("The mergekit config needs a non-empty 'slices:' list.")
     _no_scaling(data.get("parameters"), "parameters")
 
+    notes: list[str] = []
     aliases: dict[str, str] = {}
     taken: set[str] = set()
     layers: list[tuple[str, int]] = []
@@ -129,7 +142,7 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
         if not isinstance(src, dict):
             raise RecipeError(f"{where}.sources[0]: expected {{model: ..., layer_range: [start, end]}}.")
         _no_scaling(src.get("parameters"), f"{where}.sources[0].parameters")
-        ref = _model_ref(src.get("model"), f"{where}.sources[0]")
+        ref = _model_ref(src.get("model"), f"{where}.sources[0]", notes)
         lr = src.get("layer_range")
         if (not isinstance(lr, list | tuple) or len(lr) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
@@ -142,7 +155,6 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
             aliases[ref] = _alias_for(ref, taken)
         layers.extend((aliases[ref], layer) for layer in range(start, end))
 
-    notes: list[str] = []
     first_ref = _model_ref(slices[0]["sources"][0]["model"], "slices[0]")
     last_ref = _model_ref(slices[-1]["sources"][0]["model"], f"slices[{len(slices) - 1}]")
     base_model = data.get("base_model")

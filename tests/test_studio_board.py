@@ -101,8 +101,9 @@ slices:
 merge_method: passthrough
 dtype: bfloat16
 """
-    recipe = rb.parse_recipe_text(text, default_name="frank")
-    assert recipe.name == "frank"
+    recipe, notes = rb.parse_recipe_text(text)
+    assert recipe.name == "mergekit-import"
+    assert any("bfloat16" in n for n in notes)
     assert recipe.models == {"Mango-7B": "org/Mango-7B", "other": "./models/other"}
     assert recipe.base == "Mango-7B"
     assert [str(s.experts[0]) for s in recipe.slots] == [
@@ -110,10 +111,10 @@ dtype: bfloat16
 
 
 @pytest.mark.parametrize("text, message", [
-    ("slices: []\nmerge_method: passthrough", "non-empty list"),
-    ("slices:\n  - sources: [{model: a/b, layer_range: [3, 1]}]", "layer_range"),
-    ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}, {model: c/d, layer_range: [0, 1]}]",
-     "exactly one source"),
+    ("slices: []\nmerge_method: passthrough", "non-empty"),
+    ("slices:\n  - sources: [{model: a/b, layer_range: [3, 1]}]\nmerge_method: passthrough", "layer_range"),
+    ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}, {model: c/d, layer_range: [0, 1]}]\n"
+     "merge_method: passthrough", "exactly one source"),
     ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}]\nmerge_method: slerp", "passthrough"),
     ("name: x\nslots: [bard:0\n", "not valid YAML"),
 ])

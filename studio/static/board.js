@@ -121,7 +121,10 @@ function render() {
   if (focusAfter) {
     const [i, action] = focusAfter;
     focusAfter = null;
+    // the same button if it still applies, else the other direction (at an end of the list), else remove
+    const other = action === "up" ? "down" : "up";
     const target = root.querySelector(`[data-slot="${i}"][data-action="${action}"]:not([disabled])`) ||
+      root.querySelector(`[data-slot="${i}"][data-action="${other}"]:not([disabled])`) ||
       root.querySelector(`.slot[data-slot="${i}"] [data-action="remove-slot"]`);
     if (target) target.focus();
   }

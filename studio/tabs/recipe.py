@@ -138,7 +138,7 @@ def version_choices(rows: list[list]) -> list[tuple[str, int]]:
 
 def edit_yaml(yaml_text: str, op, *args) -> str:
     """Apply one board operation to recipe YAML and return the new, validated YAML."""
-    recipe = rb.parse_recipe_text(yaml_text)
+    recipe, _ = rb.parse_recipe_text(yaml_text)
     slots = op(rb.slots_of(recipe), *args)
     draft = rb.draft_recipe(recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots)
     return rb.Recipe.from_dict(draft).to_yaml()
@@ -338,11 +338,12 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_import(text, ws, loaded_v):
         try:
-            recipe = rb.parse_recipe_text(text or "")
+            recipe, notes = rb.parse_recipe_text(text or "")
         except Exception as exc:
             return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
                     message_html("Not imported: " + user_message(exc), ok=False))
-        return load_recipe(recipe, ws, None, message_html(f"Imported '{recipe.name}' ({len(recipe.slots)} slots)."))
+        msg = f"Imported '{recipe.name}' ({len(recipe.slots)} slots)." + "".join(f" Note: {n}" for n in notes)
+        return load_recipe(recipe, ws, None, message_html(msg))
 
     imported = import_btn.click(on_import, [yaml_code, workspace, loaded], [*load_outputs, import_status],
                                 api_name="ui_import_yaml", api_visibility="undocumented")
@@ -403,7 +404,7 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     def validate_recipe(yaml_text: str) -> dict:
         """Plan a recipe: {ok, error, summary, warnings}."""
-        recipe = rb.parse_recipe_text(yaml_text)
+        recipe, _ = rb.parse_recipe_text(yaml_text)
         report = engine.check(recipe.to_dict())
         return asdict(report)
 
@@ -446,7 +447,7 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     def import_recipe(text: str) -> str:
         """Mango or mergekit passthrough YAML in, canonical Mango YAML out."""
-        return rb.parse_recipe_text(text).to_yaml()
+        return rb.parse_recipe_text(text)[0].to_yaml()
 
     @api_errors
     def add_slot(yaml_text: str, expert: str, index: int = -1) -> str:

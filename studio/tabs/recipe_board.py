@@ -1,5 +1,5 @@
 """The recipe board's data: a draft recipe as plain JSON (it may be invalid while someone edits it), the edit
-operations the board offers, and conversions to and from recipe YAML (canonical, or mergekit passthrough).
+operations the board offers, and conversions from recipe YAML (Mango's own, or mergekit passthrough).
 
 The board widget (static/board.js) applies the same operations in the browser for instant feedback; these
 Python versions back the API endpoints and the tests. A slot is {"experts": ["alias:layer", ...],
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from mol.errors import RecipeError
+from mol.export.mergekit import import_mergekit
 from mol.recipe import Recipe
 
 DEFAULT_ROUTER = {"type": "token", "top_k": 1}
@@ -154,46 +155,17 @@ def slots_of(recipe: Recipe) -> list[dict]:
             for s in recipe.slots]
 
 
-def parse_recipe_text(text: str, default_name: str = "imported") -> Recipe:
+def parse_recipe_text(text: str) -> tuple[Recipe, list[str]]:
     """A recipe from YAML text: Mango's own format, or mergekit's passthrough format (`slices:` with
-    `layer_range`). Raises `RecipeError` with a user-facing message."""
+    `layer_range`), with notes on what a mergekit import does differently. Raises `RecipeError`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
-        return Recipe.from_yaml(text)  # re-raises with Mango's message (line, column, problem)
+        return Recipe.from_yaml(text), []  # re-raises with Mango's message (line, column, problem)
     if isinstance(data, dict) and "slices" in data:
-        data = mergekit_to_recipe(data, default_name)
-    return Recipe.from_dict(data)
-
-
-def mergekit_to_recipe(data: dict, name: str = "imported") -> dict:
-    """mergekit passthrough (`slices: [{sources: [{model, layer_range: [start, end)}]}]`) as a recipe dict:
-    every layer of every slice becomes one plain slot, in order; the first model is the base."""
-    method = data.get("merge_method", "passthrough")
-    if method != "passthrough":
-        raise RecipeError(f"Only mergekit's passthrough merges can be imported; this one uses '{method}'.")
-    slices = data.get("slices")
-    if not isinstance(slices, list) or not slices:
-        raise RecipeError("mergekit 'slices' must be a non-empty list of {sources: [{model, layer_range}]}.")
-    models: dict[str, str] = {}
-    slots: list[str] = []
-    for i, sl in enumerate(slices):
-        sources = sl.get("sources") if isinstance(sl, dict) else None
-        if not isinstance(sources, list) or len(sources) != 1:
-            raise RecipeError(f"slices[{i}]: a passthrough slice has exactly one source, got "
-                              f"{len(sources) if isinstance(sources, list) else 'none'}.")
-        src = sources[0]
-        ref, rng = (src.get("model"), src.get("layer_range")) if isinstance(src, dict) else (None, None)
-        if not isinstance(ref, str) or not ref.strip():
-            raise RecipeError(f"slices[{i}].sources[0]: 'model' must be a Hub id or a folder.")
-        if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) for x in rng)
-                or not 0 <= rng[0] < rng[1]):
-            raise RecipeError(f"slices[{i}].sources[0]: 'layer_range' must be [start, end) with 0 <= start < end, "
-                              f"got {rng!r}.")
-        alias = next((a for a, r in models.items() if r == ref), None) or alias_for(ref, models)
-        models[alias] = ref
-        slots.extend(f"{alias}:{layer}" for layer in range(rng[0], rng[1]))
-    return {"name": str(data.get("name") or name), "base": next(iter(models)), "models": models, "slots": slots}
+        imported = import_mergekit(data)
+        return imported.recipe, imported.notes
+    return Recipe.from_dict(data), []
 
 
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")  # the same rule as mol.recipe

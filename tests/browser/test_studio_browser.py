@@ -1,0 +1,214 @@
+"""End to end in headless Chromium: build a recipe by dragging chips, save it, find it after a reload; the
+keyboard path; run a prompt and check the routing plots against the stored trace; inline errors, no
+tracebacks. With MANGO_SCREENSHOTS=1 the tests also write the README's screenshots to docs/."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.browser.conftest import REPO, screenshots_wanted
+from tests.tiny_models import make_model, make_tokenizer
+
+pytestmark = pytest.mark.browser
+
+
+def expect(locator):
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def board_slots(page) -> list[list[str]]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#recipe-board .slot')).map(
+        s => Array.from(s.querySelectorAll('.expert-chip')).map(c => c.dataset.expert))""")
+
+
+def drag(page, source: str, target: str) -> None:
+    page.drag_and_drop(source, target)
+
+
+def chip(expert: str) -> str:
+    return f'#layer-palette .layer-chip[data-expert="{expert}"]'
+
+
+LAST_GAP = "#recipe-board .slot-gap.last"
+
+
+def textbox(page, elem_id: str):
+    return page.locator(f"#{elem_id}").locator("input, textarea").first
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name: str) -> None:
+    if screenshots_wanted():
+        page.wait_for_timeout(500)  # let plots finish their transitions
+        page.screenshot(path=str(REPO / "docs" / f"studio-{name}.png"), full_page=True)
+
+
+def test_build_by_dragging_save_reload_and_find_it_again(page, studio):
+    open_tab(page, "Models")
+    expect(page.locator("#model-list")).to_contain_text("gpt_neox")
+    shot(page, "models")
+    open_tab(page, "Recipe")
+
+    drag(page, chip("bard:0"), LAST_GAP)
+    drag(page, chip("bard:1"), LAST_GAP)
+    drag(page, chip("coder:1"), '#recipe-board .slot[data-slot="1"]')  # onto a slot: a second candidate
+    drag(page, chip("bard:3"), LAST_GAP)
+    drag(page, chip("base:1"), '#recipe-board .slot-gap[data-gap="0"]')  # into the gap before slot 0
+    assert board_slots(page) == [["base:1"], ["bard:0"], ["bard:1", "coder:1"], ["bard:3"]]
+    drag(page, '#recipe-board .slot[data-slot="0"] .slot-handle', LAST_GAP)  # reorder: first slot to the end
+    assert board_slots(page) == [["bard:0"], ["bard:1", "coder:1"], ["bard:3"], ["base:1"]]
+    expect(page.locator("#plan-status")).to_contain_text("Valid: 4 slots (1 routed), base bard")
+    expect(page.locator("#plan-status")).to_contain_text("Memory estimate")
+
+    textbox(page, "recipe-name").fill("drag-built")
+    textbox(page, "recipe-note").fill("first try")
+    expect(page.locator("#plan-status")).to_contain_text("Valid")
+    shot(page, "recipe")
+    page.click("#save-recipe")
+    expect(page.locator("#save-status")).to_contain_text("Saved 'drag-built' as version 1.")
+
+    saved = studio.engine.repo.find_recipe("drag-built")
+    stored = yaml.safe_load(studio.engine.repo.get_version(saved.id).yaml_text)
+    assert [s["experts"] for s in stored["slots"]] == [["bard:0"], ["bard:1", "coder:1"], ["bard:3"], ["base:1"]]
+    assert stored["slots"][1]["router"] == {"type": "token", "top_k": 1}
+
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+    assert board_slots(page) == []
+    versions = page.locator("#recipe-versions")
+    expect(versions).to_contain_text("drag-built")
+    expect(versions).to_contain_text("first try")
+    versions.get_by_text("drag-built").filter(visible=True).first.click()  # selecting the row picks the version
+    expect(textbox(page, "version-pick")).to_have_value(re.compile("drag-built v1"))
+    page.click("#open-version")
+    expect(page.locator("#versions-status")).to_contain_text("Opened 'drag-built' version 1")
+    page.wait_for_function("document.querySelectorAll('#recipe-board .slot').length === 4")
+    assert board_slots(page) == [["bard:0"], ["bard:1", "coder:1"], ["bard:3"], ["base:1"]]
+    expect(textbox(page, "recipe-name")).to_have_value("drag-built")
+
+
+def test_every_drag_has_a_keyboard_path(page):
+    page.focus(chip("bard:2"))
+    page.keyboard.press("Enter")  # a chip's button: appends a slot
+    page.focus(chip("bard:0"))
+    page.keyboard.press("Enter")
+    assert board_slots(page) == [["bard:2"], ["bard:0"]]
+
+    page.select_option('#recipe-board .slot[data-slot="1"] select[data-action="add-expert"]', "coder:2")
+    assert board_slots(page) == [["bard:2"], ["bard:0", "coder:2"]]
+    expect(page.locator('#recipe-board .slot[data-slot="1"] .slot-kind')).to_have_text("token-routed")
+    page.select_option('#recipe-board .slot[data-slot="1"] select[data-action="router-type"]', "pooled")
+    expect(page.locator('#recipe-board .slot[data-slot="1"] .slot-kind')).to_have_text("pooled-routed")
+    expect(page.locator("#plan-status")).to_contain_text("Valid: 2 slots (1 routed)")
+    page.get_by_text("YAML: import and export").click()
+    expect(page.locator("#recipe-yaml")).to_contain_text("type: pooled")
+
+    page.focus('#recipe-board button[aria-label="Move slot 1 up"]')
+    page.keyboard.press("Enter")
+    assert board_slots(page) == [["bard:0", "coder:2"], ["bard:2"]]
+    # focus follows the moved slot (at the top, onto its other move button), so Enter moves it back down
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Move slot 0 down"
+    page.keyboard.press("Enter")
+    assert board_slots(page) == [["bard:2"], ["bard:0", "coder:2"]]
+
+    page.click('#recipe-board button[aria-label="Remove coder:2 from slot 1"]')
+    assert board_slots(page) == [["bard:2"], ["bard:0"]]
+    expect(page.locator('#recipe-board .slot[data-slot="1"] .slot-kind')).to_have_text("plain")
+    page.click('#recipe-board button[aria-label="Remove slot 0"]')
+    assert board_slots(page) == [["bard:0"]]
+    expect(page.locator("#plan-status")).to_contain_text("Valid: 1 slot (0 routed)")
+
+
+def test_run_a_prompt_and_see_the_routing(page, studio):
+    repo = studio.engine.repo
+    models = studio.engine.embedded_models()
+    text = yaml.safe_dump({"name": "routed-run", "base": "bard",
+                           "models": {a: models[a] for a in ("bard", "coder", "base")},
+                           "slots": [{"experts": ["bard:0"]},
+                                     {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
+                                     {"experts": ["bard:2", "coder:2", "base:1"],
+                                      "router": {"type": "token", "top_k": 2}},
+                                     {"experts": ["bard:3"]}]})
+    version = repo.create_recipe("routed-run", text)
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+    open_tab(page, "Playground")
+    expect(textbox(page, "run-version")).to_have_value(re.compile("routed-run v1"))
+    textbox(page, "prompt").fill("To be, or not to be")
+    page.click("#run-prompt")
+    expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
+
+    run = repo.list_runs(version_id=version.id)[0]
+    trace = repo.get_run(run.id).trace
+    expect(textbox(page, "output-text")).to_have_value(run.output_text)
+    page.wait_for_selector("#router-heatmap .js-plotly-plot")
+    page.wait_for_selector("#expert-load .js-plotly-plot")
+    heat = page.evaluate("""() => { const gd = document.querySelector('#router-heatmap .js-plotly-plot');
+        return {rows: gd.data[0].z.length, cols: gd.data[0].z[0].length, ticks: gd.layout.xaxis.ticktext.length,
+                experts: gd.data[0].colorbar.ticktext}; }""")
+    n_tokens = len(trace["tokens"])
+    assert n_tokens > 5
+    assert heat["rows"] == 2 and heat["cols"] == n_tokens
+    assert heat["experts"] == ["bard:1", "coder:1", "bard:2", "coder:2", "base:1"]
+    bars = page.evaluate("""() => Array.from(document.querySelector('#expert-load .js-plotly-plot').data,
+        t => ({x: t.x, y: t.y}))""")
+    assert [b["x"] for b in bars] == [["bard:1", "coder:1"], ["bard:2", "coder:2", "base:1"]]
+    assert [round(sum(b["y"]), 6) for b in bars] == [1.0, 1.0]
+    assert page.locator("#router-heatmap svg .hm, #router-heatmap canvas").count() > 0  # really drawn
+    expect(page.locator("#runs-list")).to_contain_text("routed-run")
+
+    page.get_by_text("Side by side: the same prompt through source models alone").click()
+    page.click("#run-sources")
+    expect(page.locator("#source-outputs .source-output")).to_have_count(2, timeout=120_000)
+    shot(page, "playground")
+
+    # a second run with another prompt, then reopen the first one from the list: prompt and output come back
+    textbox(page, "prompt").fill("def main(argv):")
+    page.click("#run-prompt")
+    expect(page.locator("#run-status")).to_contain_text(f"Saved as run #{run.id + 1}", timeout=120_000)
+    page.locator("#runs-list").get_by_text("To be, or not to be").filter(visible=True).first.click()
+    page.click("#open-run")
+    expect(page.locator("#run-status")).to_contain_text(f"Run #{run.id} of routed-run v1")
+    expect(textbox(page, "prompt")).to_have_value("To be, or not to be")
+    expect(textbox(page, "output-text")).to_have_value(run.output_text)
+
+
+def test_invalid_recipes_show_inline_errors_not_tracebacks(page, tmp_path):
+    # a model with its own tokenizer: valid on its own, not fusable with the demo family
+    other = make_model(tmp_path / "other", "llama", 32, 2, make_tokenizer(tmp_path / "tok", vocab_size=300))
+    open_tab(page, "Models")
+    textbox(page, "model-ref").fill(str(other))
+    textbox(page, "model-alias").fill("odd")
+    page.click("#add-model")
+    expect(page.locator("#model-status")).to_contain_text("Added 'odd'")
+    expect(page.locator("#model-list")).to_contain_text("no: its tokenizer differs")
+    page.click("#add-model")  # the same model again
+    expect(page.locator("#model-status [role=alert]")).to_contain_text("already in the list as 'odd'")
+    textbox(page, "model-alias").fill("")
+    textbox(page, "model-ref").fill(str(tmp_path / "missing"))
+    page.click("#add-model")
+    expect(page.locator("#model-status [role=alert]")).to_contain_text("does not exist")
+
+    open_tab(page, "Recipe")
+    drag(page, chip("bard:0"), LAST_GAP)
+    drag(page, chip("odd:1"), LAST_GAP)
+    alert = page.locator("#plan-status .plan.error[role=alert]")
+    expect(alert).to_contain_text("Tokenizers differ")
+
+    textbox(page, "recipe-name").fill("")
+    page.click("#save-recipe")
+    expect(page.locator("#save-status [role=alert]")).to_contain_text("Not saved")
+
+    page.get_by_text("YAML: import and export").click()
+    page.locator("#recipe-yaml .cm-content").fill("name: broken\nslots: [bard:0\n")
+    page.click("#import-yaml")
+    expect(page.locator("#import-status [role=alert]")).to_contain_text("not valid YAML at line")
+    assert "Traceback" not in page.content()

@@ -42,7 +42,7 @@ class MoLOutput:
 class StepContext:
     """What every block of one forward step shares."""
 
-    mask4d: torch.Tensor  # [B, 1, Q, K] additive
+    mask4d: torch.Tensor | None  # [B, 1, Q, K] additive; None: plain causal (no padding, nothing cached)
     mask2d: torch.Tensor  # [B, Q] 1 for real tokens of this step
     position_ids: torch.Tensor  # [B, Q]
     cache: FusedCache | None
@@ -50,18 +50,50 @@ class StepContext:
     rotary_modules: nn.ModuleDict
     routings: list[tuple[int, Routing]] = field(default_factory=list)
     calibrate: object = None  # callable(slot, h) used by mol.calibrate
+    # Fixed shapes and no data-dependent choices (a captured CUDA graph, torch.compile): every expert of a routed
+    # slot then runs on every token, and the mixing weights alone select.
+    static: bool = False
+    moved: dict = field(default_factory=dict)  # copies of this context on other devices (mol.placement)
 
     def position_embeddings(self, alias: str, x: torch.Tensor):
         if alias not in self.rotary:
             self.rotary[alias] = self.rotary_modules[alias](x, self.position_ids)
         return self.rotary[alias]
 
+    def on(self, device: torch.device) -> StepContext:
+        """The same step on another device: tensors moved once per step, routings and cache shared."""
+        if device not in self.moved:
+            def move(t):
+                return None if t is None else t.to(device, non_blocking=True)
+            self.moved[device] = StepContext(move(self.mask4d), move(self.mask2d), move(self.position_ids),
+                                             self.cache, {}, self.rotary_modules, self.routings, self.calibrate,
+                                             self.static)
+        return self.moved[device]
+
+
+class TokenSubset:
+    """Runs a layer's MLP on chosen tokens only. In a routed slot, an expert's update for a token that did not
+    choose it is weighted by 0, so its MLP (most of a block's cost) need not run there; the layer's own forward
+    still runs attention on every token, which keeps the expert's KV cache whole. Installed as the MLP's forward."""
+
+    def __init__(self, mlp: nn.Module):
+        self.run, self.rows = mlp.forward, None
+        mlp.forward = self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None or self.rows.numel() == x.shape[:-1].numel():
+            return self.run(x)
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.run(flat[self.rows])
+        return y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.rows, y).view(*x.shape[:-1], -1)
+
 
 class ExpertBlock(nn.Module):
     """One source layer, called with its own family's keywords, positions and adapter."""
 
     def __init__(self, name: str, alias: str, layer: nn.Module, cache_keyword: str, takes: tuple[str, ...],
-                 adapter: nn.Module | None = None, positions: nn.Module | None = None, position_offset: int = 0):
+                 adapter: nn.Module | None = None, positions: nn.Module | None = None, position_offset: int = 0,
+                 mlp: nn.Module | None = None):
         super().__init__()
         self.name, self.alias = name, alias
         self.layer = layer
@@ -69,8 +101,10 @@ class ExpertBlock(nn.Module):
         self.adapter = adapter
         self.positions = positions  # absolute-position embedding of the block's own model (foreign stream)
         self.position_offset = position_offset
+        self.mlp_tokens = TokenSubset(mlp) if mlp is not None else None  # routed slots: the family's MLP part
 
-    def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: flat indices of the tokens whose MLP must run (None: all)."""
         x = h if self.adapter is None else self.adapter.into(h)
         if self.positions is not None:
             x = x + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
@@ -81,7 +115,13 @@ class ExpertBlock(nn.Module):
             kwargs["position_ids"] = ctx.position_ids
         if "position_embeddings" in self.takes:
             kwargs["position_embeddings"] = ctx.position_embeddings(self.alias, x)
-        y = self.layer(x, **kwargs)
+        if self.mlp_tokens is not None:
+            self.mlp_tokens.rows = rows
+        try:
+            y = self.layer(x, **kwargs)
+        finally:
+            if self.mlp_tokens is not None:
+                self.mlp_tokens.rows = None
         if isinstance(y, tuple):  # older releases return (hidden, ...)
             y = y[0]
         if self.adapter is None and self.positions is None:
@@ -96,12 +136,15 @@ class FusedSlot(nn.Module):
         self.index = index
         self.experts = nn.ModuleList(experts)
         self.router = router
+        self.device: torch.device | None = None  # where it runs, when placed apart from the model (mol.placement)
 
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
     def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.device is not None and h.device != self.device:
+            h, ctx = h.to(self.device), ctx.on(self.device)
         if ctx.calibrate is not None:
             ctx.calibrate(self, h)
         if self.router is None:
@@ -111,16 +154,19 @@ class FusedSlot(nn.Module):
             state = ctx.cache.pooled.setdefault(self.index, {})
         routing = self.router(h, ctx.mask2d if state is None else _whole_mask(ctx), state)
         ctx.routings.append((self.index, routing))
-        # Every expert of a token router sees every token, so each expert's KV cache stays whole; a pooled
-        # router with a fixed per-sequence decision runs only the experts some sequence chose.
-        if state is not None:
+        # Every expert of a token router sees every token, so each expert's KV cache stays whole; its MLP runs
+        # only for the tokens that chose it. A pooled router with a fixed per-sequence decision runs only the
+        # experts some sequence chose.
+        if state is not None and not ctx.static:
             needed = sorted(set(routing.chosen[:, 0, 0].tolist()))
         else:
             needed = range(len(self.experts))
         out = torch.zeros_like(h)
         for i in needed:
-            w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
-            out = out + w.to(h.dtype) * self.experts[i](h, ctx)
+            picked = routing.chosen == i  # [B, T, k]
+            w = (routing.weights * picked).sum(-1, keepdim=True)  # [B, T, 1]
+            rows = None if ctx.static else picked.any(-1).flatten().nonzero().squeeze(1)
+            out = out + w.to(h.dtype) * self.experts[i](h, ctx, rows)
         return out
 
 
@@ -190,19 +236,7 @@ class FusedModel(nn.Module):
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         ctx = StepContext(mask4d=self._mask4d(full_mask, q), mask2d=attention_mask, position_ids=position_ids,
                           cache=cache, rotary={}, rotary_modules=self.rotary, calibrate=self.calibration_hook)
-
-        h = self.embed(input_ids)
-        if self.positions is not None:
-            h = h + nn.functional.embedding(position_ids + self.position_offset, self.positions.weight)
-        if self.project_in is not None:
-            h = self.project_in(h)
-        for slot in self.slots:
-            h = slot(h, ctx)
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)
-        logits = self.head(h)
+        logits = self.step_logits(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
 
@@ -211,8 +245,11 @@ class FusedModel(nn.Module):
                       r.chosen.detach().cpu()) for i, r in ctx.routings])
         out = MoLOutput(logits=logits, cache=cache, trace=trace)
         if ctx.routings:
-            out.aux_loss = torch.stack([load_balancing_loss(r.probs, r.chosen, attention_mask) for _, r in ctx.routings]).mean()
-            out.z_loss = torch.stack([z_loss(r.logits, attention_mask) for _, r in ctx.routings]).mean()
+            on = {r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings}  # slots may sit apart
+            out.aux_loss = torch.stack([load_balancing_loss(r.probs, r.chosen, on[r.probs.device]).to(self.device)
+                                        for _, r in ctx.routings]).mean()
+            out.z_loss = torch.stack([z_loss(r.logits, on[r.probs.device]).to(self.device)
+                                      for _, r in ctx.routings]).mean()
         if labels is not None:
             shift = logits[:, :-1].float()
             target = labels[:, 1:].to(self.device)
@@ -220,10 +257,30 @@ class FusedModel(nn.Module):
         self.last_trace = trace
         return out
 
-    def _mask4d(self, full_mask: torch.Tensor, q: int) -> torch.Tensor:
-        """Additive causal mask over every key seen so far; its key length equals each slot's cache length."""
+    def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
+        """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step)."""
+        h = self.embed(input_ids)
+        if self.positions is not None:
+            h = h + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        for slot in self.slots:
+            h = slot(h, ctx)
+        h = h[:, -1:].to(self.device) if last_only else h.to(self.device)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return self.head(h)
+
+    def _mask4d(self, full_mask: torch.Tensor, q: int) -> torch.Tensor | None:
+        """Additive causal mask over every key seen so far; its key length equals each slot's cache length.
+        None when there is no padding and nothing cached: attention is then plainly causal, and SDPA can take
+        its flash kernel (given a mask, it cannot)."""
         bsz, k = full_mask.shape
         past = k - q
+        if past == 0 and q > 1 and bool(full_mask.all()):
+            return None
         rows = torch.arange(q, device=self.device).unsqueeze(1) + past
         cols = torch.arange(k, device=self.device).unsqueeze(0)
         allowed = (cols <= rows).unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
@@ -235,11 +292,12 @@ class FusedModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, streamer=None, stop=None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, streamer=None, stop=None, fast: bool = False) -> torch.Tensor:
         """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new].
 
         `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early.
-        `last_trace` then covers the prompt and every generated token."""
+        `last_trace` then covers the prompt and every generated token. `fast=True` decodes with a static cache
+        and, on CUDA, a captured CUDA graph (mol.fast): the same tokens, far fewer launches."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -249,6 +307,12 @@ class FusedModel(nn.Module):
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
+        if fast:
+            from mol.fast import decoder_for
+
+            return decoder_for(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens).generate(
+                input_ids, attention_mask, max_new_tokens, eos, pad_token_id, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, streamer=streamer, stop=stop)
         cache = self.new_cache()
         tokens, masks, traces = [input_ids], [attention_mask], []
         try:

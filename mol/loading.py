@@ -120,8 +120,11 @@ def _reindex(layer: nn.Module, index: int) -> None:
 
 
 def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-          weights: str | Path | None = None, load_tokenizer: bool = True, allow_bin: bool = False) -> FusedModel:
-    """Turn a recipe (object, YAML path or text, or a Plan) into a FusedModel on one device."""
+          weights: str | Path | None = None, load_tokenizer: bool = True, allow_bin: bool = False,
+          device_map: str | dict | None = None, max_memory: dict | None = None) -> FusedModel:
+    """Turn a recipe (object, YAML path or text, or a Plan) into a FusedModel on one device, or spread over
+    several GPUs and CPU offload with `device_map` ("auto", "balanced", "sequential" or {"slots.3": 1, ...};
+    `max_memory` as accelerate takes it): see mol.placement."""
     if isinstance(recipe, str | Path):
         recipe = Recipe.from_yaml(recipe)
     the_plan = recipe if isinstance(recipe, Plan) else plan(recipe, allow_bin=allow_bin)
@@ -130,8 +133,14 @@ def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None,
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     dtype = dtype or default_dtype(device)
+    placement = None
+    if device_map is not None:
+        from mol.placement import plan_placement
+
+        placement = plan_placement(the_plan, device_map, max_memory, dtype, device)
+        device = placement.main
     try:
-        model = _build(the_plan, device, dtype)
+        model = _build(the_plan, device, dtype, placement)
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,15 +168,15 @@ def load_base_tokenizer(src: ModelSource):
         return None
 
 
-def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedModel:
+def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=None) -> FusedModel:
     recipe = the_plan.recipe
     base = the_plan.base
     with ExitStack() as stack:
         readers = {a: TensorReader(s, stack) for a, s in the_plan.sources.items()}
         shells = {a: _shell(s) for a, s in the_plan.sources.items()}
-        shared: dict[str, dict] = {a: {} for a in the_plan.sources}
+        placed: dict[tuple, dict] = {}  # (alias, device) -> tensors already read: a repeated layer shares them
 
-        def part(alias: str, path: str | None) -> nn.Module | None:
+        def part(alias: str, path: str | None, device: torch.device = device) -> nn.Module | None:
             if not path:
                 return None
             try:
@@ -176,7 +185,7 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedMod
                 return None
             if mod is None or not list(mod.state_dict()):
                 return None
-            return _fill(mod, path, readers[alias], device, dtype, shared[alias])
+            return _fill(mod, path, readers[alias], device, dtype, placed.setdefault((alias, device), {}))
 
         fam = base.family
         embed = part(base.alias, fam.embed)
@@ -188,7 +197,8 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedMod
         if head_in_files is not None:
             shell = shells[base.alias]
             head_module = next(shell.get_submodule(h) for h in fam.head_names() if _has(shell, h))
-            head = _fill(head_module, head_in_files, readers[base.alias], device, dtype, shared[base.alias])
+            head = _fill(head_module, head_in_files, readers[base.alias], device, dtype,
+                         placed.setdefault((base.alias, device), {}))
         else:  # tied to the input embedding
             head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
             head.weight = embed.weight
@@ -201,32 +211,36 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedMod
                     else rot_cls(config=_source_config(src)).to(device)
 
         layer_classes = {a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()}
-        foreign_positions: dict[str, nn.Module] = {}
+        foreign_positions: dict[tuple, nn.Module] = {}
         slots = []
         for sp in the_plan.slots:
+            where = device if placement is None else placement.load_device(sp.index)
             blocks = []
             for e in sp.experts:
                 src = the_plan.sources[e.alias]
                 cfg = _source_config(src)
                 with torch.device("meta"):
                     layer = layer_classes[e.alias](cfg, e.layer)  # original index: some families scale by it
-                _fill(layer, f"{src.family.layers}.{e.layer}", readers[e.alias], device, dtype, shared[e.alias])
+                _fill(layer, f"{src.family.layers}.{e.layer}", readers[e.alias], where, dtype,
+                      placed.setdefault((e.alias, where), {}))
                 _reindex(layer, e.cache_index)
                 layer.requires_grad_(False)
                 adapter = None
                 if e.adapter is not None:
-                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(device=device, dtype=dtype)
+                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(device=where, dtype=dtype)
                 pos = None
                 if e.add_positions:
-                    if e.alias not in foreign_positions:
-                        foreign_positions[e.alias] = part(e.alias, src.family.positions).requires_grad_(False)
-                    pos = foreign_positions[e.alias]
+                    if (e.alias, where) not in foreign_positions:
+                        foreign_positions[e.alias, where] = part(e.alias, src.family.positions, where).requires_grad_(False)
+                    pos = foreign_positions[e.alias, where]
+                mlp = layer.get_submodule(src.family.mlp) if sp.routed and src.family.mlp else None
                 blocks.append(ExpertBlock(e.name, e.alias, layer, cache_keyword(layer), src.family.layer_takes,
-                                          adapter=adapter, positions=pos, position_offset=src.family.position_offset))
+                                          adapter=adapter, positions=pos, position_offset=src.family.position_offset,
+                                          mlp=mlp))
             router = None
             if sp.routed:
                 r = sp.slot.router
-                router = make_router(r.type, base.width, len(blocks), r.top_k).to(device=device, dtype=torch.float32)
+                router = make_router(r.type, base.width, len(blocks), r.top_k).to(device=where, dtype=torch.float32)
             slots.append(FusedSlot(sp.index, blocks, router))
 
         model = FusedModel(the_plan, embed=embed, head=head, final_norm=final_norm, slots=slots, rotary=rotary,
@@ -237,6 +251,8 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype) -> FusedMod
                 mod.requires_grad_(False)
         model.bytes_read = sum(r.bytes_read for r in readers.values())
         model.eval()
+        if placement is not None:
+            placement.apply(model)
         return model
 
 

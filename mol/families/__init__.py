@@ -33,6 +33,9 @@ class Family:
     head_aliases: tuple[str, ...] = ()
     # Keywords the layer's forward takes besides hidden states, mask and cache.
     layer_takes: tuple[str, ...] = ("position_ids", "position_embeddings")
+    # The layer's MLP submodule, called on the normed stream alone (mlp(x) -> update). A token-routed slot runs it
+    # only for the tokens that chose the expert; None where the MLP is not one module (OPT's fc1/fc2).
+    mlp: str | None = None
     notes: str = ""
     examples: tuple[str, ...] = field(default_factory=tuple)
 

@@ -11,5 +11,6 @@ FAMILY = Family(
     head="lm_head",
     positions="transformer.wpe",
     layer_takes=(),
+    mlp="mlp",
     examples=("openai-community/gpt2", "microsoft/DialoGPT-small"),
 )

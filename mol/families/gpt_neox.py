@@ -12,5 +12,6 @@ FAMILY = Family(
     head_aliases=("embed_out",),
     rotary="gpt_neox.rotary_emb",
     layer_takes=("position_ids", "position_embeddings"),
+    mlp="mlp",
     examples=("EleutherAI/pythia-160m",),
 )

@@ -11,5 +11,6 @@ FAMILY = Family(
     head="lm_head",
     rotary="model.rotary_emb",
     layer_takes=("position_ids", "position_embeddings"),
+    mlp="mlp",
     examples=("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M"),
 )

@@ -11,5 +11,6 @@ FAMILY = Family(
     head="lm_head",
     rotary="model.rotary_emb",
     layer_takes=("position_ids", "position_embeddings"),
+    mlp="mlp",
     examples=("microsoft/phi-1_5",),
 )

@@ -121,6 +121,7 @@ class SourceReader:
     def __init__(self):
         self._offsets: dict[Path, tuple[int, dict[str, tuple[int, int]]]] = {}
         self._pickles: dict[Path, dict] = {}
+        self._buf: memoryview | None = None
 
     def _header(self, file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
         if file not in self._offsets:
@@ -134,7 +135,7 @@ class SourceReader:
             self._offsets[file] = (8 + n, offsets)
         return self._offsets[file]
 
-    def chunks(self, entry: TensorEntry) -> Iterable[bytes]:
+    def chunks(self, entry: TensorEntry) -> Iterable[memoryview]:
         """The output bytes of `entry`, in pieces of at most about CHUNK_BYTES."""
         if entry.tensor is not None:
             yield _to_bytes(entry.tensor.to("cpu").to(entry.dtype).contiguous())
@@ -148,19 +149,25 @@ class SourceReader:
         begin, end = offsets[entry.source_name]
         src_item = _itemsize(entry.source_dtype)
         step = max(src_item, CHUNK_BYTES // src_item * src_item)
+        buffer = self._buffer(min(step, end - begin))
         with open(entry.file, "rb", buffering=0) as fh:
             pos = begin
             while pos < end:
                 want = min(step, end - pos)
-                data = os.pread(fh.fileno(), want, start_of_data + pos)
-                if len(data) != want:
+                view = buffer[:want]
+                if os.preadv(fh.fileno(), [view], start_of_data + pos) != want:
                     raise CheckpointError(f"'{entry.file}' is truncated inside tensor '{entry.source_name}'.")
                 pos += want
                 if entry.dtype == entry.source_dtype:
-                    yield data
+                    yield view  # written before the next read reuses the buffer
                 else:
-                    t = torch.frombuffer(bytearray(data), dtype=entry.source_dtype)
-                    yield _to_bytes(t.to(entry.dtype))
+                    yield _to_bytes(torch.frombuffer(view, dtype=entry.source_dtype).to(entry.dtype))
+
+    def _buffer(self, size: int) -> memoryview:
+        """One reusable read buffer: a copy costs one chunk of memory, however many tensors are copied."""
+        if self._buf is None or len(self._buf) < size:
+            self._buf = memoryview(bytearray(size))
+        return self._buf
 
     def _pickle_tensor(self, entry: TensorEntry) -> torch.Tensor:
         if entry.file not in self._pickles:
@@ -168,10 +175,10 @@ class SourceReader:
         return self._pickles[entry.file][entry.source_name]
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
+def _to_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
-        return b""
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return memoryview(b"")
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) -> int:
@@ -190,7 +197,7 @@ def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) ->
             written = 0
             for piece in reader.chunks(e):
                 out.write(piece)
-                written += len(piece)
+                written += piece.nbytes
             if written != e.nbytes:
                 raise CheckpointError(f"tensor '{e.name}' produced {written} bytes, expected {e.nbytes}.")
         out.flush()

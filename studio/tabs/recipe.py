@@ -141,6 +141,7 @@ def edit_yaml(yaml_text: str, op, *args) -> str:
     recipe, _ = rb.parse_recipe_text(yaml_text)
     slots = op(rb.slots_of(recipe), *args)
     draft = rb.draft_recipe(recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots)
+    draft["models"] = dict(recipe.models)  # the API caller listed them: keep the unused ones too
     return rb.Recipe.from_dict(draft).to_yaml()
 
 
@@ -433,8 +434,14 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     def compare_versions(old_version_id: int, new_version_id: int) -> dict:
         d = engine.repo.compare_versions(int(old_version_id), int(new_version_id)).diff
-        return {"identical": d.identical, "changed_keys": list(d.changed_keys), "changes": _jsonable(d.changes),
-                "slots": _jsonable(d.slots), "text_diff": d.text_diff}
+
+        def change(c) -> dict:  # "key", not "path": API clients take a "path" entry for a file to download
+            return {"key": c.path, "kind": c.kind, "old": c.old, "new": c.new}
+
+        slots = [{"kind": s.kind, "old_index": s.old_index, "new_index": s.new_index, "old": s.old, "new": s.new,
+                  "fields": [change(f) for f in s.fields]} for s in d.slots]
+        return {"identical": d.identical, "changed_keys": list(d.changed_keys),
+                "changes": [change(c) for c in d.changes], "slots": slots, "text_diff": d.text_diff}
 
     @api_errors
     def delete_recipe(recipe_id: int) -> dict:

@@ -171,3 +171,18 @@ def test_tied_base_head_is_not_duplicated(tiny, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path)).eval()
     assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr()
     assert_same_model(model, loaded)
+
+
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in FAMILIES] + [("opt", {"word_embed_proj_dim": 32})])
+def test_identity_mol_export_reproduces_the_source_model(tiny, tmp_path, family, overrides):
+    """Independent of the runtime: a one-model identity recipe written as MoLForCausalLM is the source model."""
+    folder = tiny(family, **overrides)
+    recipe = mol.Recipe.from_dict({"name": "id", "models": {"m": str(folder)}, "slots": ["m:0-3"]})
+    loaded = AutoModelForCausalLM.from_pretrained(str(export(recipe, tmp_path / "out", format="mol").path)).eval()
+    source = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids, mask = padded_batch(7)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens, as in Mango
+    with torch.no_grad():
+        expected = source(ids, attention_mask=mask, position_ids=positions).logits
+        diff = (expected - loaded(ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max().item() <= 1e-5

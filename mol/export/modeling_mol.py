@@ -304,10 +304,10 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
                     state["pooled"] if state is not None else {}, self.rotary)
 
         h = self.embed(input_ids)
+        if self.project_in is not None:  # OPT-350m style: positions live at the model width, after project_in
+            h = self.project_in(h)
         if self.positions is not None:
             h = h + nn.functional.embedding(position_ids + self.position_offset, self.positions.weight)
-        if self.project_in is not None:
-            h = self.project_in(h)
         for slot in self.slots:
             h = slot(h, step)
         if self.final_norm is not None:

@@ -17,11 +17,11 @@ import gradio as gr  # noqa: E402
 
 from studio.engine import StudioEngine  # noqa: E402
 from studio.tabs.common import initial_workspace, palette_models, user_message  # noqa: E402
-from studio.tabs.evaluate import create_evaluate_tab  # noqa: E402
+from studio.tabs.evaluate import create_evaluate_tab, evaluation_rows  # noqa: E402
 from studio.tabs.models import create_models_tab, model_rows  # noqa: E402
 from studio.tabs.playground import create_playground_tab, playground_versions  # noqa: E402
 from studio.tabs.recipe import create_recipe_tab  # noqa: E402
-from studio.tabs.train import create_train_tab  # noqa: E402
+from studio.tabs.train import create_train_tab, training_rows, weight_choices  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
 INTRO = ("# MoL Studio\nFuse transformer blocks from different language models: pick **Models**, drag layers into "
@@ -39,13 +39,21 @@ def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
                 models = create_models_tab(engine, workspace)
             with gr.Tab("Recipe", id="recipe", elem_id="tab-recipe"):
                 recipe = create_recipe_tab(engine, workspace)
-            with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
+            with gr.Tab("Playground", id="playground", elem_id="tab-playground") as play_tab:
                 play = create_playground_tab(engine, workspace)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = create_train_tab(engine, recipe)
-            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as eval_tab:
                 evaluate = create_evaluate_tab(engine, recipe, train)
         _wire(engine, demo, workspace, models, recipe, play, train, evaluate)
+
+        def fresh_weights(version_id, current):  # a training run may have finished since the tab was shown
+            choices = weight_choices(engine, version_id)
+            return gr.update(choices=choices, value=current if current in [c[1] for c in choices] else 0)
+
+        play_tab.select(fresh_weights, [play["version"], play["weights"]], play["weights"], api_visibility="private")
+        eval_tab.select(fresh_weights, [evaluate["version"], evaluate["weights"]], evaluate["weights"],
+                        api_visibility="private")
     demo.queue(default_concurrency_limit=4)
     return demo
 
@@ -87,14 +95,15 @@ def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: di
         try:
             versions = recipe["refresh_versions"](False)
             runs = play["refresh_runs"]()
+            tables = [training_rows(engine), evaluation_rows(engine)]
         except Exception as exc:  # a broken database must not blank the page: say what is wrong
             gr.Warning(user_message(exc))
-            return [gr.update()] * (3 + 2 + len(version_targets))
+            return [gr.update()] * (3 + 2 + 2 + len(version_targets))
         targets = versions_for_runs(None)
-        return [*versions, *runs, *(targets if isinstance(targets, tuple) else [targets])]
+        return [*versions, *runs, *tables, *(targets if isinstance(targets, tuple) else [targets])]
 
-    demo.load(on_load, None, [*recipe["version_outputs"], play["runs"], play["run_pick"], *version_targets],
-              api_visibility="private")
+    demo.load(on_load, None, [*recipe["version_outputs"], play["runs"], play["run_pick"], train["runs"],
+                              evaluate["evaluations"], *version_targets], api_visibility="private")
 
 
 def _outputs(values: list) -> Any:

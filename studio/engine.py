@@ -5,6 +5,7 @@ by recipe version (versions are append-only, so a version id names one model for
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 import mol
-from mol.errors import AccessError, MolError, ResourceError
+from mol.errors import AccessError, DataError, MolError, ResourceError
 from mol.recipe import Recipe
 from mol.sources import load_source
 
@@ -47,6 +48,7 @@ class StudioConfig:
     models_dir: Path = REPO_ROOT / "assets" / "models"
     recipes_dir: Path = REPO_ROOT / "assets" / "recipes"
     corpora_dir: Path = REPO_ROOT / "assets" / "corpora"
+    data_dir: Path | None = None  # trained weights go under it; None: the database's data folder
     db_url: str | None = None
     hosted: bool = False
     cached_models: int = 3
@@ -60,6 +62,8 @@ class StudioConfig:
         if os.environ.get("MANGO_MODELS_DIR"):
             cfg.models_dir = Path(os.environ["MANGO_MODELS_DIR"]).expanduser()
         cfg.db_url = os.environ.get("MANGO_DB_URL") or None
+        if os.environ.get("MANGO_DATA_DIR"):
+            cfg.data_dir = Path(os.environ["MANGO_DATA_DIR"]).expanduser()
         cfg.hosted = _env_flag("MANGO_HOSTED") or bool(os.environ.get("SPACE_ID"))
         cfg.cached_models = int(os.environ.get("MANGO_CACHED_MODELS", cfg.cached_models))
         cfg.generation_concurrency = int(os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency))
@@ -119,6 +123,21 @@ class GenerationUpdate:
     done: bool = False
     trace: dict | None = None
     run_id: int | None = None
+
+
+@dataclass
+class TrainingProgress:
+    training_run_id: int
+    step: int
+    steps: int
+    curve: list[dict]
+    status: str = "running"  # then "completed"
+    metrics: dict = field(default_factory=dict)
+
+
+BUILTIN_CORPORA = ("prose", "code")
+TRAIN_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "router_lr", "aux_loss_weight", "seed", "adapter_init",
+                  "router_init", "max_seconds", "max_tokens")
 
 
 def clamp_settings(settings: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
@@ -231,12 +250,24 @@ class StudioEngine:
         return PlanReport(True, None, summary, list(plan.warnings))
 
     # ---- building -----------------------------------------------------------------------------------
-    def fused_for_version(self, version_id: int) -> tuple[mol.FusedModel, Any]:
+    def fused_for_version(self, version_id: int, training_run_id: int | None = None) -> tuple[mol.FusedModel, Any]:
+        """The built model of a saved version, with the adapters and routers one of its training runs learned
+        (None: as built, identity adapters and untrained routers)."""
         version = self.repo.get_version_by_id(int(version_id))
         recipe = self.recipe_from_yaml(version.yaml_text)
         for ref in recipe.models.values():
             self.check_access(ref)
-        return self.cache.get(("version", version.id), lambda: mol.build(recipe)), version
+        weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
+        key = ("version", version.id, int(training_run_id) if training_run_id else None)
+        return self.cache.get(key, lambda: mol.build(recipe, weights=weights)), version
+
+    def trained_weights(self, version_id: int, training_run_id: int) -> Path:
+        run = self.repo.get_training_run(int(training_run_id))
+        if run.version_id != int(version_id):
+            raise MolError(f"Training run {training_run_id} belongs to another recipe version.")
+        if run.status != "completed" or not run.weights_path or not Path(run.weights_path).is_file():
+            raise MolError(f"Training run {training_run_id} has no finished weights (status: {run.status}).")
+        return Path(run.weights_path)
 
     def fused_for_source(self, alias: str, ref: str) -> mol.FusedModel:
         """One source model alone, run through the same runtime (every layer, in order)."""
@@ -312,10 +343,13 @@ class StudioEngine:
         return trace.to_dict(0, tokens)
 
     def run_prompt(self, version_id: int, prompt: str, settings: dict[str, Any],
-                   stop: threading.Event | None = None) -> Iterator[GenerationUpdate]:
+                   stop: threading.Event | None = None, training_run_id: int | None = None
+                   ) -> Iterator[GenerationUpdate]:
         """Generate with a saved recipe version and store the run (prompt, settings, output, trace)."""
-        model, version = self.fused_for_version(version_id)
+        model, version = self.fused_for_version(version_id, training_run_id)
         s = clamp_settings(settings, self.config.max_new_tokens)
+        if training_run_id:
+            s["training_run_id"] = int(training_run_id)
         last = GenerationUpdate("")
         for last in self.stream(model, prompt, s, stop):
             if not last.done:
@@ -331,4 +365,102 @@ class StudioEngine:
         return text
 
 
-run_with_gpu = gpu_task  # re-exported for the tabs: decorate the functions that run models
+    # ---- training and evaluation ---------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        if self.config.data_dir is not None:
+            return self.config.data_dir
+        from studio.db import default_data_dir
+
+        return default_data_dir()
+
+    def datasets(self, builtin: list[str], uploads: list[str], split: str) -> dict[str, list[Path]]:
+        """Domain name -> text files: the built-in corpora's `split` (train, valid, test; test adds the mixed
+        set, whose spans label each document) and uploaded files, each a domain named after its file."""
+        out: dict[str, list[Path]] = {}
+        for name in builtin or []:
+            if name == "mixed" and split == "test":
+                out["mixed"] = [self.config.corpora_dir / "mixed_test.txt"]
+            elif name in BUILTIN_CORPORA:
+                out[name] = [self.config.corpora_dir / name / f"{split}.txt"]
+            else:
+                raise DataError(f"There is no built-in corpus '{name}'; choose from {', '.join(BUILTIN_CORPORA)}.")
+        for path in uploads or []:
+            p = Path(path)
+            name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in p.stem) or "uploaded"
+            while name in out:
+                name += "_"
+            out[name] = [p]
+        if not out:
+            raise DataError("Choose at least one built-in corpus or upload a text file.")
+        return out
+
+    def train_version(self, version_id: int, datasets: dict[str, list[Path]], settings: dict[str, Any],
+                      poll_seconds: float = 0.5) -> Iterator[TrainingProgress]:
+        """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
+        the loss curve so far (read from the run file it checkpoints) and stores the run and its weights."""
+        from mol.train import TrainConfig, companion_paths, train
+
+        version = self.repo.get_version_by_id(int(version_id))
+        recipe = self.recipe_from_yaml(version.yaml_text)
+        chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
+        steps = int(chosen.get("steps", 200))
+        config = TrainConfig.from_dict({**chosen, "save_every": max(1, steps // 40)})
+        record = self.repo.create_training_run(version.id, {
+            "train": {k: getattr(config, k) for k in TRAIN_SETTINGS},
+            "data": {name: [self.portable_ref(p) for p in paths] for name, paths in datasets.items()}},
+            status="running")
+        weights = self.data_dir / "weights" / f"training-run-{record.id}.safetensors"
+        run_json = companion_paths(weights)[1]
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = train(recipe, datasets, config, out=weights, progress=False)
+            except BaseException as exc:  # raised again in the request thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="mango-train", daemon=True)
+        worker.start()
+        stored = 0
+        curve: list[dict] = []
+        while worker.is_alive():
+            worker.join(poll_seconds)
+            curve = _read_curve(run_json) or curve
+            if len(curve) > stored:
+                self.repo.update_training_run(record.id, append_loss=curve[stored:])
+                stored = len(curve)
+            yield TrainingProgress(record.id, len(curve), steps, curve)
+        if "error" in outcome:
+            exc = outcome["error"]
+            message = str(exc) if isinstance(exc, MolError) else _one_line(exc)
+            self.repo.update_training_run(record.id, status="failed", error=message)
+            raise exc
+        result = outcome["result"]
+        self.repo.update_training_run(record.id, status="completed", loss_curve=list(result.curve),
+                                      metrics=dict(result.metrics), weights_path=str(weights))
+        yield TrainingProgress(record.id, result.steps, steps, list(result.curve), "completed", dict(result.metrics))
+
+    def evaluate_version(self, version_id: int, datasets: dict[str, list[Path]], training_run_id: int | None = None,
+                         sources: bool = True, seq_len: int = 256, max_tokens: int | None = 20_000):
+        """Perplexity per domain, router agreement and load, with every source model alone on the same tokens
+        (`mol.evaluate`); the report is stored with the version (and the training run whose weights it used)."""
+        from mol.evaluate import evaluate
+
+        version = self.repo.get_version_by_id(int(version_id))
+        recipe = self.recipe_from_yaml(version.yaml_text)
+        weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
+        report = evaluate(recipe, datasets, weights=weights, sources=sources, seq_len=int(seq_len),
+                          max_tokens=max_tokens)
+        name = f"{version.recipe_name} v{version.number}" + (f" + training run {training_run_id}" if weights else "")
+        results = {**report.to_dict(), "data": {n: [self.portable_ref(p) for p in ps] for n, ps in datasets.items()}}
+        return self.repo.add_evaluation(version.id, results, training_run_id=training_run_id or None, name=name)
+
+
+def _read_curve(run_json: Path) -> list[dict]:
+    """The loss curve in a training run's JSON file (written atomically by mol.train); [] when not there yet."""
+    try:
+        return list(json.loads(run_json.read_text(encoding="utf-8")).get("curve") or [])
+    except (OSError, ValueError):
+        return []
+

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mol.errors import AccessError, ResourceError
+from mol.errors import AccessError, MolError, ResourceError
 from studio.engine import ModelCache, StudioConfig, StudioEngine, clamp_settings
 from studio.tabs.recipe_board import draft_recipe, draft_yaml
 from tests.studio_server import make_models_dir
@@ -102,9 +102,9 @@ def test_run_prompt_streams_stores_the_run_and_caches_the_model(engine):
     assert [s["experts"] for s in trace["slots"]] == [["bard:1", "coder:1"], ["bard:2", "base:1"]]
     assert all(len(s["probs"]) == len(trace["tokens"]) for s in trace["slots"])
     assert all(len(row) == 2 for row in trace["slots"][1]["chosen"])  # top_k=2 there
-    assert engine.cache.keys() == [("version", version.id)]
+    assert engine.cache.keys() == [("version", version.id, None)]
     list(engine.run_prompt(version.id, "again", {"max_new_tokens": 2}))
-    assert engine.cache.keys() == [("version", version.id)]
+    assert engine.cache.keys() == [("version", version.id, None)]
     assert len(engine.repo.list_runs()) == 2
 
 
@@ -149,3 +149,55 @@ def test_hosted_mode_only_opens_its_own_models(engine, models_dir, tmp_path, tin
         engine.check_access(str(models_dir / ".." / "elsewhere"))
     report = engine.check(draft_recipe("x", "x", "linear", None, {"x": str(outside)}, [{"experts": ["x:0"]}]))
     assert not report.ok and "outside" in report.error
+
+
+def test_train_then_generate_and_evaluate_with_the_trained_weights(engine, tmp_path):
+    from tests.tiny_models import CORPUS
+
+    engine.config.data_dir = tmp_path / "data"
+    prose, code = tmp_path / "prose.txt", tmp_path / "code.txt"
+    prose.write_text(CORPUS.split("def main")[0] * 3)
+    code.write_text(("def main" + CORPUS.split("def main")[1]) * 3)
+    data = {"prose": [prose], "code": [code]}
+    version = engine.repo.create_recipe("to-train", draft_yaml(routed_draft(engine, "to-train")))
+
+    progress = list(engine.train_version(version.id, data, {"steps": 6, "batch_size": 2, "seq_len": 32},
+                                         poll_seconds=0.05))
+    final = progress[-1]
+    assert (final.status, final.step, len(final.curve)) == ("completed", 6, 6)
+    stored = engine.repo.get_training_run(final.training_run_id)
+    assert stored.status == "completed" and stored.version_id == version.id
+    assert [p["step"] for p in stored.loss_curve] == [1, 2, 3, 4, 5, 6]
+    assert stored.config["train"]["steps"] == 6 and set(stored.config["data"]) == {"prose", "code"}
+    assert stored.weights_path and (tmp_path / "data" / "weights").is_dir()
+
+    untrained = list(engine.run_prompt(version.id, "To be", {"max_new_tokens": 3}))[-1]
+    trained = list(engine.run_prompt(version.id, "To be", {"max_new_tokens": 3}, None, stored.id))[-1]
+    assert engine.repo.get_run(trained.run_id).settings["training_run_id"] == stored.id
+    assert untrained.trace["slots"][0]["probs"] != trained.trace["slots"][0]["probs"]  # routers learned something
+
+    info = engine.evaluate_version(version.id, data, stored.id, sources=True, seq_len=32, max_tokens=400)
+    assert info.training_run_id == stored.id
+    names = [r["name"] for r in info.results["rows"]]
+    assert names[0] == "to-train" and {"bard alone", "coder alone", "base alone"} <= set(names)
+    assert all(r["domains"]["prose"]["perplexity"] > 1 for r in info.results["rows"])
+    assert engine.repo.list_evaluations(version_id=version.id)[0].id == info.id
+
+
+def test_failed_training_is_recorded(engine, tmp_path):
+    engine.config.data_dir = tmp_path / "data"
+    version = engine.repo.create_recipe("no-data", draft_yaml(routed_draft(engine)))
+    with pytest.raises(MolError, match="does not exist"):
+        list(engine.train_version(version.id, {"prose": [tmp_path / "missing.txt"]}, {"steps": 2}))
+    run = engine.repo.list_training_runs(version_id=version.id)[0]
+    assert run.status == "failed" and "does not exist" in run.error
+
+
+def test_builtin_datasets(engine, tmp_path):
+    upload = tmp_path / "my notes.txt"
+    upload.write_text("hello")
+    data = engine.datasets(["prose", "mixed"], [str(upload)], "test")
+    assert list(data) == ["prose", "mixed", "my_notes"]
+    assert all(p.is_file() for paths in data.values() for p in paths)
+    with pytest.raises(MolError, match="at least one"):
+        engine.datasets([], [], "train")

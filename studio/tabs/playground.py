@@ -15,6 +15,7 @@ from studio import figures
 from studio.engine import StudioEngine, clamp_settings, gpu_task
 from studio.tabs.common import api_errors, fmt_time, message_html, user_message
 from studio.tabs.recipe_board import model_colors
+from studio.tabs.train import weight_choices
 
 RUN_COLUMNS = ["Id", "Time (UTC)", "Recipe", "Version", "Prompt", "Output"]
 
@@ -71,8 +72,11 @@ def recipe_sources(engine: StudioEngine, version_id: int | None) -> dict[str, st
 
 def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
     limit = engine.config.max_new_tokens
-    version = gr.Dropdown(choices=[], label="Recipe version", elem_id="run-version",
-                          info="save a recipe in the Recipe tab to run it")
+    with gr.Row():
+        version = gr.Dropdown(choices=[], label="Recipe version", elem_id="run-version", scale=2,
+                              info="save a recipe in the Recipe tab to run it")
+        weights = gr.Dropdown(choices=weight_choices(engine, None), value=0, label="Weights", elem_id="run-weights",
+                              scale=1, info="train in the Train tab")
     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="To be, or not to be")
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
@@ -114,7 +118,7 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         return rows, gr.update(choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None))
 
     @gpu_task
-    def on_run(version_id, prompt_v, *rest):
+    def on_run(version_id, weights_id, prompt_v, *rest):
         *sampling_v, ws = rest
         keep = gr.update()
         stop_event = threading.Event()
@@ -123,7 +127,8 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             yield "", keep, keep, message_html("Loading the model…"), keep, keep
             n = 0
-            for update in engine.run_prompt(int(version_id), prompt_v or "", settings_of(*sampling_v), stop_event):
+            for update in engine.run_prompt(int(version_id), prompt_v or "", settings_of(*sampling_v), stop_event,
+                                            int(weights_id or 0) or None):
                 if not update.done:
                     n += 1
                     yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
@@ -139,11 +144,11 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         finally:
             stop_event.set()
 
-    run_event = run.click(on_run, [version, prompt, *sampling, workspace],
+    run_event = run.click(on_run, [version, weights, prompt, *sampling, workspace],
                           [output, heatmap, load, run_status, runs, run_pick], api_name="ui_run_prompt",
                           api_visibility="undocumented", concurrency_limit=engine.config.generation_concurrency,
                           concurrency_id="generation")
-    prompt.submit(on_run, [version, prompt, *sampling, workspace], [output, heatmap, load, run_status, runs, run_pick],
+    prompt.submit(on_run, [version, weights, prompt, *sampling, workspace], [output, heatmap, load, run_status, runs, run_pick],
                   api_visibility="private", concurrency_limit=engine.config.generation_concurrency,
                   concurrency_id="generation")
     stop.click(None, cancels=[run_event], api_visibility="private")
@@ -151,11 +156,12 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     def on_version(version_id):
         try:
             aliases = list(recipe_sources(engine, version_id))
+            trained = weight_choices(engine, version_id)
         except Exception:
-            aliases = []
-        return gr.update(choices=aliases, value=[a for a in aliases[:2]])
+            aliases, trained = [], weight_choices(engine, None)
+        return gr.update(choices=aliases, value=aliases[:2]), gr.update(choices=trained, value=0)
 
-    version.change(on_version, version, sources, api_visibility="private")
+    version.change(on_version, version, [sources, weights], api_visibility="private")
 
     @gpu_task
     def on_sources(version_id, chosen, prompt_v, *rest):
@@ -181,14 +187,15 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 raise RecipeError("Pick a run to open.")
             r = engine.repo.get_run(int(run_id))
         except Exception as exc:
-            return (*[keep] * 11, message_html(user_message(exc), ok=False))
+            return (*[keep] * 12, message_html(user_message(exc), ok=False))
         s = clamp_settings(r.settings, limit)
         hm, ld = figures_for(r.trace, trace_colors(ws, r.trace))
-        return (gr.update(value=r.version_id), r.prompt, s["max_new_tokens"], s["do_sample"], s["temperature"],
+        return (gr.update(value=r.version_id), gr.update(value=r.settings.get("training_run_id") or 0), r.prompt, s["max_new_tokens"], s["do_sample"], s["temperature"],
                 s["top_k"], s["top_p"], s["seed"], r.output_text, gr.update(value=hm), gr.update(value=ld),
                 message_html(f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."))
 
-    open_run.click(on_open_run, [run_pick, workspace], [version, prompt, *sampling, output, heatmap, load, run_status],
+    open_run.click(on_open_run, [run_pick, workspace],
+                   [version, weights, prompt, *sampling, output, heatmap, load, run_status],
                    api_name="ui_open_run", api_visibility="undocumented")
 
     def on_select_run(evt: gr.SelectData, rows):
@@ -199,7 +206,7 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     runs.select(on_select_run, runs, run_pick, api_visibility="private")
     _register_api(engine)
-    return {"version": version, "prompt": prompt, "run": run, "stop": stop, "output": output, "heatmap": heatmap,
+    return {"version": version, "weights": weights, "prompt": prompt, "run": run, "stop": stop, "output": output, "heatmap": heatmap,
             "load": load, "run_status": run_status, "sources": sources, "source_view": source_view, "runs": runs,
             "run_pick": run_pick, "refresh_runs": refresh_runs, "run_event": run_event}
 
@@ -210,11 +217,14 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     @gpu_task
     def generate(version_id: int, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
-        """Run a prompt through a saved recipe version; the run is stored. Returns {text, run_id, trace}."""
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 training_run_id: int = 0) -> dict:
+        """Run a prompt through a saved recipe version (with a training run's weights, if given); the run is
+        stored. Returns {text, run_id, trace}."""
         settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                    "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
-        *_, last = engine.run_prompt(int(version_id), prompt, settings)  # the final update carries the run
+        # the final update carries the stored run
+        *_, last = engine.run_prompt(int(version_id), prompt, settings, None, int(training_run_id) or None)
         return {"text": last.text, "run_id": last.run_id, "trace": last.trace}
 
     @api_errors

@@ -15,36 +15,41 @@ from pathlib import Path
 import pytest
 
 from mol.errors import ConflictError, StorageError
-from studio.db import Repository
+from studio.db import DuplicateNameError, Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS, SAVES = 8, 50
 
 
-def _save_many(url: str, recipe_id: int, writer: int, saves: int, start=None) -> list[int]:
-    """One writer: `saves` versions on top of whatever is latest. Returns the numbers it was given."""
-    repo = Repository(url)
+def _process_writer(url: str, writer: int, saves: int, queue, start) -> None:
+    """One writer process. All of them open the same fresh file at once (so they race to migrate it and to
+    create the recipes), then each saves `saves` versions; two writers share each recipe and race for the
+    same version numbers. Reports the numbers it was given, or its error."""
     try:
-        if start is not None:
-            start.wait(120)  # imports take a while: start saving together, or the writers hardly overlap
-        return [repo.save_version(recipe_id, f"slots: [bard:{writer}]\n# save {i}\n", note=f"w{writer} s{i}").number
+        start.wait(120)  # imports take a while: start together, or the writers hardly overlap
+        repo = Repository(url)
+        name = f"r{writer % 4}"
+        try:
+            recipe_id = repo.create_recipe(name, "slots: []\n").recipe_id
+        except DuplicateNameError:  # the other writer of this recipe was first
+            found = repo.find_recipe(name)
+            assert found is not None
+            recipe_id = found.id
+        start.wait(120)
+        nums = [repo.save_version(recipe_id, f"slots: [bard:{writer}]\n# save {i}\n", note=f"w{writer} s{i}").number
                 for i in range(saves)]
-    finally:
         repo.close()
-
-
-def _process_writer(url: str, recipe_ids: list[int], writer: int, saves: int, queue, start) -> None:
-    try:
-        # two writers per recipe: they race for the same version numbers
-        nums = _save_many(url, recipe_ids[writer % len(recipe_ids)], writer, saves, start)
         queue.put((writer, nums, None))
     except BaseException as e:  # reported to the parent, which fails the test
         queue.put((writer, [], f"{type(e).__name__}: {e}"))
 
 
-def _check_everything_kept(url: str, recipe_ids: list[int], returned: dict[int, list[int]]) -> None:
+def _check_everything_kept(url: str, recipe_ids: list[int] | None, returned: dict[int, list[int]]) -> None:
     repo = Repository(url)
     try:
+        if recipe_ids is None:
+            recipe_ids = [r.id for r in repo.list_recipes()]
+            assert len(recipe_ids) == 4
         notes = set()
         for rid in recipe_ids:
             numbers = [v.number for v in repo.list_versions(rid)]
@@ -93,18 +98,18 @@ def test_concurrent_saves_from_threads(tmp_path):
 
 
 def test_concurrent_saves_from_processes(tmp_path):
-    url, ids = _setup(tmp_path, 4)
+    url = f"sqlite:///{tmp_path / 'mango.db'}"  # not created yet: the writers' first start races too
     ctx = mp.get_context("spawn")
     queue, start = ctx.Queue(), ctx.Barrier(WRITERS)
-    procs = [ctx.Process(target=_process_writer, args=(url, ids, w, SAVES, queue, start)) for w in range(WRITERS)]
+    procs = [ctx.Process(target=_process_writer, args=(url, w, SAVES, queue, start)) for w in range(WRITERS)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=180) for _ in procs]
+    results = [queue.get(timeout=240) for _ in procs]
     for p in procs:
         p.join(60)
-    assert not [r[2] for r in results if r[2]], "a writer failed"  # no "database is locked" surfaced
+    assert not [r[2] for r in results if r[2]], results  # no "database is locked" surfaced
     assert all(p.exitcode == 0 for p in procs)
-    _check_everything_kept(url, ids, {w: nums for w, nums, _ in results})
+    _check_everything_kept(url, None, {w: nums for w, nums, _ in results})
 
 
 def test_stale_edits_keep_both_versions(tmp_path):
@@ -153,7 +158,7 @@ def test_locked_database_is_retried_not_reported(tmp_path):
 
 CRASH_CHILD = """
 import sys
-from studio.db import Repository
+from studio.db import DuplicateNameError, Repository
 repo = Repository(sys.argv[1])
 rid = int(sys.argv[2])
 i = 0

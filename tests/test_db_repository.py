@@ -262,6 +262,10 @@ def test_runs_are_listed_and_opened(repo):
     assert opened.trace == TRACE and opened.output_text == "a time"
     assert (opened.recipe_name, opened.version_number, opened.recipe_id) == ("a", 1, a1.recipe_id)
     assert repo.get_run(r2.id).prompt == "Prompt ✓ ünïcode"
+    repo.delete_recipe(b1.recipe_id)  # runs of a deleted recipe leave the history, but are kept
+    assert [r.id for r in repo.list_runs()] == [r2.id, r1.id]
+    assert [r.id for r in repo.list_runs(include_deleted=True)] == [r3.id, r2.id, r1.id]
+    assert [r.id for r in repo.list_runs(recipe_id=b1.recipe_id)] == [r3.id]
     with pytest.raises(StorageError):
         repo.add_run(a1.id, "x", settings={"bad": object()})
 
@@ -291,6 +295,30 @@ def test_training_runs_and_evaluations(repo):
     assert [e.id for e in repo.list_evaluations(recipe_id=v1.recipe_id)] == [e2.id, e1.id]
     assert [e.id for e in repo.list_evaluations(training_run_id=t.id)] == [e2.id]
     assert repo.list_evaluations(version_id=v1.id)[0].results == {"ppl": 12.5}
+
+
+def test_many_first_starts_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    opened: list[Repository] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            opened.append(Repository(url))  # each one migrates the same empty file
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(opened) == 6
+    assert {r.schema_revision() for r in opened} == {"0002"}
+    opened[0].create_recipe("r", RECIPE_V1)
+    assert opened[-1].find_recipe("r") is not None
+    for r in opened:
+        r.close()
 
 
 def test_threads_can_share_a_repository(repo):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 BUSY_TIMEOUT_S = 10.0
+# Alembic keeps its running context in module globals: one migration at a time per process. (Across processes,
+# the BEGIN IMMEDIATE around each upgrade serialises them.)
+_MIGRATION_LOCK = threading.Lock()
 
 
 def default_data_dir() -> Path:
@@ -59,11 +63,15 @@ def create_db_engine(url: str | None = None, *, busy_timeout_s: float = BUSY_TIM
     kwargs: dict[str, Any] = {
         "connect_args": {"check_same_thread": False, "timeout": busy_timeout_s},
     }
+    # Gradio runs up to 40 callbacks at once; SQLite connections are cheap, so let the pool grow that far
+    # rather than make callbacks queue for a connection.
+    pool = {"pool_size": 5, "max_overflow": 45}
     path = sqlite_path(url)
     if path is None:
         kwargs["poolclass"] = StaticPool  # one shared connection, or every session would see its own empty DB
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs.update(pool)
         if u.database != str(path):
             u = u.set(database=str(path))
     engine = create_engine(u, **kwargs)
@@ -123,7 +131,9 @@ def upgrade(engine: Engine, revision: str = "head", *, backup_before: bool = Tru
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         copy_sqlite(engine, path.with_name(f"{path.name}.pre-{target}-{stamp}.bak"))
     cfg = alembic_config()
-    with engine.execution_options(mango_begin="IMMEDIATE").connect() as conn:
+    # One transaction we own, begun IMMEDIATE: Alembic then leaves transactions alone, reads the current
+    # revision under the write lock, and a failure rolls every step back.
+    with _MIGRATION_LOCK, engine.execution_options(mango_begin="IMMEDIATE").begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 
@@ -136,7 +146,9 @@ def downgrade(engine: Engine, revision: str) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         copy_sqlite(engine, path.with_name(f"{path.name}.pre-{revision}-{stamp}.bak"))
     cfg = alembic_config()
-    with engine.execution_options(mango_begin="IMMEDIATE").connect() as conn:
+    # One transaction we own, begun IMMEDIATE: Alembic then leaves transactions alone, reads the current
+    # revision under the write lock, and a failure rolls every step back.
+    with _MIGRATION_LOCK, engine.execution_options(mango_begin="IMMEDIATE").begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
 

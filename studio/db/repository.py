@@ -557,13 +557,16 @@ class Repository:
         return out
 
     def list_runs(self, *, recipe_id: int | None = None, version_id: int | None = None, limit: int | None = 100,
-                  offset: int = 0) -> list[RunInfo]:
-        """Runs, newest first, optionally of one recipe or one version. Traces are not loaded (`trace=None`)."""
+                  offset: int = 0, include_deleted: bool = False) -> list[RunInfo]:
+        """Runs, newest first, optionally of one recipe or one version. Traces are not loaded (`trace=None`).
+        Without a recipe or version filter, runs of deleted recipes are left out unless `include_deleted`."""
         conds: list[Any] = []
         if recipe_id is not None:
             conds.append(Recipe.id == recipe_id)
         if version_id is not None:
             conds.append(Run.version_id == version_id)
+        if not conds and not include_deleted:
+            conds.append(Recipe.deleted_at.is_(None))
         return self._read(lambda s: self._run_rows(s, and_(true(), *conds), False, limit, offset))
 
     def get_run(self, run_id: int) -> RunInfo:

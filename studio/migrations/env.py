@@ -13,8 +13,12 @@ target_metadata = Base.metadata
 
 
 def _run(connection) -> None:
-    # render_as_batch: SQLite cannot ALTER most things in place; batch mode copies the table instead.
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    # The caller's connection is already inside a BEGIN IMMEDIATE transaction (see studio.db.engine.upgrade),
+    # so the whole upgrade is one SQLite transaction. render_as_batch: SQLite cannot ALTER most things in
+    # place; batch mode copies the table instead (PRAGMA foreign_keys cannot change inside a transaction, so a
+    # batch migration must keep foreign keys valid at every step).
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                      transactional_ddl=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -37,7 +41,7 @@ def run_migrations_online() -> None:
 
     engine = create_db_engine()
     try:
-        with engine.execution_options(mango_begin="IMMEDIATE").connect() as conn:
+        with engine.execution_options(mango_begin="IMMEDIATE").begin() as conn:
             _run(conn)
     finally:
         engine.dispose()

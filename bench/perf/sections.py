@@ -1,0 +1,367 @@
+"""The benchmark sections. Each takes the Bench (models, sizes, device, time budget) and returns a dict of
+figures; the runner writes them to JSON as they come."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mol
+from bench.perf.common import (
+    copy_bandwidth,
+    gpu_peak_bytes,
+    gpu_peak_reset,
+    matmul_rate,
+    peak_bf16,
+    sync,
+    timeit,
+)
+from bench.perf.models import parameter_bytes, randomise_routers, routed_slot_recipe
+from mol.fast import FastDecoder
+from mol.fused import StepContext
+
+
+# ---- ceilings ------------------------------------------------------------------------------------------------
+def ceilings(b) -> dict:
+    if b.cuda:
+        return {"copy_bandwidth_Bps": copy_bandwidth(2**31, "cuda"), "matmul_bf16_flops": matmul_rate(8192, "cuda"),
+                "note": "copy: 2 GiB device-to-device, bytes read + written; matmul: 8192^3 bf16 on random data"}
+    return {"copy_bandwidth_Bps": copy_bandwidth(2**24, "cpu"), "matmul_bf16_flops": matmul_rate(256, "cpu"),
+            "note": "CPU smoke sizes; not a ceiling"}
+
+
+# ---- decode ----------------------------------------------------------------------------------------------------
+def _prompt(b, bsz: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, b.vocab, (bsz, b.prompt), generator=g).to(b.device)
+
+
+def _agreement(a: torch.Tensor, c: torch.Tensor, prompt: int) -> dict:
+    a, c = a[:, prompt:].cpu(), c[:, prompt:].cpu()
+    same = a == c
+    first = [int((~row).nonzero()[0]) if (~row).any() else None for row in same]
+    return {"equal": bool(same.all()), "token_agreement": float(same.float().mean()), "first_divergence": first}
+
+
+def decode(b, compiled: bool = False) -> dict:
+    """Greedy decode tokens/s: transformers generate (eager, default cache) vs the fused model's plain path and
+    its fast path (static cache + CUDA graph); with `compiled`, the fast path compiled (torch.compile) too, added
+    to the figures already measured. And the bandwidth floor: one read of the weights per step at copy speed."""
+    out = b.results.get("decode") if compiled else None
+    out = out or {"prompt": b.prompt, "new_tokens": b.new_tokens, "batches": list(b.batches), "recipes": {}}
+    bw = b.results.get("ceilings", {}).get("copy_bandwidth_Bps")
+    new = b.new_tokens
+    for name in ("identity", "two_source"):
+        model = b.model(name)
+        step_bytes = parameter_bytes(model) - model.embed.weight.numel() * model.embed.weight.element_size()
+        rec = out["recipes"].setdefault(name, {"weight_bytes_per_step": step_bytes, "batches": {}})
+        for bsz in b.batches:
+            row = rec["batches"].setdefault(str(bsz), {})
+            if b.remaining() < b.estimate("compile" if compiled else "decode_batch"):
+                row["fast_compiled" if compiled else "skipped"] = {"skipped": "time budget"}
+                continue
+            ids = _prompt(b, bsz)
+            if not compiled:
+                _plain_and_transformers(b, name, model, ids, row)
+            variants = [("fast_compiled", dict(cuda_graph=True, compile=True))] if compiled else \
+                [("fast_graph", dict(cuda_graph=b.cuda, compile=False))]
+            for label, opts in variants:
+                dec = FastDecoder(model, bsz, b.prompt + new, **opts)
+                t0 = time.perf_counter()
+                dec.generate(ids, max_new_tokens=new)
+                sync()
+                first = time.perf_counter() - t0
+                runs = []
+                for _ in range(2):
+                    sync()
+                    t0 = time.perf_counter()
+                    toks = dec.generate(ids, max_new_tokens=new)
+                    sync()
+                    runs.append(time.perf_counter() - t0)
+                row[label] = _rate(min(runs), bsz, new)
+                row[label]["first_call_s"] = first  # capture (and compilation)
+                row[label]["tokens_vs_plain"] = _agreement(toks, b.plain_tokens[name, bsz], b.prompt)
+                dec = None
+            floor = bsz * bw / step_bytes if bw else None  # tokens/s if a step only read the weights once
+            row["floor_tokens_per_s"] = floor
+            hf_rate = out["recipes"].get("identity", {}).get("batches", {}).get(str(bsz), {}).get(
+                "transformers", {}).get("tokens_per_s")
+            for label in ("plain", "fast_graph", "fast_compiled", "transformers"):
+                if "tokens_per_s" in row.get(label, {}):
+                    if floor:
+                        row[label]["fraction_of_floor"] = row[label]["tokens_per_s"] / floor
+                    if hf_rate and label != "transformers":
+                        row[label]["vs_transformers"] = row[label]["tokens_per_s"] / hf_rate
+            b.partial("decode", out)
+    if not compiled:
+        out["correctness_fp32"] = decode_correctness_fp32(b)
+    return out
+
+
+def decode_compiled(b) -> dict:
+    if not (b.cuda and b.compile):
+        return {"skipped": "needs CUDA (and --compile)"}
+    decode(b, compiled=True)
+    return {"merged_into": "decode"}
+
+
+def _plain_and_transformers(b, name, model, ids, row) -> None:
+    bsz, new = ids.shape[0], b.new_tokens
+    if name == "identity":
+        hf = b.hf_model()
+        gen = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **gen)
+        sync()
+        t0 = time.perf_counter()
+        hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen)
+        sync()
+        row["transformers"] = _rate(time.perf_counter() - t0, bsz, new)
+    model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    sync()
+    t0 = time.perf_counter()
+    plain = model.generate(ids, max_new_tokens=new, eos_token_id=[])
+    sync()
+    row["plain"] = _rate(time.perf_counter() - t0, bsz, new)
+    b.plain_tokens[name, bsz] = plain
+    if name == "identity":
+        row["plain_vs_transformers_tokens"] = _agreement(plain, hf_tokens, b.prompt)
+
+
+def _rate(seconds: float, bsz: int, new: int) -> dict:
+    return {"seconds": seconds, "tokens_per_s": bsz * new / seconds, "ms_per_step": 1000 * seconds / new}
+
+
+def decode_correctness_fp32(b) -> dict:
+    """In float32 (no bf16 rounding to flip near-ties) the fast path's greedy tokens equal the plain path's,
+    with left padding in the batch and a routed two-source recipe."""
+    if b.remaining() < b.estimate("correctness"):
+        return {"skipped": "time budget"}
+    res = {}
+    new = min(64, b.new_tokens)
+    for name in ("identity", "two_source"):
+        model = mol.build(b.recipe(name), device=b.device, dtype=torch.float32, load_tokenizer=False)
+        if name == "two_source":
+            randomise_routers(model)
+        ids = _prompt(b, 2, seed=1)
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+        dec = FastDecoder(model, 2, b.prompt + new, cuda_graph=b.cuda)
+        fast = [dec.generate(ids, mask, max_new_tokens=new) for _ in range(2)]  # second: graph replay from step 0
+        res[name] = {"graph_first_call": _agreement(fast[0], plain, b.prompt),
+                     "graph_replayed": _agreement(fast[1], plain, b.prompt), "new_tokens": new}
+        del model, dec
+        b.free()
+    return res
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------------
+def prefill(b) -> dict:
+    """Forward tokens/s at batch × length (full logits), transformers' forward vs the fused model's."""
+    bsz, length = b.prefill_shape
+    ids = torch.randint(3, b.vocab, (bsz, length), generator=torch.Generator().manual_seed(2)).to(b.device)
+    out = {"batch": bsz, "length": length}
+    with torch.no_grad():
+        hf = b.hf_model()
+        t = timeit(lambda: hf(ids), repeat=b.repeat, warmup=2)
+        out["transformers"] = {**t, "tokens_per_s": bsz * length / t["median_s"]}
+        for name in ("identity", "two_source"):
+            model = b.model(name)
+            t = timeit(lambda m=model: m(ids), repeat=b.repeat, warmup=2)
+            out[name] = {**t, "tokens_per_s": bsz * length / t["median_s"]}
+            out[name]["vs_transformers"] = out[name]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+            if name == "identity":
+                ours, theirs = model(ids[:1]).logits.float(), hf(ids[:1]).logits.float()
+                out[name]["logits_max_abs_diff_vs_transformers"] = float((ours - theirs).abs().max())
+                out[name]["logits_rel_diff_vs_transformers"] = float((ours - theirs).norm() / theirs.norm())
+    return out
+
+
+# ---- routed slot -----------------------------------------------------------------------------------------------
+def routed_slot(b) -> dict:
+    """Forward time of a slot of two equal-size experts (top-1 token routing) as a multiple of one block's:
+    attention runs for both experts, the MLP only for each expert's own tokens."""
+    one_recipe, two_recipe = routed_slot_recipe(b.base_dir)
+    one = mol.build(one_recipe, device=b.device, dtype=b.dtype, load_tokenizer=False)
+    two = mol.build(two_recipe, device=b.device, dtype=b.dtype, load_tokenizer=False)
+    randomise_routers(two)
+    bsz, length = b.prefill_shape
+    h = torch.randn(bsz, length, b.width, generator=torch.Generator().manual_seed(3)).to(b.device, b.dtype)
+    mask = torch.ones(bsz, length, dtype=torch.long, device=b.device)
+    pos = torch.arange(length, device=b.device).expand(bsz, length)
+
+    def run(model, static=False):
+        ctx = StepContext(None, mask, pos, None, {}, model.rotary, static=static)
+        return model.slots[0](h, ctx), ctx
+
+    out = {"batch": bsz, "length": length}
+    with torch.no_grad():
+        t_one = timeit(lambda: run(one), repeat=b.repeat, warmup=2)["median_s"]
+        t_two = timeit(lambda: run(two), repeat=b.repeat, warmup=2)["median_s"]
+        t_dense = timeit(lambda: run(two, static=True), repeat=b.repeat, warmup=2)["median_s"]
+        _, ctx = run(two)
+        share = ctx.routings[0][1].chosen[..., 0].float().mean().item()  # fraction routed to expert 1
+        y_sub, _ = run(two)
+        y_dense, _ = run(two, static=True)
+    out.update({"one_block_s": t_one, "routed_slot_s": t_two, "routed_slot_dense_s": t_dense,
+                "routed_over_one_block": t_two / t_one, "dense_over_one_block": t_dense / t_one,
+                "tokens_to_expert_1": share,
+                "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max())})
+    return out
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def training(b) -> dict:
+    """Adapter + router training step of the two-source recipe (bf16 autocast, AdamW): tokens/s and model FLOP
+    utilisation, FLOPs counted by torch's FlopCounterMode on a real step (frozen weights: no weight gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = mol.build(b.recipe("two_source"), device=b.device, dtype=b.dtype, load_tokenizer=False)
+    randomise_routers(model, std=0.02)
+    params = [p for p in model.trainable_parameters().values() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable parts in fp32; the frozen blocks stay bf16
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=b.cuda)
+    bsz, length = b.prefill_shape
+    ids = torch.randint(3, b.vocab, (bsz, length), generator=torch.Generator().manual_seed(4)).to(b.device)
+
+    def step():
+        with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
+            o = model(ids, labels=ids)
+            loss = o.loss + model.aux_loss_weight * o.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    gpu_peak_reset()
+    t = timeit(step, repeat=b.repeat, warmup=2)
+    peak_mem = gpu_peak_bytes()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+    except Exception:  # an operator the counter cannot see through: fall back to the count by hand
+        flops = None
+    if not flops:
+        flops = _training_flops_by_hand(model, bsz, length)
+    tokens = bsz * length
+    n_params = sum(p.numel() for p in model.parameters())
+    out = {"batch": bsz, "length": length, **t, "tokens_per_s": tokens / t["median_s"],
+           "flops_per_step": flops, "achieved_flops": flops / t["median_s"], "trainable_parameters": sum(
+               p.numel() for p in params), "parameters": n_params, "peak_gpu_bytes": peak_mem}
+    peak = peak_bf16(b.env.get("card", ""))
+    if peak:
+        out["mfu"] = out["achieved_flops"] / peak
+        out["peak_flops_datasheet"] = peak
+    measured = b.results.get("ceilings", {}).get("matmul_bf16_flops")
+    if measured:
+        out["fraction_of_measured_matmul_rate"] = out["achieved_flops"] / measured
+    # For reference, the usual 6·N·tokens convention (as if every weight trained) overstates the work done here.
+    out["mfu_6n_convention"] = 6 * n_params * tokens / t["median_s"] / peak if peak else None
+    return out
+
+
+def _training_flops_by_hand(model, bsz: int, length: int) -> int:
+    """Matrix-product FLOPs of one step when the counter fails: forward 2·N·T, backward 2·N·T (input gradients
+    only: the blocks are frozen), attention 4·T·S·d forward and twice that backward (causal: half)."""
+    n = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.embed.weight.numel()
+    tokens = bsz * length
+    attn = sum(4 * tokens * length * b.layer.self_attn.config.hidden_size // 2
+               for s in model.slots for b in s.experts if hasattr(b.layer, "self_attn"))
+    return 4 * n * tokens + 3 * attn
+
+
+# ---- build -----------------------------------------------------------------------------------------------------
+def build(b) -> dict:
+    """Build a recipe using a quarter of each source's layers vs from_pretrained of every whole source: wall time,
+    bytes read from disk (cold page cache), peak host RSS and peak GPU memory, each in a fresh process."""
+    out = {}
+    recipe_yaml = b.recipe("quarter").to_yaml()
+    for mode in ("mol", "transformers"):
+        args = [sys.executable, "-m", "bench.perf.build_probe", mode, b.device, str(b.dtype).split(".")[-1],
+                str(b.base_dir), str(b.other_dir)]
+        if b.smoke:
+            from bench.perf.build_probe import probe
+
+            out[mode] = probe(mode, b.device, str(b.dtype).split(".")[-1], b.base_dir, b.other_dir, recipe_yaml)
+            continue
+        env = dict(os.environ, PYTHONPATH=str(b.repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        res = subprocess.run(args, input=recipe_yaml, capture_output=True, text=True, cwd=str(b.repo), env=env,
+                             timeout=600)
+        if res.returncode != 0:
+            out[mode] = {"error": res.stderr[-2000:]}
+            continue
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    m = out.get("mol", {})
+    if "selected_bytes" in m:
+        sel = m["selected_bytes"]
+        out["read_over_selected"] = (m.get("disk_read_bytes") or m["logical_read_bytes"]) / sel
+        out["rss_over_selected"] = m["peak_rss_bytes"] / sel
+        out["rss_target_bytes"] = 1.25 * sel + 500e6
+        out["rss_added_over_selected"] = (m["peak_rss_bytes"] - m["baseline_rss_bytes"]) / sel
+        t = out.get("transformers", {})
+        if "seconds" in t:
+            out["time_vs_transformers"] = m["seconds"] / t["seconds"]
+            out["bytes_vs_transformers"] = m["logical_read_bytes"] / t["logical_read_bytes"]
+    return out
+
+
+# ---- several devices -------------------------------------------------------------------------------------------
+def placement(b) -> dict:
+    """A recipe over two GPUs (device map) and one with half its slots offloaded to host memory: logits against
+    one device (bf16 tolerance) and plain-path decode speed."""
+    out = {}
+    ids = _prompt(b, 1, seed=5)
+    one = b.model("identity")
+    with torch.no_grad():
+        ref = one(ids).logits.float()
+    ref_tokens = one.generate(ids, max_new_tokens=16, eos_token_id=[])
+    layers = len(one.slots)
+    maps = {}
+    if torch.cuda.device_count() >= 2:
+        maps["two_gpus"] = ("auto", 64)
+    if b.cuda:
+        maps["cpu_offload_half"] = ({f"slots.{layers // 2}-{layers - 1}": "cpu"}, 8)
+    else:
+        maps["cpu_map"] = ({"main": "cpu", f"slots.{layers // 2}-{layers - 1}": "cpu"}, 8)
+    for label, (device_map, new) in maps.items():
+        if b.remaining() < b.estimate("placement"):
+            out[label] = {"skipped": "time budget"}
+            continue
+        model = mol.build(b.recipe("identity"), device_map=device_map, dtype=b.dtype, load_tokenizer=False)
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        diff = (logits - ref).abs().max().item()
+        rel = ((logits - ref).norm() / ref.norm()).item()
+        model.generate(ids, max_new_tokens=2, eos_token_id=[])
+        sync()
+        t0 = time.perf_counter()
+        toks = model.generate(ids, max_new_tokens=new, eos_token_id=[])
+        sync()
+        secs = time.perf_counter() - t0
+        devices = sorted({str(s.device or model.device) for s in model.slots})
+        out[label] = {"device_map": model.placement.device_map(), "devices": devices, "logits_max_abs_diff": diff,
+                      "logits_rel_diff": rel, "logits_match_bf16": rel < 2e-2, "tokens_per_s": new / secs,
+                      "new_tokens": new, "tokens_vs_one_device": _agreement(toks[:, :ref_tokens.shape[1]],
+                                                                             ref_tokens[:, :toks.shape[1]], b.prompt)}
+        del model
+        b.free()
+    if "two_gpus" not in out:
+        out["two_gpus"] = {"skipped": f"{torch.cuda.device_count()} CUDA device(s) visible"}
+    return out
+
+
+SECTIONS = {"ceilings": ceilings, "prefill": prefill, "decode": decode, "routed_slot": routed_slot,
+            "training": training, "build": build, "placement": placement, "decode_compiled": decode_compiled}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

@@ -91,6 +91,17 @@ def test_two_finetunes_of_one_architecture_export_standard(tiny, tmp_path):
                            src_b.get_tensor("model.layers.1.mlp.up_proj.weight"))
 
 
+def test_tokenizer_and_generation_config_come_with_the_export(tiny, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src = tiny("gpt2")
+    result = export(stacked(src), tmp_path / "out")
+    ours, theirs = AutoTokenizer.from_pretrained(str(result.path)), AutoTokenizer.from_pretrained(str(src))
+    text = "def main(argv): return sorted(argv)"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert GenerationConfig.from_pretrained(str(result.path)).eos_token_id == 0
+
+
 def test_tied_head_stays_tied(tiny, tmp_path):
     src = tiny("llama", tie_word_embeddings=True)
     result = export(stacked(src), tmp_path / "out")

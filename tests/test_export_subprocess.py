@@ -101,12 +101,25 @@ def test_mol_export_loads_with_remote_code_without_mol(tiny, tmp_path):
     assert got["generated"] == ours.tolist()
 
 
-def test_registration_does_not_import_the_modelling_code():
-    code = ("import sys, mol.export; mol.export.register_auto_classes(); "
-            "from transformers import AutoConfig; from transformers.models.auto.configuration_auto import "
-            "CONFIG_MAPPING; assert 'mol' in CONFIG_MAPPING; "
-            "print('mol.export.modeling_mol' in sys.modules, 'transformers.modeling_utils' in sys.modules)")
+def test_lazy_registration_loads_mol_exports_without_remote_code(tiny, tmp_path):
+    """Registering costs `import mol` nothing: transformers' auto modules and the modelling code are imported
+    only when used, and then a MoL folder loads with no trust_remote_code."""
+    recipe = mol.Recipe.from_dict({"name": "r", "base": "l", "models": {"l": str(tiny("llama")),
+                                                                        "g": str(tiny("gpt2", width=48))},
+                                   "slots": ["l:0", {"experts": ["l:1", "g:1"]}]})
+    folder = export(recipe, tmp_path / "out").path
+    code = f"""
+import sys
+import mol.export
+mol.export.register_auto_classes(lazy=True)
+print(any(m.startswith("transformers.models.auto") for m in sys.modules), "mol.export.modeling_mol" in sys.modules)
+from transformers import AutoConfig, AutoModelForCausalLM
+print(type(AutoConfig.from_pretrained({str(folder)!r})).__module__)
+print(type(AutoModelForCausalLM.from_pretrained({str(folder)!r})).__module__)
+"""
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[:1] == ["False"]
+    lines = proc.stdout.strip().splitlines()[-3:]
+    assert lines == ["False False", "mol.export.configuration_mol", "mol.export.modeling_mol"]
+    assert not (tmp_path / "modules").exists()  # no remote code was copied or run

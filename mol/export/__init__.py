@@ -211,11 +211,12 @@ def staging(out: Path, overwrite: bool = False):
         raise
 
 
-def register_auto_classes() -> None:
-    """Let `AutoModelForCausalLM.from_pretrained` load exported MoL folders without remote code."""
+def register_auto_classes(lazy: bool = False) -> None:
+    """Let `AutoModelForCausalLM.from_pretrained` load exported MoL folders without remote code (`lazy`: once
+    transformers' auto classes are imported, without importing them now; what `import mol` uses)."""
     from mol.export.auto import register_auto_classes as register
 
-    register()
+    register(lazy)
 
 
 __all__ = ["ExportResult", "FORMATS", "export", "register_auto_classes", "staging"]

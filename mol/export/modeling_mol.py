@@ -13,6 +13,7 @@ the exported config carries. Reading order: adapters, routers, one expert block,
     expert(h) = h + A_out(layer(A_in h [+ own positions]) - A_in h)   (h -> layer(h) when it runs in its own stream)
 """
 
+import copy
 import inspect
 
 import torch
@@ -339,8 +340,6 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
 
 
 def _one_layer(cfg):
-    import copy
-
     cfg = copy.deepcopy(cfg)
     cfg.num_hidden_layers = 1
     if isinstance(getattr(cfg, "layer_types", None), list):

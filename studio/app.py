@@ -82,11 +82,12 @@ def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: di
             choices = playground_versions(engine)
         except Exception as exc:
             gr.Warning(user_message(exc))
-            return _outputs([gr.update()] * len(version_targets))
+            return _outputs([gr.update() for _ in version_targets])
         ids = [c[1] for c in choices]
         pick = loaded_v.get("version_id") if loaded_v and loaded_v.get("version_id") in ids else (
             ids[0] if ids else None)
-        return _outputs([gr.update(choices=choices, value=pick)] * len(version_targets))
+        # one update per output: Gradio consumes an update dict as it applies it
+        return _outputs([gr.update(choices=choices, value=pick) for _ in version_targets])
 
     for event in [recipe["saved"], *recipe["recipe_loaded"], *recipe["changed_versions"]]:
         event.then(versions_for_runs, recipe["loaded"], version_targets, api_visibility="private")
@@ -98,7 +99,7 @@ def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: di
             tables = [training_rows(engine), evaluation_rows(engine)]
         except Exception as exc:  # a broken database must not blank the page: say what is wrong
             gr.Warning(user_message(exc))
-            return [gr.update()] * (3 + 2 + 2 + len(version_targets))
+            return [gr.update() for _ in range(3 + 2 + 2 + len(version_targets))]
         targets = versions_for_runs(None)
         return [*versions, *runs, *tables, *(targets if isinstance(targets, tuple) else [targets])]
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 import mol
-from mol.errors import AccessError, DataError, MolError, ResourceError
+from mol.errors import DataError, MolError, ResourceError
+from mol.hosted import current_policy, hosted
 from mol.recipe import Recipe
 from mol.sources import load_source
 
@@ -36,14 +37,10 @@ except ImportError:  # not on a Space: run on whatever device is there (CPU here
         return fn
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-
-
 @dataclass
 class StudioConfig:
-    """Where things are and how much a request may ask for. `hosted` (a Space, or MANGO_HOSTED=1) only
-    accepts local model folders under `models_dir`."""
+    """Where things are and how much a request may ask for. Hosted mode (a Space, or MANGO_HOSTED=1) is
+    `mol.hosted`'s: models only from allowed folders, request limits; the studio takes its limits from there."""
 
     models_dir: Path = REPO_ROOT / "assets" / "models"
     recipes_dir: Path = REPO_ROOT / "assets" / "recipes"
@@ -64,9 +61,13 @@ class StudioConfig:
         cfg.db_url = os.environ.get("MANGO_DB_URL") or None
         if os.environ.get("MANGO_DATA_DIR"):
             cfg.data_dir = Path(os.environ["MANGO_DATA_DIR"]).expanduser()
-        cfg.hosted = _env_flag("MANGO_HOSTED") or bool(os.environ.get("SPACE_ID"))
+        cfg.hosted = hosted()
         cfg.cached_models = int(os.environ.get("MANGO_CACHED_MODELS", cfg.cached_models))
         cfg.generation_concurrency = int(os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency))
+        if cfg.hosted:
+            limits = current_policy().limits
+            cfg.max_new_tokens = min(cfg.max_new_tokens, limits.new_tokens)
+            cfg.generation_concurrency = min(cfg.generation_concurrency, limits.concurrent_generations)
         return cfg
 
 
@@ -196,23 +197,9 @@ class StudioEngine:
         except ValueError:
             return str(path)
 
-    def check_access(self, ref: str) -> None:
-        """Hosted mode: local folders only under the models folder (Hub ids are fine)."""
-        if not self.config.hosted:
-            return
-        p = Path(ref).expanduser()
-        looks_local = p.is_absolute() or ref.startswith((".", "~")) or "\\" in ref or (REPO_ROOT / p).exists()
-        if not looks_local and len(ref.split("/")) == 2:
-            return  # a Hub id
-        full = (p if p.is_absolute() else REPO_ROOT / p).resolve()
-        allowed = self.config.models_dir.resolve()
-        if full != allowed and allowed not in full.parents:
-            raise AccessError(f"This hosted studio only opens models from its own models folder or the Hub; "
-                              f"'{ref}' is outside it.")
-
     def model_card(self, alias: str, ref: str) -> dict:
-        """The architecture card of one source model (reads config and weight headers only)."""
-        self.check_access(ref)
+        """The architecture card of one source model (reads config and weight headers only). In hosted mode
+        `mol.hosted`'s policy refuses folders outside the allowed ones (and the Hub unless allowed)."""
         src = load_source(alias, ref, [REPO_ROOT])
         card = src.card()
         card["ref"] = ref
@@ -229,13 +216,20 @@ class StudioEngine:
         recipe.source_dir = REPO_ROOT
         return recipe
 
+    def recipe_from_file(self, path: Path) -> Recipe:
+        """A recipe file whose model paths are relative to the file (as the shipped examples are), with those
+        paths rewritten relative to the repository, as every recipe the studio stores has them."""
+        recipe = Recipe.from_yaml(Path(path))
+        models = {}
+        for alias, ref in recipe.models.items():
+            local = (Path(path).resolve().parent / ref)
+            models[alias] = self.portable_ref(local) if local.is_dir() else ref
+        return Recipe.from_dict({**recipe.to_dict(), "models": models}, source_dir=REPO_ROOT)
+
     def check(self, draft: dict) -> PlanReport:
         """Validate a draft recipe and plan it (configs and weight headers only, no weights)."""
         try:
-            recipe = self.recipe_from_dict(draft)
-            for ref in recipe.models.values():
-                self.check_access(ref)
-            plan = mol.plan(recipe)
+            plan = mol.plan(self.recipe_from_dict(draft))
         except MolError as exc:
             return PlanReport(False, str(exc))
         except Exception as exc:  # a bug, not the user's fault: say so in one line, log the details
@@ -243,7 +237,7 @@ class StudioEngine:
             return PlanReport(False, f"Internal error while planning ({_one_line(exc)}).")
         d = plan.to_dict()
         mem = d["memory_estimate"]
-        summary = {"slots": d["slots"], "routed_slots": d["routed_slots"], "base": recipe.base,
+        summary = {"slots": d["slots"], "routed_slots": d["routed_slots"], "base": plan.recipe.base,
                    "width": plan.width, "tensors_to_read": d["tensors_to_read"],
                    "bytes_to_read": d["bytes_to_read"], "memory": mem,
                    "trainable_parameters": d["adapter_parameters"] + d["router_parameters"]}
@@ -255,8 +249,6 @@ class StudioEngine:
         (None: as built, identity adapters and untrained routers)."""
         version = self.repo.get_version_by_id(int(version_id))
         recipe = self.recipe_from_yaml(version.yaml_text)
-        for ref in recipe.models.values():
-            self.check_access(ref)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         key = ("version", version.id, int(training_run_id) if training_run_id else None)
         return self.cache.get(key, lambda: mol.build(recipe, weights=weights)), version
@@ -271,7 +263,6 @@ class StudioEngine:
 
     def fused_for_source(self, alias: str, ref: str) -> mol.FusedModel:
         """One source model alone, run through the same runtime (every layer, in order)."""
-        self.check_access(ref)
 
         def build() -> mol.FusedModel:
             n = load_source(alias, ref, [REPO_ROOT]).num_layers
@@ -287,6 +278,7 @@ class StudioEngine:
         """Generate from `prompt`, yielding the text so far after each token; the last update carries the
         routing trace. Closing the iterator stops generation."""
         s = clamp_settings(settings, self.config.max_new_tokens)
+        current_policy().check_generation(prompt or "", s["max_new_tokens"])
         tok = model.tokenizer
         if tok is None:
             raise MolError("The base model has no tokenizer files; the studio needs one to read prompts.")

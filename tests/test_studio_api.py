@@ -9,8 +9,9 @@ from tests.studio_server import make_models_dir, start_studio
 
 ENDPOINTS = {"/list_models", "/inspect_model", "/validate_recipe", "/save_recipe", "/list_recipes", "/list_versions",
              "/get_version", "/duplicate_version", "/compare_versions", "/delete_recipe", "/restore_recipe",
-             "/import_recipe", "/add_slot", "/add_expert", "/remove_slot", "/remove_expert", "/move_slot",
-             "/set_router", "/generate", "/generate_source", "/list_runs", "/get_run"}
+             "/import_recipe", "/export_mergekit", "/add_slot", "/add_expert", "/remove_slot", "/remove_expert", "/move_slot",
+             "/set_router", "/generate", "/generate_source", "/list_runs", "/get_run",
+             "/train", "/list_training_runs", "/evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,18 @@ def test_import_mergekit(client):
     recipe = yaml.safe_load(client.predict(text, api_name="/import_recipe"))
     assert recipe["models"] == {"mango-bard": "assets/models/mango-bard", "mango-coder": "assets/models/mango-coder"}
     assert [s["experts"] for s in recipe["slots"]] == [["mango-bard:0"], ["mango-bard:1"], ["mango-coder:1"]]
+
+
+def test_export_mergekit(client, studio):
+    from gradio_client.exceptions import AppError
+
+    text = client.predict(recipe_yaml(studio, "stack", ["bard:0", "bard:1", "bard:1", "bard:3"]),
+                          api_name="/export_mergekit")
+    data = yaml.safe_load(text)
+    assert data["merge_method"] == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 2], [3, 4]]
+    with pytest.raises(AppError, match="no mergekit passthrough equivalent"):
+        client.predict(recipe_yaml(studio, "routed", ["bard:0", ["bard:1", "coder:1"]]), api_name="/export_mergekit")
 
 
 def test_generate_stores_the_run(client, studio):

@@ -3,6 +3,7 @@ generation, stored runs and traces, hosted-mode access."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -138,17 +139,21 @@ def test_clamp_settings():
     assert s == {"max_new_tokens": 64, "do_sample": False, "temperature": 0.05, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
-def test_hosted_mode_only_opens_its_own_models(engine, models_dir, tmp_path, tiny):
-    engine.config.hosted = True
-    engine.check_access(engine.embedded_models()["bard"])
-    engine.check_access("org/some-model")  # Hub ids are decided by the Hub client's own settings
+def test_hosted_mode_only_opens_allowed_models(engine, models_dir, tiny, monkeypatch):
+    monkeypatch.setenv("MANGO_HOSTED", "1")
+    monkeypatch.setenv("MANGO_MODEL_DIRS", str(models_dir))
+    assert engine.model_card("bard", engine.embedded_models()["bard"])["layers"] == 4
     outside = tiny("llama", width=32, layers=2)
-    with pytest.raises(AccessError, match="outside"):
+    with pytest.raises(AccessError, match="outside the folders"):
         engine.model_card("x", str(outside))
-    with pytest.raises(AccessError):
-        engine.check_access(str(models_dir / ".." / "elsewhere"))
+    with pytest.raises(AccessError, match="Hub"):
+        engine.model_card("x", "org/some-model")
     report = engine.check(draft_recipe("x", "x", "linear", None, {"x": str(outside)}, [{"experts": ["x:0"]}]))
-    assert not report.ok and "outside" in report.error
+    assert not report.ok and "outside the folders" in report.error
+    version = engine.repo.create_recipe("hosted", draft_yaml(routed_draft(engine, "hosted")))
+    with pytest.raises(ResourceError, match="characters"):
+        next(engine.run_prompt(version.id, "x" * 5000, {"max_new_tokens": 4}))
+    assert StudioConfig.from_env().hosted and StudioConfig.from_env().max_new_tokens <= 256
 
 
 def test_train_then_generate_and_evaluate_with_the_trained_weights(engine, tmp_path):
@@ -201,3 +206,13 @@ def test_builtin_datasets(engine, tmp_path):
     assert all(p.is_file() for paths in data.values() for p in paths)
     with pytest.raises(MolError, match="at least one"):
         engine.datasets([], [], "train")
+
+
+def test_recipe_files_keep_working_once_stored(engine, models_dir, tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    relative = os.path.relpath(models_dir / "mango-bard", folder)  # as the shipped examples: "../models/..."
+    (folder / "example.yaml").write_text(f"name: example\nbase: bard\nmodels: {{bard: {relative}}}\nslots: [bard:0-1]\n")
+    recipe = engine.recipe_from_file(folder / "example.yaml")
+    assert recipe.models["bard"] == str((models_dir / "mango-bard").resolve())  # no longer relative to the file
+    assert engine.check(recipe.to_dict()).ok

@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from mol.errors import RecipeError
+from mol.export.mergekit import export_mergekit
 from studio.engine import PlanReport, StudioEngine
 from studio.tabs import recipe_board as rb
 from studio.tabs.common import (
@@ -200,6 +201,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             import_btn = gr.Button("Import YAML above", elem_id="import-yaml")
             upload = gr.UploadButton("Import file…", file_types=[".yaml", ".yml"], elem_id="upload-yaml")
             export_btn = gr.Button("Export YAML", elem_id="export-yaml")
+            export_mk_btn = gr.Button("Export mergekit YAML", elem_id="export-mergekit")
             examples = gr.Dropdown(choices=sorted(p.name for p in engine.config.recipes_dir.glob("*.y*ml"))
                                    if engine.config.recipes_dir.is_dir() else [],
                                    label="Example recipes", elem_id="recipe-examples")
@@ -361,26 +363,35 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                              api_visibility="private")
 
     def on_example(filename, ws, loaded_v):
-        if not filename:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v, "")
-        return on_import((engine.config.recipes_dir / Path(filename).name).read_text(encoding="utf-8"), ws, loaded_v)
+        try:
+            if not filename:
+                raise RecipeError("Pick an example recipe.")
+            recipe = engine.recipe_from_file(engine.config.recipes_dir / Path(filename).name)
+        except Exception as exc:
+            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
+                    message_html(user_message(exc), ok=False))
+        return load_recipe(recipe, ws, None, message_html(f"Loaded the example '{recipe.name}'."))
 
     example_loaded = examples.change(on_example, [examples, workspace, loaded], [*load_outputs, import_status],
                                      api_visibility="private")
 
-    def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v):
+    def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, fmt="mango"):
         draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), (board_v or {}).get("slots") or [])
         try:
-            text = engine.recipe_from_dict(draft).to_yaml()
+            recipe = engine.recipe_from_dict(draft)
+            text = export_mergekit(recipe) if fmt == "mergekit" else recipe.to_yaml()
         except Exception as exc:
             return None, message_html("Not exported: " + user_message(exc), ok=False)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in draft["name"]) or "recipe"
-        path = Path(tempfile.mkdtemp(prefix="mango-export-")) / f"{safe}.yaml"
+        suffix = ".mergekit.yaml" if fmt == "mergekit" else ".yaml"
+        path = Path(tempfile.mkdtemp(prefix="mango-export-")) / f"{safe}{suffix}"
         path.write_text(text, encoding="utf-8")
         return str(path), message_html(f"Exported {path.name}.")
 
     export_btn.click(on_export, [*settings, workspace, board], [export_file, import_status],
                      api_name="ui_export_yaml", api_visibility="undocumented")
+    export_mk_btn.click(lambda *a: on_export(*a, fmt="mergekit"), [*settings, workspace, board],
+                        [export_file, import_status], api_name="ui_export_mergekit", api_visibility="undocumented")
 
     _register_api(engine)
     return {
@@ -452,6 +463,11 @@ def _register_api(engine: StudioEngine) -> None:
         return _jsonable(engine.repo.restore_recipe(int(recipe_id), new_name or None))
 
     @api_errors
+    def export_mergekit_yaml(yaml_text: str) -> str:
+        """A plain-stacking recipe as mergekit passthrough YAML (or an error saying why it has none)."""
+        return export_mergekit(engine.recipe_from_yaml(yaml_text))
+
+    @api_errors
     def import_recipe(text: str) -> str:
         """Mango or mergekit passthrough YAML in, canonical Mango YAML out."""
         return rb.parse_recipe_text(text)[0].to_yaml()
@@ -485,7 +501,7 @@ def _register_api(engine: StudioEngine) -> None:
                      (list_recipes, "list_recipes"), (list_versions, "list_versions"), (get_version, "get_version"),
                      (duplicate_version, "duplicate_version"), (compare_versions, "compare_versions"),
                      (delete_recipe, "delete_recipe"), (restore_recipe, "restore_recipe"),
-                     (import_recipe, "import_recipe"), (add_slot, "add_slot"), (add_expert, "add_expert"),
+                     (import_recipe, "import_recipe"), (export_mergekit_yaml, "export_mergekit"), (add_slot, "add_slot"), (add_expert, "add_expert"),
                      (remove_slot, "remove_slot"), (remove_expert, "remove_expert"), (move_slot, "move_slot"),
                      (set_router, "set_router")]:
         gr.api(fn, api_name=name)

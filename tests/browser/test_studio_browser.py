@@ -212,3 +212,64 @@ def test_invalid_recipes_show_inline_errors_not_tracebacks(page, tmp_path):
     page.click("#import-yaml")
     expect(page.locator("#import-status [role=alert]")).to_contain_text("not valid YAML at line")
     assert "Traceback" not in page.content()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option).click()
+
+
+def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
+    from tests.tiny_models import CORPUS
+
+    prose, code = tmp_path / "prose.txt", tmp_path / "code.txt"
+    prose.write_text(CORPUS.split("def main")[0] * 4)
+    code.write_text(("def main" + CORPUS.split("def main")[1]) * 4)
+    models = studio.engine.embedded_models()
+    studio.engine.repo.create_recipe("to-train", yaml.safe_dump({
+        "name": "to-train", "base": "bard", "models": {a: models[a] for a in ("bard", "coder")},
+        "slots": ["bard:0", {"experts": ["bard:1", "coder:1"]}, "bard:2"]}))
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+
+    open_tab(page, "Train")
+    expect(textbox(page, "train-version")).to_have_value(re.compile("to-train v1"))
+    for corpus in ("prose", "code"):  # our own small files instead of the built-in corpora
+        page.locator("#train-corpora").get_by_label(corpus).uncheck()
+    page.locator("#train-files input[type=file]").set_input_files([str(prose), str(code)])
+    set_number(page, "train-steps", 5)
+    set_number(page, "train-batch", 2)
+    set_number(page, "train-seq-len", 32)
+    page.click("#train-start")
+    expect(page.locator("#train-status")).to_contain_text("finished: 5 steps", timeout=120_000)
+    page.wait_for_selector("#loss-curve .js-plotly-plot")
+    steps = page.evaluate("document.querySelector('#loss-curve .js-plotly-plot').data[0].x")
+    assert steps == [1, 2, 3, 4, 5]
+    run = studio.engine.repo.list_training_runs()[0]
+    assert run.status == "completed" and len(run.loss_curve) == 5
+    expect(page.locator("#training-runs")).to_contain_text("completed")
+    shot(page, "train")
+
+    open_tab(page, "Evaluate")
+    expect(textbox(page, "eval-version")).to_have_value(re.compile("to-train v1"))
+    pick(page, "eval-weights", re.compile(f"training run #{run.id}"))
+    for corpus in ("prose", "code", "mixed"):
+        page.locator("#eval-corpora").get_by_label(corpus).uncheck()
+    page.locator("#eval-files input[type=file]").set_input_files([str(prose), str(code)])
+    set_number(page, "eval-seq-len", 32)
+    page.click("#eval-start")
+    expect(page.locator("#eval-status")).to_contain_text("stored with to-train v1 + training run", timeout=120_000)
+    results = page.locator("#eval-results")
+    expect(results).to_contain_text("prose perplexity")
+    expect(results).to_contain_text("bard alone")
+    expect(results).to_contain_text("coder alone")
+    evaluation = studio.engine.repo.list_evaluations()[0]
+    assert evaluation.training_run_id == run.id
+    expect(page.locator("#evaluations")).to_contain_text("to-train v1")
+    shot(page, "evaluate")

@@ -5,24 +5,54 @@
     model = mol.build(recipe)
     out = model.generate(ids, max_new_tokens=32)
     model.last_trace
-"""
 
-from mol.adapters import BottleneckAdapter, LinearAdapter
-from mol.calibrate import calibrate
-from mol.errors import MolError
-from mol.fused import FusedModel, MoLOutput
-from mol.loading import build
-from mol.plan import Plan, plan
-from mol.recipe import AdapterSpec, ExpertRef, Recipe, RouterSpec, Slot
-from mol.routers import PooledRouter, SimpleRouter, TokenRouter, load_balancing_loss, z_loss
-from mol.runtime import MoLRuntime, default_recipe
-from mol.trace import SlotTrace, Trace
-from mol.weights import load_trainable, save_trainable
+Names are imported on first use, so `import mol.errors` or `mol.Recipe` stays cheap (no torch import)."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterSpec", "BottleneckAdapter", "ExpertRef", "FusedModel", "LinearAdapter", "MoLOutput", "MolError",
-    "Plan", "PooledRouter", "Recipe", "RouterSpec", "SimpleRouter", "Slot", "SlotTrace", "TokenRouter", "Trace",
-    "MoLRuntime", "build", "calibrate", "default_recipe", "load_balancing_loss", "load_trainable", "plan", "save_trainable", "z_loss",
-]
+_EXPORTS = {
+    "mol.adapters": ["BottleneckAdapter", "LinearAdapter"],
+    "mol.calibrate": ["calibrate"],
+    "mol.errors": ["MolError"],
+    "mol.evaluate": ["evaluate"],
+    "mol.fused": ["FusedModel", "MoLOutput"],
+    "mol.loading": ["build"],
+    "mol.plan": ["Plan", "plan"],
+    "mol.recipe": ["AdapterSpec", "ExpertRef", "Recipe", "RouterSpec", "Slot"],
+    "mol.routers": ["PooledRouter", "SimpleRouter", "TokenRouter", "load_balancing_loss", "z_loss"],
+    "mol.runtime": ["MoLRuntime", "default_recipe"],
+    "mol.trace": ["SlotTrace", "Trace"],
+    "mol.train": ["TrainConfig", "train"],
+    "mol.weights": ["load_trainable", "save_trainable"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mol' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register_exported_models() -> None:
+    """Exported MoL folders load with plain AutoModelForCausalLM once mol is imported (lazily hooked)."""
+    try:
+        from mol.export import register_auto_classes
+    except ImportError:
+        return
+    register_auto_classes(lazy=True)
+
+
+_register_exported_models()

@@ -31,6 +31,7 @@ INTRO = ("# MoL Studio\nFuse transformer blocks from different language models: 
 
 def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
     engine = engine or StudioEngine()
+    engine.repo  # noqa: B018 - open the database now: its migrations run at start, not on the first click
     with gr.Blocks(title="MoL Studio") as demo:
         gr.Markdown(INTRO)
         workspace = gr.State(initial_workspace(engine))  # architecture cards only, never models

@@ -88,7 +88,9 @@ def _slot_text(slot: Any) -> str:
         experts = ", ".join(map(str, slot.get("experts") or []))
         router = slot.get("router")
         return f"[{experts}]" + (f" {router.get('type', 'token')} router" if isinstance(router, dict) else "")
-    return str(slot)
+    if isinstance(slot, list):  # shorthand: a list of experts
+        return f"[{', '.join(map(str, slot))}]"
+    return f"[{slot}]"  # shorthand: one expert or a range
 
 
 def _jsonable(obj: Any) -> Any:

@@ -220,9 +220,11 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
-def pick(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option).click()
+def pick(page, elem_id: str, option) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    options = page.locator(f"#{box.get_attribute('aria-controls')}")  # this dropdown's own list
+    options.get_by_role("option", name=option, exact=isinstance(option, str)).click()
 
 
 def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
@@ -273,3 +275,39 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     assert evaluation.training_run_id == run.id
     expect(page.locator("#evaluations")).to_contain_text("to-train v1")
     shot(page, "evaluate")
+
+
+def test_compare_duplicate_delete_and_restore_versions(page, studio):
+    repo = studio.engine.repo
+    models = studio.engine.embedded_models()
+
+    def text(slots):
+        return yaml.safe_dump({"name": "versioned", "base": "bard", "models": {"bard": models["bard"]},
+                               "slots": slots})
+
+    v1 = repo.create_recipe("versioned", text(["bard:0", "bard:1"]), note="two")
+    repo.save_version(v1.recipe_id, text(["bard:0", "bard:1", "bard:2"]), note="three")
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+    pick(page, "version-pick", "versioned v1 — two")
+    pick(page, "compare-with", "versioned v2 — three")
+    page.click("#compare-versions")
+    expect(page.locator("#version-diff")).to_contain_text("versioned v1 → versioned v2")
+    expect(page.locator("#version-diff")).to_contain_text("slot 2 added: [bard:2]")
+
+    page.click("#duplicate-version")
+    expect(page.locator("#versions-status")).to_contain_text("Duplicated as 'versioned (copy)'")
+    assert board_slots(page) == [["bard:0"], ["bard:1"]]
+    assert repo.find_recipe("versioned (copy)") is not None
+
+    pick(page, "version-pick", "versioned v2 — three")
+    page.click("#delete-recipe")
+    expect(page.locator("#versions-status")).to_contain_text("Deleted 'versioned'")
+    expect(page.locator("#recipe-versions")).not_to_contain_text("three")
+    assert repo.find_recipe("versioned") is None
+    page.locator("#show-deleted").get_by_label("Show deleted recipes").check()
+    expect(page.locator("#recipe-versions")).to_contain_text("deleted")
+    pick(page, "version-pick", "versioned v2 — three (deleted)")
+    page.click("#restore-recipe")
+    expect(page.locator("#versions-status")).to_contain_text("Restored 'versioned'")
+    assert repo.find_recipe("versioned").latest_version == 2

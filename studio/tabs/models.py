@@ -60,13 +60,14 @@ def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr
     gr.Markdown("The models this session can fuse. Blocks fuse only between models with the same tokenizer; "
                 "widths and families may differ (adapters bridge them).")
     model_list = gr.Dataframe(headers=MODEL_COLUMNS, value=model_rows(workspace.value), interactive=False,
-                              elem_id="model-list", label="Source models", wrap=True)
-    with gr.Row(equal_height=True):
+                              elem_id="model-list", label="Source models", wrap=True,
+                              column_widths=["8%", "9%", "7%", "7%", "7%", "8%", "9%", "15%", "14%", "16%"])
+    with gr.Row():
         ref = gr.Textbox(label="Hub id or local folder", placeholder="org/name or path/to/model-folder",
                          elem_id="model-ref", scale=3)
         alias = gr.Textbox(label="Alias (optional)", placeholder="short name used in recipes", elem_id="model-alias",
                            scale=1)
-        add = gr.Button("Add model", variant="primary", elem_id="add-model", scale=1)
+    add = gr.Button("Add model", variant="primary", elem_id="add-model")
     status = gr.HTML(elem_id="model-status")
     card = gr.HTML(elem_id="model-card")
 

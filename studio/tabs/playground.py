@@ -92,9 +92,9 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         stop = gr.Button("Stop", elem_id="stop-run")
     run_status = gr.HTML(elem_id="run-status")
     output = gr.Textbox(label="Output", lines=6, elem_id="output-text", interactive=False)
-    with gr.Row():
-        heatmap = gr.Plot(label="Router heatmap", elem_id="router-heatmap")
-        load = gr.Plot(label="Expert load", elem_id="expert-load")
+    heatmap = gr.Plot(label="Router heatmap (tokens × routed slots; hover a cell for every gate probability)",
+                      elem_id="router-heatmap")
+    load = gr.Plot(label="Expert load", elem_id="expert-load")
     with gr.Accordion("Side by side: the same prompt through source models alone", open=False):
         sources = gr.CheckboxGroup(choices=[], label="Source models", elem_id="compare-sources")
         run_sources = gr.Button("Run on the chosen sources", elem_id="run-sources")

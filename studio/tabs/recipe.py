@@ -186,10 +186,10 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             with gr.Column(scale=2):
                 version_pick = gr.Dropdown(choices=[], label="Version", elem_id="version-pick")
                 with gr.Row():
-                    open_btn = gr.Button("Open", size="sm", elem_id="open-version")
-                    duplicate_btn = gr.Button("Duplicate", size="sm", elem_id="duplicate-version")
-                    delete_btn = gr.Button("Delete recipe", size="sm", variant="stop", elem_id="delete-recipe")
-                    restore_btn = gr.Button("Restore recipe", size="sm", elem_id="restore-recipe")
+                    open_btn = gr.Button("Open", size="sm", elem_id="open-version", min_width=90)
+                    duplicate_btn = gr.Button("Duplicate", size="sm", elem_id="duplicate-version", min_width=90)
+                    delete_btn = gr.Button("Delete recipe", size="sm", variant="stop", elem_id="delete-recipe", min_width=90)
+                    restore_btn = gr.Button("Restore recipe", size="sm", elem_id="restore-recipe", min_width=90)
             with gr.Column(scale=2):
                 compare_with = gr.Dropdown(choices=[], label="Compare with", elem_id="compare-with")
                 compare_btn = gr.Button("Compare the two versions", size="sm", elem_id="compare-versions")

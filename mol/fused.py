@@ -260,10 +260,10 @@ class FusedModel(nn.Module):
     def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
         """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step)."""
         h = self.embed(input_ids)
+        if self.project_in is not None:  # OPT-350m style: project first, then add positions
+            h = self.project_in(h)
         if self.positions is not None:
             h = h + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
-        if self.project_in is not None:
-            h = self.project_in(h)
         for slot in self.slots:
             h = slot(h, ctx)
         h = h[:, -1:].to(self.device) if last_only else h.to(self.device)

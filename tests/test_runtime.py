@@ -224,3 +224,11 @@ def test_out_of_memory_while_generating_is_a_clear_error(tiny, monkeypatch):
         model.generate(torch.randint(1, 300, (1, 5)), max_new_tokens=8)
     monkeypatch.undo()
     assert model.generate(torch.randint(1, 300, (1, 5)), max_new_tokens=3, eos_token_id=[]).shape == (1, 8)
+
+
+def test_opt_with_projections_reproduces_the_source(tiny):
+    folder = tiny("opt", width=64, word_embed_proj_dim=32)
+    model = mol.build(identity_recipe(folder), device="cpu")
+    ids = torch.randint(1, 380, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(folder)(ids).logits).abs().max().item() <= 1e-4

@@ -203,6 +203,11 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
             cache_index += 1
         slot_plans.append(SlotPlan(i, slot, tuple(experts)))
 
+    for alias, src in sources.items():
+        window = _sliding_window(src.config)
+        if window:
+            warnings.append(f"'{alias}' uses sliding-window attention ({window} tokens); the fused model attends to "
+                            "the whole context, so results differ from the source beyond that length.")
     widths = {s.width for s in sources.values()}
     if len(widths) > 1:
         warnings.append("models of different widths are fused through adapters; run mol.calibrate (or train) "
@@ -210,6 +215,15 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
     return Plan(recipe=recipe, sources=sources, slots=slot_plans,
                 reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items() if d},
                 warnings=warnings)
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    active = getattr(config, "use_sliding_window", None)
+    if window and (active or "sliding_attention" in layer_types or (active is None and not layer_types)):
+        return int(window)
+    return None
 
 
 def _tensors_under(src: ModelSource, module_path: str) -> dict[str, TensorInfo]:

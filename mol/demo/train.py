@@ -5,6 +5,7 @@ model cards.
     python -m mol.demo.train prepare         # corpora (full splits + shipped subsets), tokenizer, token arrays
     python -m mol.demo.train fit             # train the three models into assets/models (GPU: a few minutes)
     python -m mol.demo.train evaluate        # test perplexities, CPU timings, bench/demo_family.*, model cards
+    python -m mol.demo.train cards           # model cards and bench table again from bench/demo_family.json
     python -m mol.demo.train --smoke --out DIR   # the whole pipeline in seconds on CPU, tiny settings
 
 Every model trains from fixed seeds: the number of epochs is chosen per model by validation loss among a few
@@ -53,10 +54,13 @@ class Settings:
     eval_windows: int = 128  # validation windows per domain when choosing among candidates
     vocab_size: int = tokenizer_mod.VOCAB_SIZE
     max_steps: int | None = None  # smoke runs cap every candidate
+    # Every model gets the same training budget; candidates needing more are not trained. The generalist must
+    # cover two domains with it, which is what makes it weaker than each specialist on its own domain.
+    budget_steps: int | None = 1500
 
 
 SMOKE = Settings(seq_len=64, batch_size=8, lr=3e-3, warmup=2, epochs=(1,), eval_windows=4, vocab_size=384,
-                 max_steps=12)
+                 max_steps=12, budget_steps=None)
 SMOKE_CORPUS_BYTES = {"train": 60_000, "valid": 12_000, "test": 12_000}
 
 
@@ -141,6 +145,20 @@ def _valid_loss(model, valid: dict[str, torch.Tensor], s: Settings, windows: int
             for d, ids in valid.items()}
 
 
+def _steps(epochs: float, n_train: int, s: Settings) -> int:
+    steps = max(1, round(epochs * n_train / (s.batch_size * s.seq_len)))
+    return min(steps, s.max_steps) if s.max_steps is not None else steps
+
+
+def candidates(name: str, train_tokens: dict[str, int], s: Settings) -> list[float]:
+    """The epoch counts tried for a model: those within the step budget (the budget itself if none fits)."""
+    n_train = sum(train_tokens[d] for d in SPECS[name].domains)
+    within = [e for e in s.epochs if s.budget_steps is None or _steps(e, n_train, s) <= s.budget_steps]
+    if not within:
+        within = [round(s.budget_steps * s.batch_size * s.seq_len / n_train, 2)]
+    return within
+
+
 def train_candidate(name: str, data: Path, s: Settings, epochs: float, device: torch.device,
                     vocab_size: int, smoke: bool = False) -> tuple[dict, dict]:
     """Train one model for `epochs` passes over its training split with a full cosine schedule. Returns its
@@ -156,11 +174,8 @@ def train_candidate(name: str, data: Path, s: Settings, epochs: float, device: t
 
     train = {d: _tokens(data, d, "train", device) for d in spec.domains}
     valid = {d: _tokens(data, d, "valid", device) for d in spec.domains}
-    n_train = sum(len(t) for t in train.values())
     tokens_per_step = s.batch_size * s.seq_len
-    steps = max(1, round(epochs * n_train / tokens_per_step))
-    if s.max_steps is not None:
-        steps = min(steps, s.max_steps)
+    steps = _steps(epochs, sum(len(t) for t in train.values()), s)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -271,7 +286,6 @@ def _save_folder(name: str, state: dict, data: Path, out: Path, smoke: bool, voc
         raise RuntimeError(f"{name}: state mismatch, missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model = model.to(torch.float16)
-    model.config.dtype = "float16"
     model.generation_config = GenerationConfig(
         bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.95,
         max_new_tokens=64,
@@ -279,9 +293,19 @@ def _save_folder(name: str, state: dict, data: Path, out: Path, smoke: bool, voc
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(str(out))
+    set_compute_dtype(out)
     for f in TOKENIZER_FILES:
         if (data / "tokenizer" / f).exists():
             shutil.copy(data / "tokenizer" / f, out / f)
+
+
+def set_compute_dtype(folder: Path, dtype: str = "float32") -> None:
+    """Weights are stored as fp16 (half the bytes); the config names float32 so that `from_pretrained` upcasts
+    them, exactly, on load: fp16 matrix products are many times slower than float32 on most CPUs."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, models: tuple[str, ...],
@@ -291,9 +315,12 @@ def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, mod
 
     vocab = _vocab_size(data)
     runs = data / ("runs-smoke" if smoke else "runs")
-    todo = [(name, e) for name in models for e in s.epochs]
+    prep = json.loads((data / "prepare.json").read_text())
+    train_tokens = {d: prep["tokens"][d]["train"] for d in DOMAINS}
+    todo = [(name, e) for name in models for e in candidates(name, train_tokens, s)]
     results: dict[str, list[dict]] = {name: [] for name in models}
     t0 = time.perf_counter()
+    jobs = min(jobs, len(todo))
     if jobs > 1:
         log(f"training {len(todo)} candidates, {jobs} at a time")
         pending = list(todo)
@@ -315,7 +342,6 @@ def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, mod
         results[name].append(json.loads((runs / f"{name}-e{e}" / "result.json").read_text()))
     log(f"all candidates trained in {time.perf_counter() - t0:.0f} s")
 
-    prep = json.loads((data / "prepare.json").read_text())
     for name in models:
         best = min(results[name], key=lambda r: r["valid_loss"])
         state = load_file(str(runs / f"{name}-e{best['epochs']}" / "state.safetensors"))
@@ -332,6 +358,7 @@ def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, mod
         record = {
             "model": name,
             "settings": {k: v for k, v in asdict(s).items() if k != "max_steps"},
+            "token_budget": s.budget_steps * s.batch_size * s.seq_len if s.budget_steps else None,
             "candidates": [{k: r[k] for k in ("epochs", "steps", "valid_loss", "valid_loss_by_domain")}
                            for r in results[name]],
             "final": final,
@@ -386,7 +413,7 @@ def _number(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mol.demo.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "fit", "evaluate", "fit-one"])
+    p.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "fit", "evaluate", "cards", "fit-one"])
     p.add_argument("--smoke", action="store_true", help="tiny settings on slices of the shipped corpora (CPU, seconds)")
     p.add_argument("--out", type=Path, help="models folder (default assets/models; with --smoke, required: "
                    "models, data, corpora and bench all go under it)")
@@ -437,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage in ("all", "fit"):
         jobs = a.jobs or (len(models) * len(settings.epochs) if device.type == "cuda" else 1)
         fit(data, out, a.smoke, device, jobs, models, COMMANDS, settings)
+    if a.stage == "cards":  # cards and table again from the last evaluation, without recomputing it
+        result = json.loads((bench / "demo_family.json").read_text(encoding="utf-8"))
+        evaluate_mod.write_bench(result, bench)
+        evaluate_mod.write_cards(out, result)
     if a.stage in ("all", "evaluate"):
         if set(models) != set(MODEL_NAMES):
             log("evaluate needs all three models; skipped")

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.browser
 def expect(locator):
     from playwright.sync_api import expect as pw_expect
 
+    pw_expect.set_options(timeout=20_000)  # a busy 2-core CI machine answers in seconds, not milliseconds
     return pw_expect(locator)
 
 

@@ -25,6 +25,15 @@ NAMES = ("mango-bard", "mango-coder", "mango-base")
 EOS = "<|endoftext|>"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def shipped(request):
     folder = MODELS / request.param

@@ -169,7 +169,6 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     page.get_by_text("Side by side: the same prompt through source models alone").click()
     page.click("#run-sources")
     expect(page.locator("#source-outputs .source-output")).to_have_count(2, timeout=120_000)
-    shot(page, "playground")
 
     # a second run with another prompt, then reopen the first one from the list: prompt and output come back
     textbox(page, "prompt").fill("def main(argv):")
@@ -237,7 +236,7 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     models = studio.engine.embedded_models()
     studio.engine.repo.create_recipe("to-train", yaml.safe_dump({
         "name": "to-train", "base": "bard", "models": {a: models[a] for a in ("bard", "coder")},
-        "slots": ["bard:0", {"experts": ["bard:1", "coder:1"]}, "bard:2"]}))
+        "slots": ["bard:0", {"experts": ["bard:1", "coder:1"]}, {"experts": ["bard:2", "coder:2"]}, "bard:3"]}))
     page.reload()
     page.wait_for_selector("#layer-palette .layer-chip")
 
@@ -249,6 +248,8 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     set_number(page, "train-steps", 5)
     set_number(page, "train-batch", 2)
     set_number(page, "train-seq-len", 32)
+    page.get_by_text("More settings").click()
+    page.locator("#train-router-init").get_by_label("ridge").check()  # routers fitted to the domain labels first
     page.click("#train-start")
     expect(page.locator("#train-status")).to_contain_text("finished: 5 steps", timeout=120_000)
     page.wait_for_selector("#loss-curve .js-plotly-plot")
@@ -276,6 +277,20 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     assert evaluation.training_run_id == run.id
     expect(page.locator("#evaluations")).to_contain_text("to-train v1")
     shot(page, "evaluate")
+
+    # the trained routers in the Playground: prose and code in one prompt
+    open_tab(page, "Playground")
+    pick(page, "run-version", "to-train v1")
+    pick(page, "run-weights", re.compile(f"training run #{run.id}"))
+    textbox(page, "prompt").fill("To be, or not to be, that is the question.\ndef main(argv):\n    return sorted(argv)")
+    page.click("#run-prompt")
+    expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
+    stored = studio.engine.repo.list_runs()[0]
+    assert stored.settings["training_run_id"] == run.id
+    page.get_by_text("Side by side: the same prompt through source models alone").click()
+    page.click("#run-sources")
+    expect(page.locator("#source-outputs .source-output")).to_have_count(2, timeout=120_000)
+    shot(page, "playground")
 
 
 def test_compare_duplicate_delete_and_restore_versions(page, studio):

@@ -216,3 +216,14 @@ def test_recipe_files_keep_working_once_stored(engine, models_dir, tmp_path):
     recipe = engine.recipe_from_file(folder / "example.yaml")
     assert recipe.models["bard"] == str((models_dir / "mango-bard").resolve())  # no longer relative to the file
     assert engine.check(recipe.to_dict()).ok
+
+
+def test_shipped_example_recipes_open_and_plan(tmp_path):
+    engine = StudioEngine(StudioConfig(db_url=f"sqlite:///{tmp_path / 'studio.db'}"))  # the shipped folders
+    examples = sorted(engine.config.recipes_dir.glob("*.yaml"))
+    assert examples
+    for path in examples:
+        recipe = engine.recipe_from_file(path)
+        assert all(ref.startswith("assets/models/") for ref in recipe.models.values()), recipe.models
+        report = engine.check(recipe.to_dict())
+        assert report.ok, (path.name, report.error)

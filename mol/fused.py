@@ -292,12 +292,14 @@ class FusedModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, streamer=None, stop=None, fast: bool = False) -> torch.Tensor:
+                 generator: torch.Generator | None = None, streamer=None, stop=None,
+                 fast: bool | None = None) -> torch.Tensor:
         """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new].
 
         `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early.
-        `last_trace` then covers the prompt and every generated token. `fast=True` decodes with a static cache
-        and, on CUDA, a captured CUDA graph (mol.fast): the same tokens, far fewer launches."""
+        `last_trace` then covers the prompt and every generated token. The fast path (mol.fast: a static cache
+        and, on CUDA, one captured CUDA graph per step) gives the same tokens with far fewer launches; `fast=None`
+        takes it when the model sits on one CUDA device, `fast=True` also on the CPU, `fast=False` never."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -307,7 +309,10 @@ class FusedModel(nn.Module):
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
-        if fast:
+        if fast is None:
+            fast = self.device.type == "cuda" and not self.training and getattr(self, "placement", None) is None \
+                and len(eos) <= 8
+        if fast and max_new_tokens > 0:
             from mol.fast import decoder_for
 
             return decoder_for(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens).generate(

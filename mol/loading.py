@@ -1,5 +1,5 @@
-"""Build a FusedModel from a plan, reading only the planned tensors (safetensors mmap), constructing blocks
-on the meta device and filling them."""
+"""Build a FusedModel from a plan, reading only the planned tensors (exact byte ranges of the safetensors
+files), constructing blocks on the meta device and filling them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from mol.adapters import make_adapter
@@ -33,13 +32,38 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class TensorReader:
-    """Reads named tensors of one source from its safetensors files, and counts the bytes it read."""
+    """Reads named tensors of one source from its safetensors files, and counts the bytes it read.
+
+    Each tensor is one read of exactly its byte range into a fresh buffer, with the kernel's read-ahead off: a
+    memory map would fault pages in with read-ahead around them (reading parts of unselected layers) and would
+    keep every touched page resident, so host memory would grow with all that was read even when the weights
+    go on to a GPU."""
 
     def __init__(self, source: ModelSource, stack: ExitStack):
         self.source, self.stack = source, stack
-        self.handles: dict[Path, object] = {}
+        self.handles: dict[Path, tuple] = {}  # file -> (raw file, byte offset of the data, header)
         self.bytes_read = 0
+
+    def _open(self, path: Path) -> tuple:
+        import json
+        import os
+        import struct
+
+        try:
+            fh = self.stack.enter_context(open(path, "rb", buffering=0))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"'{path}' cannot be opened as safetensors: {exc}.") from None
+        return fh, 8 + n, header
 
     def get(self, name: str) -> torch.Tensor:
         info = self.source.tensors.get(name)
@@ -50,19 +74,25 @@ class TensorReader:
 
             self.bytes_read += info.nbytes
             return load_pickle(info.file)[name]
-        fh = self.handles.get(info.file)
-        if fh is None:
-            try:
-                fh = self.stack.enter_context(safe_open(str(info.file), framework="pt", device="cpu"))
-            except Exception as exc:
-                raise CheckpointError(f"'{info.file}' cannot be opened as safetensors: {exc}.") from None
-            self.handles[info.file] = fh
+        if info.file not in self.handles:
+            self.handles[info.file] = self._open(info.file)
+        fh, data, header = self.handles[info.file]
         try:
-            t = fh.get_tensor(name)
-        except Exception as exc:
+            meta = header[name]
+            begin, end = meta["data_offsets"]
+            dtype = _ST_DTYPES[meta["dtype"]]
+            buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: every byte is read into it
+            view, got = memoryview(buf.numpy()), 0
+            fh.seek(data + begin)
+            while got < len(view):
+                k = fh.readinto(view[got:])
+                if not k:
+                    raise OSError(f"end of file after {got} of {len(view)} bytes")
+                got += k
+        except (KeyError, OSError, ValueError) as exc:
             raise CheckpointError(f"'{info.file}': tensor '{name}' cannot be read ({exc}); the file may be truncated.") from None
         self.bytes_read += info.nbytes
-        return t
+        return buf.view(dtype).reshape(meta["shape"])
 
 
 def _source_config(src: ModelSource, layers: int | None = None):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mol
+from mol import fast as mol_fast
 from mol.fast import FastDecoder, StaticKV, decoder_for
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gpt_neox", "opt", "phi"]
@@ -46,14 +47,14 @@ def _prompt(bsz, q, seed, pad=0):
 def test_fast_greedy_tokens_equal_plain(tiny, family):
     model = mol.build(identity(tiny(family)), device="cpu")
     ids, mask = _prompt(2, 7, 1, pad=3)
-    plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], fast=False)
     fast = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], fast=True)
     assert fast.tolist() == plain.tolist()
 
 
 def test_fast_routed_recipe_tokens_and_trace_equal_plain(routed):
     ids, mask = _prompt(3, 6, 2, pad=2)
-    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[])
+    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=False)
     plain_trace = routed.last_trace
     fast = routed.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=True)
     trace = routed.last_trace
@@ -67,14 +68,15 @@ def test_fast_routed_recipe_tokens_and_trace_equal_plain(routed):
     # The decoder is cached and reused: a second prompt of the same shape gives the plain tokens too.
     ids2, mask2 = _prompt(3, 6, 3)
     assert routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=True).tolist() == \
-        routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[]).tolist()
+        routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=False).tolist()
 
 
 def test_fast_stops_at_end_of_sequence_like_plain(routed):
     ids, mask = _prompt(2, 5, 4)
     free = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     eos = [int(free[0, 7]), int(free[1, 9])]  # tokens that will come up: one sequence finishes early
-    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0,
+                            fast=False)
     fast = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, fast=True)
     assert fast.tolist() == plain.tolist()
 
@@ -82,7 +84,7 @@ def test_fast_stops_at_end_of_sequence_like_plain(routed):
 def test_fast_sampling_matches_plain_with_the_same_generator(routed):
     ids, mask = _prompt(2, 5, 5)
     kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=20, temperature=0.8)
-    plain = routed.generate(ids, generator=torch.Generator().manual_seed(9), **kw)
+    plain = routed.generate(ids, generator=torch.Generator().manual_seed(9), fast=False, **kw)
     fast = routed.generate(ids, generator=torch.Generator().manual_seed(9), fast=True, **kw)
     assert fast.tolist() == plain.tolist()
 
@@ -106,6 +108,18 @@ def test_static_cache_writes_in_place():
     k, _ = kv.update(2 * torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), layer_idx=5)
     assert k.shape == (1, 2, 8, 4) and k[0, 0, :, 0].tolist() == [1, 1, 1, 2, 0, 0, 0, 0]
     assert k.data_ptr() == kv.keys[5].data_ptr()
+
+
+def test_fast_is_the_default_on_one_cuda_device_only(tiny, monkeypatch):
+    model = mol.build(identity(tiny("llama")), device="cpu")
+    used = []
+    original = mol_fast.decoder_for
+    monkeypatch.setattr(mol_fast, "decoder_for", lambda *a, **k: used.append(1) or original(*a, **k))
+    ids, _ = _prompt(1, 4, 7)
+    model.generate(ids, max_new_tokens=3, eos_token_id=[])  # on the CPU: the plain path
+    assert not used
+    model.generate(ids, max_new_tokens=3, eos_token_id=[], fast=True)
+    assert used
 
 
 def test_decoders_are_cached_per_shape(tiny):
@@ -164,7 +178,7 @@ def test_routed_slot_gradients_match_dense(tiny):
 def test_cuda_graph_greedy_tokens_equal_plain(tiny):
     model = mol.build(identity(tiny("llama")), device="cuda", dtype=torch.float32)
     ids, mask = _prompt(2, 7, 10, pad=2)
-    plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], fast=False)
     dec = FastDecoder(model, 2, 64, cuda_graph=True)
     for _ in range(2):  # the second call replays the captured graph from its first step
         assert dec.generate(ids, mask, max_new_tokens=20).tolist() == plain.tolist()

@@ -7,6 +7,7 @@ import torch
 
 import mol
 from mol.placement import Placement, plan_placement, slot_sizes
+from mol.plan import plan as make_plan
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
@@ -25,7 +26,7 @@ def _logits(model, ids):
 
 
 def test_slot_sizes_come_from_the_plan(tiny):
-    p = mol.plan(recipe(tiny))
+    p = make_plan(recipe(tiny))
     sizes = slot_sizes(p, torch.float32)
     assert len(sizes) == 5 and all(s > 0 for s in sizes)
     assert sizes[1] > sizes[0]  # two experts and an adapter
@@ -34,7 +35,7 @@ def test_slot_sizes_come_from_the_plan(tiny):
 
 
 def test_dict_map_ranges_and_errors(tiny):
-    p = mol.plan(recipe(tiny))
+    p = make_plan(recipe(tiny))
     pl = plan_placement(p, {"main": "cpu", "slots.1-3": "cpu"}, None, torch.float32)
     assert pl.main == torch.device("cpu") and pl.offload == set()  # everything on the CPU: nothing to offload
     with pytest.raises(mol.errors.RecipeError):
@@ -46,7 +47,7 @@ def test_dict_map_ranges_and_errors(tiny):
 
 
 def test_balanced_map_spreads_slots_in_order(tiny, monkeypatch):
-    p = mol.plan(recipe(tiny))
+    p = make_plan(recipe(tiny))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     pl = plan_placement(p, "auto", {0: "1GiB", 1: "1GiB"}, torch.float32)
     devices = [d.index for d in pl.slots]

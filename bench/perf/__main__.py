@@ -30,7 +30,7 @@ from bench.perf.common import environment
 from bench.perf.sections import SECTIONS, repo_root
 
 # Seconds a step needs, to decide whether it still fits the budget.
-ESTIMATES = {"full": {"decode_batch": 45, "compile": 150, "correctness": 40, "placement": 30},
+ESTIMATES = {"full": {"decode_batch": 45, "compile": 60, "correctness": 40, "placement": 30},
              "smoke": {"decode_batch": 0, "compile": 0, "correctness": 0, "placement": 0}}
 
 
@@ -56,8 +56,7 @@ class Bench:
         slug = re.sub(r"[^a-z0-9]+", "-", self.env["card"].lower()).strip("-")
         name = "smoke-cpu.json" if smoke else f"{slug}-{self.env['date'][:10]}.json"
         self.out = Path(out_dir) / name
-        self.results: dict = {"suite": "bench.perf", "smoke": smoke, "command": " ".join(["python -m bench.perf",
-                              *sys.argv[1:]]), "env": self.env, "sizes": {
+        self.results: dict = {"suite": "bench.perf", "smoke": smoke, "command": _command(), "env": self.env, "sizes": {
             "base": self.shapes["base"], "other": self.shapes["other"], "prompt": self.prompt,
             "new_tokens": self.new_tokens, "batches": list(self.batches), "prefill": list(self.prefill_shape),
             "dtype": str(self.dtype)}, "errors": {}}
@@ -112,6 +111,19 @@ class Bench:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.results["elapsed_s"] = time.time() - self.t0
         self.out.write_text(json.dumps(self.results, indent=1, default=_jsonable) + "\n")
+
+
+def _command() -> str:
+    """The command line, with the folders it named left out (they mean nothing on another machine)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            args.append("DIR")
+            skip = False
+            continue
+        skip = a in ("--out", "--work")
+        args.append(a.split("=")[0] + "=DIR" if a.startswith(("--out=", "--work=")) else a)
+    return " ".join(["python -m bench.perf", *args])
 
 
 def _jsonable(x):

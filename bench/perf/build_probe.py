@@ -73,7 +73,9 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
     t0 = time.perf_counter()
     out: dict = {"mode": mode}
     if mode == "mol":
-        the_plan = mol.plan(mol.Recipe.from_yaml(recipe_yaml))
+        from mol.plan import plan
+
+        the_plan = plan(mol.Recipe.from_yaml(recipe_yaml))
         model = mol.build(the_plan, device=device, dtype=dtype, load_tokenizer=False)
         out["selected_bytes"] = the_plan.bytes_to_read
         out["logical_read_bytes"] = model.bytes_read

@@ -122,10 +122,10 @@ def _plain_and_transformers(b, name, model, ids, row) -> None:
         hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen)
         sync()
         row["transformers"] = _rate(time.perf_counter() - t0, bsz, new)
-    model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    model.generate(ids, max_new_tokens=4, eos_token_id=[], fast=False)
     sync()
     t0 = time.perf_counter()
-    plain = model.generate(ids, max_new_tokens=new, eos_token_id=[])
+    plain = model.generate(ids, max_new_tokens=new, eos_token_id=[], fast=False)
     sync()
     row["plain"] = _rate(time.perf_counter() - t0, bsz, new)
     b.plain_tokens[name, bsz] = plain
@@ -151,7 +151,7 @@ def decode_correctness_fp32(b) -> dict:
         ids = _prompt(b, 2, seed=1)
         mask = torch.ones_like(ids)
         mask[1, :5] = 0
-        plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], fast=False)
         dec = FastDecoder(model, 2, b.prompt + new, cuda_graph=b.cuda)
         fast = [dec.generate(ids, mask, max_new_tokens=new) for _ in range(2)]  # second: graph replay from step 0
         res[name] = {"graph_first_call": _agreement(fast[0], plain, b.prompt),
@@ -209,11 +209,30 @@ def routed_slot(b) -> dict:
         share = ctx.routings[0][1].chosen[..., 0].float().mean().item()  # fraction routed to expert 1
         y_sub, _ = run(two)
         y_dense, _ = run(two, static=True)
+        flops = {k: _count_flops(lambda m=m, st=st: run(m, st)) for k, (m, st) in
+                 {"one_block": (one, False), "routed_slot": (two, False), "routed_slot_dense": (two, True)}.items()}
+    out["flops"] = flops
+    if flops["one_block"]:
+        out["routed_over_one_block_flops"] = flops["routed_slot"] / flops["one_block"]
+        out["dense_over_one_block_flops"] = flops["routed_slot_dense"] / flops["one_block"]
     out.update({"one_block_s": t_one, "routed_slot_s": t_two, "routed_slot_dense_s": t_dense,
                 "routed_over_one_block": t_two / t_one, "dense_over_one_block": t_dense / t_one,
                 "tokens_to_expert_1": share,
                 "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max())})
     return out
+
+
+def _count_flops(fn) -> int | None:
+    """Matrix-product FLOPs of one call, as torch's FlopCounterMode counts them (None if it cannot)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            fn()
+    except Exception:
+        return None
+    return counter.get_total_flops()
 
 
 # ---- training --------------------------------------------------------------------------------------------------
@@ -323,7 +342,7 @@ def placement(b) -> dict:
     one = b.model("identity")
     with torch.no_grad():
         ref = one(ids).logits.float()
-    ref_tokens = one.generate(ids, max_new_tokens=16, eos_token_id=[])
+    ref_tokens = one.generate(ids, max_new_tokens=16, eos_token_id=[], fast=False)
     layers = len(one.slots)
     maps = {}
     if torch.cuda.device_count() >= 2:

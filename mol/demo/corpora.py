@@ -87,6 +87,7 @@ class Corpora:
 
     documents: list[Document]
     sources: dict = field(default_factory=dict)
+    stdlib: Path | None = None
 
     def split(self, domain: str, split: str) -> list[Document]:
         docs = [d for d in self.documents if d.domain == domain and d.split == split]
@@ -215,7 +216,7 @@ def build_corpora(sdist: Path, stdlib: Path | None = None) -> Corpora:
             "licence": "PSF-2.0",
         },
     }
-    corpora = Corpora(docs, sources)
+    corpora = Corpora(docs, sources, stdlib)
     for domain in DOMAINS:
         for split in SPLITS:
             if not corpora.split(domain, split):
@@ -333,5 +334,9 @@ def write_shipped(corpora: Corpora, out: Path) -> dict:
         "chunks": len(spans),
         "bytes": (out / "mixed_test.txt").stat().st_size,
     }
+    # The PSF licence asks that its text travel with any copy of Python's sources.
+    if corpora.stdlib is not None and (corpora.stdlib / "LICENSE.txt").exists():
+        (out / "code" / "LICENSE-PSF.txt").write_text((corpora.stdlib / "LICENSE.txt").read_text(encoding="utf-8"),
+                                                      encoding="utf-8")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest

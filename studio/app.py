@@ -15,6 +15,7 @@ from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from mol.hosted import current_policy, hosted  # noqa: E402
 from studio.engine import StudioEngine  # noqa: E402
 from studio.tabs.common import initial_workspace, palette_models, user_message  # noqa: E402
 from studio.tabs.evaluate import create_evaluate_tab, evaluation_rows  # noqa: E402
@@ -124,6 +125,8 @@ def launch_settings(**overrides: Any) -> dict[str, Any]:
     """Arguments for `Blocks.launch` (Gradio 6 takes theme and css there, not in `Blocks`)."""
     settings: dict[str, Any] = {"theme": theme(), "css": (STATIC / "studio.css").read_text(encoding="utf-8"),
                                 "show_error": False}
+    if hosted():  # Gradio refuses a larger upload before it reaches the studio, which also reads it as text only
+        settings["max_file_size"] = current_policy().limits.upload_bytes
     if os.environ.get("SPACE_ID") is None:
         settings["server_name"] = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     settings.update(overrides)

@@ -5,12 +5,14 @@ by recipe version (versions are append-only, so a version id names one model for
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 import queue
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,16 @@ from mol.errors import DataError, MolError, ResourceError
 from mol.hosted import current_policy, hosted
 from mol.recipe import Recipe
 from mol.sources import load_source
+from studio.errors import (
+    InputError,
+    ReportedError,
+    flag,
+    public_text,
+    real,
+    record_id,
+    report_internal,
+    whole,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,10 @@ class StudioConfig:
     cached_models: int = 3
     max_new_tokens: int = 256
     max_prompt_tokens: int = 1024
-    generation_concurrency: int = 1
+    generation_concurrency: int = 1  # generations running at once
+    generation_queue: int | None = 32  # generations waiting for a turn (None: any number); more are told "busy"
+    generation_wait_s: float = 300.0  # the longest a waiting generation waits before being told so
+    upload_bytes: int | None = None  # the largest uploaded text file; None: no limit (local use)
 
     @classmethod
     def from_env(cls) -> StudioConfig:
@@ -64,10 +79,14 @@ class StudioConfig:
         cfg.hosted = hosted()
         cfg.cached_models = int(os.environ.get("MANGO_CACHED_MODELS", cfg.cached_models))
         cfg.generation_concurrency = int(os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency))
-        if cfg.hosted:
+        if cfg.hosted:  # many visitors: as many may wait as run, the rest are told to come back
             limits = current_policy().limits
             cfg.max_new_tokens = min(cfg.max_new_tokens, limits.new_tokens)
             cfg.generation_concurrency = min(cfg.generation_concurrency, limits.concurrent_generations)
+            cfg.generation_queue = cfg.generation_concurrency
+            cfg.upload_bytes = limits.upload_bytes
+        if os.environ.get("MANGO_GENERATION_QUEUE", "").isdigit():
+            cfg.generation_queue = int(os.environ["MANGO_GENERATION_QUEUE"])
         return cfg
 
 
@@ -91,13 +110,21 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = build()
+            try:
+                model = build()  # a failed build stores nothing: the next request tries again from scratch
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
             with self._lock:
                 self._models[key] = model
-                self._building.pop(key, None)
                 while len(self._models) > self.capacity:
                     self._models.popitem(last=False)
             return model
+
+    def building(self) -> list[Any]:
+        """Keys being built now (or whose build lock was left behind: a bug)."""
+        with self._lock:
+            return list(self._building)
 
     def keys(self) -> list[Any]:
         with self._lock:
@@ -106,6 +133,79 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
+
+
+class GenerationSlot:
+    """One admitted generation; `release` is idempotent (the worker thread releases it when it ends, the request
+    releases it when it fails before the worker starts)."""
+
+    def __init__(self, gate: GenerationGate):
+        self._gate = gate
+        self._released = False
+
+    def release(self) -> None:
+        with self._gate._cond:
+            if self._released:
+                return
+            self._released = True
+            self._gate.running -= 1
+            self._gate._cond.notify_all()
+
+
+class GenerationGate:
+    """Admission for generations: at most `capacity` run at once (building the model included) and at most
+    `max_waiting` wait for a turn, first come first served (None: no bound); one more is refused at once with a
+    "busy" message, and so is a waiter still waiting after `wait_s`. Requests wait here rather than in Gradio's
+    queue so that the bound is ours to set. Counts what happened, for the load benchmark."""
+
+    def __init__(self, capacity: int, max_waiting: int | None, wait_s: float = 300.0):
+        self.capacity = max(1, int(capacity))
+        self.max_waiting = max_waiting
+        self.wait_s = wait_s
+        self.running = 0
+        self.stats = {"admitted": 0, "queued": 0, "refused": 0, "peak_waiting": 0, "peak_running": 0}
+        self._queue: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def acquire(self) -> GenerationSlot:
+        with self._cond:
+            if self.running >= self.capacity or self._queue:
+                if self.max_waiting is not None and len(self._queue) >= self.max_waiting:
+                    self.stats["refused"] += 1
+                    raise ResourceError(self._busy())
+                ticket = object()
+                self._queue.append(ticket)
+                self.stats["queued"] += 1
+                self.stats["peak_waiting"] = max(self.stats["peak_waiting"], len(self._queue))
+                deadline = time.monotonic() + self.wait_s
+                try:
+                    while self._queue[0] is not ticket or self.running >= self.capacity:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            self.stats["refused"] += 1
+                            raise ResourceError(self._busy())
+                        self._cond.wait(left)
+                finally:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()  # the next in line may be admitted too (capacity > 1), or moves up
+            self.running += 1
+            self.stats["admitted"] += 1
+            self.stats["peak_running"] = max(self.stats["peak_running"], self.running)
+            return GenerationSlot(self)
+
+    def _busy(self) -> str:
+        waiting = f" and {len(self._queue)} waiting" if self._queue else ""
+        return (f"The server is busy: {self.running} generation{'s' if self.running != 1 else ''} running"
+                f"{waiting}, as many as it takes. Try again in a moment.")
+
+    def snapshot(self) -> dict[str, int]:
+        with self._cond:
+            return {"capacity": self.capacity, "max_waiting": self.max_waiting, "running": self.running,
+                    "waiting": len(self._queue), **self.stats}
 
 
 @dataclass
@@ -142,26 +242,25 @@ TRAIN_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "router_lr", "aux_loss
 
 
 def clamp_settings(settings: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
-    """Sampling settings with defaults filled in and each value kept in its sensible range."""
-    s = {k: v for k, v in (settings or {}).items() if v is not None}
+    """Sampling settings with defaults filled in and each value kept in its sensible range (a value of the
+    wrong kind, text where a number belongs, is an `InputError`)."""
+    s = {k: v for k, v in (settings or {}).items() if v is not None} if isinstance(settings, dict) else {}
     return {
-        "max_new_tokens": max(1, min(int(s.get("max_new_tokens", 32)), max_new_tokens)),
-        "do_sample": bool(s.get("do_sample", False)),
-        "temperature": max(0.05, min(float(s.get("temperature", 1.0)), 5.0)),
-        "top_k": max(0, int(s.get("top_k", 0))),
-        "top_p": max(0.01, min(float(s.get("top_p", 1.0)), 1.0)),
-        "seed": int(s.get("seed", 0)),
+        "max_new_tokens": max(1, min(whole(s.get("max_new_tokens", 32), "New tokens"), max_new_tokens)),
+        "do_sample": flag(s.get("do_sample", False), "Sample"),
+        "temperature": max(0.05, min(real(s.get("temperature", 1.0), "Temperature"), 5.0)),
+        "top_k": max(0, min(whole(s.get("top_k", 0), "Top-k"), 1_000_000)),
+        "top_p": max(0.01, min(real(s.get("top_p", 1.0), "Top-p"), 1.0)),
+        "seed": whole(s.get("seed", 0), "Seed") % 2**63,  # what torch takes; the usual seeds are unchanged
     }
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 class StudioEngine:
     def __init__(self, config: StudioConfig | None = None):
         self.config = config or StudioConfig.from_env()
         self.cache = ModelCache(self.config.cached_models)
+        self.gate = GenerationGate(self.config.generation_concurrency, self.config.generation_queue,
+                                   self.config.generation_wait_s)
         self._repo = None
         self._repo_lock = threading.Lock()
         self._run_locks: dict[int, threading.Lock] = {}
@@ -231,10 +330,9 @@ class StudioEngine:
         try:
             plan = mol.plan(self.recipe_from_dict(draft))
         except MolError as exc:
-            return PlanReport(False, str(exc))
-        except Exception as exc:  # a bug, not the user's fault: say so in one line, log the details
-            log.exception("planning failed")
-            return PlanReport(False, f"Internal error while planning ({_one_line(exc)}).")
+            return PlanReport(False, public_text(str(exc)))
+        except Exception as exc:  # a bug, not the user's fault: a generic line, the details in the log
+            return PlanReport(False, report_internal(exc, "planning a recipe"))
         d = plan.to_dict()
         mem = d["memory_estimate"]
         summary = {"slots": d["slots"], "routed_slots": d["routed_slots"], "base": plan.recipe.base,
@@ -247,15 +345,16 @@ class StudioEngine:
     def fused_for_version(self, version_id: int, training_run_id: int | None = None) -> tuple[mol.FusedModel, Any]:
         """The built model of a saved version, with the adapters and routers one of its training runs learned
         (None: as built, identity adapters and untrained routers)."""
-        version = self.repo.get_version_by_id(int(version_id))
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
+        training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
-        key = ("version", version.id, int(training_run_id) if training_run_id else None)
+        key = ("version", version.id, training_run_id)
         return self.cache.get(key, lambda: mol.build(recipe, weights=weights)), version
 
     def trained_weights(self, version_id: int, training_run_id: int) -> Path:
-        run = self.repo.get_training_run(int(training_run_id))
-        if run.version_id != int(version_id):
+        run = self.repo.get_training_run(record_id(training_run_id, "training run"))
+        if run.version_id != version_id:
             raise MolError(f"Training run {training_run_id} belongs to another recipe version.")
         if run.status != "completed" or not run.weights_path or not Path(run.weights_path).is_file():
             raise MolError(f"Training run {training_run_id} has no finished weights (status: {run.status}).")
@@ -273,41 +372,65 @@ class StudioEngine:
         return self.cache.get(("source", alias, ref), build)
 
     # ---- generation ---------------------------------------------------------------------------------
+    def check_prompt(self, prompt: Any, max_new_tokens: int) -> str:
+        """The prompt as text within the limits, checked before the request waits for a turn or reads a token:
+        hosted mode's policy, and else a bound on characters far above any prompt the token limit admits."""
+        if prompt is None:
+            prompt = ""
+        if not isinstance(prompt, str):
+            raise InputError("The prompt must be text.")
+        current_policy().check_generation(prompt, max_new_tokens)
+        chars = 64 * self.config.max_prompt_tokens
+        if len(prompt) > chars:
+            raise ResourceError(f"The prompt has {len(prompt):,} characters; the studio accepts at most {chars:,}. "
+                                "Shorten it.")
+        return prompt
+
     def stream(self, model: mol.FusedModel, prompt: str, settings: dict[str, Any],
-               stop: threading.Event | None = None) -> Iterator[GenerationUpdate]:
+               stop: threading.Event | None = None, slot: GenerationSlot | None = None) -> Iterator[GenerationUpdate]:
         """Generate from `prompt`, yielding the text so far after each token; the last update carries the
-        routing trace. Closing the iterator stops generation."""
+        routing trace. Closing the iterator stops generation. It runs in one of the gate's slots (`slot`, taken
+        by the caller, or one taken here), which the worker thread gives back when it ends."""
         s = clamp_settings(settings, self.config.max_new_tokens)
-        current_policy().check_generation(prompt or "", s["max_new_tokens"])
-        tok = model.tokenizer
-        if tok is None:
-            raise MolError("The base model has no tokenizer files; the studio needs one to read prompts.")
-        ids = tok(prompt or "", return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:  # an empty prompt starts from the begin-of-text token
-            start = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
-            ids = torch.tensor([[start]])
-        if ids.shape[1] > self.config.max_prompt_tokens:
-            raise ResourceError(f"The prompt has {ids.shape[1]} tokens; the studio accepts at most "
-                                f"{self.config.max_prompt_tokens}. Shorten it.")
-        stop = stop or threading.Event()
-        events: queue.Queue = queue.Queue()
-        lock = self._run_locks.setdefault(id(model), threading.Lock())
+        prompt = self.check_prompt(prompt, s["max_new_tokens"])
+        slot = slot or self.gate.acquire()
+        started = False
+        try:
+            tok = model.tokenizer
+            if tok is None:
+                raise MolError("The base model has no tokenizer files; the studio needs one to read prompts.")
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            if ids.shape[1] == 0:  # an empty prompt starts from the begin-of-text token
+                start = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
+                ids = torch.tensor([[start]])
+            if ids.shape[1] > self.config.max_prompt_tokens:
+                raise ResourceError(f"The prompt has {ids.shape[1]} tokens; the studio accepts at most "
+                                    f"{self.config.max_prompt_tokens}. Shorten it.")
+            stop = stop or threading.Event()
+            events: queue.Queue = queue.Queue()
+            lock = self._run_locks.setdefault(id(model), threading.Lock())
 
-        def work() -> None:
-            try:
-                gen = None
-                if s["do_sample"]:
-                    gen = torch.Generator(device=model.device).manual_seed(s["seed"])
-                with lock, torch.inference_mode():  # last_trace belongs to one generation at a time
-                    model.generate(ids, max_new_tokens=s["max_new_tokens"], do_sample=s["do_sample"],
-                                   temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                   generator=gen, streamer=lambda t: events.put(("token", int(t[0]))),
-                                   stop=stop.is_set)
-                    events.put(("done", self._trace_dict(model)))
-            except BaseException as exc:  # handed to the consumer, which raises it in the request thread
-                events.put(("error", exc))
+            def work() -> None:
+                try:
+                    gen = None
+                    if s["do_sample"]:
+                        gen = torch.Generator(device=model.device).manual_seed(s["seed"])
+                    with lock, torch.inference_mode():  # last_trace belongs to one generation at a time
+                        model.generate(ids, max_new_tokens=s["max_new_tokens"], do_sample=s["do_sample"],
+                                       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                       generator=gen, streamer=lambda t: events.put(("token", int(t[0]))),
+                                       stop=stop.is_set)
+                        events.put(("done", self._trace_dict(model)))
+                except BaseException as exc:  # handed to the consumer, which raises it in the request thread
+                    events.put(("error", exc))
+                finally:
+                    slot.release()  # here, not in the consumer: a stopped request's worker may run one more step
 
-        threading.Thread(target=work, name="mango-generate", daemon=True).start()
+            threading.Thread(target=work, name="mango-generate", daemon=True).start()
+            started = True
+        finally:
+            if not started:
+                slot.release()
         new_ids: list[int] = []
         eos = tok.eos_token_id
         try:
@@ -337,13 +460,21 @@ class StudioEngine:
     def run_prompt(self, version_id: int, prompt: str, settings: dict[str, Any],
                    stop: threading.Event | None = None, training_run_id: int | None = None
                    ) -> Iterator[GenerationUpdate]:
-        """Generate with a saved recipe version and store the run (prompt, settings, output, trace)."""
-        model, version = self.fused_for_version(version_id, training_run_id)
+        """Generate with a saved recipe version and store the run (prompt, settings, output, trace). The request
+        waits for a generation slot (or is told the server is busy) before the model is built: building counts."""
+        version_id = record_id(version_id, "recipe version")
         s = clamp_settings(settings, self.config.max_new_tokens)
+        prompt = self.check_prompt(prompt, s["max_new_tokens"])
         if training_run_id:
-            s["training_run_id"] = int(training_run_id)
+            s["training_run_id"] = training_run_id = record_id(training_run_id, "training run")
+        slot = self.gate.acquire()
+        try:
+            model, version = self.fused_for_version(version_id, training_run_id)
+        except BaseException:
+            slot.release()
+            raise
         last = GenerationUpdate("")
-        for last in self.stream(model, prompt, s, stop):
+        for last in self.stream(model, prompt, s, stop, slot):
             if not last.done:
                 yield last
         run = self.repo.add_run(version.id, prompt, last.text, settings=s, trace=last.trace)
@@ -351,8 +482,16 @@ class StudioEngine:
 
     def run_source(self, alias: str, ref: str, prompt: str, settings: dict[str, Any]) -> str:
         """The same prompt through one source model alone; the full output text."""
+        s = clamp_settings(settings, self.config.max_new_tokens)
+        prompt = self.check_prompt(prompt, s["max_new_tokens"])
+        slot = self.gate.acquire()
+        try:
+            model = self.fused_for_source(alias, ref)
+        except BaseException:
+            slot.release()
+            raise
         text = ""
-        for update in self.stream(self.fused_for_source(alias, ref), prompt, settings):
+        for update in self.stream(model, prompt, s, None, slot):
             text = update.text
         return text
 
@@ -378,7 +517,7 @@ class StudioEngine:
             else:
                 raise DataError(f"There is no built-in corpus '{name}'; choose from {', '.join(BUILTIN_CORPORA)}.")
         for path in uploads or []:
-            p = Path(path)
+            p = self.check_upload(path)
             name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in p.stem) or "uploaded"
             while name in out:
                 name += "_"
@@ -387,13 +526,39 @@ class StudioEngine:
             raise DataError("Choose at least one built-in corpus or upload a text file.")
         return out
 
+    def check_upload(self, path: str | Path, max_bytes: int | None = None) -> Path:
+        """An uploaded file, checked: within the upload size limit (hosted mode's, or `max_bytes`) and text (UTF-8
+        without NUL bytes); anything else is refused with a message before any code tries to read it."""
+        p = Path(path)
+        name = p.name
+        limit = min(x for x in (max_bytes, self.config.upload_bytes, 2**62) if x is not None)
+        try:
+            size = p.stat().st_size
+            if size > limit:
+                raise DataError(f"'{name}' is {size:,} bytes; uploads are at most {limit:,} bytes.")
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    if b"\x00" in chunk:
+                        raise DataError(f"'{name}' is not a text file (it has NUL bytes); upload UTF-8 text.")
+                    decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"'{name}' is not UTF-8 text; upload a text file.") from None
+        except OSError:
+            raise DataError(f"The uploaded file '{name}' cannot be read.") from None
+        return p
+
+    def read_upload(self, path: str | Path, max_bytes: int | None = None) -> str:
+        return self.check_upload(path, max_bytes).read_text(encoding="utf-8")
+
     def train_version(self, version_id: int, datasets: dict[str, list[Path]], settings: dict[str, Any],
                       poll_seconds: float = 0.5) -> Iterator[TrainingProgress]:
         """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
         the loss curve so far (read from the run file it checkpoints) and stores the run and its weights."""
         from mol.train import TrainConfig, companion_paths, train
 
-        version = self.repo.get_version_by_id(int(version_id))
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
         chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
         steps = int(chosen.get("steps", 200))
@@ -425,9 +590,12 @@ class StudioEngine:
             yield TrainingProgress(record.id, len(curve), steps, curve)
         if "error" in outcome:
             exc = outcome["error"]
-            message = str(exc) if isinstance(exc, MolError) else _one_line(exc)
+            if isinstance(exc, MolError):
+                self.repo.update_training_run(record.id, status="failed", error=public_text(str(exc)))
+                raise exc
+            message = report_internal(exc, "training")
             self.repo.update_training_run(record.id, status="failed", error=message)
-            raise exc
+            raise ReportedError(message) from exc
         result = outcome["result"]
         self.repo.update_training_run(record.id, status="completed", loss_curve=list(result.curve),
                                       metrics=dict(result.metrics), weights_path=str(weights))
@@ -439,7 +607,7 @@ class StudioEngine:
         (`mol.evaluate`); the report is stored with the version (and the training run whose weights it used)."""
         from mol.evaluate import evaluate
 
-        version = self.repo.get_version_by_id(int(version_id))
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         report = evaluate(recipe, datasets, weights=weights, sources=sources, seq_len=int(seq_len),

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import functools
 import html
-import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
 import gradio as gr
 
-from mol.errors import MolError
 from studio.engine import StudioEngine
+from studio.errors import user_message
 from studio.tabs.recipe_board import model_colors
 
-log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -29,17 +27,12 @@ def message_html(text: str, ok: bool = True) -> str:
     return f'<div class="mango-status {kind}" role="{role}">{html.escape(text)}</div>'
 
 
-def user_message(exc: BaseException) -> str:
-    """The text to show for an exception: a user error's own message; for anything else one line (the
-    details go to the log, never a traceback to the page)."""
-    if isinstance(exc, MolError):
-        return str(exc)
-    log.exception("unexpected error in a studio callback")
-    return f"Something went wrong inside the studio ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})."
+__all__ = ["user_message"]  # re-exported: the tabs take the error boundary from here
 
 
 def api_errors(fn: F) -> F:
-    """For API endpoints: user errors become `gr.Error` (the client receives the message, not a traceback)."""
+    """For API endpoints: every failure becomes `gr.Error` with a message for people (a user error's own, or a
+    generic line with an error id whose traceback is in the server log); the client never gets a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -47,7 +40,23 @@ def api_errors(fn: F) -> F:
         except gr.Error:
             raise
         except Exception as exc:
-            raise gr.Error(user_message(exc)) from None
+            # the traceback (of a bug) is logged by user_message under the error id; a user error needs none
+            raise gr.Error(user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def api_errors_stream(fn: F) -> F:
+    """`api_errors` for a generator endpoint (its errors happen while it is iterated). Closing it (a client's
+    cancel) closes `fn`'s generator, whose clean-up then runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False) from None
 
     return wrapper  # type: ignore[return-value]
 

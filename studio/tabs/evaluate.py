@@ -10,6 +10,7 @@ import gradio as gr
 
 from mol.errors import RecipeError
 from studio.engine import BUILTIN_CORPORA, StudioEngine
+from studio.errors import flag, names, record_id, whole
 from studio.tabs.common import api_errors, fmt_time, message_html, user_message
 from studio.tabs.train import weight_choices
 
@@ -82,7 +83,7 @@ def create_evaluate_tab(engine: StudioEngine, recipe: dict[str, Any], train: dic
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             data = engine.datasets(corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "test")
             progress(None, desc="evaluating")
-            info = engine.evaluate_version(int(version_id), data, int(weights_id or 0) or None, bool(sources_v),
+            info = engine.evaluate_version(version_id, data, weights_id or None, bool(sources_v),
                                            int(seq_v), int(max_tokens_v) if max_tokens_v else None)
         except Exception as exc:
             return message_html(user_message(exc), ok=False), gr.update(), evaluation_rows(engine)
@@ -97,8 +98,10 @@ def create_evaluate_tab(engine: StudioEngine, recipe: dict[str, Any], train: dic
     def evaluate_recipe(version_id: int, corpora: list[str], training_run_id: int = 0, seq_len: int = 256,
                         max_tokens: int = 20000, sources: bool = True) -> dict:
         """Evaluate a version (optionally with a training run's weights) on built-in test sets; stored."""
-        info = engine.evaluate_version(int(version_id), engine.datasets(corpora, [], "test"),
-                                       int(training_run_id) or None, sources, seq_len, max_tokens)
+        info = engine.evaluate_version(record_id(version_id, "recipe version"),
+                                       engine.datasets(names(corpora, "Corpora"), [], "test"),
+                                       record_id(training_run_id, "training run") or None, flag(sources, "sources"),
+                                       whole(seq_len, "seq_len"), whole(max_tokens, "max_tokens"))
         return {"id": info.id, "name": info.name, "results": info.results}
 
     gr.api(evaluate_recipe, api_name="evaluate", concurrency_limit=1, concurrency_id="training")

@@ -8,6 +8,7 @@ import gradio as gr
 
 from mol.errors import RecipeError
 from studio.engine import StudioEngine
+from studio.errors import text
 from studio.tabs.common import api_errors, fmt_count, fusable_notes, message_html, user_message
 from studio.tabs.recipe_board import ALIAS_RE, alias_for
 
@@ -40,7 +41,8 @@ def card_html(card: dict, note: str = "") -> str:
 
 def add_model(engine: StudioEngine, workspace: list[dict], ref: str, alias: str) -> tuple[list[dict], dict]:
     """Validate a model (config, weights headers, tokenizer) and add its card to the workspace."""
-    ref, alias = (ref or "").strip(), (alias or "").strip()
+    ref = text(ref, "The model reference", 1000).strip()
+    alias = text(alias, "The alias", 200).strip()
     if not ref:
         raise RecipeError("Give a Hub id (org/name) or a local model folder.")
     workspace = list(workspace or [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -13,7 +14,9 @@ import gradio as gr
 from mol.errors import RecipeError
 from studio import figures
 from studio.engine import StudioEngine, clamp_settings, gpu_task
-from studio.tabs.common import api_errors, fmt_time, message_html, user_message
+from studio.errors import record_id, whole
+from studio.errors import text as text_arg
+from studio.tabs.common import api_errors, api_errors_stream, fmt_time, message_html, user_message
 from studio.tabs.recipe_board import model_colors
 from studio.tabs.train import weight_choices
 
@@ -66,7 +69,7 @@ def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
 def recipe_sources(engine: StudioEngine, version_id: int | None) -> dict[str, str]:
     if version_id is None:
         return {}
-    v = engine.repo.get_version_by_id(int(version_id))
+    v = engine.repo.get_version_by_id(record_id(version_id, "recipe version"))
     return dict(engine.recipe_from_yaml(v.yaml_text).models)
 
 
@@ -125,10 +128,13 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         try:
             if version_id is None:
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-            yield "", keep, keep, message_html("Loading the model…"), keep, keep
+            gate = engine.gate.snapshot()
+            busy = gate["running"] >= gate["capacity"]
+            yield "", keep, keep, message_html(f"Waiting for a turn ({gate['running']} running, {gate['waiting']} "
+                                               "waiting)…" if busy else "Loading the model…"), keep, keep
             n = 0
-            for update in engine.run_prompt(int(version_id), prompt_v or "", settings_of(*sampling_v), stop_event,
-                                            int(weights_id or 0) or None):
+            for update in engine.run_prompt(version_id, prompt_v, settings_of(*sampling_v), stop_event,
+                                            weights_id or None):
                 if not update.done:
                     n += 1
                     yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
@@ -144,14 +150,16 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         finally:
             stop_event.set()
 
+    # Generations pass Gradio's queue unhindered (concurrency_limit=None) and wait in the engine's gate instead,
+    # which runs `generation_concurrency` at once, lets a bounded number wait, and tells the rest "busy".
     run_event = run.click(on_run, [version, weights, prompt, *sampling, workspace],
                           [output, heatmap, load, run_status, runs, run_pick], api_name="ui_run_prompt",
-                          api_visibility="undocumented", concurrency_limit=engine.config.generation_concurrency,
+                          api_visibility="undocumented", concurrency_limit=None,
                           concurrency_id="generation")
-    prompt.submit(on_run, [version, weights, prompt, *sampling, workspace], [output, heatmap, load, run_status, runs, run_pick],
-                  api_visibility="private", concurrency_limit=engine.config.generation_concurrency,
-                  concurrency_id="generation")
-    stop.click(None, cancels=[run_event], api_visibility="private")
+    submit_event = prompt.submit(on_run, [version, weights, prompt, *sampling, workspace],
+                                 [output, heatmap, load, run_status, runs, run_pick], api_visibility="private",
+                                 concurrency_limit=None, concurrency_id="generation")
+    stop.click(None, cancels=[run_event, submit_event], api_visibility="private")
 
     def on_version(version_id):
         try:
@@ -178,14 +186,14 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     run_sources.click(on_sources, [version, sources, prompt, *sampling, workspace], source_view,
                       api_name="ui_run_sources", api_visibility="undocumented",
-                      concurrency_limit=engine.config.generation_concurrency, concurrency_id="generation")
+                      concurrency_limit=None, concurrency_id="generation")
 
     def on_open_run(run_id, ws):
         keep = gr.update()
         try:
             if run_id is None:
                 raise RecipeError("Pick a run to open.")
-            r = engine.repo.get_run(int(run_id))
+            r = engine.repo.get_run(record_id(run_id, "run"))
         except Exception as exc:
             return (*[keep] * 12, message_html(user_message(exc), ok=False))
         s = clamp_settings(r.settings, limit)
@@ -223,15 +231,37 @@ def _register_api(engine: StudioEngine) -> None:
         stored. Returns {text, run_id, trace}."""
         settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                    "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
+        training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         # the final update carries the stored run
-        *_, last = engine.run_prompt(int(version_id), prompt, settings, None, int(training_run_id) or None)
+        *_, last = engine.run_prompt(version_id, prompt, settings, None, training_run_id or None)
         return {"text": last.text, "run_id": last.run_id, "trace": last.trace}
+
+    @api_errors_stream
+    @gpu_task
+    def generate_stream(version_id: int, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        training_run_id: int = 0) -> Iterator[dict]:
+        """`generate`, streamed: {text, done: false} after each new token, then {text, done: true, run_id,
+        trace}. Cancelling the job stops the generation (its worker ends and its slot is freed)."""
+        settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                   "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
+        training_run_id = record_id(training_run_id, "training run") if training_run_id else None
+        stop = threading.Event()
+        try:
+            for update in engine.run_prompt(version_id, prompt, settings, stop, training_run_id or None):
+                if update.done:
+                    yield {"text": update.text, "done": True, "run_id": update.run_id, "trace": update.trace}
+                else:
+                    yield {"text": update.text, "done": False}
+        finally:
+            stop.set()
 
     @api_errors
     @gpu_task
     def generate_source(version_id: int, alias: str, prompt: str, max_new_tokens: int = 32) -> str:
         """The same prompt through one source model of a recipe version, alone (greedy)."""
         refs = recipe_sources(engine, version_id)
+        alias = text_arg(alias, "The model alias", 200)
         if alias not in refs:
             raise RecipeError(f"The recipe has no model '{alias}'; it has: {', '.join(refs)}.")
         return engine.run_source(alias, refs[alias], prompt, {"max_new_tokens": max_new_tokens})
@@ -240,18 +270,20 @@ def _register_api(engine: StudioEngine) -> None:
     def list_runs(limit: int = 50) -> list[dict]:
         return [{"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
                  "prompt": r.prompt, "output": r.output_text, "settings": r.settings,
-                 "created_at": r.created_at.isoformat()} for r in engine.repo.list_runs(limit=int(limit))]
+                 "created_at": r.created_at.isoformat()}
+                for r in engine.repo.list_runs(limit=max(1, min(whole(limit, "limit"), 1000)))]
 
     @api_errors
     def get_run(run_id: int) -> dict:
-        r = engine.repo.get_run(int(run_id))
+        r = engine.repo.get_run(record_id(run_id, "run"))
         return {"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
                 "prompt": r.prompt, "output": r.output_text, "settings": r.settings, "trace": r.trace,
                 "created_at": r.created_at.isoformat()}
 
-    gr.api(generate, api_name="generate", concurrency_limit=engine.config.generation_concurrency,
+    gr.api(generate, api_name="generate", concurrency_limit=None,
            concurrency_id="generation")
-    gr.api(generate_source, api_name="generate_source", concurrency_limit=engine.config.generation_concurrency,
+    gr.api(generate_stream, api_name="generate_stream", concurrency_limit=None, concurrency_id="generation")
+    gr.api(generate_source, api_name="generate_source", concurrency_limit=None,
            concurrency_id="generation")
     gr.api(list_runs, api_name="list_runs")
     gr.api(get_run, api_name="get_run")

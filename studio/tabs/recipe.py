@@ -14,7 +14,10 @@ import gradio as gr
 
 from mol.errors import RecipeError
 from mol.export.mergekit import export_mergekit
+from mol.hosted import current_policy
 from studio.engine import PlanReport, StudioEngine
+from studio.errors import flag, recipe_text, record_id, whole
+from studio.errors import text as text_arg
 from studio.tabs import recipe_board as rb
 from studio.tabs.common import (
     api_errors,
@@ -108,10 +111,18 @@ def _jsonable(obj: Any) -> Any:
 # ---- what the tab does (plain functions, used by the UI callbacks and the API) ------------------------
 
 
+def checked_yaml(value: object) -> str:
+    """Recipe YAML from a request: text, at most the policy's `recipe_chars` characters, and no alias bomb."""
+    return recipe_text(value, current_policy().limits.recipe_chars)
+
+
 def save_recipe(engine: StudioEngine, yaml_text: str, note: str = "", based_on: dict | None = None):
     """Store a recipe as a new version (a new recipe when no live one has its name). Returns the version and
     a warning when someone saved the same recipe meanwhile (both versions are kept)."""
-    recipe = engine.recipe_from_yaml(yaml_text)
+    recipe = engine.recipe_from_yaml(checked_yaml(yaml_text))
+    note = text_arg(note, "The version note", 100_000)
+    if not isinstance(based_on, dict):
+        based_on = None
     text = recipe.to_yaml()
     repo = engine.repo
     existing = repo.find_recipe(recipe.name)
@@ -141,7 +152,7 @@ def version_choices(rows: list[list]) -> list[tuple[str, int]]:
 
 def edit_yaml(yaml_text: str, op, *args) -> str:
     """Apply one board operation to recipe YAML and return the new, validated YAML."""
-    recipe, _ = rb.parse_recipe_text(yaml_text)
+    recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text))
     slots = op(rb.slots_of(recipe), *args)
     draft = rb.draft_recipe(recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots)
     draft["models"] = dict(recipe.models)  # the API caller listed them: keep the unused ones too
@@ -214,8 +225,11 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     # ---- validation: every edit of the board or the settings ----
     def validate(name_v, base_v, adapter_v, rank_v, ws, board_v):
-        slots = (board_v or {}).get("slots") or []
-        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+        try:
+            slots = rb.board_slots(board_v)
+            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+        except Exception as exc:
+            return plan_html(PlanReport(False, user_message(exc))), gr.update()
         report = engine.check(draft) if slots else None
         return plan_html(report), rb.draft_yaml(draft)
 
@@ -247,9 +261,8 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     # ---- save ----
     def on_save(name_v, base_v, adapter_v, rank_v, note_v, ws, board_v, loaded_v, include_deleted):
-        slots = (board_v or {}).get("slots") or []
-        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
         try:
+            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v))
             version, warning = save_recipe(engine, rb.draft_yaml(draft), note_v or "", loaded_v)
         except Exception as exc:
             return (message_html("Not saved: " + user_message(exc), ok=False), loaded_v, *[gr.update()] * 4)
@@ -341,9 +354,9 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     compare_btn.click(on_compare, [version_pick, compare_with], [diff_view, versions_status],
                       api_name="ui_compare_versions", api_visibility="undocumented")
 
-    def on_import(text, ws, loaded_v):
+    def on_import(text_v, ws, loaded_v):
         try:
-            recipe, notes = rb.parse_recipe_text(text or "")
+            recipe, notes = rb.parse_recipe_text(checked_yaml(text_v or ""))
         except Exception as exc:
             return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
                     message_html("Not imported: " + user_message(exc), ok=False))
@@ -354,12 +367,13 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                                 api_name="ui_import_yaml", api_visibility="undocumented")
 
     def on_upload(file, ws, loaded_v):
-        try:
-            text = Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+        try:  # read as UTF-8 text only, and no larger than a recipe may be
+            text_v = engine.read_upload(file if isinstance(file, str) else file.name,
+                                        4 * current_policy().limits.recipe_chars)
+        except Exception as exc:
             return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html(f"Cannot read the file: {exc}", ok=False))
-        return on_import(text, ws, loaded_v)
+                    message_html("Not imported: " + user_message(exc), ok=False))
+        return on_import(text_v, ws, loaded_v)
 
     uploaded = upload.upload(on_upload, [upload, workspace, loaded], [*load_outputs, import_status],
                              api_visibility="private")
@@ -378,8 +392,8 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                                      api_visibility="private")
 
     def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, fmt="mango"):
-        draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), (board_v or {}).get("slots") or [])
         try:
+            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v))
             recipe = engine.recipe_from_dict(draft)
             text = export_mergekit(recipe) if fmt == "mergekit" else recipe.to_yaml()
         except Exception as exc:
@@ -418,7 +432,7 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     def validate_recipe(yaml_text: str) -> dict:
         """Plan a recipe: {ok, error, summary, warnings}."""
-        recipe, _ = rb.parse_recipe_text(yaml_text)
+        recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text))
         report = engine.check(recipe.to_dict())
         return asdict(report)
 
@@ -430,23 +444,25 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def list_recipes(include_deleted: bool = False) -> list[dict]:
-        return _jsonable(engine.repo.list_recipes(deleted=None if include_deleted else False))
+        return _jsonable(engine.repo.list_recipes(deleted=None if flag(include_deleted, "include_deleted") else False))
 
     @api_errors
     def list_versions(recipe_id: int) -> list[dict]:
-        return _jsonable(engine.repo.list_versions(int(recipe_id)))
+        return _jsonable(engine.repo.list_versions(record_id(recipe_id, "recipe")))
 
     @api_errors
     def get_version(version_id: int) -> dict:
-        return _jsonable(engine.repo.get_version_by_id(int(version_id)))
+        return _jsonable(engine.repo.get_version_by_id(record_id(version_id, "recipe version")))
 
     @api_errors
     def duplicate_version(version_id: int, new_name: str = "") -> dict:
-        return _jsonable(engine.repo.duplicate_recipe(int(version_id), new_name or None))
+        return _jsonable(engine.repo.duplicate_recipe(record_id(version_id, "recipe version"),
+                                                      text_arg(new_name, "The new name", 10_000) or None))
 
     @api_errors
     def compare_versions(old_version_id: int, new_version_id: int) -> dict:
-        d = engine.repo.compare_versions(int(old_version_id), int(new_version_id)).diff
+        d = engine.repo.compare_versions(record_id(old_version_id, "recipe version"),
+                                         record_id(new_version_id, "recipe version")).diff
 
         def change(c) -> dict:  # "key", not "path": API clients take a "path" entry for a file to download
             return {"key": c.path, "kind": c.kind, "old": c.old, "new": c.new}
@@ -458,46 +474,55 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def delete_recipe(recipe_id: int) -> dict:
-        return _jsonable(engine.repo.delete_recipe(int(recipe_id)))
+        return _jsonable(engine.repo.delete_recipe(record_id(recipe_id, "recipe")))
 
     @api_errors
     def restore_recipe(recipe_id: int, new_name: str = "") -> dict:
-        return _jsonable(engine.repo.restore_recipe(int(recipe_id), new_name or None))
+        return _jsonable(engine.repo.restore_recipe(record_id(recipe_id, "recipe"),
+                                                    text_arg(new_name, "The new name", 10_000) or None))
 
     @api_errors
     def export_mergekit_yaml(yaml_text: str) -> str:
         """A plain-stacking recipe as mergekit passthrough YAML (or an error saying why it has none)."""
-        return export_mergekit(engine.recipe_from_yaml(yaml_text))
+        return export_mergekit(engine.recipe_from_yaml(checked_yaml(yaml_text)))
 
     @api_errors
     def import_recipe(text: str) -> str:
         """Mango or mergekit passthrough YAML in, canonical Mango YAML out."""
-        return rb.parse_recipe_text(text)[0].to_yaml()
+        return rb.parse_recipe_text(checked_yaml(text))[0].to_yaml()
+
+    def expert_arg(value: object) -> str:
+        return text_arg(value, "The expert", 200, allow_none=False)
+
+    def slot_arg(value: object, what: str = "The slot") -> int:
+        return whole(value, what)
 
     @api_errors
     def add_slot(yaml_text: str, expert: str, index: int = -1) -> str:
         """Insert a plain slot holding `expert` ("alias:layer") before `index` (-1: append)."""
-        return edit_yaml(yaml_text, rb.add_slot, expert, None if index < 0 else index)
+        index = slot_arg(index, "The index")
+        return edit_yaml(yaml_text, rb.add_slot, expert_arg(expert), None if index < 0 else index)
 
     @api_errors
     def add_expert(yaml_text: str, slot: int, expert: str) -> str:
-        return edit_yaml(yaml_text, rb.add_expert, slot, expert)
+        return edit_yaml(yaml_text, rb.add_expert, slot_arg(slot), expert_arg(expert))
 
     @api_errors
     def remove_slot(yaml_text: str, slot: int) -> str:
-        return edit_yaml(yaml_text, rb.remove_slot, slot)
+        return edit_yaml(yaml_text, rb.remove_slot, slot_arg(slot))
 
     @api_errors
     def remove_expert(yaml_text: str, slot: int, expert: str) -> str:
-        return edit_yaml(yaml_text, rb.remove_expert, slot, expert)
+        return edit_yaml(yaml_text, rb.remove_expert, slot_arg(slot), expert_arg(expert))
 
     @api_errors
     def move_slot(yaml_text: str, slot: int, to: int) -> str:
-        return edit_yaml(yaml_text, rb.move_slot, slot, to)
+        return edit_yaml(yaml_text, rb.move_slot, slot_arg(slot), slot_arg(to, "The target position"))
 
     @api_errors
     def set_router(yaml_text: str, slot: int, router_type: str = "token", top_k: int = 1) -> str:
-        return edit_yaml(yaml_text, rb.set_router, slot, router_type, top_k)
+        return edit_yaml(yaml_text, rb.set_router, slot_arg(slot), text_arg(router_type, "The router type", 100),
+                         whole(top_k, "top_k"))
 
     for fn, name in [(validate_recipe, "validate_recipe"), (save_recipe_api, "save_recipe"),
                      (list_recipes, "list_recipes"), (list_versions, "list_versions"), (get_version, "get_version"),

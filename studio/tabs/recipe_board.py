@@ -116,6 +116,26 @@ def set_router(slots: list[dict], slot: int, router_type: str, top_k: int = 1) -
 # ---- drafts <-> recipes -----------------------------------------------------------------------------
 
 
+def board_slots(board: Any) -> list[dict]:
+    """The slots of the board widget's value ({"models": ..., "slots": [...]}), checked: it comes from the
+    browser, so a client may send anything."""
+    slots = (board or {}).get("slots") if isinstance(board, dict) else None
+    if slots is None:
+        return []
+    if not isinstance(slots, list) or len(slots) > 10_000:
+        raise RecipeError("The board's slots must be a list.")
+    out = []
+    for i, slot in enumerate(slots):
+        experts = slot.get("experts") if isinstance(slot, dict) else None
+        if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+            raise RecipeError(f"Slot {i} of the board has no list of experts ('alias:layer' strings).")
+        router = slot.get("router")
+        if router is not None and (not isinstance(router, dict) or not isinstance(router.get("top_k", 1), int | None)):
+            raise RecipeError(f"Slot {i} of the board has a router that is not {{type, top_k}}.")
+        out.append({"experts": experts, "router": router})
+    return out
+
+
 def draft_recipe(name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str],
                  slots: list[dict]) -> dict:
     """The recipe dict of what the board shows. Only models the slots use (and the base) are listed, so a

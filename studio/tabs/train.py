@@ -10,6 +10,7 @@ import gradio as gr
 from mol.errors import RecipeError
 from studio import figures
 from studio.engine import BUILTIN_CORPORA, StudioEngine
+from studio.errors import InputError, names, record_id, whole
 from studio.tabs.common import api_errors, fmt_time, message_html, user_message
 
 TRAINING_COLUMNS = ["Id", "Recipe version", "Status", "Steps", "Final loss", "Started (UTC)"]
@@ -28,9 +29,13 @@ def training_rows(engine: StudioEngine, limit: int = 50) -> list[list]:
 def weight_choices(engine: StudioEngine, version_id: int | None) -> list[tuple[str, int]]:
     """The weights a version can run with: as built (0), or those of one of its finished training runs."""
     choices = [("as built (untrained adapters and routers)", 0)]
+    try:
+        version_id = record_id(version_id, "recipe version") if version_id is not None else None
+    except InputError:  # not a version: nothing trained for it
+        version_id = None
     if version_id is None:
         return choices
-    for t in engine.repo.list_training_runs(version_id=int(version_id)):
+    for t in engine.repo.list_training_runs(version_id=version_id):
         if t.status == "completed" and t.weights_path:
             loss = t.metrics.get("final_loss")
             choices.append((f"training run #{t.id}" + (f" (loss {loss:.3f})" if loss is not None else ""), t.id))
@@ -86,7 +91,7 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
                         "router_init": router_init_v, "max_tokens": int(max_tokens_v) if max_tokens_v else None,
                         "max_seconds": float(max_seconds_v) if max_seconds_v else None}
             yield message_html("Preparing: building the model and reading the data…"), keep, keep, keep
-            for p in engine.train_version(int(version_id), data, settings):
+            for p in engine.train_version(version_id, data, settings):
                 progress((p.step, p.steps), desc="training", unit="steps")
                 fig = figures.loss_curve(p.curve, title=f"Training run #{p.training_run_id}")
                 if p.status == "completed":
@@ -106,15 +111,17 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
     def train_recipe(version_id: int, corpora: list[str], steps: int = 50, batch_size: int = 8, seq_len: int = 128,
                      seed: int = 0) -> dict:
         """Train a version's adapters and routers on built-in corpora; returns the stored training run."""
-        *_, last = engine.train_version(int(version_id), engine.datasets(corpora, [], "train"),
-                                        {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "seed": seed})
+        settings = {"steps": whole(steps, "steps"), "batch_size": whole(batch_size, "batch_size"),
+                    "seq_len": whole(seq_len, "seq_len"), "seed": whole(seed, "seed")}
+        version_id = record_id(version_id, "recipe version")
+        *_, last = engine.train_version(version_id, engine.datasets(names(corpora, "Corpora"), [], "train"), settings)
         t = engine.repo.get_training_run(last.training_run_id)
         return {"id": t.id, "version_id": t.version_id, "status": t.status, "metrics": t.metrics,
                 "loss_curve": t.loss_curve}
 
     @api_errors
     def list_training_runs(version_id: int = 0) -> list[dict]:
-        runs_ = engine.repo.list_training_runs(version_id=int(version_id) or None)
+        runs_ = engine.repo.list_training_runs(version_id=record_id(version_id, "recipe version") or None)
         return [{"id": t.id, "version_id": t.version_id, "status": t.status, "metrics": t.metrics,
                  "steps": len(t.loss_curve), "error": t.error, "created_at": t.created_at.isoformat()} for t in runs_]
 

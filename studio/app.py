@@ -6,6 +6,7 @@ engine does the work.
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the studio makes no calls home
@@ -53,6 +54,12 @@ def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
             choices = weight_choices(engine, version_id)
             return gr.update(choices=choices, value=current if current in [c[1] for c in choices] else 0)
 
+        def server_status() -> dict:
+            """How busy the server is: generation slots (capacity, running, waiting, and since start how many
+            were admitted, had to wait, were refused) and how many built models it holds."""
+            return {"generation": engine.gate.snapshot(), "cached_models": len(engine.cache.keys())}
+
+        gr.api(server_status, api_name="server_status")
         play_tab.select(fresh_weights, [play["version"], play["weights"]], play["weights"], api_visibility="private")
         eval_tab.select(fresh_weights, [evaluate["version"], evaluate["weights"]], evaluate["weights"],
                         api_visibility="private")
@@ -133,7 +140,13 @@ def launch_settings(**overrides: Any) -> dict[str, Any]:
     return settings
 
 
+def configure_logging() -> None:
+    """The server log, with times: where the traceback behind an error id shown to a user is found."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main() -> None:
+    configure_logging()
     build_app().launch(**launch_settings())
 
 

@@ -11,7 +11,7 @@ ENDPOINTS = {"/list_models", "/inspect_model", "/validate_recipe", "/save_recipe
              "/get_version", "/duplicate_version", "/compare_versions", "/delete_recipe", "/restore_recipe",
              "/import_recipe", "/export_mergekit", "/add_slot", "/add_expert", "/remove_slot", "/remove_expert", "/move_slot",
              "/set_router", "/generate", "/generate_source", "/list_runs", "/get_run",
-             "/train", "/list_training_runs", "/evaluate"}
+             "/train", "/list_training_runs", "/evaluate", "/generate_stream", "/server_status"}
 
 
 @pytest.fixture(scope="module")

@@ -214,11 +214,16 @@ def windows(tokens: DomainTokens, seq_len: int) -> Windows:
 
 class TrainBatches:
     """Packed training sequences drawn evenly from every domain. Batch `step` depends only on (seed, step), so a
-    resumed run sees exactly the batches an uninterrupted one would."""
+    resumed run sees exactly the batches an uninterrupted one would.
 
-    def __init__(self, tokens: Mapping[str, DomainTokens], seq_len: int, batch_size: int, seed: int = 0):
+    With `mixed_share` > 0, that share of rows interleaves chunks of about `chunk` tokens from alternating
+    domains (as in a mixed test set), so a token router also learns to switch inside a sequence."""
+
+    def __init__(self, tokens: Mapping[str, DomainTokens], seq_len: int, batch_size: int, seed: int = 0,
+                 mixed_share: float = 0.0, chunk: int = 256):
         self.domains = list(tokens.values())
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.mixed_share, self.chunk = mixed_share, max(1, chunk)
         if not self.domains:
             raise DataError("No training data.")
         for d in self.domains:
@@ -226,13 +231,33 @@ class TrainBatches:
                 raise DataError(f"Domain '{d.name}' has {len(d)} tokens, fewer than one sequence of {seq_len}; "
                                 "give more text or a shorter --seq-len.")
 
+    def _piece(self, d: DomainTokens, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(torch.randint(0, len(d) - length + 1, (1,), generator=gen))
+        return d.ids[start:start + length], d.labels[start:start + length]
+
+    def _mixed_row(self, first: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels, filled, k = [], [], 0, first
+        while filled < self.seq_len:
+            length = int(torch.randint(self.chunk // 2, self.chunk * 3 // 2 + 1, (1,), generator=gen))
+            length = max(1, min(length, self.seq_len - filled))
+            piece_ids, piece_labels = self._piece(self.domains[k % len(self.domains)], length, gen)
+            ids.append(piece_ids)
+            labels.append(piece_labels)
+            filled += length
+            k += 1
+        return torch.cat(ids), torch.cat(labels)
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([batch, seq_len] token ids, [batch, seq_len] labels); row r comes from domain (step*batch + r) mod n."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rows_ids, rows_labels = [], []
         for r in range(self.batch_size):
-            d = self.domains[(step * self.batch_size + r) % len(self.domains)]
-            start = int(torch.randint(0, len(d) - self.seq_len + 1, (1,), generator=gen))
-            rows_ids.append(d.ids[start:start + self.seq_len])
-            rows_labels.append(d.labels[start:start + self.seq_len])
+            first = step * self.batch_size + r
+            mixed = self.mixed_share > 0 and len(self.domains) > 1 and float(torch.rand(1, generator=gen)) < self.mixed_share
+            if mixed:
+                ids, labels = self._mixed_row(first, gen)
+            else:
+                ids, labels = self._piece(self.domains[first % len(self.domains)], self.seq_len, gen)
+            rows_ids.append(ids)
+            rows_labels.append(labels)
         return torch.stack(rows_ids), torch.stack(rows_labels)

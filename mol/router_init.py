@@ -19,7 +19,7 @@ from mol.errors import DataError
 from mol.fused import FusedModel
 from mol.routers import _normalise
 
-ROUTER_INITS = ("uniform", "random", "ridge")
+ROUTER_INITS = ("uniform", "random", "ridge", "keep")  # keep: leave the routers as they are
 
 
 @torch.no_grad()
@@ -123,7 +123,9 @@ def ridge_routers(model: FusedModel, tokens: Mapping[str, DomainTokens], domain_
 
 def init_routers(model: FusedModel, method: str = "uniform", tokens: Mapping[str, DomainTokens] | None = None,
                  domain_experts: Mapping[str, str] | None = None, seed: int = 0, **kwargs) -> dict[str, float]:
-    """Initialise every router of `model` by `method` (uniform | random | ridge)."""
+    """Initialise every router of `model` by `method` (uniform | random | ridge | keep)."""
+    if method == "keep":
+        return {}
     if method == "uniform":
         uniform_routers(model)
         return {}

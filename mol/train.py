@@ -30,7 +30,7 @@ from mol.fused import FusedModel
 from mol.router_init import ROUTER_INITS, init_routers
 
 log = logging.getLogger(__name__)
-ADAPTER_INITS = ("identity", "lstsq")
+ADAPTER_INITS = ("identity", "lstsq", "lstsq-zero-out")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 256
+    mixed_share: float = 0.0  # share of rows interleaving chunks of several domains
+    mixed_chunk: int = 128  # their mean chunk length in tokens
     lr: float = 1e-3  # adapters
     router_lr: float = 1e-2
     warmup: int = 20
@@ -47,8 +49,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
+    # Weight of KL(teacher || fused model), each token's teacher being the source model alone that serves its
+    # domain label (the label picks a loss target; routers never see it). 0: plain language modelling.
+    distill_weight: float = 0.0
     seed: int = 0
-    adapter_init: str = "identity"  # identity | lstsq (mol.calibrate, closed form)
+    # identity | lstsq (mol.calibrate, closed form) | lstsq-zero-out (least-squares maps into each foreign block,
+    # zero maps out of it: every foreign block starts as a no-op, so the model starts as its base path)
+    adapter_init: str = "identity"
     router_init: str = "uniform"  # uniform | random | ridge (closed form from the domain labels)
     train_adapters: bool = True
     train_routers: bool = True
@@ -57,6 +64,7 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N steps (0: only at the end)
     max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
     device: str | None = None
+    autocast: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
 
     def __post_init__(self) -> None:
         if self.adapter_init not in ADAPTER_INITS:
@@ -149,12 +157,16 @@ def initialise(model: FusedModel, tokens: dict[str, DomainTokens], config: Train
     """Adapters (identity as built, or least squares) then routers (uniform, random or ridge), in that order:
     the closed-form router reads the stream the initialised adapters make."""
     report: dict = {}
-    if config.adapter_init == "lstsq" and any(e.adapter is not None for s in model.slots for e in s.experts):
+    adapted = [e for s in model.slots for e in s.experts if e.adapter is not None]
+    if config.adapter_init.startswith("lstsq") and adapted:
         from mol.calibrate import calibrate
 
         tok = model.tokenizer
         texts = [tok.decode(t.ids[: config.init_tokens].tolist()) for t in tokens.values()]
         report["adapter_fit"] = calibrate(model, texts, max_tokens=config.init_tokens * len(texts))
+    if config.adapter_init == "lstsq-zero-out":
+        for e in adapted:
+            silence_adapter_output(e.adapter)
     if config.router_init == "ridge" and model.routed_slots and domain_experts is None:
         from mol.evaluate import infer_domain_experts
 
@@ -164,6 +176,55 @@ def initialise(model: FusedModel, tokens: dict[str, DomainTokens], config: Train
     report["router_fit"] = init_routers(model, config.router_init, tokens, domain_experts, seed=config.seed,
                                         sample_tokens=config.init_tokens)
     return report
+
+
+@torch.no_grad()
+def silence_adapter_output(adapter: torch.nn.Module) -> None:
+    """Zero the map out of a foreign block (its update no longer reaches the stream) while the map into it keeps
+    its fit, so training starts from the base path and the block's gradient is already meaningful."""
+    for name in ("out_of_block", "out_up"):
+        layer = getattr(adapter, name, None)
+        if layer is not None:
+            layer.weight.zero_()
+    fixed = getattr(adapter, "out_base", None)
+    if fixed is not None:
+        fixed.zero_()
+
+
+class Teachers:
+    """The source models alone that serve each domain label; `kl` is the distillation loss against them."""
+
+    def __init__(self, model: FusedModel, tokens: dict[str, DomainTokens], domain_experts: dict[str, str] | None):
+        from mol.evaluate import infer_domain_experts, source_model
+
+        if not domain_experts:
+            domain_experts = infer_domain_experts(model, tokens)
+        names = next(iter(tokens.values())).label_names
+        self.experts = {n: a for n, a in domain_experts.items() if n in names}
+        if not self.experts:
+            raise DataError("Distillation needs domain labels that name a source model (e.g. --expert prose=bard).")
+        self.label_alias = {names.index(n): a for n, a in self.experts.items()}
+        self.models = {a: source_model(model, a).requires_grad_(False) for a in set(self.experts.values())}
+
+    def kl(self, student_logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over labelled tokens of KL(teacher || student), next-token distributions."""
+        labels = labels.to(student_logits.device)
+        target = torch.zeros_like(student_logits, dtype=torch.float32)
+        have = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        with torch.no_grad():
+            for alias, teacher in self.models.items():
+                sel = torch.zeros_like(have)
+                for label, a in self.label_alias.items():
+                    if a == alias:
+                        sel |= labels == label
+                if sel.any():
+                    target[sel] = teacher(ids).logits.float().log_softmax(-1)[sel]
+                    have |= sel
+        if not have.any():
+            return student_logits.new_zeros(())
+        log_q = student_logits.float().log_softmax(-1)[have]
+        log_p = target[have]
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def _save(model: FusedModel, opt: torch.optim.Optimizer, weights: Path, run: dict) -> None:
@@ -222,7 +283,7 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     if out is None and not isinstance(model_or_recipe, FusedModel) and str(model_or_recipe).endswith((".yaml", ".yml")):
         out = Path(str(model_or_recipe)).with_suffix(".safetensors")
     tokens, data_description = _tokens(model, datasets, config)
-    batches = TrainBatches(tokens, config.seq_len, config.batch_size, config.seed)
+    batches = TrainBatches(tokens, config.seq_len, config.batch_size, config.seed, config.mixed_share, config.mixed_chunk)
     model.aux_loss_weight, model.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
 
     run: dict = {"recipe": model.recipe.to_yaml(), "config": asdict(config), "data": data_description,
@@ -230,18 +291,24 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     resumed = resume and out is not None and companion_paths(out)[1].is_file()
     if not resumed:
         run["init"] = initialise(model, tokens, config, domain_experts)
+        domain_experts = run["init"].get("domain_experts", domain_experts)
     groups = _param_groups(model, config)
     if not groups and config.steps > 0:
         raise DataError("Nothing to train: the recipe has no adapters or routers (or both are switched off).")
     opt = torch.optim.AdamW(groups or [{"params": [], "names": []}], betas=(0.9, 0.95), eps=1e-8)
     if resumed:
         saved = _restore(model, opt, Path(out))
-        run.update({k: saved[k] for k in ("step", "curve", "init", "metrics") if k in saved})
+        run.update({k: saved[k] for k in ("step", "curve", "init", "metrics", "distill_teachers") if k in saved})
         run["metrics"].setdefault("train_seconds", 0.0)
+        domain_experts = domain_experts or saved.get("distill_teachers") or saved.get("init", {}).get("domain_experts")
+    teachers = None
+    if config.distill_weight > 0:
+        teachers = Teachers(model, tokens, domain_experts)
+        run["distill_teachers"] = teachers.experts
     start = int(run["step"])
     params = [p for g in groups for p in g["params"]]
     device = model.device
-    autocast = device.type == "cuda"
+    autocast = device.type == "cuda" and config.autocast
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     seconds = float(run["metrics"].get("train_seconds", 0.0))
     bar = _progress(config.steps, start, progress)
@@ -256,11 +323,13 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
                 g["lr"] = g.get("base_lr", 0.0) * factor
             lm_sum = aux_sum = z_sum = 0.0
             for micro in range(config.grad_accum):
-                ids, _ = batches.batch(step * config.grad_accum + micro)
+                ids, labels = batches.batch(step * config.grad_accum + micro)
                 ids = ids.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out_ = model(ids, labels=ids)
-                loss = out_.loss
+                    loss = out_.loss
+                    if teachers is not None:
+                        loss = loss + config.distill_weight * teachers.kl(out_.logits, ids, labels)
                 if out_.aux_loss is not None:
                     loss = loss + config.aux_loss_weight * out_.aux_loss + config.z_loss_weight * out_.z_loss
                     aux_sum += float(out_.aux_loss.detach()) / config.grad_accum

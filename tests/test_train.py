@@ -153,3 +153,65 @@ def test_bad_inputs_are_typed_errors(recipe, tmp_path):
         train(recipe, [f"code={tmp_path / 'short.txt'}"], config(), progress=False)
     with pytest.raises(DataError, match="router_init"):
         TrainConfig(router_init="magic")
+
+
+def test_mixed_rows_interleave_domains_and_batches_depend_only_on_seed_and_step(recipe, data):
+    from mol.data import TrainBatches
+
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(model.tokenizer, load_domains(data))
+    batches = TrainBatches(tokens, seq_len=48, batch_size=6, seed=3, mixed_share=1.0, chunk=16)
+    ids, labels = batches.batch(5)
+    assert ids.shape == labels.shape == (6, 48)
+    assert all(len(set(row.tolist())) == 2 for row in labels)  # every row holds both domains
+    again, _ = TrainBatches(tokens, seq_len=48, batch_size=6, seed=3, mixed_share=1.0, chunk=16).batch(5)
+    assert torch.equal(ids, again)
+    pure = TrainBatches(tokens, seq_len=48, batch_size=6, seed=3).batch(5)[1]
+    assert all(len(set(row.tolist())) == 1 for row in pure)
+
+
+def test_zero_out_adapters_start_as_the_base_path_and_keep_leaves_routers(recipe, data):
+    from mol.train import initialise
+
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(model.tokenizer, load_domains(data))
+    plain = mol.build(mol.Recipe.from_dict({"name": "a", "base": "a", "models": {"a": recipe.models["a"]},
+                                            "slots": ["a:0", "a:1", "a:2", "a:3"]}), device="cpu", dtype=torch.float32)
+    report = initialise(model, tokens, config(adapter_init="lstsq-zero-out", router_init="ridge"),
+                        {"prose": "a", "code": "b"})
+    assert report["adapter_fit"] and set(report["router_fit"]) == {"slot 1", "slot 2"}
+    with torch.no_grad():  # route everything to the foreign (silent) blocks
+        for slot in model.routed_slots:
+            slot.router.proj.weight.zero_()
+            slot.router.proj.bias.copy_(torch.tensor([0.0, 10.0]))
+    # The model is then the base's own layers without slots 1 and 2.
+    skip = mol.build(mol.Recipe.from_dict({"name": "a", "base": "a", "models": {"a": recipe.models["a"]},
+                                           "slots": ["a:0", "a:3"]}), device="cpu", dtype=torch.float32)
+    ids = torch.randint(1, 380, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, skip(ids).logits, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)
+    routers = {k: v.clone() for k, v in model.trainable_state_dict().items() if ".router." in k}
+    initialise(model, tokens, config(router_init="keep"))
+    assert all(torch.equal(v, model.trainable_state_dict()[k]) for k, v in routers.items())
+
+
+def test_distillation_pulls_the_fused_model_towards_the_label_teacher(recipe, data):
+    from mol.evaluate import source_model
+
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(model.tokenizer, load_domains(data))
+    teacher = source_model(model, "b")
+    ids = tokens["code"].ids[:64].view(1, -1)
+
+    def gap() -> float:
+        with torch.no_grad():
+            p = teacher(ids).logits.log_softmax(-1)
+            q = model(ids).logits.log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    before = gap()
+    result = train(model, tokens, config(steps=12, lr=1e-2, distill_weight=1.0), progress=False,
+                   domain_experts={"prose": "b", "code": "b"})
+    assert gap() < before
+    assert result.curve[-1]["loss"] < result.curve[0]["loss"]

@@ -327,3 +327,48 @@ def test_compare_duplicate_delete_and_restore_versions(page, studio):
     page.click("#restore-recipe")
     expect(page.locator("#versions-status")).to_contain_text("Restored 'versioned'")
     assert repo.find_recipe("versioned").latest_version == 2
+
+
+def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
+    import threading
+    import time
+
+    import mol.fused
+
+    steps = []
+    forward = mol.fused.FusedModel.forward
+
+    def slow(self, *args, **kwargs):  # long enough a generation to stop it halfway
+        steps.append(1)
+        time.sleep(0.03)
+        return forward(self, *args, **kwargs)
+
+    models = studio.engine.embedded_models()
+    studio.engine.repo.create_recipe("to-stop", yaml.safe_dump({
+        "name": "to-stop", "base": "bard", "models": {"bard": models["bard"]}, "slots": ["bard:0-1"]}))
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+    open_tab(page, "Playground")
+    pick(page, "run-version", "to-stop v1")
+    page.get_by_text("Sampling").click()
+    set_number(page, "max-new-tokens", 200)
+    textbox(page, "prompt").fill("To be, or not to be")
+    monkeypatch.setattr(mol.fused.FusedModel, "forward", slow)
+    page.click("#run-prompt")
+    expect(page.locator("#run-status")).to_contain_text(re.compile(r"Generating… \d+ tokens"))
+    page.click("#stop-run")
+
+    def idle() -> bool:
+        gate = studio.engine.gate.snapshot()
+        return gate["running"] == 0 and not any(t.name == "mango-generate" for t in threading.enumerate())
+
+    deadline = time.monotonic() + 30
+    while not idle():  # the worker ends and gives its slot back
+        assert time.monotonic() < deadline, "the stopped generation's worker is still running"
+        time.sleep(0.05)
+    assert len(steps) < 150  # stopped well before its 200 tokens
+    assert studio.engine.repo.list_runs(version_id=studio.engine.repo.find_recipe("to-stop").latest_version_id) == []
+    monkeypatch.undo()
+    set_number(page, "max-new-tokens", 4)
+    page.click("#run-prompt")  # the next generation runs
+    expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)

@@ -126,7 +126,8 @@ def test_a_model_that_fails_to_load_leaves_nothing_behind_and_says_why(client, s
 # ---- (b) a stopped generation frees what it held -----------------------------------------------------------
 
 
-def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(client, studio, slow_steps):
+def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(client, studio, slow_steps,
+                                                                            monkeypatch):
     version = save(client, studio, "to-stop")
     job = client.submit(version["id"], "To be, or not to be", 200, api_name="/generate_stream")
     wait_until(lambda: len(job.outputs()) >= 3, "the first streamed tokens")
@@ -134,11 +135,13 @@ def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(cl
     job.cancel()
     wait_until(lambda: idle(studio.engine), "the worker to end and the slot to be released")
     assert len(slow_steps) < 150  # it stopped well before its 200 tokens
-    out = client.predict(version["id"], "again", 3, api_name="/generate")  # the next generation runs
-    assert out["run_id"] and idle(studio.engine)
+    monkeypatch.undo()
+    # the next generation runs; and this prompt, not stopped, does run its 200 tokens (no early end of text)
+    out = client.predict(version["id"], "To be, or not to be", 200, api_name="/generate")
+    assert out["run_id"] and len(out["trace"]["token_ids"]) >= 190 and idle(studio.engine)
 
 
-def test_the_stop_button_ends_the_ui_generation(studio, client, slow_steps):
+def test_the_stop_button_ends_the_ui_generation(studio, client, slow_steps, monkeypatch):
     """Stop cancels the Run event; Gradio then closes the callback's generator, as this does."""
     version = save(client, studio, "ui-stop")
     run = ui_fn(studio, "ui_run_prompt")(version["id"], 0, "To be", 200, False, 1.0, 0, 1.0, 0, [])
@@ -149,6 +152,10 @@ def test_the_stop_button_ends_the_ui_generation(studio, client, slow_steps):
     run.close()
     wait_until(lambda: idle(studio.engine), "the worker to end and the slot to be released")
     assert len(slow_steps) < 150
+    monkeypatch.undo()
+    last = ui_run(studio, version["id"], "To be", 200)[-1]  # not stopped, the same prompt runs 200 tokens
+    run_id = int(re.search(r"Saved as run #(\d+)", last[3]).group(1))
+    assert len(studio.engine.repo.get_run(run_id).trace["tokens"]) >= 190
 
 
 # ---- (c) out of memory -------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -166,19 +165,20 @@ def _layers(folder: Path) -> int:
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipe_references_existing_layers(recipe):
-    data = yaml.safe_load((RECIPES / recipe).read_text())
-    assert data["name"] == recipe.removesuffix(".yaml")
-    assert data["base"] in data["models"]
-    for alias, rel in data["models"].items():
+    from mol.recipe import Recipe
+
+    parsed = Recipe.from_yaml(RECIPES / recipe)  # shorthand slots expand to the canonical form
+    assert parsed.name == recipe.removesuffix(".yaml")
+    assert parsed.base in parsed.models
+    for alias, rel in parsed.models.items():
         folder = (RECIPES / rel).resolve()
         assert folder.parent == MODELS.resolve(), alias
-    for slot in data["slots"]:
-        assert slot["experts"]
-        if len(slot["experts"]) > 1:
-            assert slot["router"]["type"] in ("token", "pooled")
-        for ref in slot["experts"]:
-            alias, layer = ref.split(":")
-            assert 0 <= int(layer) < _layers(RECIPES / data["models"][alias])
+    for slot in parsed.slots:
+        assert slot.experts
+        if len(slot.experts) > 1:
+            assert slot.router.type in ("token", "pooled")
+        for ref in slot.experts:
+            assert 0 <= ref.layer < _layers(RECIPES / parsed.models[ref.model])
 
 
 def test_expected_recipes_are_shipped():

@@ -18,6 +18,7 @@ plain slots) or a list of experts (token-routed, top-1); `router` may be a strin
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ class Recipe:
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source_dir: Path | None = None) -> Recipe:
+        _check_size(data)
         if not isinstance(data, dict):
             raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}.")
         allowed = {"name", "base", "models", "slots", "adapter", "description"}
@@ -165,6 +167,8 @@ class Recipe:
             except (OSError, UnicodeDecodeError) as exc:
                 raise RecipeError(f"Cannot read recipe file '{path}': {exc}.") from None
             source_dir = path.resolve().parent
+        if isinstance(text, str) and len(text) > MAX_YAML_CHARS:
+            raise RecipeError(f"The recipe text is {len(text):,} characters; the limit is {MAX_YAML_CHARS:,}.")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -307,6 +311,31 @@ def _parse_slot(raw: Any, where: str) -> list[Slot]:
     return [Slot(refs, _parse_router(raw.get("router"), len(refs), where))]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 4, 4, 2
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value) if not isinstance(value, str) else value
+    """A bounded view of a bad value for a message (a full repr of a YAML alias bomb never finishes)."""
+    text = value if isinstance(value, str) else _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+MAX_YAML_CHARS = 1_000_000
+MAX_NODES = 100_000
+
+
+def _check_size(data: Any) -> None:
+    """Refuse documents whose expansion is huge (YAML aliases can make a few lines expand exponentially)."""
+    budget, stack = MAX_NODES, [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise RecipeError(f"The recipe is too large: more than {MAX_NODES:,} values once YAML aliases are "
+                              "expanded. Write the slots out, or split the recipe.")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)

@@ -87,3 +87,17 @@ def test_malformed_recipes_fail_clearly(text, message):
 def test_yaml_error_names_the_line():
     with pytest.raises(RecipeError, match=r"line 2"):
         mol.Recipe.from_yaml("name: x\nmodels: {a: p}}\nslots: [a:0]\n")
+
+
+def test_yaml_alias_bomb_is_refused_quickly():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "name: x\nmodels: {m: p}\nslots: *i\n"
+    with pytest.raises(RecipeError, match="too large"):
+        mol.Recipe.from_yaml(bomb)
+
+
+def test_messages_about_huge_values_stay_short():
+    with pytest.raises(RecipeError) as info:
+        mol.Recipe.from_dict({"name": "x", "models": {"a": "p"}, "slots": [list(range(5000))]})
+    assert len(str(info.value)) < 300

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -359,6 +361,34 @@ class StudioEngine:
         if run.status != "completed" or not run.weights_path or not Path(run.weights_path).is_file():
             raise MolError(f"Training run {training_run_id} has no finished weights (status: {run.status}).")
         return Path(run.weights_path)
+
+    # ---- export -------------------------------------------------------------------------------------
+    def export_version(self, version_id: int, fmt: str = "auto", training_run_id: int | None = None) -> Path:
+        """A saved version as a Hugging Face model folder, zipped for download (mol.export does the work)."""
+        from mol.export import export
+
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
+        if fmt not in ("auto", "standard", "mol"):
+            raise MolError(f"Unknown export format '{fmt}'; choose auto, standard or mol.")
+        training_run_id = record_id(training_run_id, "training run") if training_run_id else None
+        weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
+        recipe = self.recipe_from_yaml(version.yaml_text)
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in recipe.name) or "model"
+        work = Path(tempfile.mkdtemp(prefix="mango-model-"))
+        folder = export(recipe, work / f"{stem}-v{version.number}", weights, format=fmt).path
+        return Path(shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name))
+
+    def push_version(self, version_id: int, repo_id: str, token: str | None = None,
+                     training_run_id: int | None = None) -> str:
+        """Export a saved version and upload it to the Hub. In hosted mode only the visitor's own token is used."""
+        from mol.export.push import push
+
+        if hosted() and not (token or "").strip():
+            raise MolError("Give your own Hugging Face token (write access) to push from this server.")
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
+        training_run_id = record_id(training_run_id, "training run") if training_run_id else None
+        weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
+        return push(self.recipe_from_yaml(version.yaml_text), repo_id, weights, token=(token or "").strip() or None)
 
     def fused_for_source(self, alias: str, ref: str) -> mol.FusedModel:
         """One source model alone, run through the same runtime (every layer, in order)."""

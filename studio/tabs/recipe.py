@@ -221,6 +221,22 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         export_file = gr.File(label="Exported recipe", elem_id="recipe-export", visible=True)
         import_status = gr.HTML(elem_id="import-status")
 
+    with gr.Accordion("Export the model", open=False):
+        gr.Markdown("The open version as a Hugging Face folder: a plain same-architecture stack in its own "
+                    "architecture, anything else as `MoLForCausalLM`.")
+        with gr.Row():
+            export_format = gr.Radio(["auto", "standard", "mol"], value="auto", label="Format",
+                                     elem_id="export-format")
+            export_run = gr.Number(value=None, precision=0, label="Training run id (optional: its trained weights)",
+                                   elem_id="export-training-run")
+            export_model_btn = gr.Button("Export model (.zip)", elem_id="export-model")
+        with gr.Row():
+            push_repo = gr.Textbox(label="Hub repository", placeholder="user-or-org/name", elem_id="push-repo")
+            push_token = gr.Textbox(label="Hugging Face token", type="password", elem_id="push-token")
+            push_btn = gr.Button("Push to the Hub", elem_id="push-model")
+        model_file = gr.File(label="Exported model", elem_id="model-export")
+        export_status = gr.HTML(elem_id="export-status")
+
     settings = [name, base, adapter, rank]
 
     # ---- validation: every edit of the board or the settings ----
@@ -408,6 +424,30 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                      api_name="ui_export_yaml", api_visibility="undocumented")
     export_mk_btn.click(lambda *a: on_export(*a, fmt="mergekit"), [*settings, workspace, board],
                         [export_file, import_status], api_name="ui_export_mergekit", api_visibility="undocumented")
+
+    def loaded_version_id(loaded_v) -> int:
+        if not loaded_v or not loaded_v.get("version_id"):
+            raise RecipeError("Save the recipe, or open a saved version, before exporting it.")
+        return int(loaded_v["version_id"])
+
+    def on_export_model(fmt, run_id, loaded_v):
+        try:
+            path = engine.export_version(loaded_version_id(loaded_v), fmt, int(run_id) if run_id else None)
+        except Exception as exc:
+            return None, message_html("Not exported: " + user_message(exc), ok=False)
+        return str(path), message_html(f"Exported {path.name}.")
+
+    def on_push(repo_id, token, run_id, loaded_v):
+        try:
+            url = engine.push_version(loaded_version_id(loaded_v), repo_id, token, int(run_id) if run_id else None)
+        except Exception as exc:
+            return message_html("Not pushed: " + user_message(exc), ok=False)
+        return message_html(f"Pushed: {url}")
+
+    export_model_btn.click(on_export_model, [export_format, export_run, loaded], [model_file, export_status],
+                           api_name="ui_export_model", api_visibility="undocumented")
+    push_btn.click(on_push, [push_repo, push_token, export_run, loaded], export_status,
+                   api_name="ui_push_model", api_visibility="undocumented")
 
     _register_api(engine)
     return {

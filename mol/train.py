@@ -41,8 +41,9 @@ class TrainConfig:
     seq_len: int = 256
     mixed_share: float = 0.0  # share of rows interleaving chunks of several domains
     mixed_chunk: int = 128  # their mean chunk length in tokens
-    lr: float = 1e-3  # adapters
-    router_lr: float = 1e-2
+    # Adam moves every weight by about lr per step; adapters read residual streams with large channels, so small.
+    lr: float = 3e-4  # adapters
+    router_lr: float = 1e-3
     warmup: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0  # adapters start at a meaningful map (identity / least squares), not at zero

@@ -40,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--aux-loss-weight", type=float, default=d.aux_loss_weight)
     p.add_argument("--z-loss-weight", type=float, default=d.z_loss_weight)
+    p.add_argument("--mixed-share", type=float, default=d.mixed_share,
+                   help="share of training rows that interleave chunks of several domains")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="weight of KL to the source model serving each token's domain (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--adapter-init", choices=ADAPTER_INITS, default=d.adapter_init)
     p.add_argument("--router-init", choices=ROUTER_INITS, default=d.router_init)
@@ -67,6 +71,7 @@ def run(args) -> int:
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         router_lr=args.router_lr, warmup=args.warmup, weight_decay=args.weight_decay,
         aux_loss_weight=args.aux_loss_weight, z_loss_weight=args.z_loss_weight, seed=args.seed,
+        mixed_share=args.mixed_share, distill_weight=args.distill_weight,
         adapter_init=args.adapter_init, router_init=args.router_init, train_adapters=not args.freeze_adapters,
         train_routers=not args.freeze_routers, init_tokens=args.init_tokens, max_tokens=args.max_tokens,
         save_every=args.save_every, max_seconds=args.max_seconds, device=args.device)

@@ -202,7 +202,7 @@ def table(results: dict) -> str:
     if ceiling:
         lines.append("")
         lines.append("Readout ceiling (best linear map from a specialist's final states into another model's frozen "
-                     "head, fitted by cross-entropy; see README):")
+                     "head, fitted by cross-entropy; see \"Why the per-domain bar\" below):")
         lines.append("")
         lines.append("| specialist | head of | specialist alone | head's model alone | best linear readout |")
         lines.append("|---|---|---:|---:|---:|")

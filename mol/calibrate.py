@@ -22,7 +22,7 @@ def _encode(model: FusedModel, texts: list[str], max_tokens: int) -> tuple[torch
         raise DataError("Calibration needs the base model's tokenizer; its folder has no tokenizer files.")
     ids: list[int] = []
     for t in texts:
-        ids.extend(tok(t)["input_ids"])
+        ids.extend(tok(t, verbose=False)["input_ids"])
         if len(ids) >= max_tokens:
             break
     if len(ids) < 16:

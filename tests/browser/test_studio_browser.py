@@ -369,6 +369,9 @@ def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
     assert len(steps) < 150  # stopped well before its 200 tokens
     assert studio.engine.repo.list_runs(version_id=studio.engine.repo.find_recipe("to-stop").latest_version_id) == []
     monkeypatch.undo()
+    # Let Gradio finish cancelling the stopped job first: a cancellation that lands after the next click can
+    # cut the next job short (seen once on a loaded machine).
+    page.wait_for_timeout(1500)
     page.click("#run-prompt")  # the next generation runs; not stopped, this prompt runs its 200 tokens
     expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
     run = studio.engine.repo.list_runs(limit=1)[0]

@@ -62,6 +62,8 @@ class StepContext:
 
     def on(self, device: torch.device) -> StepContext:
         """The same step on another device: tensors moved once per step, routings and cache shared."""
+        if self.position_ids.device == device:
+            return self
         if device not in self.moved:
             def move(t):
                 return None if t is None else t.to(device, non_blocking=True)
@@ -143,8 +145,8 @@ class FusedSlot(nn.Module):
         return [e.name for e in self.experts]
 
     def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self.device is not None and h.device != self.device:
-            h, ctx = h.to(self.device), ctx.on(self.device)
+        if self.device is not None:  # every slot placed apart takes its device's copy of the step, not only the
+            h, ctx = h.to(self.device), ctx.on(self.device)  # first one the stream enters there
         if ctx.calibrate is not None:
             ctx.calibrate(self, h)
         if self.router is None:
@@ -157,17 +159,24 @@ class FusedSlot(nn.Module):
         # Every expert of a token router sees every token, so each expert's KV cache stays whole; its MLP runs
         # only for the tokens that chose it. A pooled router with a fixed per-sequence decision runs only the
         # experts some sequence chose.
-        if state is not None and not ctx.static:
-            needed = sorted(set(routing.chosen[:, 0, 0].tolist()))
-        else:
-            needed = range(len(self.experts))
+        rows = None if ctx.static else _rows_by_expert(routing.chosen, len(self.experts))
         out = torch.zeros_like(h)
-        for i in needed:
-            picked = routing.chosen == i  # [B, T, k]
-            w = (routing.weights * picked).sum(-1, keepdim=True)  # [B, T, 1]
-            rows = None if ctx.static else picked.any(-1).flatten().nonzero().squeeze(1)
-            out = out + w.to(h.dtype) * self.experts[i](h, ctx, rows)
+        for i, expert in enumerate(self.experts):
+            if rows is not None and state is not None and rows[i].numel() == 0:
+                continue  # a pooled decision no sequence took: the expert is never needed in this generation
+            w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
+            out = torch.addcmul(out, w.to(h.dtype), expert(h, ctx, None if rows is None else rows[i]))
         return out
+
+
+def _rows_by_expert(chosen: torch.Tensor, n_experts: int) -> list[torch.Tensor]:
+    """Flat token indices that chose each expert ([B, T, k] choices), with one host sync for the whole slot
+    (the counts) rather than one per expert: each sync stalls the GPU until the host queues work again."""
+    k = chosen.shape[-1]
+    expert_of = chosen.reshape(-1)
+    order = torch.argsort(expert_of, stable=True)  # grouped by expert, tokens ascending within each group
+    counts = torch.bincount(expert_of, minlength=n_experts).tolist()
+    return list((order // k).split(counts))
 
 
 def _whole_mask(ctx: StepContext) -> torch.Tensor:

@@ -115,10 +115,7 @@ class Recipe:
         _check_size(data)
         if not isinstance(data, dict):
             raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}.")
-        allowed = {"name", "base", "models", "slots", "adapter", "description"}
-        unknown = sorted(str(k) for k in data if k not in allowed)
-        if unknown:
-            raise RecipeError(f"Unknown recipe key(s): {', '.join(unknown)}. Allowed: {', '.join(sorted(allowed))}.")
+        _reject_unknown(data, ("adapter", "base", "description", "models", "name", "slots"), "Unknown recipe key(s)")
         for key in ("name", "models", "slots"):
             if key not in data or data[key] in (None, "", [], {}):
                 raise RecipeError(f"The recipe needs '{key}'.")
@@ -238,6 +235,13 @@ def _check_aliases(models: dict) -> None:
             )
 
 
+def _reject_unknown(raw: dict, allowed: tuple[str, ...], lead: str) -> None:
+    """One message for every mapping of the format: `lead`, the unknown keys, then the allowed ones."""
+    unknown = sorted(_short(k) for k in raw if k not in allowed)
+    if unknown:
+        raise RecipeError(f"{lead}: {', '.join(unknown)}; allowed: {', '.join(allowed)}.")
+
+
 def _parse_adapter(raw: Any) -> AdapterSpec:
     if raw is None:
         return AdapterSpec()
@@ -245,9 +249,7 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
         raw = {"type": raw}
     if not isinstance(raw, dict):
         raise RecipeError("'adapter' is {type: linear} or {type: bottleneck, rank: 64}.")
-    unknown = sorted(str(k) for k in raw if k not in ("type", "rank"))
-    if unknown:
-        raise RecipeError(f"adapter: unknown key(s) {', '.join(unknown)}; allowed: type, rank.")
+    _reject_unknown(raw, ("type", "rank"), "adapter: unknown key(s)")
     kind = raw.get("type", "linear")
     if kind not in ADAPTER_TYPES:
         raise RecipeError(f"adapter.type '{_short(kind)}' is not one of: {', '.join(ADAPTER_TYPES)}.")
@@ -268,9 +270,7 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
         raw = {"type": raw}
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}.router is {{type: token, top_k: 1}} or {{type: pooled}}, got {_short(raw)}.")
-    unknown = sorted(str(k) for k in raw if k not in ("type", "top_k"))
-    if unknown:
-        raise RecipeError(f"{where}.router: unknown key(s) {', '.join(unknown)}; allowed: type, top_k.")
+    _reject_unknown(raw, ("type", "top_k"), f"{where}.router: unknown key(s)")
     kind = raw.get("type", "token")
     if kind not in ROUTER_TYPES:
         raise RecipeError(f"{where}.router.type '{_short(kind)}' is not one of: {', '.join(ROUTER_TYPES)}.")
@@ -299,9 +299,7 @@ def _parse_slot(raw: Any, where: str) -> list[Slot]:
         raw = {"experts": raw}
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a slot is {{experts: [\"alias:layer\", ...]}}, got {_short(raw)}.")
-    unknown = sorted(str(k) for k in raw if k not in ("experts", "router"))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: experts, router.")
+    _reject_unknown(raw, ("experts", "router"), f"{where}: unknown key(s)")
     experts = raw.get("experts")
     if isinstance(experts, str):
         experts = [experts]

@@ -66,6 +66,7 @@ class TrainConfig:
     max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
     device: str | None = None
     autocast: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
+    compile: bool = False  # compile each source block (mol.compiling): faster steps after a compile warm-up
 
     def __post_init__(self) -> None:
         if self.adapter_init not in ADAPTER_INITS:
@@ -306,6 +307,10 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     if config.distill_weight > 0:
         teachers = Teachers(model, tokens, domain_experts)
         run["distill_teachers"] = teachers.experts
+    if config.compile:  # after the closed-form initialisation, whose calibration hooks run eagerly
+        from mol.compiling import compile_blocks
+
+        compile_blocks(model)
     start = int(run["step"])
     params = [p for g in groups for p in g["params"]]
     device = model.device

@@ -499,14 +499,22 @@ class StudioEngine:
             s["training_run_id"] = training_run_id = record_id(training_run_id, "training run")
         slot = self.gate.acquire()
         try:
+            if stop is not None and stop.is_set():  # stopped while it waited for its turn
+                slot.release()
+                return
             model, version = self.fused_for_version(version_id, training_run_id)
         except BaseException:
             slot.release()
             raise
-        last = GenerationUpdate("")
+        last, stopped = GenerationUpdate(""), False
         for last in self.stream(model, prompt, s, stop, slot):
             if not last.done:
                 yield last
+            else:  # read now: once the stream has ended, its own clean-up sets the flag
+                stopped = stop is not None and stop.is_set()
+        if stopped:  # a stopped generation is shown, not stored
+            yield GenerationUpdate(last.text, True, last.trace, None)
+            return
         run = self.repo.add_run(version.id, prompt, last.text, settings=s, trace=last.trace)
         yield GenerationUpdate(last.text, True, last.trace, run.id)
 

@@ -124,6 +124,27 @@ def test_stopping_ends_generation_early(engine):
     assert seen < 10
 
 
+def test_a_stopped_run_is_shown_not_stored_and_the_next_one_is_whole(engine):
+    version = engine.repo.create_recipe("stoppable", draft_yaml(draft_recipe(
+        "stoppable", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}])))
+    stop = threading.Event()
+    updates = []
+    for update in engine.run_prompt(version.id, "def main", {"max_new_tokens": 30}, stop):
+        updates.append(update)
+        if len(updates) == 3:
+            stop.set()
+    final = updates[-1]
+    assert final.done and final.run_id is None and final.trace is not None  # shown with its trace, not saved
+    assert len(updates) < 10
+    assert engine.repo.list_runs(version_id=version.id) == []
+    early = threading.Event()
+    early.set()  # stopped while waiting for its turn: nothing runs, nothing is stored
+    assert list(engine.run_prompt(version.id, "def main", {"max_new_tokens": 30}, early)) == []
+    assert engine.gate.snapshot()["running"] == 0
+    whole = list(engine.run_prompt(version.id, "def main", {"max_new_tokens": 30}, threading.Event()))
+    assert whole[-1].run_id is not None and len(whole) > 10
+
+
 def test_source_model_alone_and_limits(engine):
     models = engine.embedded_models()
     text = engine.run_source("coder", models["coder"], "import os", {"max_new_tokens": 4})

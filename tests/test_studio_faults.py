@@ -142,16 +142,35 @@ def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(cl
 
 
 def test_the_stop_button_ends_the_ui_generation(studio, client, slow_steps, monkeypatch):
-    """Stop cancels the Run event; Gradio then closes the callback's generator, as this does."""
+    """Stop sets the flag of its own browser session's generation (another session's runs on); the callback
+    ends with its text and figures, saves nothing, and its worker frees its slot. A closed callback (the
+    browser gone) stops the same way."""
+    from types import SimpleNamespace
+
     version = save(client, studio, "ui-stop")
-    run = ui_fn(studio, "ui_run_prompt")(version["id"], 0, "To be", 200, False, 1.0, 0, 1.0, 0, [])
-    for n, _ in enumerate(run):
+    run = ui_fn(studio, "ui_run_prompt")
+    mine, other = SimpleNamespace(session_hash="mine"), SimpleNamespace(session_hash="other")
+    gen = run(version["id"], 0, "To be", 200, False, 1.0, 0, 1.0, 0, [], mine)
+    for n, _ in enumerate(gen):
         if n == 4:
             break
     assert workers() == 1
-    run.close()
+    ui_fn(studio, "ui_stop_run")(other)  # not this generation's session: it runs on
+    more = [next(gen)[3] for _ in range(10)]
+    assert all("Generating" in status for status in more), more
+    ui_fn(studio, "ui_stop_run")(mine)
+    rest = list(gen)
+    assert re.search(r"Stopped after \d+ tokens; not saved", rest[-1][3])
     wait_until(lambda: idle(studio.engine), "the worker to end and the slot to be released")
     assert len(slow_steps) < 150
+    assert studio.engine.repo.list_runs(version_id=version["id"]) == []
+    closed = run(version["id"], 0, "To be", 200, False, 1.0, 0, 1.0, 0, [], mine)
+    for n, _ in enumerate(closed):
+        if n == 4:
+            break
+    closed.close()
+    wait_until(lambda: idle(studio.engine), "the closed generation's worker to end")
+    assert len(slow_steps) < 300
     monkeypatch.undo()
     last = ui_run(studio, version["id"], "To be", 200)[-1]  # not stopped, the same prompt runs 200 tokens
     run_id = int(re.search(r"Saved as run #(\d+)", last[3]).group(1))

@@ -89,6 +89,7 @@ def run(weights_dir: Path, reuse: bool, smoke: bool, max_tokens: int | None) -> 
             t0 = time.perf_counter()
             result = train(str(recipe_path), TRAIN, config, out=w, progress=True)
             print(f"{kind}: {result.metrics['steps']} steps in {time.perf_counter() - t0:.0f} s (wall, with init)")
+            companion_paths(w)[2].unlink(missing_ok=True)  # optimizer state: for resuming, not shipped
         runs[kind] = json.loads(companion_paths(w)[1].read_text())
 
     recipe = mol.Recipe.from_yaml(RECIPES["token"])

@@ -23,6 +23,7 @@ from bench.perf.common import (
     timeit,
 )
 from bench.perf.models import parameter_bytes, randomise_routers, routed_slot_recipe
+from mol.compiling import compile_blocks
 from mol.fast import FastDecoder
 from mol.fused import StepContext
 
@@ -219,7 +220,44 @@ def routed_slot(b) -> dict:
                 "routed_over_one_block": t_two / t_one, "dense_over_one_block": t_dense / t_one,
                 "tokens_to_expert_1": share,
                 "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max())})
+    if b.cuda:
+        with torch.no_grad():
+            out["profiles"] = {"one_block": profile_top(lambda: run(one)), "routed_slot": profile_top(lambda: run(two))}
+    if b.cuda and b.compile:  # both sides compiled block by block (mol.compiling), as training runs them
+        compile_blocks(one, routers=True)
+        compile_blocks(two, routers=True)
+        with torch.no_grad():
+            t_one_c = timeit(lambda: run(one), repeat=b.repeat, warmup=3)["median_s"]
+            t_two_c = timeit(lambda: run(two), repeat=b.repeat, warmup=3)["median_s"]
+            y_c, _ = run(two)
+            profiles = {"one_block": profile_top(lambda: run(one)), "routed_slot": profile_top(lambda: run(two))}
+        out["compiled"] = {"one_block_s": t_one_c, "routed_slot_s": t_two_c,
+                           "routed_over_one_block": t_two_c / t_one_c,
+                           "vs_eager_max_abs_diff": float((y_c.float() - y_sub.float()).abs().max()),
+                           "profiles": profiles}
     return out
+
+
+def profile_top(fn, rows: int = 12) -> dict:
+    """Where one call's time goes (torch.profiler): wall time, the time the device was busy running kernels (well
+    under the wall time: the host, not the device, sets the pace), and the operators with the most device time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {"wall_ms": 1000 * wall, "kernels": len(kernels),
+            "device_busy_ms": sum(e.device_time_total for e in kernels) / 1000,
+            "top": [{"op": e.key[:80], "calls": e.count, "self_device_ms": e.self_device_time_total / 1000}
+                    for e in events[:rows]]}
 
 
 def _count_flops(fn) -> int | None:
@@ -238,7 +276,20 @@ def _count_flops(fn) -> int | None:
 # ---- training --------------------------------------------------------------------------------------------------
 def training(b) -> dict:
     """Adapter + router training step of the two-source recipe (bf16 autocast, AdamW): tokens/s and model FLOP
-    utilisation, FLOPs counted by torch's FlopCounterMode on a real step (frozen weights: no weight gradients)."""
+    utilisation, FLOPs counted by torch's FlopCounterMode on a real eager step (frozen weights: no weight
+    gradients). Eager, then with every source block compiled (`mol train --compile`) where CUDA allows."""
+    out = _training(b, compiled=False)
+    if b.cuda and b.compile:
+        out["compiled"] = _training(b, compiled=True, flops=out["flops_per_step"])  # as `mol train --compile`
+        out["compiled_with_routers"] = _training(b, compiled=True, flops=out["flops_per_step"], routers=True)
+        variants = {"eager": out, "compiled": out["compiled"], "compiled_with_routers": out["compiled_with_routers"]}
+        name = max(variants, key=lambda k: variants[k]["tokens_per_s"])
+        out["best"] = {"variant": name, **{k: variants[name].get(k) for k in (
+            "tokens_per_s", "mfu", "fraction_of_measured_matmul_rate")}}
+    return out
+
+
+def _training(b, compiled: bool, flops: int | None = None, routers: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = mol.build(b.recipe("two_source"), device=b.device, dtype=b.dtype, load_tokenizer=False)
@@ -259,16 +310,24 @@ def training(b) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if compiled:
+        compile_blocks(model, routers=routers)
+        t_compile = time.perf_counter()
+        step()
+        sync()
+        t_compile = time.perf_counter() - t_compile
     gpu_peak_reset()
-    t = timeit(step, repeat=b.repeat, warmup=2)
+    t = timeit(step, repeat=b.repeat, warmup=3 if compiled else 2)
     peak_mem = gpu_peak_bytes()
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            step()
-        flops = counter.get_total_flops()
-    except Exception:  # an operator the counter cannot see through: fall back to the count by hand
-        flops = None
+    profile = profile_top(step) if b.cuda else None
+    if flops is None:
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter:
+                step()
+            flops = counter.get_total_flops()
+        except Exception:  # an operator the counter cannot see through: fall back to the count by hand
+            flops = None
     if not flops:
         flops = _training_flops_by_hand(model, bsz, length)
     tokens = bsz * length
@@ -285,6 +344,10 @@ def training(b) -> dict:
         out["fraction_of_measured_matmul_rate"] = out["achieved_flops"] / measured
     # For reference, the usual 6·N·tokens convention (as if every weight trained) overstates the work done here.
     out["mfu_6n_convention"] = 6 * n_params * tokens / t["median_s"] / peak if peak else None
+    if compiled:
+        out["first_step_s"] = t_compile  # compilation included
+    if profile:
+        out["profile"] = profile
     return out
 
 

@@ -15,6 +15,13 @@ def _get(d, *keys):
     return d
 
 
+def _compiled_training(c: dict) -> str:
+    if "tokens_per_s" not in c:
+        return ""
+    return (f"; with every source block compiled (`mol train --compile`): {c['tokens_per_s']:.0f} tokens/s, MFU "
+            f"{_x(100 * c['mfu'] if c.get('mfu') else None, 1)}% (compilation: {_x(c.get('first_step_s'), 0)} s)")
+
+
 def markdown(r: dict) -> str:
     env = r.get("env", {})
     lines = [f"**{env.get('card')}** · driver {env.get('driver')} · torch {env.get('torch')} · transformers "
@@ -56,14 +63,16 @@ def markdown(r: dict) -> str:
     if "routed_over_one_block" in s:
         lines += [f"Routed slot (two equal experts, top-1, {100 * s['tokens_to_expert_1']:.0f}% of tokens to the "
                   f"second): {s['routed_over_one_block']:.2f}× one block (every expert's MLP on every token: "
-                  f"{s['dense_over_one_block']:.2f}×).", ""]
+                  f"{s['dense_over_one_block']:.2f}×)" + (
+                      f"; with the blocks and router compiled: {s['compiled']['routed_over_one_block']:.2f}×"
+                      if "routed_over_one_block" in s.get("compiled", {}) else "") + ".", ""]
     t = r.get("training", {})
     if "tokens_per_s" in t:
         lines += [f"Training step (adapters + routers, two-source, batch {t['batch']} × {t['length']}, bf16): "
                   f"{t['tokens_per_s']:.0f} tokens/s, {_x((t.get('achieved_flops') or 0) / 1e12, 0)} TFLOP/s, "
                   f"MFU {_x(100 * t['mfu'] if t.get('mfu') else None, 1)}% (datasheet peak; "
                   f"{_x(100 * t['fraction_of_measured_matmul_rate'] if t.get('fraction_of_measured_matmul_rate') else None, 1)}"
-                  "% of the measured matmul rate).", ""]
+                  "% of the measured matmul rate)" + _compiled_training(t.get("compiled", {})) + ".", ""]
     bld = r.get("build", {})
     if "mol" in bld and "seconds" in bld["mol"]:
         m, h = bld["mol"], bld.get("transformers", {})

@@ -20,5 +20,10 @@ def load_recipe(arg: str) -> Recipe:
     return Recipe.from_yaml(path)
 
 
+def add_allow_bin(parser) -> None:
+    parser.add_argument("--allow-bin", action="store_true",
+                        help="also load PyTorch pickle (.bin) weights; only for files you trust")
+
+
 def print_json(data) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False, default=str))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mol.commands import load_recipe, print_json
+from mol.commands import add_allow_bin, load_recipe, print_json
 from mol.plan import plan
 
 
@@ -10,8 +10,7 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="validate a recipe: tensors to read, bytes, memory estimate, warnings")
     p.add_argument("recipe", help="recipe YAML file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--allow-bin", action="store_true",
-                   help="also load PyTorch pickle (.bin) weights; only for files you trust")
+    add_allow_bin(p)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from mol.commands import load_recipe, print_json
+from mol.commands import add_allow_bin, load_recipe, print_json
 from mol.errors import ResourceError
 
 
@@ -22,8 +22,7 @@ def register(sub) -> None:
     p.add_argument("--weights", help="trained adapters/routers (.safetensors) saved by `mol train`")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the text and the full trace as JSON")
-    p.add_argument("--allow-bin", action="store_true",
-                   help="also load PyTorch pickle (.bin) weights; only for files you trust")
+    add_allow_bin(p)
     p.set_defaults(func=run)
 
 

@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-timing", action="store_true", help="skip CPU load/generation timings")
     p.add_argument("--max-steps", type=int, help="cap every candidate's steps (debugging)")
     p.add_argument("--candidates", help="comma-separated epoch counts to choose among (default 3,6,12,24)")
+    p.add_argument("--budget-steps", type=int, help="train only candidates within this many steps (0: no budget; "
+                   "default 1500, the same for every model)")
     # fit-one (internal: one candidate per process)
     p.add_argument("--model")
     p.add_argument("--epochs", type=float)
@@ -450,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = SMOKE if a.smoke else Settings()
     if a.max_steps is not None:
         settings = replace(settings, max_steps=a.max_steps)
+    if a.budget_steps is not None:
+        settings = replace(settings, budget_steps=a.budget_steps or None)
     if a.candidates:
         settings = replace(settings, epochs=tuple(_number(x) for x in a.candidates.split(",")))
     models = tuple(m for m in a.models.split(",") if m)

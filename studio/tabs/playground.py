@@ -120,11 +120,18 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         ids = [r[0] for r in rows]
         return rows, gr.update(choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None))
 
+    # The running generation's stop flag, per browser session. Stop sets it and the generation ends after its
+    # current token: a cooperative stop, where cancelling the Gradio job could land late, on the next job.
+    stops: dict[str | None, threading.Event] = {}
+
     @gpu_task
-    def on_run(version_id, weights_id, prompt_v, *rest):
-        *sampling_v, ws = rest
+    def on_run(version_id, weights_id, prompt_v, max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v,
+               ws, request: gr.Request = None):
+        sampling_v = (max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v)
         keep = gr.update()
         stop_event = threading.Event()
+        session = getattr(request, "session_hash", None)
+        stops[session] = stop_event
         try:
             if version_id is None:
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
@@ -132,34 +139,47 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
             busy = gate["running"] >= gate["capacity"]
             yield "", keep, keep, message_html(f"Waiting for a turn ({gate['running']} running, {gate['waiting']} "
                                                "waiting)…" if busy else "Loading the model…"), keep, keep
-            n = 0
+            n, finished = 0, False
             for update in engine.run_prompt(version_id, prompt_v, settings_of(*sampling_v), stop_event,
                                             weights_id or None):
                 if not update.done:
                     n += 1
                     yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
                     continue
+                finished = True
                 colors = trace_colors(ws, update.trace)
                 hm, ld = figures_for(update.trace, colors)
+                if update.run_id is None:  # stopped: shown, not stored
+                    yield update.text, hm, ld, message_html(f"Stopped after {n} tokens; not saved."), keep, keep
+                    continue
                 routed = len((update.trace or {}).get("slots") or [])
                 msg = (f"Saved as run #{update.run_id}: {len((update.trace or {}).get('tokens') or [])} tokens, "
                        f"{routed} routed slot{'s' if routed != 1 else ''}.")
                 yield (update.text, hm, ld, message_html(msg), *refresh_runs(update.run_id))
+            if not finished:  # stopped while it waited for its turn
+                yield keep, keep, keep, message_html("Stopped before it started; nothing saved."), keep, keep
         except Exception as exc:
             yield keep, keep, keep, message_html(user_message(exc), ok=False), keep, keep
         finally:
             stop_event.set()
+            if stops.get(session) is stop_event:
+                del stops[session]
+
+    def on_stop(request: gr.Request = None):
+        event = stops.get(getattr(request, "session_hash", None))
+        if event is not None:
+            event.set()
 
     # Generations pass Gradio's queue unhindered (concurrency_limit=None) and wait in the engine's gate instead,
     # which runs `generation_concurrency` at once, lets a bounded number wait, and tells the rest "busy".
-    run_event = run.click(on_run, [version, weights, prompt, *sampling, workspace],
+    run.click(on_run, [version, weights, prompt, *sampling, workspace],
                           [output, heatmap, load, run_status, runs, run_pick], api_name="ui_run_prompt",
                           api_visibility="undocumented", concurrency_limit=None,
                           concurrency_id="generation")
-    submit_event = prompt.submit(on_run, [version, weights, prompt, *sampling, workspace],
+    prompt.submit(on_run, [version, weights, prompt, *sampling, workspace],
                                  [output, heatmap, load, run_status, runs, run_pick], api_visibility="private",
                                  concurrency_limit=None, concurrency_id="generation")
-    stop.click(None, cancels=[run_event, submit_event], api_visibility="private")
+    stop.click(on_stop, None, None, api_name="ui_stop_run", api_visibility="private", queue=False)
 
     def on_version(version_id):
         try:
@@ -216,7 +236,7 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     _register_api(engine)
     return {"version": version, "weights": weights, "prompt": prompt, "run": run, "stop": stop, "output": output, "heatmap": heatmap,
             "load": load, "run_status": run_status, "sources": sources, "source_view": source_view, "runs": runs,
-            "run_pick": run_pick, "refresh_runs": refresh_runs, "run_event": run_event}
+            "run_pick": run_pick, "refresh_runs": refresh_runs}
 
 
 def _register_api(engine: StudioEngine) -> None:

@@ -64,8 +64,12 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
     if device == "cuda":
         torch.zeros(1, device="cuda")  # the CUDA context belongs to the baseline, not to the build
         torch.cuda.reset_peak_memory_stats()
-    if mode == "transformers":
-        from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the baseline)
+    # Both sides import their code before the clock starts (mol imports lazily: left to the build, importing
+    # transformers and mol's modules would be timed as building).
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import mol.loading  # noqa: F401
+    import mol.plan  # noqa: F401
     evicted = _evict(files)
     peak_reset = _reset_peak_rss()
     baseline = _status("VmRSS")

@@ -304,21 +304,33 @@ def count_trainable(model: FusedModel) -> int:
 def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, sources: bool = True,
              oracle: bool = False, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8, max_tokens: int | None = None,
              domain_experts: Mapping[str, str] | None = None, device: str | None = None,
-             name: str | None = None) -> EvalReport:
+             name: str | None = None, on_progress=None) -> EvalReport:
     """Evaluate a fused model (or recipe, YAML path) on named datasets (`--data` strings, a mapping name -> paths,
     or tokenised streams); with `sources`, every routed source model alone on the same tokens; with `oracle`,
-    the same recipe routed by the true labels."""
+    the same recipe routed by the true labels. `on_progress(done, total, what)` is called after each model has
+    scored each dataset."""
     model = _as_model(model_or_recipe, weights, device)
     tokens = _as_tokens(model, datasets, max_tokens)
+    alone = (model.recipe.used_aliases if sources else routed_aliases(model)) \
+        if sources or oracle or domain_experts is None else []
+    total = len(tokens) * (len(alone) + 1 + int(oracle and bool(model.routed_slots)))
+    done = 0
+
+    def scored(what: str, dom: str) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, f"{what} on {dom}")
+
     source_rows = []
-    if sources or oracle or domain_experts is None:
-        for alias in model.recipe.used_aliases if sources else routed_aliases(model):
-            src = source_model(model, alias)
-            row = ModelResult(f"{alias} alone", "source", 0)
-            for dom, t in tokens.items():
-                row.domains[dom] = score(src, t, seq_len, batch_size)
-            source_rows.append((alias, row))
-            del src
+    for alias in alone:
+        src = source_model(model, alias)
+        row = ModelResult(f"{alias} alone", "source", 0)
+        for dom, t in tokens.items():
+            row.domains[dom] = score(src, t, seq_len, batch_size)
+            scored(row.name, dom)
+        source_rows.append((alias, row))
+        del src
     if domain_experts is None:
         losses = {a: {d: r.domains[d].loss for d in tokens if d in tokens[d].label_names} for a, r in source_rows}
         domain_experts = match_domains(losses, routed_aliases(model))
@@ -327,11 +339,13 @@ def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, so
     rows = [ModelResult(name or model.recipe.name, "fused", count_trainable(model))]
     for dom, t in tokens.items():
         rows[0].domains[dom] = score(model, t, seq_len, batch_size, domain_experts)
+        scored(rows[0].name, dom)
     if oracle and model.routed_slots:
         row = ModelResult(f"{name or model.recipe.name} oracle", "oracle", count_trainable(model))
         for dom, t in tokens.items():
             with route_by_label(model, t.label_names, domain_experts) as set_labels:
                 row.domains[dom] = score(model, t, seq_len, batch_size, domain_experts, on_batch=set_labels)
+            scored(row.name, dom)
         rows.append(row)
     if sources:
         rows.extend(r for _, r in source_rows)

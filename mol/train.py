@@ -275,10 +275,13 @@ def _progress(total: int, initial: int, enabled: bool):
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: str | Path | None = None,
-          resume: bool = False, progress: bool = True, domain_experts: dict[str, str] | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, domain_experts: dict[str, str] | None = None,
+          on_step=None) -> TrainResult:
     """Train the adapters and routers of a fused model (or of a recipe / recipe YAML path) on named datasets
     (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save the run there; with
-    `resume`, continue the run saved at `out` up to `config.steps`."""
+    `resume`, continue the run saved at `out` up to `config.steps`. `on_step(point)` is called after every
+    optimizer step with that step's point of the loss curve (step, loss, aux_loss, z_loss, lr_factor,
+    grad_norm, seconds), as it is appended to the run."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     model = _model(model_or_recipe, config)
@@ -350,6 +353,8 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             run["curve"].append({"step": step + 1, "loss": round(lm_sum, 5), "aux_loss": round(aux_sum, 5),
                                  "z_loss": round(z_sum, 5), "lr_factor": round(factor, 5),
                                  "grad_norm": round(grad_norm, 4), "seconds": round(seconds, 3)})
+            if on_step is not None:
+                on_step(dict(run["curve"][-1]))
             smooth = lm_sum if smooth is None else 0.9 * smooth + 0.1 * lm_sum
             bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):,.0f}")
             bar.update(1)

@@ -6,7 +6,6 @@ by recipe version (versions are append-only, so a version id names one model for
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import os
 import queue
@@ -593,39 +592,40 @@ class StudioEngine:
     def train_version(self, version_id: int, datasets: dict[str, list[Path]], settings: dict[str, Any],
                       poll_seconds: float = 0.5) -> Iterator[TrainingProgress]:
         """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
-        the loss curve so far (read from the run file it checkpoints) and stores the run and its weights."""
-        from mol.train import TrainConfig, companion_paths, train
+        the loss curve so far (each step's point as `mol.train` reports it) and stores the run and its weights."""
+        from mol.train import TrainConfig, train
 
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
         chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
         steps = int(chosen.get("steps", 200))
-        config = TrainConfig.from_dict({**chosen, "save_every": max(1, steps // 40)})
+        config = TrainConfig.from_dict(chosen)
         record = self.repo.create_training_run(version.id, {
             "train": {k: getattr(config, k) for k in TRAIN_SETTINGS},
             "data": {name: [self.portable_ref(p) for p in paths] for name, paths in datasets.items()}},
             status="running")
         weights = self.data_dir / "weights" / f"training-run-{record.id}.safetensors"
-        run_json = companion_paths(weights)[1]
         outcome: dict[str, Any] = {}
+        points: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
-                outcome["result"] = train(recipe, datasets, config, out=weights, progress=False)
+                outcome["result"] = train(recipe, datasets, config, out=weights, progress=False, on_step=points.put)
             except BaseException as exc:  # raised again in the request thread
                 outcome["error"] = exc
 
         worker = threading.Thread(target=work, name="mango-train", daemon=True)
         worker.start()
-        stored = 0
         curve: list[dict] = []
         while worker.is_alive():
             worker.join(poll_seconds)
-            curve = _read_curve(run_json) or curve
-            if len(curve) > stored:
-                self.repo.update_training_run(record.id, append_loss=curve[stored:])
-                stored = len(curve)
-            yield TrainingProgress(record.id, len(curve), steps, curve)
+            new = []
+            while not points.empty():
+                new.append(points.get_nowait())
+            if new:  # stored as they come, so a crash keeps the curve so far
+                self.repo.update_training_run(record.id, append_loss=new)
+                curve += new
+            yield TrainingProgress(record.id, len(curve), steps, list(curve))
         if "error" in outcome:
             exc = outcome["error"]
             if isinstance(exc, MolError):
@@ -640,7 +640,8 @@ class StudioEngine:
         yield TrainingProgress(record.id, result.steps, steps, list(result.curve), "completed", dict(result.metrics))
 
     def evaluate_version(self, version_id: int, datasets: dict[str, list[Path]], training_run_id: int | None = None,
-                         sources: bool = True, seq_len: int = 256, max_tokens: int | None = 20_000):
+                         sources: bool = True, seq_len: int = 256, max_tokens: int | None = 20_000,
+                         on_progress=None):
         """Perplexity per domain, router agreement and load, with every source model alone on the same tokens
         (`mol.evaluate`); the report is stored with the version (and the training run whose weights it used)."""
         from mol.evaluate import evaluate
@@ -649,16 +650,7 @@ class StudioEngine:
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         report = evaluate(recipe, datasets, weights=weights, sources=sources, seq_len=int(seq_len),
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, on_progress=on_progress)
         name = f"{version.recipe_name} v{version.number}" + (f" + training run {training_run_id}" if weights else "")
         results = {**report.to_dict(), "data": {n: [self.portable_ref(p) for p in ps] for n, ps in datasets.items()}}
         return self.repo.add_evaluation(version.id, results, training_run_id=training_run_id or None, name=name)
-
-
-def _read_curve(run_json: Path) -> list[dict]:
-    """The loss curve in a training run's JSON file (written atomically by mol.train); [] when not there yet."""
-    try:
-        return list(json.loads(run_json.read_text(encoding="utf-8")).get("curve") or [])
-    except (OSError, ValueError):
-        return []
-

@@ -63,8 +63,12 @@ def test_source_rows_equal_the_source_models_own_perplexity(recipe, files):
 
 
 def test_oracle_routes_every_labelled_token_to_its_domain_model(recipe, files):
+    progress = []
     report = evaluate(recipe, data(files), seq_len=48, oracle=True, domain_experts={"prose": "a", "code": "b"},
-                      device="cpu")
+                      device="cpu", on_progress=lambda *a: progress.append(a))
+    # Every model (the sources alone, the recipe, its oracle) on every dataset, counted up to the total.
+    assert [p[:2] for p in progress] == [(i, len(progress)) for i in range(1, len(progress) + 1)]
+    assert len(progress) == 3 * (len(report.rows)) and progress[-1][2] == "tiny-eval oracle on mixed"
     oracle = report.row("tiny-eval oracle")
     assert oracle.domains["prose"].load["1"] == {"a:1": 1.0, "b:1": 0.0}
     assert oracle.domains["code"].load["2"] == {"a:2": 0.0, "b:2": 1.0}

@@ -56,7 +56,8 @@ def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe,
     before_frozen = frozen_state(model)
     before_trainable = {k: v.clone() for k, v in model.trainable_state_dict().items()}
 
-    result = train(model, tokens, config(steps=15, lr=1e-2), progress=False)
+    reported = []
+    result = train(model, tokens, config(steps=15, lr=1e-2), progress=False, on_step=reported.append)
 
     after_loss = sum(score(model, t, seq_len=64).loss for t in tokens.values())
     assert after_loss < before_loss - 0.5, (before_loss, after_loss)
@@ -66,6 +67,7 @@ def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe,
     changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, before_trainable[k])]
     assert any(".adapter." in k for k in changed) and any(".router." in k for k in changed)
     assert len(result.curve) == 15 and result.metrics["steps"] == 15
+    assert reported == result.curve and [p["step"] for p in reported] == list(range(1, 16))  # live, step by step
 
 
 def test_saved_weights_reload_to_the_same_logits(recipe, data, tmp_path):

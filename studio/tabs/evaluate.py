@@ -82,9 +82,10 @@ def create_evaluate_tab(engine: StudioEngine, recipe: dict[str, Any], train: dic
             if version_id is None:
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             data = engine.datasets(corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "test")
-            progress(None, desc="evaluating")
+            progress(0.0, desc="evaluating")
             info = engine.evaluate_version(version_id, data, weights_id or None, bool(sources_v),
-                                           int(seq_v), int(max_tokens_v) if max_tokens_v else None)
+                                           int(seq_v), int(max_tokens_v) if max_tokens_v else None,
+                                           on_progress=lambda done, total, what: progress((done, total), desc=what))
         except Exception as exc:
             return message_html(user_message(exc), ok=False), gr.update(), evaluation_rows(engine)
         return (message_html(f"Evaluation #{info.id} stored with {info.name}."), report_markdown(info.results),

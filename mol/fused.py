@@ -204,6 +204,9 @@ class FusedModel(nn.Module):
         self.aux_loss_weight = 0.01
         self.z_loss_weight = 0.0
         self.calibration_hook = None  # set by mol.calibrate for one forward pass
+        # Each forward copies its routing to the host for `trace`/`last_trace`: a synchronisation per routed
+        # slot, which training (mol.train turns this off while it runs) has no use for.
+        self.keep_trace = True
 
     # ---- properties -------------------------------------------------------------------------------------
     @property
@@ -249,9 +252,10 @@ class FusedModel(nn.Module):
         if cache is not None:
             cache.mask = full_mask
 
-        trace = Trace(token_ids=input_ids.detach().cpu(), attention_mask=attention_mask.detach().cpu(), slots=[
-            SlotTrace(i, self.slots[i].expert_names, self.slots[i].router.kind, r.probs.detach().float().cpu(),
-                      r.chosen.detach().cpu()) for i, r in ctx.routings])
+        trace = None if not self.keep_trace else Trace(
+            token_ids=input_ids.detach().cpu(), attention_mask=attention_mask.detach().cpu(), slots=[
+                SlotTrace(i, self.slots[i].expert_names, self.slots[i].router.kind, r.probs.detach().float().cpu(),
+                          r.chosen.detach().cpu()) for i, r in ctx.routings])
         out = MoLOutput(logits=logits, cache=cache, trace=trace)
         if ctx.routings:
             on = {r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings}  # slots may sit apart

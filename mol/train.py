@@ -66,7 +66,7 @@ class TrainConfig:
     max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
     device: str | None = None
     autocast: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
-    compile: bool = False  # compile each source block (mol.compiling): faster steps after a compile warm-up
+    compile: bool = False  # compile the training step (mol.compiling): faster steps after a compile warm-up
 
     def __post_init__(self) -> None:
         if self.adapter_init not in ADAPTER_INITS:
@@ -311,9 +311,9 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
         teachers = Teachers(model, tokens, domain_experts)
         run["distill_teachers"] = teachers.experts
     if config.compile:  # after the closed-form initialisation, whose calibration hooks run eagerly
-        from mol.compiling import compile_blocks
+        from mol.compiling import compile_network
 
-        compile_blocks(model)
+        compile_network(model)
     start = int(run["step"])
     params = [p for g in groups for p in g["params"]]
     device = model.device
@@ -324,6 +324,7 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     smooth = None
     step = start
     model.eval()  # no dropout anywhere: frozen source blocks must behave exactly as at inference
+    keep_trace, model.keep_trace = model.keep_trace, False  # no host copy of the routing at every step
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
@@ -367,6 +368,11 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
                 break
     finally:
         bar.close()
+        model.keep_trace = keep_trace
+        if config.compile:  # the compiled step suits training; generation keeps its own paths
+            from mol.compiling import uncompile_network
+
+            uncompile_network(model)
     done = int(run["step"])
     trained = done - start
     run["metrics"].update({

@@ -68,6 +68,7 @@ def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe,
     assert any(".adapter." in k for k in changed) and any(".router." in k for k in changed)
     assert len(result.curve) == 15 and result.metrics["steps"] == 15
     assert reported == result.curve and [p["step"] for p in reported] == list(range(1, 16))  # live, step by step
+    assert model.keep_trace and model(tokens["prose"].ids[None, :8]).trace is not None  # tracing is back on
 
 
 def test_saved_weights_reload_to_the_same_logits(recipe, data, tmp_path):
@@ -217,3 +218,23 @@ def test_distillation_pulls_the_fused_model_towards_the_label_teacher(recipe, da
                    domain_experts={"prose": "b", "code": "b"})
     assert gap() < before
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]
+
+
+def test_compiled_training_gives_the_eager_weights_and_leaves_the_model_uncompiled(recipe, data, monkeypatch):
+    import functools
+
+    import mol.compiling
+
+    # The fallback compiler backend: the same graph capture, no C++ compiler needed on the test machine.
+    monkeypatch.setattr(mol.compiling, "compile_network",
+                        functools.partial(mol.compiling.compile_network, backend="aot_eager"))
+    eager = mol.build(recipe, device="cpu", dtype=torch.float32)
+    compiled = mol.build(recipe, device="cpu", dtype=torch.float32)
+    tokens = tokenize_domains(eager.tokenizer, load_domains(data))
+    train(eager, tokens, config(steps=4), progress=False)
+    train(compiled, tokens, config(steps=4, compile=True), progress=False)
+    a, b = eager.trainable_state_dict(), compiled.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)  # float reassociation in the graph
+    assert "step_logits" not in compiled.__dict__  # generation runs the plain step again

@@ -15,11 +15,15 @@ def _get(d, *keys):
     return d
 
 
-def _compiled_training(c: dict) -> str:
-    if "tokens_per_s" not in c:
-        return ""
-    return (f"; with every source block compiled (`mol train --compile`): {c['tokens_per_s']:.0f} tokens/s, MFU "
-            f"{_x(100 * c['mfu'] if c.get('mfu') else None, 1)}% (compilation: {_x(c.get('first_step_s'), 0)} s)")
+def _compiled_training(t: dict) -> str:
+    parts = []
+    for key, label in (("compiled", "every source block compiled"),
+                       ("compiled_network", "the whole step compiled (`mol train --compile`)")):
+        c = t.get(key, {})
+        if "tokens_per_s" in c:
+            parts.append(f"{label}: {c['tokens_per_s']:.0f} tokens/s, MFU {_x(100 * c['mfu'] if c.get('mfu') else None, 1)}%"
+                         f" (first step {_x(c.get('first_step_s'), 0)} s)")
+    return "".join(f"; {p}" for p in parts)
 
 
 def markdown(r: dict) -> str:
@@ -72,7 +76,7 @@ def markdown(r: dict) -> str:
                   f"{t['tokens_per_s']:.0f} tokens/s, {_x((t.get('achieved_flops') or 0) / 1e12, 0)} TFLOP/s, "
                   f"MFU {_x(100 * t['mfu'] if t.get('mfu') else None, 1)}% (datasheet peak; "
                   f"{_x(100 * t['fraction_of_measured_matmul_rate'] if t.get('fraction_of_measured_matmul_rate') else None, 1)}"
-                  "% of the measured matmul rate)" + _compiled_training(t.get("compiled", {})) + ".", ""]
+                  "% of the measured matmul rate)" + _compiled_training(t) + ".", ""]
     bld = r.get("build", {})
     if "mol" in bld and "seconds" in bld["mol"]:
         m, h = bld["mol"], bld.get("transformers", {})

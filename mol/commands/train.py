@@ -57,7 +57,7 @@ def register(sub) -> None:
                    help="the model serving a domain (default: the source with the lowest loss on it)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--compile", action="store_true",
-                   help="compile each source block (torch.compile): faster steps on GPU after a warm-up")
+                   help="compile the training step (torch.compile): faster steps on a GPU after a warm-up")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
     p.set_defaults(func=run)

@@ -82,6 +82,7 @@ class FastDecoder:
         self.probs = {s.index: torch.zeros(b, n, len(s.experts), device=dev) for s in model.routed_slots}
         self.chosen = {s.index: torch.zeros(b, n, s.router.top_k, dtype=torch.long, device=dev)
                        for s in model.routed_slots}
+        self.windows = model.windows  # sliding-window lengths, each with its own mask per step
         self.allocated = False  # the first decode step runs eagerly and allocates every cache buffer
         self._compiled: dict[bool, object] = {}
         self._warm: dict[bool, int] = {}  # greedy? -> warm-up steps run before capture
@@ -94,9 +95,12 @@ class FastDecoder:
         position_ids = (self.valid.cumsum(-1) - 1).clamp(min=0).index_select(1, self.pos)
         allowed = (self.cols <= self.pos) & self.valid.bool()  # [B, capacity]
         mask4d = self.mask_zero.masked_fill(~allowed[:, None, None, :], self.mask_min)
+        windows = {w: self.mask_zero.masked_fill(~(allowed & (self.cols > self.pos - w))[:, None, None, :],
+                                                 self.mask_min) for w in self.windows}
         self.kv.write, self.kv.visible = self.pos, self.capacity
         self.cache.pooled = self.pooled
-        ctx = StepContext(mask4d, self.live, position_ids, self.cache, {}, self.model.rotary, static=True)
+        ctx = StepContext(mask4d, self.live, position_ids, self.cache, {}, self.model.rotary, static=True,
+                          windows=windows)
         logits = self.model.step_logits(self.ids, ctx)[:, -1].float()
         for i, r in ctx.routings:  # the routing trace, by position
             self.probs[i].index_copy_(1, self.pos, r.probs.float())
@@ -159,7 +163,8 @@ class FastDecoder:
         self.cache.pooled = {}  # pooled routers decide afresh from this prompt
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         mask4d = self.model._mask4d(attention_mask, q)  # over the prompt's own keys (None: plainly causal)
-        ctx = StepContext(mask4d, attention_mask, position_ids, self.cache, {}, self.model.rotary)
+        ctx = StepContext(mask4d, attention_mask, position_ids, self.cache, {}, self.model.rotary,
+                          windows=self.model.window_masks(attention_mask, q))
         logits = self.model.step_logits(input_ids, ctx, last_only=True)[:, -1].float()
         for i, state in self.cache.pooled.items():
             if i not in self.pooled:

@@ -54,6 +54,11 @@ class StepContext:
     # slot then runs on every token, and the mixing weights alone select.
     static: bool = False
     moved: dict = field(default_factory=dict)  # copies of this context on other devices (mol.placement)
+    windows: dict = field(default_factory=dict)  # sliding-window length -> its additive mask (None: causal)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The attention mask of a block: the step's own, or its sliding window's."""
+        return self.mask4d if window is None else self.windows[window]
 
     def position_embeddings(self, alias: str, x: torch.Tensor):
         if alias not in self.rotary:
@@ -69,7 +74,7 @@ class StepContext:
                 return None if t is None else t.to(device, non_blocking=True)
             self.moved[device] = StepContext(move(self.mask4d), move(self.mask2d), move(self.position_ids),
                                              self.cache, {}, self.rotary_modules, self.routings, self.calibrate,
-                                             self.static)
+                                             self.static, windows={w: move(m) for w, m in self.windows.items()})
         return self.moved[device]
 
 
@@ -95,9 +100,10 @@ class ExpertBlock(nn.Module):
 
     def __init__(self, name: str, alias: str, layer: nn.Module, cache_keyword: str, takes: tuple[str, ...],
                  adapter: nn.Module | None = None, positions: nn.Module | None = None, position_offset: int = 0,
-                 mlp: nn.Module | None = None):
+                 mlp: nn.Module | None = None, window: int | None = None):
         super().__init__()
         self.name, self.alias = name, alias
+        self.window = window  # its source's sliding window for this layer (None: the whole context)
         self.layer = layer
         self.cache_keyword, self.takes = cache_keyword, takes
         self.adapter = adapter
@@ -110,7 +116,7 @@ class ExpertBlock(nn.Module):
         x = h if self.adapter is None else self.adapter.into(h)
         if self.positions is not None:
             x = x + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
-        kwargs = {"attention_mask": ctx.mask4d, "use_cache": ctx.cache is not None}
+        kwargs = {"attention_mask": ctx.mask_for(self.window), "use_cache": ctx.cache is not None}
         if ctx.cache is not None:
             kwargs[self.cache_keyword] = ctx.cache.kv
         if "position_ids" in self.takes:
@@ -247,7 +253,8 @@ class FusedModel(nn.Module):
         full_mask = attention_mask if cache is None or cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         ctx = StepContext(mask4d=self._mask4d(full_mask, q), mask2d=attention_mask, position_ids=position_ids,
-                          cache=cache, rotary={}, rotary_modules=self.rotary, calibrate=self.calibration_hook)
+                          cache=cache, rotary={}, rotary_modules=self.rotary, calibrate=self.calibration_hook,
+                          windows=self.window_masks(full_mask, q))
         logits = self.step_logits(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
@@ -286,17 +293,29 @@ class FusedModel(nn.Module):
             h = self.project_out(h)
         return self.head(h)
 
-    def _mask4d(self, full_mask: torch.Tensor, q: int) -> torch.Tensor | None:
-        """Additive causal mask over every key seen so far; its key length equals each slot's cache length.
-        None when there is no padding and nothing cached: attention is then plainly causal, and SDPA can take
-        its flash kernel (given a mask, it cannot)."""
+    @property
+    def windows(self) -> list[int]:
+        """The sliding-window lengths of this model's blocks (each gets its own attention mask)."""
+        return sorted({e.window for s in self.slots for e in s.experts if e.window is not None})
+
+    def window_masks(self, full_mask: torch.Tensor, q: int) -> dict[int, torch.Tensor | None]:
+        return {w: self._mask4d(full_mask, q, w) for w in self.windows}
+
+    def _mask4d(self, full_mask: torch.Tensor, q: int, window: int | None = None) -> torch.Tensor | None:
+        """Additive causal mask over every key seen so far; its key length equals each slot's cache length. With
+        a sliding `window`, a query also sees only the keys less than `window` positions behind it, as
+        transformers does. None when there is no padding, nothing cached and no window to cut: attention is
+        then plainly causal, and SDPA can take its flash kernel (given a mask, it cannot)."""
         bsz, k = full_mask.shape
         past = k - q
-        if past == 0 and q > 1 and bool(full_mask.all()):
+        if past == 0 and q > 1 and bool(full_mask.all()) and (window is None or q <= window):
             return None
         rows = torch.arange(q, device=self.device).unsqueeze(1) + past
         cols = torch.arange(k, device=self.device).unsqueeze(0)
-        allowed = (cols <= rows).unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
+        seen = cols <= rows
+        if window is not None:
+            seen = seen & (cols > rows - window)
+        allowed = seen.unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
         mask = torch.zeros(bsz, 1, q, k, dtype=self.dtype, device=self.device)
         return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
 

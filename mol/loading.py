@@ -295,7 +295,7 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
                 mlp = layer.get_submodule(src.family.mlp) if sp.routed and src.family.mlp else None
                 blocks.append(ExpertBlock(e.name, e.alias, layer, cache_keyword(layer), src.family.layer_takes,
                                           adapter=adapter, positions=pos, position_offset=src.family.position_offset,
-                                          mlp=mlp))
+                                          mlp=mlp, window=e.window))
             router = None
             if sp.routed:
                 r = sp.slot.router

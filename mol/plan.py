@@ -21,6 +21,7 @@ class ExpertPlan:
     cache_index: int  # this expert's own layer in the fused KV cache
     adapter: str | None  # None: the block runs directly in the base stream; else "linear"/"bottleneck"
     add_positions: bool  # absolute-position block in a foreign stream: add its own position embedding
+    window: int | None = None  # sliding-window attention of this layer in its source (None: full attention)
 
 
 @dataclass(frozen=True)
@@ -199,15 +200,11 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
             if add_pos:
                 reads[ref.model].update(_tensors_under(src, src.family.positions))
             adapter = recipe.adapter.type if foreign else None
-            experts.append(ExpertPlan(str(ref), ref.model, ref.layer, src.width, cache_index, adapter, add_pos))
+            experts.append(ExpertPlan(str(ref), ref.model, ref.layer, src.width, cache_index, adapter, add_pos,
+                                      layer_window(src.config, ref.layer)))
             cache_index += 1
         slot_plans.append(SlotPlan(i, slot, tuple(experts)))
 
-    for alias, src in sources.items():
-        window = _sliding_window(src.config)
-        if window:
-            warnings.append(f"'{alias}' uses sliding-window attention ({window} tokens); the fused model attends to "
-                            "the whole context, so results differ from the source beyond that length.")
     widths = {s.width for s in sources.values()}
     if len(widths) > 1:
         warnings.append("models of different widths are fused through adapters; run mol.calibrate (or train) "
@@ -217,13 +214,17 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
                 warnings=warnings)
 
 
-def _sliding_window(config) -> int | None:
+def layer_window(config, layer: int) -> int | None:
+    """The sliding-window length one layer of a source attends over, as transformers applies it (None: the
+    whole context): per layer where the config lists `layer_types` (Qwen2, Qwen3), else for every layer when
+    `sliding_window` is set and not switched off (Mistral)."""
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    active = getattr(config, "use_sliding_window", None)
-    if window and (active or "sliding_attention" in layer_types or (active is None and not layer_types)):
-        return int(window)
-    return None
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list | tuple) and layer_types:
+        return int(window) if layer < len(layer_types) and layer_types[layer] == "sliding_attention" else None
+    return None if getattr(config, "use_sliding_window", None) is False else int(window)
 
 
 def _tensors_under(src: ModelSource, module_path: str) -> dict[str, TensorInfo]:

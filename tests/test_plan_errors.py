@@ -133,7 +133,7 @@ def test_pickle_checkpoint_loads_when_the_user_opts_in(tiny, tmp_path):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-def test_sliding_window_sources_get_a_warning(tiny):
+def test_the_plan_records_each_layers_sliding_window(tiny):
     p = mol.plan(recipe({"a": str(tiny("mistral", sliding_window=64))}, ["a:0"]))
-    assert any("sliding-window" in w for w in p.warnings)
-    assert not any("sliding-window" in w for w in mol.plan(recipe({"a": str(tiny("llama"))}, ["a:0"])).warnings)
+    assert [e.window for s in p.slots for e in s.experts] == [64] and not p.warnings
+    assert [e.window for s in mol.plan(recipe({"a": str(tiny("llama"))}, ["a:0"])).slots for e in s.experts] == [None]

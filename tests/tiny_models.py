@@ -65,7 +65,7 @@ def config_for(family: str, width: int, layers: int, **overrides):
     else:
         raise ValueError(family)
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, list(v) if isinstance(v, tuple) else v)  # tuples: hashable for the fixture's cache
     return cfg
 
 

@@ -7,7 +7,7 @@ from transformers import PretrainedConfig
 
 class MoLConfig(PretrainedConfig):
     """`sources`: alias -> {"config": the source's config dict, "modules": where its parts live};
-    `slots`: [{"experts": [{"name", "alias", "layer", "cache_index", "adapter", "add_positions"}],
+    `slots`: [{"experts": [{"name", "alias", "layer", "cache_index", "adapter", "add_positions", "window"}],
     "router": None | {"type", "top_k"}}]; `num_hidden_layers` counts slot-experts (one KV-cache layer each)."""
 
     model_type = "mol"

@@ -130,8 +130,9 @@ class PooledRouter(nn.Module):
 
 # ---- one forward step's shared inputs, one expert, one slot ---------------------------------------------------
 class Step:
-    def __init__(self, mask4d, mask2d, position_ids, cache, pooled, rotary_modules):
+    def __init__(self, mask4d, mask2d, position_ids, cache, pooled, rotary_modules, windows=None):
         self.mask4d, self.mask2d, self.position_ids = mask4d, mask2d, position_ids
+        self.windows = windows or {}  # sliding-window length -> its mask
         self.cache, self.pooled = cache, pooled
         self.rotary_modules, self.rotary = rotary_modules, {}
 
@@ -144,9 +145,11 @@ class Step:
 class Expert(nn.Module):
     """One source layer, called with its own family's keywords, rotary module, positions and adapter."""
 
-    def __init__(self, alias: str, layer: nn.Module, takes: list, adapter=None, positions=None, position_offset=0):
+    def __init__(self, alias: str, layer: nn.Module, takes: list, adapter=None, positions=None, position_offset=0,
+                 window=None):
         super().__init__()
         self.alias, self.layer, self.takes = alias, layer, tuple(takes)
+        self.window = window  # its source's sliding window for this layer (None: the whole context)
         self.cache_keyword = cache_keyword(layer)
         self.adapter = adapter
         self.positions = positions  # absolute-position embedding of the block's own model (foreign stream)
@@ -156,7 +159,8 @@ class Expert(nn.Module):
         x = h if self.adapter is None else self.adapter.into(h)
         if self.positions is not None:
             x = x + nn.functional.embedding(step.position_ids + self.position_offset, self.positions.weight)
-        kwargs = {"attention_mask": step.mask4d, "use_cache": step.cache is not None}
+        mask = step.mask4d if self.window is None else step.windows[self.window]
+        kwargs = {"attention_mask": mask, "use_cache": step.cache is not None}
         if step.cache is not None:
             kwargs[self.cache_keyword] = step.cache
         if "position_ids" in self.takes:
@@ -255,7 +259,7 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
                     adapter = LinearAdapter(config.hidden_size, cfg.hidden_size)
                 positions = part(shells[e["alias"]], src["modules"].get("positions")) if e["add_positions"] else None
                 experts.append(Expert(e["alias"], layer, src["modules"]["layer_takes"], adapter, positions,
-                                      src["modules"].get("position_offset", 0)))
+                                      src["modules"].get("position_offset", 0), e.get("window")))
             router = None
             if slot.get("router"):
                 r = slot["router"]
@@ -301,8 +305,10 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
             full_mask = attention_mask if past == 0 else torch.cat([state["mask"], attention_mask], 1)
         step_mask = full_mask[:, past:]
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        windows = sorted({e.window for s in self.slots for e in s.experts if e.window is not None})
         step = Step(self._mask4d(full_mask, q), step_mask, position_ids, cache,
-                    state["pooled"] if state is not None else {}, self.rotary)
+                    state["pooled"] if state is not None else {}, self.rotary,
+                    {w: self._mask4d(full_mask, q, w) for w in windows})
 
         h = self.embed(input_ids)
         if self.project_in is not None:  # OPT-350m style: positions live at the model width, after project_in
@@ -328,13 +334,17 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
-    def _mask4d(self, full_mask, q: int):
-        """Additive causal mask over every key seen so far; its key length equals each expert's cache length."""
+    def _mask4d(self, full_mask, q: int, window=None):
+        """Additive causal mask over every key seen so far; its key length equals each expert's cache length.
+        With a sliding `window`, a query sees only the keys less than `window` positions behind it."""
         dtype, device = self.embed.weight.dtype, full_mask.device
         bsz, k = full_mask.shape
         rows = torch.arange(q, device=device).unsqueeze(1) + (k - q)
         cols = torch.arange(k, device=device).unsqueeze(0)
-        allowed = (cols <= rows).unsqueeze(0) & full_mask.bool().unsqueeze(1)
+        seen = cols <= rows
+        if window is not None:
+            seen = seen & (cols > rows - window)
+        allowed = seen.unsqueeze(0) & full_mask.bool().unsqueeze(1)
         mask = torch.zeros(bsz, 1, q, k, dtype=dtype, device=device)
         return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
 

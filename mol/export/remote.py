@@ -42,7 +42,8 @@ def remote_config(the_plan: Plan, dtype: torch.dtype, recipe_dict: dict):
         r = sp.slot.router
         slots.append({
             "experts": [{"name": e.name, "alias": e.alias, "layer": e.layer, "cache_index": e.cache_index,
-                         "adapter": e.adapter, "add_positions": e.add_positions} for e in sp.experts],
+                         "adapter": e.adapter, "add_positions": e.add_positions, "window": e.window}
+                        for e in sp.experts],
             "router": None if r is None else r.to_dict(),
         })
     ids = {k: getattr(base.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

@@ -1,10 +1,14 @@
-"""Llama-like decoders: pre-norm RMSNorm, RoPE, gated MLP (Llama, Mistral, Qwen2/3, SmolLM, Gemma)."""
+"""Llama-like decoders: pre-norm RMSNorm, RoPE, gated MLP (Llama, Mistral, Qwen2/3, SmolLM3, OLMo 2).
+
+Not here, because the model around the layers does more than embed, norm and project: Gemma scales its
+embeddings (and Gemma 2 soft-caps its logits), Granite multiplies embeddings and divides logits, OLMo's
+norms have no weights. Those are refused with the list of what is supported rather than fused wrongly."""
 
 from mol.families import Family
 
 FAMILY = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "smollm3", "olmo", "olmo2", "granite"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"),
     layers="model.layers",
     embed="model.embed_tokens",
     final_norm="model.norm",

@@ -196,8 +196,10 @@ class FusedModel(nn.Module):
     def __init__(self, plan, embed: nn.Module, head: nn.Module, final_norm: nn.Module | None,
                  slots: list[FusedSlot], rotary: dict[str, nn.Module], positions: nn.Module | None = None,
                  position_offset: int = 0, project_in: nn.Module | None = None,
-                 project_out: nn.Module | None = None, tokenizer=None):
+                 project_out: nn.Module | None = None, tokenizer=None, embedding_multiplier: float = 1.0,
+                 logits_divisor: float = 1.0):
         super().__init__()
+        self.embedding_multiplier, self.logits_divisor = embedding_multiplier, logits_divisor  # the base's
         self.plan = plan
         self.recipe = plan.recipe
         self.embed, self.head, self.final_norm = embed, head, final_norm
@@ -280,6 +282,8 @@ class FusedModel(nn.Module):
     def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
         """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step)."""
         h = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
         if self.project_in is not None:  # OPT-350m style: project first, then add positions
             h = self.project_in(h)
         if self.positions is not None:
@@ -291,7 +295,8 @@ class FusedModel(nn.Module):
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        return self.head(h)
+        logits = self.head(h)
+        return logits if self.logits_divisor == 1.0 else logits / self.logits_divisor
 
     @property
     def windows(self) -> list[int]:

@@ -302,9 +302,10 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
                 router = make_router(r.type, base.width, len(blocks), r.top_k).to(device=where, dtype=torch.float32)
             slots.append(FusedSlot(sp.index, blocks, router))
 
+        multiplier, divisor = fam.scalars(base.config)
         model = FusedModel(the_plan, embed=embed, head=head, final_norm=final_norm, slots=slots, rotary=rotary,
                            positions=positions, position_offset=fam.position_offset, project_in=project_in,
-                           project_out=project_out)
+                           project_out=project_out, embedding_multiplier=multiplier, logits_divisor=divisor)
         for mod in (embed, head, final_norm, positions, project_in, project_out):
             if mod is not None:
                 mod.requires_grad_(False)

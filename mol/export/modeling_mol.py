@@ -233,6 +233,9 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
             return mod if mod is not None and list(mod.state_dict()) else None
 
         self.embed = part(base, where["embed"])
+        base_config = config.sources[config.base]["config"]  # scalars the base applies around its layers
+        self.embedding_multiplier = float(base_config.get(where.get("embedding_multiplier") or "", None) or 1.0)
+        self.logits_divisor = float(base_config.get(where.get("logits_divisor") or "", None) or 1.0)
         self.positions = part(base, where.get("positions"))
         self.position_offset = where.get("position_offset", 0)
         self.project_in = part(base, where.get("project_in"))
@@ -311,6 +314,8 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
                     {w: self._mask4d(full_mask, q, w) for w in windows})
 
         h = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
         if self.project_in is not None:  # OPT-350m style: positions live at the model width, after project_in
             h = self.project_in(h)
         if self.positions is not None:
@@ -324,6 +329,8 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.head(h)
+        if self.logits_divisor != 1.0:
+            logits = logits / self.logits_divisor
         if state is not None:
             state["mask"] = full_mask
 

@@ -26,6 +26,7 @@ def _modules(src: ModelSource) -> dict:
         "final_norm": fam.final_norm, "rotary": fam.rotary, "positions": fam.positions,
         "position_offset": fam.position_offset, "project_in": fam.project_in, "project_out": fam.project_out,
         "layer_takes": list(fam.layer_takes),
+        "embedding_multiplier": fam.embedding_multiplier, "logits_divisor": fam.logits_divisor,
     }
 
 

@@ -36,8 +36,18 @@ class Family:
     # The layer's MLP submodule, called on the normed stream alone (mlp(x) -> update). A token-routed slot runs it
     # only for the tokens that chose the expert; None where the MLP is not one module (OPT's fc1/fc2).
     mlp: str | None = None
+    # Config fields of scalars the model applies around its layers: embeddings multiplied by one, logits divided
+    # by the other (Granite's `embedding_multiplier` and `logits_scaling`).
+    embedding_multiplier: str | None = None
+    logits_divisor: str | None = None
     notes: str = ""
     examples: tuple[str, ...] = field(default_factory=tuple)
+
+    def scalars(self, config) -> tuple[float, float]:
+        """(embedding multiplier, logits divisor) of a model of this family, 1.0 where it has none."""
+        def value(name):
+            return float(getattr(config, name, None) or 1.0) if name else 1.0
+        return value(self.embedding_multiplier), value(self.logits_divisor)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers}.{index}."
@@ -71,10 +81,10 @@ def cache_keyword(layer) -> str:
 
 
 def _registry() -> dict[str, Family]:
-    from mol.families import gpt2, gpt_neox, llama, opt, phi
+    from mol.families import gpt2, gpt_neox, granite, llama, opt, phi
 
     reg: dict[str, Family] = {}
-    for fam in (llama.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, opt.FAMILY, phi.FAMILY):
+    for fam in (llama.FAMILY, granite.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, opt.FAMILY, phi.FAMILY):
         for mt in fam.model_types:
             reg[mt] = fam
     return reg

@@ -1,8 +1,8 @@
 """Llama-like decoders: pre-norm RMSNorm, RoPE, gated MLP (Llama, Mistral, Qwen2/3, SmolLM3, OLMo 2).
 
 Not here, because the model around the layers does more than embed, norm and project: Gemma scales its
-embeddings (and Gemma 2 soft-caps its logits), Granite multiplies embeddings and divides logits, OLMo's
-norms have no weights. Those are refused with the list of what is supported rather than fused wrongly."""
+embeddings (and Gemma 2 soft-caps its logits), OLMo's norms have no weights. Those are refused with the list
+of what is supported rather than fused wrongly. Granite has its own family file (granite.py)."""
 
 from mol.families import Family
 

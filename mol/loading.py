@@ -248,6 +248,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
 
         fam = base.family
         embed = part(base.alias, fam.embed)
+        if fam.embedding_scale_buffer:  # computed at construction, saved nowhere: still on the meta device
+            embed.register_buffer(fam.embedding_scale_buffer,
+                                  torch.tensor(float(base.config.hidden_size) ** 0.5, device=device), persistent=False)
         final_norm = part(base.alias, fam.final_norm)
         positions = part(base.alias, fam.positions)
         project_in = part(base.alias, fam.project_in)

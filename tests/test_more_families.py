@@ -1,7 +1,7 @@
-"""Architectures beyond the tiny fixtures' match transformers: SmolLM3 and OLMo 2 (Llama family) and Granite
-(embeddings multiplied, logits divided, also as the base of a cross-family recipe and its export). Those whose
-model wraps its layers in more than the families describe (Gemma, OLMo) are refused with a clear error instead
-of being fused wrongly."""
+"""Architectures beyond the tiny fixtures' match transformers: SmolLM3 and OLMo 2 (Llama family), Granite
+(embeddings multiplied, logits divided) and Gemma (embeddings scaled), also as the base of a routed cross-family
+recipe and its export. Those whose model wraps its layers in more than the families describe (Gemma 2, OLMo)
+are refused with a clear error instead of being fused wrongly."""
 
 import shutil
 
@@ -32,7 +32,7 @@ def _identity(folder):
     return mol.Recipe.from_dict({"name": "identity", "models": {"m": str(folder)}, "slots": ["m:0-2"]})
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "olmo2", "granite"])
+@pytest.mark.parametrize("model_type", ["smollm3", "olmo2", "granite", "gemma"])
 def test_identity_recipe_matches_transformers(tmp_path, tokenizer_dir, model_type):
     folder = _source(tmp_path / model_type, tokenizer_dir, model_type, **(GRANITE if model_type == "granite" else {}))
     hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa").eval()
@@ -42,20 +42,22 @@ def test_identity_recipe_matches_transformers(tmp_path, tokenizer_dir, model_typ
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "olmo"])
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo"])
 def test_architectures_with_more_around_their_layers_are_refused(tmp_path, tokenizer_dir, model_type):
     folder = _source(tmp_path / model_type, tokenizer_dir, model_type)
     with pytest.raises(UnsupportedArchitectureError, match=f"architecture '{model_type}' is not supported.*llama"):
         mol.plan(_identity(folder))
 
 
-def test_granite_as_the_base_of_a_routed_cross_family_recipe_and_its_export(tmp_path, tokenizer_dir, tiny):
-    granite = _source(tmp_path / "granite", tokenizer_dir, "granite", **GRANITE)
+@pytest.mark.parametrize("model_type", ["granite", "gemma"])
+def test_as_the_base_of_a_routed_cross_family_recipe_and_its_export(tmp_path, tokenizer_dir, tiny, model_type):
+    granite = _source(tmp_path / model_type, tokenizer_dir, model_type, **(GRANITE if model_type == "granite" else {}))
     recipe = mol.Recipe.from_dict({
-        "name": "granite-fused", "base": "g", "models": {"g": str(granite), "l": str(tiny("llama", width=48))},
+        "name": "fused", "base": "g", "models": {"g": str(granite), "l": str(tiny("llama", width=48))},
         "slots": ["g:0", {"experts": ["g:1", "l:1"]}, "g:2"]})
     model = mol.build(recipe, device="cpu")
-    assert (model.embedding_multiplier, model.logits_divisor) == (3.0, 4.0)
+    if model_type == "granite":
+        assert (model.embedding_multiplier, model.logits_divisor) == (3.0, 4.0)
     torch.nn.init.normal_(model.routed_slots[0].router.proj.weight, std=2.0)
     loaded = AutoModelForCausalLM.from_pretrained(str(export(model, tmp_path / "out").path)).eval()
     ids = torch.randint(1, 380, (2, 10), generator=torch.Generator().manual_seed(2))

@@ -209,6 +209,13 @@ class MoLPreTrainedModel(PreTrainedModel):
     # Every parameter is read from the checkpoint; transformers' own initialiser recomputes the non-persistent
     # buffers (rotary frequencies) that loading on the meta device leaves empty.
 
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # A scaled embedding (Gemma) keeps its scale in a buffer that no checkpoint holds.
+        if hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+            with torch.no_grad():
+                module.embed_scale.fill_(module.scalar_embed_scale)
+
 
 class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"head.weight": "embed.weight"}

@@ -40,6 +40,9 @@ class Family:
     # by the other (Granite's `embedding_multiplier` and `logits_scaling`).
     embedding_multiplier: str | None = None
     logits_divisor: str | None = None
+    # The embedding module's non-persistent buffer holding sqrt(hidden size), which scales its output (Gemma). It
+    # is in no checkpoint, so the loader sets it.
+    embedding_scale_buffer: str | None = None
     notes: str = ""
     examples: tuple[str, ...] = field(default_factory=tuple)
 
@@ -81,10 +84,10 @@ def cache_keyword(layer) -> str:
 
 
 def _registry() -> dict[str, Family]:
-    from mol.families import gpt2, gpt_neox, granite, llama, opt, phi
+    from mol.families import gemma, gpt2, gpt_neox, granite, llama, opt, phi
 
     reg: dict[str, Family] = {}
-    for fam in (llama.FAMILY, granite.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, opt.FAMILY, phi.FAMILY):
+    for fam in (llama.FAMILY, gemma.FAMILY, granite.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, opt.FAMILY, phi.FAMILY):
         for mt in fam.model_types:
             reg[mt] = fam
     return reg

@@ -1,8 +1,8 @@
 """Llama-like decoders: pre-norm RMSNorm, RoPE, gated MLP (Llama, Mistral, Qwen2/3, SmolLM3, OLMo 2).
 
-Not here, because the model around the layers does more than embed, norm and project: Gemma scales its
-embeddings (and Gemma 2 soft-caps its logits), OLMo's norms have no weights. Those are refused with the list
-of what is supported rather than fused wrongly. Granite has its own family file (granite.py)."""
+Gemma and Granite have their own family files (their models scale embeddings or logits around the layers).
+Gemma 2 and 3 (soft-capped attention and logits) and OLMo (norms without weights) are refused with the list of
+what is supported rather than fused wrongly."""
 
 from mol.families import Family
 

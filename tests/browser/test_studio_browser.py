@@ -216,8 +216,16 @@ def test_invalid_recipes_show_inline_errors_not_tracebacks(page, tmp_path):
 
 def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]").first
-    box.fill(str(value))
+    box.click()
+    box.press("Control+A")
+    # Keystrokes, as a person types: each reaches the component (a filled-in value can be rendered over by the
+    # component's own, still the default, when it next updates).
+    box.press_sequentially(str(value))
     box.press("Enter")
+    box.press("Tab")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    if slider.count():
+        expect(slider.first).to_have_value(str(value))
 
 
 def pick(page, elem_id: str, option) -> None:
@@ -373,6 +381,7 @@ def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
     page.click("#run-prompt")  # at once: the stop belonged to the previous generation only  # the next generation runs; not stopped, this prompt runs its 200 tokens
     expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
     run = studio.engine.repo.list_runs(limit=1)[0]
+    assert run.settings["max_new_tokens"] == 200  # the setting reached the server
     # Not stopped, the run reads exactly what an uninterrupted greedy generation reads (up to 200 new tokens,
     # fewer if the model ends its text).
     model, _ = studio.engine.fused_for_version(run.version_id)

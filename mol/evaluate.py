@@ -311,8 +311,9 @@ def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, so
     scored each dataset."""
     model = _as_model(model_or_recipe, weights, device)
     tokens = _as_tokens(model, datasets, max_tokens)
-    alone = (model.recipe.used_aliases if sources else routed_aliases(model)) \
-        if sources or oracle or domain_experts is None else []
+    alone = []  # source models scored alone: shown with `sources`, needed to pick the oracle's domain experts
+    if sources or oracle or domain_experts is None:
+        alone = model.recipe.used_aliases if sources else routed_aliases(model)
     total = len(tokens) * (len(alone) + 1 + int(oracle and bool(model.routed_slots)))
     done = 0
 

@@ -49,6 +49,7 @@ class TensorReader:
         self.source, self.stack = source, stack
         self.handles: dict[Path, tuple] = {}  # file -> (raw file, byte offset of the data, header)
         self.bytes_read = 0
+        self.advised: set[str] = set()  # tensors whose range the kernel was already asked for
 
     def _open(self, path: Path) -> tuple:
         import json
@@ -78,8 +79,9 @@ class TensorReader:
     def _will_need(self, path: Path, name: str) -> None:
         import os
 
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or name in self.advised:
             return
+        self.advised.add(name)
         if path not in self.handles:
             self.handles[path] = self._open(path)
         fh, data, header = self.handles[path]
@@ -107,7 +109,7 @@ class TensorReader:
             meta = header[name]
             begin, end = meta["data_offsets"]
             dtype = _ST_DTYPES[meta["dtype"]]
-            self._will_need(info.file, name)  # one large background request, not page-sized reads
+            self._will_need(info.file, name)  # beyond the prefetch: one large request, not page-sized reads
             buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: every byte is read into it
             view, got = memoryview(buf.numpy()), 0
             fh.seek(data + begin)

@@ -277,11 +277,12 @@ def _count_flops(fn) -> int | None:
 def training(b) -> dict:
     """Adapter + router training step of the two-source recipe (bf16 autocast, AdamW): tokens/s and model FLOP
     utilisation, FLOPs counted by torch's FlopCounterMode on a real eager step (frozen weights: no weight
-    gradients). Eager, then with every source block compiled (`mol train --compile`) where CUDA allows."""
-    out = _training(b, compiled=False)
+    gradients). Eager, then, where CUDA allows, compiled block by block and as a whole step (`mol train
+    --compile`)."""
+    out = _training(b, "eager")
     if b.cuda and b.compile:
-        out["compiled"] = _training(b, compiled=True, flops=out["flops_per_step"])  # as `mol train --compile`
-        out["compiled_network"] = _training(b, compiled="network", flops=out["flops_per_step"])
+        out["compiled"] = _training(b, "blocks", flops=out["flops_per_step"])
+        out["compiled_network"] = _training(b, "network", flops=out["flops_per_step"])  # as `mol train --compile`
         variants = {"eager": out, "compiled": out["compiled"], "compiled_network": out["compiled_network"]}
         name = max(variants, key=lambda k: variants[k]["tokens_per_s"])
         out["best"] = {"variant": name, **{k: variants[name].get(k) for k in (
@@ -289,8 +290,8 @@ def training(b) -> dict:
     return out
 
 
-def _training(b, compiled: bool | str, flops: int | None = None, routers: bool = False) -> dict:
-    """One variant: eager, compiled block by block (`compiled=True`), or the whole network (`"network"`)."""
+def _training(b, mode: str, flops: int | None = None) -> dict:
+    """One variant: "eager", "blocks" (each source block compiled) or "network" (the whole step compiled)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = mol.build(b.recipe("two_source"), device=b.device, dtype=b.dtype, load_tokenizer=False)
@@ -312,10 +313,11 @@ def _training(b, compiled: bool | str, flops: int | None = None, routers: bool =
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if compiled == "network":
+    compiled = mode != "eager"
+    if mode == "network":
         compile_network(model)
-    elif compiled:
-        compile_blocks(model, routers=routers)
+    elif mode == "blocks":
+        compile_blocks(model)
     if compiled:
         t_compile = time.perf_counter()
         step()

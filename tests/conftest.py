@@ -35,3 +35,19 @@ def tiny(tiny_dir, tokenizer_dir):
         return made[key]
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny):
+    """Test-size copies of the demo family under the shipped names, made once per test module."""
+    from tests.studio_server import make_models_dir
+
+    return make_models_dir(tmp_path_factory.mktemp("studio-models"), tiny)
+
+
+@pytest.fixture
+def engine(models_dir, tmp_path):
+    """A studio engine over `models_dir`, with a fresh database of its own."""
+    from studio.engine import StudioConfig, StudioEngine
+
+    return StudioEngine(StudioConfig(models_dir=models_dir, db_url=f"sqlite:///{tmp_path / 'studio.db'}"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,3 +48,14 @@ def start_studio(models_dir: Path, db_path: Path, **config) -> RunningStudio:
     port = free_port()
     demo.launch(**launch_settings(server_port=port, prevent_thread_lock=True, quiet=True))
     return RunningStudio(f"http://127.0.0.1:{port}/", engine, demo)
+
+
+@contextmanager
+def serving_studio(tmp_path_factory, tiny, name: str, **config) -> Iterator[RunningStudio]:
+    """A studio on fresh test-size demo models and its own database (folders named after `name`), closed on exit."""
+    running = start_studio(make_models_dir(tmp_path_factory.mktemp(f"{name}-models"), tiny),
+                           tmp_path_factory.mktemp(f"{name}-db") / "studio.db", **config)
+    try:
+        yield running
+    finally:
+        running.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.studio_server import make_models_dir, start_studio
+from tests.studio_server import serving_studio
 
 ENDPOINTS = {"/list_models", "/inspect_model", "/validate_recipe", "/save_recipe", "/list_recipes", "/list_versions",
              "/get_version", "/duplicate_version", "/compare_versions", "/delete_recipe", "/restore_recipe",
@@ -16,10 +16,8 @@ ENDPOINTS = {"/list_models", "/inspect_model", "/validate_recipe", "/save_recipe
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, tiny):
-    running = start_studio(make_models_dir(tmp_path_factory.mktemp("api-models"), tiny),
-                           tmp_path_factory.mktemp("api-db") / "studio.db")
-    yield running
-    running.close()
+    with serving_studio(tmp_path_factory, tiny, "api") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

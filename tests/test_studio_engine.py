@@ -12,17 +12,6 @@ import pytest
 from mol.errors import AccessError, MolError, ResourceError
 from studio.engine import ModelCache, StudioConfig, StudioEngine, clamp_settings
 from studio.tabs.recipe_board import draft_recipe, draft_yaml
-from tests.studio_server import make_models_dir
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny):
-    return make_models_dir(tmp_path_factory.mktemp("studio-models"), tiny)
-
-
-@pytest.fixture
-def engine(models_dir, tmp_path):
-    return StudioEngine(StudioConfig(models_dir=models_dir, db_url=f"sqlite:///{tmp_path / 'studio.db'}"))
 
 
 def routed_draft(engine, name="fused"):

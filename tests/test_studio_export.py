@@ -9,19 +9,7 @@ import pytest
 import torch
 
 from mol.errors import MolError
-from studio.engine import StudioConfig, StudioEngine
 from studio.tabs.recipe_board import draft_recipe, draft_yaml
-from tests.studio_server import make_models_dir
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny):
-    return make_models_dir(tmp_path_factory.mktemp("studio-export-models"), tiny)
-
-
-@pytest.fixture
-def engine(models_dir, tmp_path):
-    return StudioEngine(StudioConfig(models_dir=models_dir, db_url=f"sqlite:///{tmp_path / 'studio.db'}"))
 
 
 def save(engine, slots, name):

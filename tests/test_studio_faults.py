@@ -18,17 +18,15 @@ import mol.fused
 import mol.loading
 from mol.errors import DataError, ResourceError
 from studio.engine import GenerationGate, StudioConfig, StudioEngine
-from tests.studio_server import make_models_dir, start_studio
+from tests.studio_server import make_models_dir, serving_studio
 
 WORKER = "mango-generate"
 
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, tiny):
-    running = start_studio(make_models_dir(tmp_path_factory.mktemp("fault-models"), tiny),
-                           tmp_path_factory.mktemp("fault-db") / "studio.db", max_new_tokens=200)
-    yield running
-    running.close()
+    with serving_studio(tmp_path_factory, tiny, "fault", max_new_tokens=200) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.studio_server import make_models_dir, start_studio
+from tests.studio_server import serving_studio
 
 LEAKS = re.compile(r"Traceback|File \"|line \d+, in |\b\w+(Error|Exception|Exit|Interrupt)\b|"
                    r"verbose error reporting|Something went wrong inside the studio")
@@ -132,10 +132,8 @@ def assert_for_people(message: str, call) -> None:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, tiny):
-    running = start_studio(make_models_dir(tmp_path_factory.mktemp("fuzz-models"), tiny),
-                           tmp_path_factory.mktemp("fuzz-db") / "studio.db", max_new_tokens=12)
-    yield running
-    running.close()
+    with serving_studio(tmp_path_factory, tiny, "fuzz", max_new_tokens=12) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

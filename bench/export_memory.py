@@ -58,8 +58,8 @@ if scenario == "routed":
 else:
     recipe = mol.Recipe.from_dict({"name": "upscaled", "models": {"m": source}, "slots": ["m:0-7", "m:4-11"]})
 the_plan = mol.plan(recipe)
-from mol.loading import _shell
-_shell(the_plan.base)  # import the model classes now: module code is not export memory
+from mol import layout
+layout.shell(the_plan.base)  # import the model classes now: module code is not export memory
 baseline = status("VmRSS")
 try:  # reset the high-water mark so that it covers what follows only
     with open("/proc/self/clear_refs", "w") as fh:

@@ -1,7 +1,7 @@
 """MoL: fuse transformer blocks from different language models into one working model.
 
     import mol
-    recipe = mol.Recipe.from_yaml("assets/recipes/prose-code-token.yaml")
+    recipe = mol.Recipe.from_file("assets/recipes/prose-code-token.yaml")
     model = mol.build(recipe)
     out = model.generate(ids, max_new_tokens=32)
     model.last_trace

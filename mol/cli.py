@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 
@@ -17,8 +18,16 @@ COMMANDS = ["inspect", "plan", "run", "calibrate"]
 OPTIONAL_COMMANDS = ["train", "eval", "export", "mergekit", "push"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mol", description="Fuse transformer blocks from different language models.")
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (the full usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, plug-in commands are imported only when argv names none of mol's own."""
+    parser = _Parser(prog="mol", description="Fuse transformer blocks from different language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -31,16 +40,56 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     # Packages built on mol (the studio's `mol db`) add subcommands through this entry-point group, so mol
-    # itself never imports them.
-    for ep in entry_points(group="mol.commands"):
-        if ep.name not in sub.choices:
-            ep.load()(sub)
+    # itself never imports them; nor does `mol plan` (or any own command): it neither pays for nor depends on
+    # the plug-ins' packages.
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    if wanted not in sub.choices:
+        for ep in entry_points(group="mol.commands"):
+            if ep.name not in sub.choices:
+                _add_plugin(sub, ep)
     return parser
 
 
+def _add_plugin(sub, ep) -> None:
+    try:
+        ep.load()(sub)
+    except ImportError as exc:  # installed without its extra: this command alone fails, saying what to install
+        if ep.name in sub.choices:
+            return
+        hint, reason = _install_hint(ep, exc.name), str(exc)
+        p = sub.add_parser(ep.name, help=f"(not installed: {hint})", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
+        def unavailable(args) -> int:
+            raise MolError(f"`mol {ep.name}` needs packages this installation lacks ({reason}); install them with: "
+                           f"{hint}")
+
+        p.set_defaults(func=unavailable)
+
+
+def _install_hint(ep, missing: str | None) -> str:
+    """`pip install 'dist[extra]'` for the extra of the plug-in's distribution that requires the missing module."""
+    dist = ep.dist
+    if dist is None:
+        return f"the package that provides {ep.value}"
+    top = (missing or "").split(".")[0].lower().replace("-", "_")
+    for req in dist.requires or []:
+        name, _, marker = req.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([\w.-]+)["']""", marker)
+        if extra and re.match(r"[\w.-]+", name.strip()).group(0).lower().replace("-", "_") == top:
+            return f"pip install '{dist.name}[{extra.group(1)}]'"
+    return f"pip install '{dist.name}'"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed as one line (2)
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -109,6 +109,8 @@ def read_documents(paths: Iterable[str | Path]) -> list[Document]:
                 raise DataError(f"'{path}' is not UTF-8 text.") from None
             except OSError as exc:
                 raise DataError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+            if "\x00" in text:  # valid UTF-8 but binary (an image, a checkpoint): no tokenizer makes sense of it
+                raise DataError(f"'{path}' is binary (it holds NUL bytes), not text.")
             if text.strip():
                 docs.append(Document(path, text, _read_spans(path, len(text))))
     return docs

@@ -1,7 +1,7 @@
 """Evaluation: per-domain perplexity, router agreement with the domain labels and expert load per routed slot,
 always side by side with every source model alone on the same tokens.
 
-    report = evaluate("assets/recipes/fused-token.yaml", ["prose=test.txt", "code=test.py"], weights="w.safetensors")
+    report = evaluate(Path("assets/recipes/fused-token.yaml"), ["prose=test.txt", "code=test.py"], weights="w.safetensors")
     print(report.table())
     report.write("eval.json", "eval.csv")
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mol import distributed
 from mol.data import NO_LABEL, DomainTokens, load_domains, tokenize_domains, windows
 from mol.fused import FusedModel
 from mol.recipe import ExpertRef, Recipe, Slot
@@ -127,14 +128,19 @@ def _expert_aliases(model: FusedModel, slot_index: int) -> list[str]:
 def score(model: FusedModel, tokens: DomainTokens, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
           label_experts: Mapping[str, str] | None = None, on_batch=None) -> DomainResult:
     """Perplexity of `model` on one token stream; agreement of each routed slot's first choice with the model
-    named for each token's label in `label_experts`, and each slot's expert load."""
+    named for each token's label in `label_experts`, and each slot's expert load. Launched on several processes
+    (mol.distributed), each scores its share of the batches of windows and every one returns the whole result,
+    that of one process: the same batches, their losses added in the same order, counts exact."""
     w = windows(tokens, seq_len)
     label_alias = {i: (label_experts or {}).get(n) for i, n in enumerate(tokens.label_names)}
     tally = _Tally()
+    starts = range(0, w.input_ids.shape[0], batch_size)
+    batch_nll = torch.zeros(len(starts), dtype=torch.float64)  # per batch, scored by one process (0 elsewhere)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, w.input_ids.shape[0], batch_size):
+        for b in distributed.rank_items(len(starts)):
+            start = starts[b]
             ids = w.input_ids[start:start + batch_size]
             mask = w.attention_mask[start:start + batch_size]
             labels = w.labels[start:start + batch_size]
@@ -145,11 +151,15 @@ def score(model: FusedModel, tokens: DomainTokens, seq_len: int = DEFAULT_SEQ_LE
             target = ids[:, 1:].to(logits.device)
             keep = (mask[:, 1:] * mask[:, :-1]).bool().to(logits.device)
             nll = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            tally.nll += float(nll[keep].sum())
+            batch_nll[b] = float(nll[keep].sum())
             tally.tokens += int(keep.sum())
             _tally_routing(model, out.trace, mask.bool(), labels, label_alias, tally)
     finally:
         model.train(was_training)
+    if distributed.active():
+        _gather(model, tally, batch_nll)
+    for value in batch_nll.tolist():  # in batch order, as one process adds them
+        tally.nll += value
     loss = tally.nll / max(tally.tokens, 1)
     result = DomainResult(tokens=tally.tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)))
     for slot, counts in tally.load.items():
@@ -159,6 +169,26 @@ def score(model: FusedModel, tokens: DomainTokens, seq_len: int = DEFAULT_SEQ_LE
         if tally.labelled.get(slot):
             result.agreement[str(slot)] = tally.hits[slot] / tally.labelled[slot]
     return result
+
+
+def _gather(model: FusedModel, tally: _Tally, batch_nll: torch.Tensor) -> None:
+    """Sum every process's tally into each one (in place): one all-reduce for the per-batch losses (each batch has
+    one nonzero entry, so the sum is exact), one for the counts, laid out by routed slot (a process that scored
+    no batch has seen no slot)."""
+    batch_nll.copy_(distributed.all_reduce_sum(batch_nll))
+    slots = [(s.index, len(s.experts)) for s in model.routed_slots]
+    counts = torch.cat([torch.tensor([tally.tokens])] + [torch.cat([
+        tally.load.get(i, torch.zeros(n, dtype=torch.long)),
+        torch.tensor([tally.hits.get(i, 0), tally.labelled.get(i, 0), int(i in tally.load)])]) for i, n in slots])
+    counts = distributed.all_reduce_sum(counts).tolist()
+    tally.tokens, at = counts[0], 1
+    for i, n in slots:
+        load, (hits, labelled, seen) = counts[at:at + n], counts[at + n:at + n + 3]
+        at += n + 3
+        if seen:
+            tally.load[i] = torch.tensor(load, dtype=torch.long)
+        if labelled:
+            tally.hits[i], tally.labelled[i] = hits, labelled
 
 
 def _tally_routing(model, trace, mask, labels, label_alias, tally: _Tally) -> None:
@@ -294,7 +324,7 @@ def _as_model(model_or_recipe, weights, device) -> FusedModel:
         return model_or_recipe
     from mol.loading import build
 
-    return build(model_or_recipe, device=device, dtype=torch.float32, weights=weights)
+    return build(model_or_recipe, device=distributed.rank_device(device), dtype=torch.float32, weights=weights)
 
 
 def count_trainable(model: FusedModel) -> int:
@@ -305,8 +335,9 @@ def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, so
              oracle: bool = False, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8, max_tokens: int | None = None,
              domain_experts: Mapping[str, str] | None = None, device: str | None = None,
              name: str | None = None, on_progress=None) -> EvalReport:
-    """Evaluate a fused model (or recipe, YAML path) on named datasets (`--data` strings, a mapping name -> paths,
-    or tokenised streams); with `sources`, every routed source model alone on the same tokens; with `oracle`,
+    """Evaluate a fused model (or a Recipe, a Path to a recipe file, or recipe YAML text) on named datasets
+    (`--data` strings, a mapping name -> paths, or tokenised streams); with `sources`, every routed source model
+    alone on the same tokens; with `oracle`,
     the same recipe routed by the true labels. `on_progress(done, total, what)` is called after each model has
     scored each dataset."""
     model = _as_model(model_or_recipe, weights, device)

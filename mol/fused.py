@@ -36,6 +36,9 @@ class MoLOutput:
     z_loss: torch.Tensor | None = None
     cache: FusedCache | None = None
     trace: Trace | None = None
+    # (slot index, routing) per routed slot, gradients attached: losses over a batch split across processes
+    # (mol.train) are computed from them
+    routings: list[tuple[int, Routing]] = field(default_factory=list)
 
 
 @dataclass
@@ -265,7 +268,7 @@ class FusedModel(nn.Module):
             token_ids=input_ids.detach().cpu(), attention_mask=attention_mask.detach().cpu(), slots=[
                 SlotTrace(i, self.slots[i].expert_names, self.slots[i].router.kind, r.probs.detach().float().cpu(),
                           r.chosen.detach().cpu()) for i, r in ctx.routings])
-        out = MoLOutput(logits=logits, cache=cache, trace=trace)
+        out = MoLOutput(logits=logits, cache=cache, trace=trace, routings=ctx.routings)
         if ctx.routings:
             on = {r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings}  # slots may sit apart
             out.aux_loss = torch.stack([load_balancing_loss(r.probs, r.chosen, on[r.probs.device]).to(self.device)

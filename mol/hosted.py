@@ -69,14 +69,34 @@ class AccessPolicy:
         """Refuse a local model folder outside the allow-list (`..` tricks and symlinks resolve first)."""
         if not self.restricted:
             return
+        from mol.sources import one_line
+
+        shown = one_line(ref, 200)  # a client's string, echoed in one line
         if ".." in Path(ref).parts:
-            raise AccessError(f"Model path '{ref}' uses '..'; in hosted mode name a model inside the allowed folders.")
-        real = folder.resolve()
-        for d in self.allowed_dirs:
-            if real == d or d in real.parents:
-                return
+            raise AccessError(f"Model path '{shown}' uses '..'; in hosted mode name a model inside the allowed folders.")
+        if _inside(folder, self.allowed_dirs):
+            return
         names = ", ".join(sorted(p.name for d in self.allowed_dirs if d.is_dir() for p in d.iterdir() if p.is_dir()))
-        raise AccessError(f"Model path '{ref}' is outside the folders this server allows. Available models: {names}.")
+        raise AccessError(f"Model path '{shown}' is outside the folders this server allows. Available models: {names}.")
+
+    def check_file(self, path: Path, folder: Path) -> None:
+        """Refuse a file of the model folder `folder` (config, tokenizer, shard, or what an index names) whose
+        real path, symlinks resolved, is outside the allowed folders: the folder being allowed says nothing of
+        where its files lead."""
+        if not self.restricted:
+            return
+        roots = list(self.allowed_dirs)
+        if self.allow_hub:  # Hub snapshots are links into the cache's blobs
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            roots.append(Path(os.path.realpath(HF_HUB_CACHE)))
+        if not _inside(path, roots):
+            try:
+                name = path.relative_to(folder)
+            except ValueError:
+                name = path.name
+            raise AccessError(f"'{name}' in model folder '{folder.name}' leads outside the folders this server "
+                              "allows; it is not read.")
 
     def check_hub(self, ref: str) -> None:
         if self.restricted and not self.allow_hub:
@@ -101,6 +121,15 @@ class AccessPolicy:
             raise ResourceError(f"The prompt has {len(prompt)} characters; this server allows {self.limits.prompt_chars}.")
         if max_new_tokens > self.limits.new_tokens:
             raise ResourceError(f"{max_new_tokens} new tokens requested; this server allows {self.limits.new_tokens}.")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, symlinks resolved, is one of `roots` or inside one."""
+    try:
+        real = Path(os.path.realpath(path))  # never raises on a loop (Path.resolve does)
+    except ValueError:  # a NUL byte: no file has that name
+        return False
+    return any(real == d or d in real.parents for d in roots)
 
 
 def current_policy() -> AccessPolicy:

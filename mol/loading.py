@@ -3,29 +3,22 @@ files), constructing blocks on the meta device and filling them."""
 
 from __future__ import annotations
 
-import copy
-import logging
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mol import layout
 from mol.adapters import make_adapter
 from mol.errors import CheckpointError, ResourceError
 from mol.families import cache_keyword
 from mol.fused import ExpertBlock, FusedModel, FusedSlot
+from mol.placement import resolve_device
 from mol.plan import Plan, plan
-from mol.recipe import Recipe
+from mol.recipe import Recipe, to_recipe
 from mol.routers import make_router
-from mol.sources import ModelSource
-
-log = logging.getLogger(__name__)
-_ATTN = "sdpa"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from mol.sources import ModelSource, checked_file, one_line
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -47,24 +40,26 @@ class TensorReader:
 
     def __init__(self, source: ModelSource, stack: ExitStack):
         self.source, self.stack = source, stack
-        self.handles: dict[Path, tuple] = {}  # file -> (raw file, byte offset of the data, header)
+        self.handles: dict[Path, object] = {}  # file -> raw file
         self.bytes_read = 0
         self.advised: set[str] = set()  # tensors whose range the kernel was already asked for
 
-    def _open(self, path: Path) -> tuple:
-        import json
+    def _open(self, path: Path):
+        """The raw file, checked again (regular, and inside the allowed folders when hosted) as it is opened.
+        Byte ranges come from the header entries the plan read and checked, not from a second parse."""
         import os
-        import struct
 
-        try:
-            fh = self.stack.enter_context(open(path, "rb", buffering=0))
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"'{path}' cannot be opened as safetensors: {exc}.") from None
-        return fh, 8 + n, header
+        if path not in self.handles:
+            try:
+                if checked_file(path, self.source.folder) is None:
+                    raise FileNotFoundError(f"'{path}' is gone")
+                fh = self.stack.enter_context(open(path, "rb", buffering=0))
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError as exc:
+                raise CheckpointError(f"'{path}' cannot be opened: {one_line(exc)}.") from None
+            self.handles[path] = fh
+        return self.handles[path]
 
     def prefetch(self, infos, limit: int = 2 << 30) -> None:
         """Ask the kernel to start reading these tensors' byte ranges now, in large requests and in the
@@ -74,24 +69,18 @@ class TensorReader:
                 return
             if info.file.suffix == ".safetensors":
                 limit -= info.nbytes
-                self._will_need(info.file, info.name)
+                self._will_need(info)
 
-    def _will_need(self, path: Path, name: str) -> None:
+    def _will_need(self, info) -> None:
         import os
 
-        if not hasattr(os, "posix_fadvise") or name in self.advised:
+        if not hasattr(os, "posix_fadvise") or info.name in self.advised:
             return
-        self.advised.add(name)
-        if path not in self.handles:
-            self.handles[path] = self._open(path)
-        fh, data, header = self.handles[path]
-        meta = header.get(name)
-        if meta:
-            begin, end = meta["data_offsets"]
-            try:
-                os.posix_fadvise(fh.fileno(), data + begin, end - begin, os.POSIX_FADV_WILLNEED)
-            except OSError:  # only a hint: a file system without it still reads
-                pass
+        self.advised.add(info.name)
+        try:
+            os.posix_fadvise(self._open(info.file).fileno(), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # only a hint: a file system without it still reads
+            pass
 
     def get(self, name: str) -> torch.Tensor:
         info = self.source.tensors.get(name)
@@ -102,48 +91,22 @@ class TensorReader:
 
             self.bytes_read += info.nbytes
             return load_pickle(info.file)[name]
-        if info.file not in self.handles:
-            self.handles[info.file] = self._open(info.file)
-        fh, data, header = self.handles[info.file]
+        fh = self._open(info.file)
         try:
-            meta = header[name]
-            begin, end = meta["data_offsets"]
-            dtype = _ST_DTYPES[meta["dtype"]]
-            self._will_need(info.file, name)  # beyond the prefetch: one large request, not page-sized reads
-            buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: every byte is read into it
+            self._will_need(info)  # beyond the prefetch: one large request, not page-sized reads
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: every byte is read into it
             view, got = memoryview(buf.numpy()), 0
-            fh.seek(data + begin)
+            fh.seek(info.offset)
             while got < len(view):
                 k = fh.readinto(view[got:])
                 if not k:
                     raise OSError(f"end of file after {got} of {len(view)} bytes")
                 got += k
-        except (KeyError, OSError, ValueError) as exc:
-            raise CheckpointError(f"'{info.file}': tensor '{name}' cannot be read ({exc}); the file may be truncated.") from None
+        except OSError as exc:
+            raise CheckpointError(f"'{info.file}': tensor '{name}' cannot be read ({one_line(exc)}); the file may be "
+                                  "truncated.") from None
         self.bytes_read += info.nbytes
-        return buf.view(dtype).reshape(meta["shape"])
-
-
-def _source_config(src: ModelSource, layers: int | None = None):
-    """A copy of the source's config for building parts of it, attention implementation set explicitly: left
-    unset, the mask comes back None and attention is not causal."""
-    cfg = copy.deepcopy(src.config)
-    if layers is not None:
-        cfg.num_hidden_layers = layers
-        if isinstance(getattr(cfg, "layer_types", None), list):
-            cfg.layer_types = cfg.layer_types[:layers]
-    cfg._attn_implementation = _ATTN
-    cfg.use_cache = True
-    return cfg
-
-
-def _shell(src: ModelSource) -> nn.Module:
-    """The source's own model class with one layer, on the meta device: its module tree tells us the classes."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = _source_config(src, layers=1)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, attn_implementation=_ATTN)
+        return buf.view(_ST_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def _fill(module: nn.Module, prefix: str, reader: TensorReader, device, dtype, shared: dict | None = None) -> nn.Module:
@@ -178,16 +141,14 @@ def _reindex(layer: nn.Module, index: int) -> None:
             m.layer_idx = index
 
 
-def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+def build(recipe: Recipe | Plan | Path | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
           weights: str | Path | None = None, load_tokenizer: bool = True, allow_bin: bool = False,
           device_map: str | dict | None = None, max_memory: dict | None = None) -> FusedModel:
-    """Turn a recipe (object, YAML path or text, or a Plan) into a FusedModel on one device, or spread over
-    several GPUs and CPU offload with `device_map` ("auto", "balanced", "sequential" or {"slots.3": 1, ...};
-    `max_memory` as accelerate takes it): see mol.placement."""
-    if isinstance(recipe, str | Path):
-        recipe = Recipe.from_yaml(recipe)
-    the_plan = recipe if isinstance(recipe, Plan) else plan(recipe, allow_bin=allow_bin)
-    device = torch.device(device) if device is not None else default_device()
+    """Turn a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) into a
+    FusedModel on one device, or spread over several GPUs and CPU offload with `device_map` ("auto", "balanced",
+    "sequential" or {"slots.3": 1, ...}; `max_memory` as accelerate takes it): see mol.placement."""
+    the_plan = recipe if isinstance(recipe, Plan) else plan(to_recipe(recipe), allow_bin=allow_bin)
+    device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -213,18 +174,8 @@ def build(recipe: Recipe | Plan | str, device: str | torch.device | None = None,
 
         load_trainable(model, weights)
     if load_tokenizer:
-        model.tokenizer = load_base_tokenizer(the_plan.base)
+        model.tokenizer = the_plan.base.load_tokenizer()
     return model
-
-
-def load_base_tokenizer(src: ModelSource):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(src.folder), trust_remote_code=False)
-    except Exception as exc:  # missing or broken tokenizer files
-        log.warning("no tokenizer for %s: %s", src.alias, exc)
-        return None
 
 
 def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=None) -> FusedModel:
@@ -234,17 +185,12 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         readers = {a: TensorReader(s, stack) for a, s in the_plan.sources.items()}
         for alias, infos in the_plan.reads.items():  # disk reads overlap building the modules
             readers[alias].prefetch(infos)
-        shells = {a: _shell(s) for a, s in the_plan.sources.items()}
+        shells = {a: layout.shell(s) for a, s in the_plan.sources.items()}
         placed: dict[tuple, dict] = {}  # (alias, device) -> tensors already read: a repeated layer shares them
 
         def part(alias: str, path: str | None, device: torch.device = device) -> nn.Module | None:
-            if not path:
-                return None
-            try:
-                mod = shells[alias].get_submodule(path)
-            except AttributeError:
-                return None
-            if mod is None or not list(mod.state_dict()):
+            mod = layout.part(shells[alias], path)
+            if mod is None:
                 return None
             return _fill(mod, path, readers[alias], device, dtype, placed.setdefault((alias, device), {}))
 
@@ -257,12 +203,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         positions = part(base.alias, fam.positions)
         project_in = part(base.alias, fam.project_in)
         project_out = part(base.alias, fam.project_out)
-        head_in_files = fam.head_in_files(base.tensors)
-        if head_in_files is not None:
-            shell = shells[base.alias]
-            head_module = next(shell.get_submodule(h) for h in fam.head_names() if _has(shell, h))
-            head = _fill(head_module, head_in_files, readers[base.alias], device, dtype,
-                         placed.setdefault((base.alias, device), {}))
+        head_part = layout.head(base, shells[base.alias])
+        if head_part is not None:
+            head = _fill(*head_part, readers[base.alias], device, dtype, placed.setdefault((base.alias, device), {}))
         else:  # tied to the input embedding
             head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
             head.weight = embed.weight
@@ -271,10 +214,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         for alias, src in the_plan.sources.items():
             if src.family.rotary:
                 rot_cls = type(shells[alias].get_submodule(src.family.rotary))
-                rotary[alias] = rot_cls(config=_source_config(src), device=device) if _takes_device(rot_cls) \
-                    else rot_cls(config=_source_config(src)).to(device)
+                rotary[alias] = rot_cls(config=layout.source_config(src), device=device) if _takes_device(rot_cls) \
+                    else rot_cls(config=layout.source_config(src)).to(device)
 
-        layer_classes = {a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()}
         foreign_positions: dict[tuple, nn.Module] = {}
         slots = []
         for sp in the_plan.slots:
@@ -282,9 +224,7 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
             blocks = []
             for e in sp.experts:
                 src = the_plan.sources[e.alias]
-                cfg = _source_config(src)
-                with torch.device("meta"):
-                    layer = layer_classes[e.alias](cfg, e.layer)  # original index: some families scale by it
+                layer = layout.layer(src, shells[e.alias], e.layer)
                 _fill(layer, f"{src.family.layers}.{e.layer}", readers[e.alias], where, dtype,
                       placed.setdefault((e.alias, where), {}))
                 _reindex(layer, e.cache_index)
@@ -319,14 +259,6 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         if placement is not None:
             placement.apply(model)
         return model
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _takes_device(cls) -> bool:

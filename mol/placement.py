@@ -84,6 +84,31 @@ def _main_bytes(plan, dtype: torch.dtype) -> int:
                for t in plan.reads[plan.base.alias] if not t.name.startswith(layers))
 
 
+def resolve_device(value: str | int | torch.device | None = None) -> torch.device:
+    """The device `value` names (None: CUDA if present, else CPU), or a ResourceError saying why it cannot run a
+    model here; checked once, before anything is read, rather than failing deep inside torch."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(value, int):
+        value = f"cuda:{value}"
+    try:
+        d = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ResourceError(f"'{value}' is not a device; use cpu, cuda or cuda:N.") from None
+    if d.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ResourceError(f"Device '{value}': no CUDA GPU is visible here; use cpu.")
+        if (d.index or 0) >= gpus:
+            raise ResourceError(f"Device '{value}': only {gpus} CUDA GPU(s) are visible (cuda:0 to cuda:{gpus - 1}).")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ResourceError(f"Device '{value}': MPS is not available here; use cpu.")
+    elif d.type != "cpu":
+        raise ResourceError(f"Device '{value}' cannot run a model; use cpu, cuda or cuda:N.")
+    return d
+
+
 def _device(value) -> torch.device:
     if isinstance(value, int):
         return torch.device("cuda", value)

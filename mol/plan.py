@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mol.errors import CheckpointError, IncompatibleModelsError, RecipeError
+from mol.errors import CheckpointError, IncompatibleModelsError, MolError, RecipeError
 from mol.recipe import Recipe, Slot
-from mol.sources import ModelSource, TensorInfo, load_source
+from mol.sources import FLOAT_DTYPES, ModelSource, TensorInfo, load_source, one_line
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -166,20 +166,27 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
     warnings = [f"model '{a}' is listed but no slot uses it; it will not be loaded." for a in unused]
     base = sources[recipe.base]
 
+    for src in sources.values():
+        src.check_files()
+    base.load_tokenizer()  # the build loads it: one that does not load fails here, not after the weights
     _check_tokenizers(base, sources, warnings)
     for src in sources.values():
         _check_config_matches_weights(src)
 
+    # What is read is what the loader fills: the tensors of each part built on the meta device, each checked
+    # against its header entry, so a recipe that plans also builds.
+    from mol import layout
+
+    shells = {a: _meta(s, layout.shell, s) for a, s in sources.items()}
     reads: dict[str, dict[str, TensorInfo]] = {a: {} for a in sources}
-    for role, path in base.family.module_prefixes().items():
-        found = _tensors_under(base, path)
-        if not found and role in ("embed", "final_norm", "positions"):
-            raise CheckpointError(f"{base.alias}: no '{path}.*' tensors in '{base.folder}'; the checkpoint does not "
-                                  f"match its config ({base.family.name} family).")
-        reads[base.alias].update(found)
-    head = base.family.head_in_files(base.tensors)
+    for path in base.family.module_prefixes().values():
+        module = layout.part(shells[base.alias], path)
+        if module is not None:
+            reads[base.alias].update(_checked_tensors(base, module, path))
+    head = layout.head(base, shells[base.alias])
     if head is not None:
-        reads[base.alias].update(_tensors_under(base, head))
+        reads[base.alias].update(_checked_tensors(base, *head))
+    checked: set[tuple[str, int]] = set()
 
     slot_plans: list[SlotPlan] = []
     cache_index = 0
@@ -194,11 +201,15 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
             if not layer_tensors:
                 raise CheckpointError(f"{ref.model}: the weights have no tensors for layer {ref.layer} "
                                       f"('{src.family.layer_prefix(ref.layer)}*'); the checkpoint is incomplete.")
-            reads[ref.model].update(layer_tensors)
+            if (ref.model, ref.layer) not in checked:
+                checked.add((ref.model, ref.layer))
+                module = _meta(src, layout.layer, src, shells[ref.model], ref.layer)
+                reads[ref.model].update(_checked_tensors(src, module, src.family.layers + f".{ref.layer}"))
             foreign = ref.model != recipe.base
             add_pos = foreign and src.family.positions is not None
-            if add_pos:
-                reads[ref.model].update(_tensors_under(src, src.family.positions))
+            positions = layout.part(shells[ref.model], src.family.positions) if add_pos else None
+            if positions is not None:
+                reads[ref.model].update(_checked_tensors(src, positions, src.family.positions))
             adapter = recipe.adapter.type if foreign else None
             experts.append(ExpertPlan(str(ref), ref.model, ref.layer, src.width, cache_index, adapter, add_pos,
                                       layer_window(src.config, ref.layer)))
@@ -225,6 +236,43 @@ def layer_window(config, layer: int) -> int | None:
     if isinstance(layer_types, list | tuple) and layer_types:
         return int(window) if layer < len(layer_types) and layer_types[layer] == "sliding_attention" else None
     return None if getattr(config, "use_sliding_window", None) is False else int(window)
+
+
+def _meta(src: ModelSource, make, *args):
+    """`make(*args)`, which builds parts of `src` on the meta device from its config; an error transformers
+    raises there (a RoPE variant's missing factor, a size it cannot take) becomes one typed line."""
+    try:
+        return make(*args)
+    except MolError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{src.alias}: transformers cannot build its {src.model_type} layers from config.json: "
+                              f"{one_line(exc, 200)}".rstrip(".") + ".") from None
+
+
+def _floating(dtype: str) -> bool:
+    return dtype in FLOAT_DTYPES or dtype.startswith("torch.float") or dtype == "torch.bfloat16"  # (.bin: torch's names)
+
+
+def _checked_tensors(src: ModelSource, module, prefix: str) -> dict[str, TensorInfo]:
+    """The header entries of the tensors `module` (on the meta device) takes, named as the loader reads them,
+    each checked against the shape and kind of dtype the config implies."""
+    out = {}
+    for name, want in module.state_dict().items():
+        full = f"{prefix}.{name}"
+        info = src.tensors.get(full)
+        if info is None:
+            raise CheckpointError(f"{src.alias}: tensor '{full}' is missing from the weights in '{src.folder}'; the "
+                                  f"checkpoint does not match its config ({src.family.name} family).")
+        if info.shape != tuple(want.shape):
+            raise CheckpointError(f"{src.alias}: tensor '{full}' has shape {list(info.shape)} but config.json implies "
+                                  f"{list(want.shape)}; the config does not match the weights in '{src.folder}'.")
+        if _floating(info.dtype) != want.is_floating_point():
+            kind = "a floating-point" if want.is_floating_point() else "an integer"
+            raise CheckpointError(f"{src.alias}: tensor '{full}' has dtype {info.dtype}; the model takes {kind} "
+                                  "tensor there.")
+        out[full] = info
+    return out
 
 
 def _tensors_under(src: ModelSource, module_path: str) -> dict[str, TensorInfo]:

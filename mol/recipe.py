@@ -13,7 +13,11 @@ Canonical YAML (what `to_yaml` writes)::
 
 Shorthands accepted on input: a slot may be a string ("bard:0"), an inclusive range ("bard:0-3", several
 plain slots) or a list of experts (token-routed, top-1); `router` may be a string ("token", "pooled");
-`adapter` may be a string ("linear", "bottleneck")."""
+`adapter` may be a string ("linear", "bottleneck").
+
+Text is text: `Recipe.from_yaml` parses the string it is given and never opens a file, whatever the string
+looks like; `Recipe.from_file` reads a file. Every way a text can be wrong (bad YAML, nesting, numbers of
+thousands of digits, unknown tags) ends in a one-line `RecipeError` quoting at most a short excerpt."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from mol.errors import RecipeError
 ROUTER_TYPES = ("token", "pooled")
 ADAPTER_TYPES = ("linear", "bottleneck")
 MAX_SLOTS = 4096
+MAX_LAYER = 100_000  # exclusive: no model has that many layers, and it keeps numbers in messages short
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 _EXPERT_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(-?\d+)\s*$")
 _RANGE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -50,16 +55,16 @@ class ExpertRef:
         if isinstance(value, ExpertRef):
             return value
         if isinstance(value, dict) and set(value) == {"model", "layer"}:
-            value = f"{value['model']}:{value['layer']}"
+            model, layer = value["model"], value["layer"]
+            if isinstance(layer, int) and not isinstance(layer, bool):
+                _layer_index(layer, where)  # before formatting: str() of a huge int raises
+            value = f"{model if isinstance(model, str) else _short(model)}:{_short(layer)}"
         if not isinstance(value, str):
             raise RecipeError(f"{where}: an expert is written 'alias:layer' (e.g. \"bard:3\"), got {_short(value)}.")
         m = _EXPERT_RE.match(value)
         if not m:
             raise RecipeError(f"{where}: '{_short(value)}' is not 'alias:layer' (e.g. \"bard:3\").")
-        layer = int(m.group(2))
-        if layer < 0:
-            raise RecipeError(f"{where}: layer index {layer} is negative; layers count from 0.")
-        return cls(m.group(1), layer)
+        return cls(m.group(1), _layer_index(m.group(2), where))
 
 
 @dataclass(frozen=True)
@@ -149,31 +154,22 @@ class Recipe:
         return cls(name=name.strip(), base=base, models=models, slots=slots, adapter=adapter, source_dir=source_dir)
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> Recipe:
-        """Read a recipe from a YAML file path or from YAML text."""
-        source_dir = None
-        text = path_or_text
-        if isinstance(path_or_text, Path) or (
-            isinstance(path_or_text, str) and "\n" not in path_or_text and path_or_text.strip().endswith((".yaml", ".yml"))
-        ):
-            path = Path(path_or_text)
-            if not path.is_file():
-                raise RecipeError(f"Recipe file '{path}' does not exist.")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise RecipeError(f"Cannot read recipe file '{path}': {exc}.") from None
-            source_dir = path.resolve().parent
-        if isinstance(text, str) and len(text) > MAX_YAML_CHARS:
-            raise RecipeError(f"The recipe text is {len(text):,} characters; the limit is {MAX_YAML_CHARS:,}.")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise RecipeError(f"The recipe is not valid YAML{where}: {problem}.") from None
+    def from_yaml(cls, text: str, source_dir: Path | None = None) -> Recipe:
+        """Parse recipe YAML text. Never opens a file: a one-line "x.yaml" is a YAML string, not a path."""
+        if not isinstance(text, str):
+            raise TypeError(f"Recipe.from_yaml takes YAML text, not {type(text).__name__}; "
+                            "to read a file use Recipe.from_file(path).")
+        data = parse_yaml(text)
+        if isinstance(data, str) and source_dir is None:  # most likely a path meant for from_file
+            raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got the single string "
+                              f"'{_short(data)}' (this is parsed as recipe text; a file is read by Recipe.from_file).")
         return cls.from_dict(data, source_dir=source_dir)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        """Read a recipe YAML file; relative model paths are then resolved from the file's folder first."""
+        path = Path(path)
+        return cls.from_yaml(read_text_file(path), source_dir=path.resolve().parent)
 
     # ---- output ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -226,6 +222,18 @@ class Recipe:
         return f"{self.name}: {len(self.slots)} slots ({routed} routed), base {self.base}, models {', '.join(self.models)}"
 
 
+def to_recipe(value: Recipe | Path | str) -> Recipe:
+    """What the library's functions take as a recipe: a Recipe, a Path to a YAML file, or YAML text. A str is
+    always text, never a path (DESIGN decision 11): a path must arrive as a Path, or go through from_file."""
+    if isinstance(value, Recipe):
+        return value
+    if isinstance(value, Path):
+        return Recipe.from_file(value)
+    if isinstance(value, str):
+        return Recipe.from_yaml(value)
+    raise TypeError(f"Expected a Recipe, a Path to a recipe file or recipe YAML text, not {type(value).__name__}.")
+
+
 def _check_aliases(models: dict) -> None:
     for alias in models:
         if not _ALIAS_RE.match(alias):
@@ -275,8 +283,9 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
     if kind not in ROUTER_TYPES:
         raise RecipeError(f"{where}.router.type '{_short(kind)}' is not one of: {', '.join(ROUTER_TYPES)}.")
     top_k = raw.get("top_k", 1)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise RecipeError(f"{where}.router.top_k must be a positive integer, got {_short(top_k)}.")
+    upper = n_experts if n_experts > 1 else MAX_SLOTS  # a one-expert slot drops its router below
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= upper:
+        raise RecipeError(f"{where}.router.top_k must be an integer between 1 and {upper}, got {_short(top_k)}.")
     if kind == "pooled" and top_k != 1:
         raise RecipeError(f"{where}.router: a pooled router runs one expert per sequence; remove top_k.")
     if n_experts == 1:
@@ -288,11 +297,11 @@ def _parse_slot(raw: Any, where: str) -> list[Slot]:
     if isinstance(raw, str):
         m = _RANGE_RE.match(raw)
         if m:
-            alias, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
+            alias, lo, hi = m.group(1), _layer_index(m.group(2), where), _layer_index(m.group(3), where)
             if hi < lo:
-                raise RecipeError(f"{where}: range '{raw}' ends before it starts.")
+                raise RecipeError(f"{where}: range '{_short(raw)}' ends before it starts.")
             if hi - lo >= MAX_SLOTS:
-                raise RecipeError(f"{where}: range '{raw}' is longer than {MAX_SLOTS} layers.")
+                raise RecipeError(f"{where}: range '{_short(raw)}' is longer than {MAX_SLOTS} layers.")
             return [Slot((ExpertRef(alias, i),)) for i in range(lo, hi + 1)]
         return [Slot((ExpertRef.parse(raw, where),))]
     if isinstance(raw, list):
@@ -315,12 +324,97 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 
 
 def _short(value: Any, limit: int = 60) -> str:
     """A bounded view of a bad value for a message (a full repr of a YAML alias bomb never finishes)."""
-    text = value if isinstance(value, str) else _REPR.repr(value)
+    try:
+        text = value if isinstance(value, str) else _REPR.repr(value)
+    except ValueError:  # an int too long for str() (Python refuses past 4300 digits)
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text  # messages stay on one line
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _layer_index(value: str | int, where: str) -> int:
+    """A layer index from its digits or an int, refused when absurd (before int(): 5000 digits raise)."""
+    if isinstance(value, str):
+        value = int(value) if len(value.lstrip("-")) <= len(str(MAX_LAYER)) else MAX_LAYER
+    if value < 0:
+        raise RecipeError(f"{where}: layer index {_short(value, 20)} is negative; layers count from 0.")
+    if value >= MAX_LAYER:
+        raise RecipeError(f"{where}: layer index out of range; layers count from 0 and stay below {MAX_LAYER:,}.")
+    return value
 
 
 MAX_YAML_CHARS = 1_000_000
 MAX_NODES = 100_000
+MAX_DEPTH = 64  # a recipe nests 4 levels; deeper is hostile, and yaml's composer would hit RecursionError
+MAX_NUMBER_CHARS = 100  # a number's text; Python's int() refuses past 4300 digits with a ValueError
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load with a nesting limit and a length limit on integers, both reported with a line number."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value):,} characters",
+                                                    node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def parse_yaml(text: str, what: str = "recipe") -> Any:
+    """YAML text to plain data (safe_load), every failure a one-line RecipeError. Touches no file."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_yaml takes YAML text, not {type(text).__name__}.")
+    if len(text) > MAX_YAML_CHARS:
+        raise RecipeError(f"The {what} text is {len(text):,} characters; the limit is {MAX_YAML_CHARS:,}.")
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"The {what} is not valid YAML{where}: {_short(problem, 120)}.") from None
+    except RecursionError:
+        raise RecipeError(f"The {what} is nested too deeply to read.") from None
+    except (ValueError, OverflowError) as exc:  # e.g. a timestamp like 2024-13-45
+        raise RecipeError(f"The {what} holds a value YAML cannot read: {_short(str(exc), 120)}.") from None
+
+
+MAX_FILE_BYTES = 4 * MAX_YAML_CHARS  # UTF-8 takes at most 4 bytes a character
+
+
+def read_text_file(path: Path, what: str = "recipe") -> str:
+    """A UTF-8 text file's contents, or a one-line RecipeError saying why not (missing, a folder, too large...)."""
+    shown = _short(str(path), 200)
+    if path.is_dir():
+        raise RecipeError(f"'{shown}' is a folder, not a {what} file.")
+    if not path.is_file():
+        raise RecipeError(f"The {what} file '{shown}' does not exist.")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"Cannot read the {what} file '{shown}': {exc.strerror or type(exc).__name__}.") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise RecipeError(f"The {what} file '{shown}' is larger than {MAX_FILE_BYTES:,} bytes; a {what} is far "
+                          "smaller.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"The {what} file '{shown}' is not UTF-8 text (byte {exc.start}).") from None
 
 
 def _check_size(data: Any) -> None:

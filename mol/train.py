@@ -1,11 +1,13 @@
 """Training a fused model's adapters and routers (source blocks, embeddings, norm and head stay frozen).
 
-    result = train("assets/recipes/fused-token.yaml", ["prose=prose.txt", "code=code.txt"], TrainConfig(steps=300))
+    result = train(Path("assets/recipes/fused-token.yaml"), ["prose=prose.txt", "code=code.txt"], TrainConfig(steps=300))
 
 Loss: next-token cross-entropy + aux_loss_weight * Switch load balancing + z_loss_weight * router z-loss.
 AdamW, linear warm-up then cosine decay, gradient accumulation, bf16 autocast on GPU (fp32 on CPU). Batch k is a
 function of (seed, k) alone, so a fixed seed gives the same weights, and a resumed run the same weights as an
-uninterrupted one. A run writes three files next to each other:
+uninterrupted one. Launched on N processes (torchrun, accelerate: mol.distributed), `batch_size` is per process:
+each takes its rows of the global batch of N x batch_size, and the result is one process's with that batch (up
+to float rounding). A run writes three files next to each other (rank 0 writes them):
 
     W.safetensors        adapters and routers only (load with `mol.build(recipe, weights=W)`)
     W.train.json         config, data, metrics, loss curve, hardware
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mol import distributed
 from mol.data import DomainTokens, TrainBatches, load_domains, tokenize_domains
 from mol.errors import CheckpointError, DataError
-from mol.fused import FusedModel
+from mol.fused import FusedModel, MoLOutput
 from mol.router_init import ROUTER_INITS, init_routers
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ ADAPTER_INITS = ("identity", "lstsq", "lstsq-zero-out")
 @dataclass
 class TrainConfig:
     steps: int = 200
-    batch_size: int = 8
+    batch_size: int = 8  # rows per process: the global batch is batch_size x the number of processes
     grad_accum: int = 1
     seq_len: int = 256
     mixed_share: float = 0.0  # share of rows interleaving chunks of several domains
@@ -65,6 +68,9 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N steps (0: only at the end)
     max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
     device: str | None = None
+    # "auto" | "balanced" | "sequential": spread the frozen blocks over the GPUs (each process: over its share of
+    # its node's GPUs), for sources too large for one (mol.placement)
+    device_map: str | None = None
     autocast: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
     compile: bool = False  # compile the training step (mol.compiling): faster steps after a compile warm-up
 
@@ -122,7 +128,9 @@ def _model(model_or_recipe, config: TrainConfig) -> FusedModel:
         return model_or_recipe
     from mol.loading import build
 
-    return build(model_or_recipe, device=config.device, dtype=torch.float32)
+    max_memory = distributed.rank_max_memory() if config.device_map else None
+    return build(model_or_recipe, device=distributed.rank_device(config.device), dtype=torch.float32,
+                 device_map=config.device_map, max_memory=max_memory)
 
 
 def _tokens(model: FusedModel, datasets, config: TrainConfig) -> tuple[dict[str, DomainTokens], dict]:
@@ -210,6 +218,12 @@ class Teachers:
 
     def kl(self, student_logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over labelled tokens of KL(teacher || student), next-token distributions."""
+        total, count = self.kl_terms(student_logits, ids, labels)
+        return total / count.clamp(min=1)
+
+    def kl_terms(self, student_logits: torch.Tensor, ids: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over labelled tokens of KL(teacher || student), their number)."""
         labels = labels.to(student_logits.device)
         target = torch.zeros_like(student_logits, dtype=torch.float32)
         have = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
@@ -222,11 +236,42 @@ class Teachers:
                 if sel.any():
                     target[sel] = teacher(ids).logits.float().log_softmax(-1)[sel]
                     have |= sel
+        count = have.sum()
         if not have.any():
-            return student_logits.new_zeros(())
+            return student_logits.new_zeros((), dtype=torch.float32), count
         log_q = student_logits.float().log_softmax(-1)[have]
         log_p = target[have]
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return (log_p.exp() * (log_p - log_q)).sum(), count
+
+
+def loss_shares(out: MoLOutput, kl: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """This process's share of each loss term (lm, kl, aux, z) of the global batch: summed over the processes,
+    each is the term one process computes on the whole batch (alone: the term itself), so the summed gradients
+    are that process's gradient. Means over tokens divide by global counts. The Switch loss N·Σ f_i·P_i is not a
+    mean of per-row terms: its expert counts (f) and token count are all-reduced first, and each process adds its
+    part of P. Training rows are packed (no padding), so every row scores seq_len - 1 tokens and routes seq_len."""
+    dev = out.logits.device
+    rows, length = out.logits.shape[:2]
+    routings = [r for _, r in out.routings]
+    # expert counts by scatter_add, not bincount: no host synchronisation on a GPU
+    counts = [torch.zeros(r.probs.shape[-1], device=r.chosen.device).scatter_add_(
+        0, r.chosen.reshape(-1), torch.ones(r.chosen.numel(), device=r.chosen.device)).to(dev) for r in routings]
+    local = torch.cat([torch.tensor([float(rows)], device=dev),
+                       torch.zeros(1, device=dev) if kl is None else kl[1].to(dev, torch.float32).reshape(1), *counts])
+    total = distributed.all_reduce_sum(local)
+    zero = out.logits.new_zeros((), dtype=torch.float32)
+    shares = {"lm": out.loss * (rows / total[0]), "kl": zero if kl is None else kl[0] / total[1].clamp(min=1)}
+    tokens = total[0] * length
+    aux, z, at = [], [], 2
+    for r in routings:
+        n, k = r.probs.shape[-1], r.chosen.shape[-1]
+        f = total[at:at + n] / (tokens * k)
+        at += n
+        aux.append(n * (f * (r.probs.float().reshape(-1, n).sum(0).to(dev) / tokens)).sum())
+        z.append(torch.logsumexp(r.logits.float(), dim=-1).pow(2).sum().to(dev) / tokens)
+    shares["aux"] = torch.stack(aux).mean() if aux else zero
+    shares["z"] = torch.stack(z).mean() if z else zero
+    return shares
 
 
 def _save(model: FusedModel, opt: torch.optim.Optimizer, weights: Path, run: dict) -> None:
@@ -277,23 +322,33 @@ def _progress(total: int, initial: int, enabled: bool):
 def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, domain_experts: dict[str, str] | None = None,
           on_step=None) -> TrainResult:
-    """Train the adapters and routers of a fused model (or of a recipe / recipe YAML path) on named datasets
-    (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save the run there; with
+    """Train the adapters and routers of a fused model (or of a Recipe, a Path to a recipe file, or recipe YAML
+    text) on named datasets (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save
+    the run there; with
     `resume`, continue the run saved at `out` up to `config.steps`. `on_step(point)` is called after every
     optimizer step with that step's point of the loss curve (step, loss, aux_loss, z_loss, lr_factor,
     grad_norm, seconds), as it is appended to the run."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     model = _model(model_or_recipe, config)
-    if out is None and not isinstance(model_or_recipe, FusedModel) and str(model_or_recipe).endswith((".yaml", ".yml")):
-        out = Path(str(model_or_recipe)).with_suffix(".safetensors")
+    if out is None and isinstance(model_or_recipe, Path):  # weights next to the recipe file
+        out = model_or_recipe.with_suffix(".safetensors")
     tokens, data_description = _tokens(model, datasets, config)
-    batches = TrainBatches(tokens, config.seq_len, config.batch_size, config.seed, config.mixed_share, config.mixed_chunk)
+    world = distributed.world_size()
+    # The global batch, drawn whole by every process, which keeps its own rows (distributed.rank_rows): the data
+    # order is the one of a single process with batch_size x world.
+    batches = TrainBatches(tokens, config.seq_len, config.batch_size * world, config.seed, config.mixed_share,
+                           config.mixed_chunk)
     model.aux_loss_weight, model.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
 
     run: dict = {"recipe": model.recipe.to_yaml(), "config": asdict(config), "data": data_description,
-                 "hardware": hardware(), "torch": torch.__version__, "step": 0, "curve": [], "metrics": {}}
+                 "hardware": hardware(), "world_size": world, "torch": torch.__version__, "step": 0, "curve": [],
+                 "metrics": {}}
     resumed = resume and out is not None and companion_paths(out)[1].is_file()
+    seen = distributed.count_ranks(resumed)
+    if 0 < seen < world:  # all ranks raise together rather than diverge
+        raise CheckpointError(f"Cannot resume: {seen} of {world} processes see the run saved at '{out}'; put --out "
+                              "on a filesystem every node shares.")
     if not resumed:
         run["init"] = initialise(model, tokens, config, domain_experts)
         domain_experts = run["init"].get("domain_experts", domain_experts)
@@ -306,6 +361,12 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
         run.update({k: saved[k] for k in ("step", "curve", "init", "metrics", "distill_teachers") if k in saved})
         run["metrics"].setdefault("train_seconds", 0.0)
         domain_experts = domain_experts or saved.get("distill_teachers") or saved.get("init", {}).get("domain_experts")
+        before = saved["config"]["batch_size"] * saved.get("world_size", 1)
+        if before != config.batch_size * world:
+            log.warning("resuming with a global batch of %d rows, the run had %d: the data order changes",
+                        config.batch_size * world, before)
+    # Identical starting weights on every process, whatever each one's closed-form fits computed.
+    distributed.broadcast_parameters(list(model.trainable_parameters().values()))
     teachers = None
     if config.distill_weight > 0:
         teachers = Teachers(model, tokens, domain_experts)
@@ -318,9 +379,9 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     params = [p for g in groups for p in g["params"]]
     device = model.device
     autocast = device.type == "cuda" and config.autocast
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+    tokens_per_step = config.batch_size * world * config.grad_accum * config.seq_len
     seconds = float(run["metrics"].get("train_seconds", 0.0))
-    bar = _progress(config.steps, start, progress)
+    bar = _progress(config.steps, start, progress and distributed.is_main())
     smooth = None
     step = start
     model.eval()  # no dropout anywhere: frozen source blocks must behave exactly as at inference
@@ -331,21 +392,21 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             factor = lr_factor(step, config)
             for g in opt.param_groups:
                 g["lr"] = g.get("base_lr", 0.0) * factor
-            lm_sum = aux_sum = z_sum = 0.0
+            shown = torch.zeros(3, device=device)  # this process's shares of the step's lm, aux and z losses
             for micro in range(config.grad_accum):
                 ids, labels = batches.batch(step * config.grad_accum + micro)
-                ids = ids.to(device)
+                ids, labels = distributed.rank_rows(ids).to(device), distributed.rank_rows(labels)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out_ = model(ids, labels=ids)
-                    loss = out_.loss
-                    if teachers is not None:
-                        loss = loss + config.distill_weight * teachers.kl(out_.logits, ids, labels)
-                if out_.aux_loss is not None:
-                    loss = loss + config.aux_loss_weight * out_.aux_loss + config.z_loss_weight * out_.z_loss
-                    aux_sum += float(out_.aux_loss.detach()) / config.grad_accum
-                    z_sum += float(out_.z_loss.detach()) / config.grad_accum
+                    kl = teachers.kl_terms(out_.logits, ids, labels) if teachers is not None else None
+                terms = loss_shares(out_, kl)
+                loss = (terms["lm"] + config.distill_weight * terms["kl"] + config.aux_loss_weight * terms["aux"]
+                        + config.z_loss_weight * terms["z"])
                 (loss / config.grad_accum).backward()
-                lm_sum += float(out_.loss.detach()) / config.grad_accum
+                shown += torch.stack([terms[k].detach().float() for k in ("lm", "aux", "z")]) / config.grad_accum
+            distributed.sum_gradients(params)  # on every process: the gradient of the global batch's loss
+            lm_sum, aux_sum, z_sum = distributed.all_reduce_sum(shown).tolist()
+            # clipped by the global norm, the same on every process (the gradients are already summed)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if params else 0.0
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -361,9 +422,9 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             bar.update(1)
             run["step"] = step + 1
             run["metrics"]["train_seconds"] = round(seconds, 3)
-            if out is not None and config.save_every and (step + 1) % config.save_every == 0:
+            if out is not None and config.save_every and (step + 1) % config.save_every == 0 and distributed.is_main():
                 _save(model, opt, Path(out), run)
-            if config.max_seconds is not None and seconds >= config.max_seconds:
+            if config.max_seconds is not None and distributed.any_rank(seconds >= config.max_seconds):
                 log.warning("stopping after %d steps: max_seconds=%s reached", step + 1, config.max_seconds)
                 break
     finally:
@@ -384,9 +445,12 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     })
     result = TrainResult(model=model, steps=done, curve=run["curve"], metrics=run["metrics"])
     if out is not None:
-        _save(model, opt, Path(out), run)
+        if distributed.is_main():
+            _save(model, opt, Path(out), run)
+        distributed.barrier()  # every process returns once the run's files are there
         result.weights_path = Path(out)
     return result
 
 
-__all__ = ["ADAPTER_INITS", "TrainConfig", "TrainResult", "companion_paths", "initialise", "lr_factor", "train"]
+__all__ = ["ADAPTER_INITS", "TrainConfig", "TrainResult", "companion_paths", "initialise", "loss_shares", "lr_factor",
+           "train"]

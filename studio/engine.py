@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
 import os
 import queue
 import shutil
@@ -143,6 +144,7 @@ class GenerationSlot:
     def __init__(self, gate: GenerationGate):
         self._gate = gate
         self._released = False
+        self._start = time.monotonic()
 
     def release(self) -> None:
         with self._gate._cond:
@@ -150,7 +152,14 @@ class GenerationSlot:
                 return
             self._released = True
             self._gate.running -= 1
+            self._gate._finished(time.monotonic() - self._start)
             self._gate._cond.notify_all()
+
+
+def load_text(running: int, waiting: int = 0) -> str:
+    """'1 generation running', '2 generations running and 1 waiting': counts that read right."""
+    text = f"{running} generation{'' if running == 1 else 's'} running"
+    return text + (f" and {waiting} waiting" if waiting else "")
 
 
 class GenerationGate:
@@ -164,6 +173,7 @@ class GenerationGate:
         self.max_waiting = max_waiting
         self.wait_s = wait_s
         self.running = 0
+        self.typical_s: float | None = None  # a generation's usual length (moving average), for "try again in"
         self.stats = {"admitted": 0, "queued": 0, "refused": 0, "peak_waiting": 0, "peak_running": 0}
         self._queue: deque[object] = deque()
         self._cond = threading.Condition()
@@ -199,9 +209,18 @@ class GenerationGate:
             return GenerationSlot(self)
 
     def _busy(self) -> str:
-        waiting = f" and {len(self._queue)} waiting" if self._queue else ""
-        return (f"The server is busy: {self.running} generation{'s' if self.running != 1 else ''} running"
-                f"{waiting}, as many as it takes. Try again in a moment.")
+        return (f"The server is busy: {load_text(self.running, len(self._queue))}, as many as it can take. "
+                f"Try again in about {self.retry_after_s()} seconds.")
+
+    def retry_after_s(self) -> int:
+        """When a refused request is likely to find a turn: a usual generation's length for each round of the
+        queue ahead of it (30 s a round until one has finished), rounded up to 5 s."""
+        rounds = len(self._queue) // self.capacity + 1
+        seconds = rounds * (self.typical_s if self.typical_s is not None else 30.0)
+        return max(5, 5 * math.ceil(seconds / 5))
+
+    def _finished(self, seconds: float) -> None:
+        self.typical_s = seconds if self.typical_s is None else 0.7 * self.typical_s + 0.3 * seconds
 
     def snapshot(self) -> dict[str, int]:
         with self._cond:
@@ -283,8 +302,13 @@ class StudioEngine:
         folder = self.config.models_dir
         if not folder.is_dir():
             return {}
-        out = {}
+        out, policy = {}, current_policy()
         for sub in sorted(folder.iterdir()):
+            try:  # hosted: a folder or config that links out of the allowed folders is not offered
+                policy.check_local(sub.name, sub)
+                policy.check_file(sub / "config.json", sub)
+            except MolError:
+                continue
             if (sub / "config.json").is_file():
                 out[sub.name.removeprefix("mango-")] = self.portable_ref(sub)
         return out
@@ -312,14 +336,13 @@ class StudioEngine:
         return Recipe.from_dict(data, source_dir=REPO_ROOT)
 
     def recipe_from_yaml(self, text: str) -> Recipe:
-        recipe = Recipe.from_yaml(text)
-        recipe.source_dir = REPO_ROOT
-        return recipe
+        """A recipe from YAML text (a client's, or a stored version's): parsed, never taken for a file path."""
+        return Recipe.from_yaml(text, source_dir=REPO_ROOT)
 
     def recipe_from_file(self, path: Path) -> Recipe:
         """A recipe file whose model paths are relative to the file (as the shipped examples are), with those
         paths rewritten relative to the repository, as every recipe the studio stores has them."""
-        recipe = Recipe.from_yaml(Path(path))
+        recipe = Recipe.from_file(path)  # server-side files only (the shipped examples), never a client's string
         models = {}
         for alias, ref in recipe.models.items():
             local = (Path(path).resolve().parent / ref)

@@ -11,9 +11,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mol.errors import MolError, RecipeError
+from mol.recipe import parse_yaml
 
 log = logging.getLogger("studio")
 
@@ -149,12 +148,7 @@ def recipe_text(value: Any, max_chars: int) -> str:
     """Recipe YAML as the API receives it: text, of a sane size, and small once its YAML anchors and aliases
     are expanded (a few lines of aliases can stand for a billion nodes, and every later step would walk them)."""
     value = text(value, "The recipe YAML", max_chars, allow_none=False)
-    try:
-        data = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value  # the recipe parser reports the position and the problem
-    except RecursionError:
-        raise RecipeError("The recipe YAML is nested too deeply to read.") from None
+    data = parse_yaml(value)  # one-line RecipeError: bad YAML (with the position), deep nesting, huge numbers
     budget = [YAML_NODES_MAX]
 
     def walk(node: Any, depth: int) -> None:

@@ -55,3 +55,43 @@ def test_user_errors_exit_2_without_traceback(tmp_path, body, message):
 def test_missing_recipe_file_exits_2(capsys):
     assert main(["plan", "does-not-exist.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "is a folder, not a recipe file"),
+    ("huge int", "a number of 5,000 characters"),
+    ("huge layer", "stay below 100,000"),
+    ("deep", "nested more than"),
+    ("latin-1", "not UTF-8"),
+    ("python tag", "could not determine a constructor"),
+])
+def test_bad_recipe_files_exit_2_with_one_line(tmp_path, case, message):
+    if case == "folder":
+        r = tmp_path / "recipes"
+        r.mkdir()
+    elif case == "latin-1":
+        r = tmp_path / "r.yaml"
+        r.write_bytes("name: caf\xe9\nmodels: {a: p}\nslots: [a:0]\n".encode("latin-1"))
+    else:
+        r = tmp_path / "r.yaml"
+        r.write_text({"huge int": "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: "
+                                  + "9" * 5000 + "}}]\n",
+                      "huge layer": "name: x\nmodels: {a: p}\nslots: ['a:1000000000000000000000']\n",
+                      "deep": "[" * 3000 + "]" * 3000,
+                      "python tag": "name: !!python/object/apply:os.system ['echo hi']\n"}[case])
+    proc = subprocess.run([sys.executable, "-m", "mol.cli", "plan", str(r)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and len(proc.stderr) < 400, proc.stderr[:500]
+
+
+def test_recipe_from_stdin_is_text(tmp_path, monkeypatch, capsys):
+    import io
+
+    real = tmp_path / "x.yaml"
+    real.write_text("name: from-the-file\nmodels: {a: p}\nslots: [a:0]\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(str(real)))  # a path on stdin is YAML text, not a file to open
+    assert main(["plan", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "A recipe is a mapping" in err and "from-the-file" not in err

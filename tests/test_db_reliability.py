@@ -97,6 +97,66 @@ def test_concurrent_saves_from_threads(tmp_path):
     _check_everything_kept(url, ids, returned)
 
 
+def test_concurrent_first_saves_of_one_name(tmp_path):
+    """Every thread saves by name a recipe nobody has created yet: the find-or-create and the append are one
+    transaction, so no save is refused as a duplicate and all of them land, numbered 1..N, in one recipe."""
+    repo = Repository(f"sqlite:///{tmp_path / 'mango.db'}")
+    returned: dict[int, list[int]] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(WRITERS)
+
+    def writer(w: int) -> None:
+        try:
+            barrier.wait(30)
+            returned[w] = [repo.save_by_name("fresh", f"slots: [bard:{w}]\n# {i}\n", note=f"w{w} s{i}").number
+                           for i in range(SAVES)]
+        except BaseException as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    [recipe] = repo.list_recipes(deleted=None)
+    versions = repo.list_versions(recipe.id)
+    assert [v.number for v in versions] == list(range(1, WRITERS * SAVES + 1))
+    assert sorted(n for nums in returned.values() for n in nums) == list(range(1, WRITERS * SAVES + 1))
+    assert {v.note for v in versions} == {f"w{w} s{i}" for w in range(WRITERS) for i in range(SAVES)}
+    repo.close()
+
+
+def test_save_by_name_keeps_the_stale_edit_semantics(tmp_path):
+    repo = Repository(f"sqlite:///{tmp_path / 'mango.db'}")
+    v1 = repo.save_by_name("r", "slots: []\n", note="first")
+    assert (v1.number, v1.parent_id) == (1, None)
+    v2 = repo.save_by_name("r", "slots: [bard:0]\n", based_on=(v1.recipe_id, 1))
+    assert (v2.recipe_id, v2.number, v2.parent_id) == (v1.recipe_id, 2, v1.id)
+    with pytest.raises(ConflictError) as info:  # a second tab, still on version 1: saved, then told
+        repo.save_by_name("r", "slots: [coder:0]\n", based_on=(v1.recipe_id, 1))
+    assert (info.value.version, info.value.based_on, info.value.latest) == (3, 1, 2)
+    assert repo.get_version(v1.recipe_id, 3).parent_id == v1.id
+    # a base in another recipe (one since deleted) does not count: the edit goes on top of the live one
+    repo.delete_recipe(v1.recipe_id)
+    fresh = repo.save_by_name("r", "slots: []\n", based_on=(v1.recipe_id, 3))
+    assert fresh.recipe_id != v1.recipe_id and fresh.number == 1
+    assert repo.save_by_name("r", "slots: []\n", based_on=(v1.recipe_id, 3)).number == 2
+    repo.close()
+
+
+def test_live_names_are_unique_in_the_schema(tmp_path):
+    """The last line of defence behind the transaction: the database itself refuses a second live recipe of
+    one name (a partial unique index, so deleted recipes may share it)."""
+    repo = Repository(f"sqlite:///{tmp_path / 'mango.db'}")
+    repo.close()
+    with sqlite3.connect(tmp_path / "mango.db") as conn:
+        conn.execute("INSERT INTO recipes (name, created_at, deleted_at) VALUES ('n', '2024-01-01', '2024-01-02')")
+        conn.execute("INSERT INTO recipes (name, created_at) VALUES ('n', '2024-01-01')")
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute("INSERT INTO recipes (name, created_at) VALUES ('n', '2024-01-03')")
+
+
 def test_concurrent_saves_from_processes(tmp_path):
     url = f"sqlite:///{tmp_path / 'mango.db'}"  # not created yet: the writers' first start races too
     ctx = mp.get_context("spawn")

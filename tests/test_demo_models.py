@@ -167,7 +167,7 @@ def _layers(folder: Path) -> int:
 def test_recipe_references_existing_layers(recipe):
     from mol.recipe import Recipe
 
-    parsed = Recipe.from_yaml(RECIPES / recipe)  # shorthand slots expand to the canonical form
+    parsed = Recipe.from_file(RECIPES / recipe)  # shorthand slots expand to the canonical form
     assert parsed.name == recipe.removesuffix(".yaml")
     assert parsed.base in parsed.models
     for alias, rel in parsed.models.items():

@@ -118,7 +118,7 @@ def test_cli_mergekit_both_ways(tiny, tmp_path, capsys):
     recipe_path = tmp_path / "imported.yaml"
     assert main(["import-mergekit", str(config), "--name", "dus", "-o", str(recipe_path)]) == 0
     assert "--dtype bfloat16" in capsys.readouterr().err
-    recipe = mol.Recipe.from_yaml(recipe_path)
+    recipe = mol.Recipe.from_file(recipe_path)
     assert recipe.name == "dus" and [e.layer for s in recipe.slots for e in s.experts] == [0, 1, 1, 2, 3]
 
     assert main(["export-mergekit", str(recipe_path), "--dtype", "bfloat16"]) == 0

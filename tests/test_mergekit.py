@@ -187,3 +187,49 @@ def test_recipes_without_an_equivalent_say_why(tiny, tmp_path):
     assert "passthrough" in export_mergekit(plain)
     with pytest.raises(RecipeError, match="not the identity"):
         export_mergekit(plain, weights=weights)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("slices: [\n", "not valid YAML"),
+    ("9" * 5000, "a number of"),
+    ("[" * 3000 + "]" * 3000, "nested more than"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, " + "9" * 90 + "]}]}]",
+     "past layer"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, 4]}]}]\n? " + "k" * 5000 + "\n: 1",
+     None),
+    ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, 4]}]}]\n1: 2\n[3]: 4",
+     "unhashable"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, 4]}]}]\n1: 2", None),
+    ("merge_method: " + "x" * 5000, "only mergekit's 'passthrough'"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: !!binary aGVsbG8=, layer_range: [0, 4]}]}]",
+     "model path or Hub id"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, '" + "x" * 5000 + "']}]}]",
+     "layer_range must be"),
+    ("merge_method: passthrough\nparameters: {? " + "w" * 5000 + " : 2}\nslices: [{sources: [{model: a, "
+     "layer_range: [0, 1]}]}]", "changes the weights"),
+    ("merge_method: passthrough\ndtype: [" + ", ".join(["x"] * 5000) + "]\nslices: [{sources: [{model: a, "
+     "layer_range: [0, 1]}]}]", None),
+    ("!!python/name:os.system", "could not determine a constructor"),
+    ("/etc/passwd", "mapping"),
+])
+def test_hostile_mergekit_text_fails_in_one_short_line_or_imports_with_short_notes(config, message):
+    try:
+        result = import_mergekit(config)
+    except RecipeError as exc:
+        assert message is not None and message in str(exc), str(exc)[:300]
+        lines = [str(exc)]
+    else:
+        assert message is None
+        lines = [*result.notes, result.dtype or ""]
+    for line in lines:
+        assert "\n" not in line and len(line) <= 400, line[:300]
+
+
+def test_a_str_naming_a_mergekit_file_is_text(tmp_path):
+    path = tmp_path / "mk.yml"
+    path.write_text("merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: [0, 2]}]}]\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        import_mergekit(str(path))
+    assert len(import_mergekit(path).recipe.slots) == 2  # a Path is the way to name a file
+    with pytest.raises(RecipeError, match="is a folder, not a mergekit config file"):
+        import_mergekit(tmp_path)

@@ -113,7 +113,7 @@ def test_relative_paths_resolve_against_the_recipe_file(tiny, tmp_path):
     rfile = tmp_path / "pack" / "recipes" / "r.yaml"
     rfile.parent.mkdir(parents=True)
     rfile.write_text("name: rel\nmodels: {a: ../models/tiny}\nslots: [a:0-1]\n")
-    p = mol.plan(mol.Recipe.from_yaml(rfile))
+    p = mol.plan(mol.Recipe.from_file(rfile))
     assert p.base.folder == (models / "tiny").resolve()
 
 

@@ -125,7 +125,7 @@ def test_every_recipe_plans_or_fails_with_a_typed_error(model_paths, data):
                       st.builds(lambda d: yaml.safe_dump(d), st.dictionaries(st.text(max_size=6), JUNK, max_size=4))))
 def test_any_yaml_text_parses_or_fails_with_a_typed_error(text):
     try:
-        mol.Recipe.from_yaml(text if "\n" in text or not text.endswith((".yaml", ".yml")) else text + "\n")
+        mol.Recipe.from_yaml(text)  # text is text: even a one-line "x.yaml" is parsed, never opened
     except MolError:
         pass
 
@@ -133,3 +133,54 @@ def test_any_yaml_text_parses_or_fails_with_a_typed_error(text):
 def test_the_fuzzer_reached_both_outcomes():
     # Runs after the property test in file order: both valid and broken recipes were really generated.
     assert OUTCOMES["planned"] > 100 and OUTCOMES["typed error"] > 300, OUTCOMES
+
+
+# ---- hostile text: what a hosted client may send to /save_recipe or /export_mergekit --------------------------
+HOSTILE_VALUES = st.one_of(
+    st.integers(4301, 12_000).map(lambda n: "9" * n),  # more digits than Python's int() converts
+    st.integers(20, 99).map(lambda n: str(10**n)),  # finite but absurd
+    st.integers(65, 3000).map(lambda d: "[" * d + "]" * d),
+    st.integers(65, 3000).map(lambda d: "{a: " * d + "1" + "}" * d),
+    st.integers(65, 3000).map(lambda d: "[" * d),
+    st.sampled_from(["!!binary aGVsbG8=", "!!binary '%%'", "!!python/object/apply:os.system ['id']",
+                     "!!python/name:os.system", "!!python/object/new:str []", "!!set {a}", "2024-13-45",
+                     "2024-02-30 25:61:00", "\x00", "'\x00'", "\ud800", "&a [*a]", "1" + ":00" * 40,
+                     "0x" + "f" * 6000, "0b" + "1" * 20_000, "0o" + "7" * 6000, "-" + "9" * 5000]),
+    st.builds(lambda tag: f"!<{tag}> x", st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1,
+                                                 max_size=5000)),
+    st.sampled_from(["/etc/passwd", "../../x.yaml", "C:\\x.yml", "~/.ssh/id_rsa", "/proc/self/environ",
+                     "assets/recipes/prose-code-token.yaml", "file:///etc/passwd", "\\\\server\\share\\x.yml"]),
+    st.integers(1000, 200_000).map(lambda n: "x" * n),
+    st.text(max_size=40),
+)
+HOSTILE_PLACES = st.sampled_from([
+    "{}",
+    "name: {}\nmodels: {a: p}\nslots: [a:0]",
+    "name: x\nmodels: {a: {}}\nslots: [a:0]",
+    "name: x\nmodels: {a: p}\nslots: [{}]",
+    "name: x\nmodels: {a: p}\nslots: ['a:{}']",
+    "name: x\nmodels: {a: p}\nslots: ['a:0-{}']",
+    "name: x\nmodels: {a: p}\nslots: [{experts: [{model: a, layer: {}}]}]",
+    "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: {}}}]",
+    "name: x\nmodels: {a: p}\nadapter: {type: bottleneck, rank: {}}\nslots: [a:0]",
+    "{}: 1\nname: x\nmodels: {a: p}\nslots: [a:0]",
+    "name: x\nmodels: {{}: p}\nslots: [a:0]",
+])
+HOSTILE_SEEN = {"cases": 0}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(place=HOSTILE_PLACES, value=HOSTILE_VALUES)
+def test_hostile_text_parses_or_fails_with_one_short_typed_line(place, value):
+    HOSTILE_SEEN["cases"] += 1
+    text = place.replace("{}", value, 1)
+    try:
+        mol.Recipe.from_yaml(text)
+    except MolError as exc:  # anything else (ValueError, RecursionError, TypeError...) fails the test
+        message = str(exc)
+        assert message.strip() and "\n" not in message and len(message) <= 300, message[:300]
+        assert value not in message or len(value) <= 60, message[:300]  # at most a short excerpt of the input
+
+
+def test_the_hostile_fuzzer_ran():
+    assert HOSTILE_SEEN["cases"] >= 400, HOSTILE_SEEN

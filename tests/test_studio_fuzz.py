@@ -181,6 +181,76 @@ def test_every_fuzzed_endpoint_has_its_strategy(studio):
     assert sorted(ENDPOINTS) == sorted(endpoint_args(studio.engine.embedded_models()))
 
 
+# Hostile texts sent, one at a time, in every text argument of every endpoint taking text (hypothesis above
+# samples them; this reaches each one everywhere). A recipe argument must refuse every one: none is a recipe,
+# and a path is never read as one (the shipped example file included). Other text (a note, a prompt, a name) may
+# be accepted as the text it is; what must never come back is a traceback or the generic error-id line.
+HOSTILE_TEXTS = {
+    "JSON list": "[1, 2, 3]", "JSON number": "42", "JSON string": '"a string"', "JSON null": "null",
+    "JSON true": "true", "empty mapping": "{}",
+    "huge int": "1" + "0" * 5000,
+    "huge int in a recipe": "name: x\nbase: bard\nmodels: {bard: m}\nslots: [" + "9" * 5000 + "]\n",
+    "huge layer": "name: x\nbase: bard\nmodels: {bard: m}\nslots: ['bard:" + "9" * 40 + "']\n",
+    "deep flow nesting": "[" * 5000 + "]" * 5000,
+    "deep JSON nesting": '{"a": ' * 3000 + "1" + "}" * 3000,
+    "deep block nesting": "".join(" " * i + "a:\n" for i in range(300)) + " " * 300 + "b\n",
+    "long text": "x" * 300_001,
+    "long line of YAML": "name: " + "n" * 150_000 + "\n",
+    "absolute path": "/etc/passwd", "relative path": "../../../../etc/passwd", "home path": "~/.ssh/id_rsa",
+    "file URL": "file:///etc/passwd", "a real recipe file": "assets/recipes/prose-code-token.yaml",
+    "a real folder": "assets/models/mango-bard", "Windows path": "C:\\Windows\\system32\\config",
+}
+
+
+def text_calls(models: dict) -> dict[str, tuple[tuple, set[int], set[int]]]:
+    """Per endpoint taking text: valid arguments, the positions of its text arguments, and which of those are
+    recipe text (that must refuse every hostile text)."""
+    y = recipe_doc({"bard": models["bard"], "coder": models["coder"]}, "hostile", "bard", ["bard:0", "bard:1"], None)
+    far = 10**6  # a version that does not exist: train and evaluate check their arguments and never start a run
+    return {
+        "/validate_recipe": ((y,), {0}, {0}), "/import_recipe": ((y,), {0}, {0}),
+        "/export_mergekit": ((y,), {0}, {0}), "/save_recipe": ((y, "note"), {0, 1}, {0}),
+        "/add_slot": ((y, "bard:2", -1), {0, 1}, {0}), "/add_expert": ((y, 0, "coder:1"), {0, 2}, {0}),
+        "/remove_slot": ((y, 0), {0}, {0}), "/remove_expert": ((y, 0, "bard:0"), {0, 2}, {0}),
+        "/move_slot": ((y, 0, 1), {0}, {0}), "/set_router": ((y, 0, "token", 1), {0, 2}, {0}),
+        "/duplicate_version": ((1, "copy"), {1}, set()), "/restore_recipe": ((1, "restored"), {1}, set()),
+        "/generate": ((1, "To be", 2), {1}, set()), "/generate_stream": ((1, "To be", 2), {1}, set()),
+        "/generate_source": ((1, "bard", "To be", 2), {1, 2}, set()),
+        "/inspect_model": ((models["bard"], "b2"), {0, 1}, set()),
+        "/train": ((far, ["prose"], 1, 1, 16, 0), {1}, set()),
+        "/evaluate": ((far, ["prose"], 0, 32, 64, False), {1}, set()),
+    }
+
+
+@pytest.mark.parametrize("api_name", sorted(text_calls({"bard": "b", "coder": "c"})))
+def test_hostile_text_gets_a_user_error(client, studio, api_name):
+    from gradio_client.exceptions import AppError
+
+    args, text_positions, recipe_positions = text_calls(studio.engine.embedded_models())[api_name]
+    problems, tried, refused = [], 0, 0
+    for position in sorted(text_positions):
+        for case, hostile in HOSTILE_TEXTS.items():
+            value = [hostile] if api_name in ("/train", "/evaluate") else hostile  # corpora: a list of names
+            call = [*args[:position], value, *args[position + 1:]]
+            tried += 1
+            try:
+                result = client.submit(*call, api_name=api_name).result(timeout=120)
+                error = result["error"] if api_name == "/validate_recipe" and not result["ok"] else None
+            except AppError as exc:
+                error = str(exc)
+            if error is None:
+                if position in recipe_positions:
+                    problems.append(f"argument {position}, {case}: accepted as a recipe: {str(result)[:200]}")
+                continue
+            refused += 1
+            try:
+                assert_for_people(error, (api_name, case))
+            except AssertionError:
+                problems.append(f"argument {position}, {case}: {error[:200]}")
+    print(f"{api_name}: {tried} hostile texts, {refused} refused with a user error, {len(problems)} problems")
+    assert not problems, "\n".join(problems)
+
+
 def test_the_server_keeps_serving_after_the_fuzzing(client, studio):
     """Runs after the fuzzing above (pytest keeps the order of a module), on the same server and database."""
     models = studio.engine.embedded_models()

@@ -87,12 +87,12 @@ def run(weights_dir: Path, reuse: bool, smoke: bool, max_tokens: int | None) -> 
         w = weights_dir / f"fused-{kind}.safetensors"
         if not reuse:
             t0 = time.perf_counter()
-            result = train(str(recipe_path), TRAIN, config, out=w, progress=True)
+            result = train(recipe_path, TRAIN, config, out=w, progress=True)
             print(f"{kind}: {result.metrics['steps']} steps in {time.perf_counter() - t0:.0f} s (wall, with init)")
             companion_paths(w)[2].unlink(missing_ok=True)  # optimizer state: for resuming, not shipped
         runs[kind] = json.loads(companion_paths(w)[1].read_text())
 
-    recipe = mol.Recipe.from_yaml(RECIPES["token"])
+    recipe = mol.Recipe.from_file(RECIPES["token"])
     trained = mol.build(recipe, device="cpu", dtype=torch.float32, weights=weights_dir / "fused-token.safetensors")
     tokens = tokenize_domains(trained.tokenizer, load_domains(TEST), max_tokens=max_tokens)
     report = evaluate(trained, tokens, sources=True, oracle=True, seq_len=SEQ_LEN)
@@ -129,7 +129,7 @@ def run(weights_dir: Path, reuse: bool, smoke: bool, max_tokens: int | None) -> 
     results["rows"].append(_row("trained token router", "token", fused, params,
                                 token_run["metrics"]["train_seconds"], token_run["hardware"], _mean_agreement(fused)))
     pooled_run = runs["pooled"]
-    pooled = mol.build(mol.Recipe.from_yaml(RECIPES["pooled"]), device="cpu", dtype=torch.float32,
+    pooled = mol.build(mol.Recipe.from_file(RECIPES["pooled"]), device="cpu", dtype=torch.float32,
                        weights=weights_dir / "fused-pooled.safetensors")
     pooled_scores = _scores(pooled, tokens, experts)
     results["rows"].append(_row("trained pooled router", "pooled", pooled_scores, params,

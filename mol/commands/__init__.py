@@ -6,18 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from mol.errors import RecipeError
 from mol.recipe import Recipe
 
 
 def load_recipe(arg: str) -> Recipe:
-    """A recipe from a YAML file (or '-' for standard input)."""
+    """A recipe from a YAML file (or '-' for standard input); a missing file, a folder or a file that is not
+    UTF-8 text is a one-line RecipeError."""
     if arg == "-":
         return Recipe.from_yaml(sys.stdin.read())
-    path = Path(arg)
-    if not path.exists():
-        raise RecipeError(f"Recipe file '{arg}' does not exist.")
-    return Recipe.from_yaml(path)
+    return Recipe.from_file(Path(arg))
 
 
 def add_allow_bin(parser) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mol.commands import load_recipe, print_json
+from mol.commands import argtypes, load_recipe, print_json
 from mol.errors import DataError
 
 
@@ -19,7 +19,11 @@ def register(sub) -> None:
                    help="standard: the source architecture (plain same-architecture stacks only); mol: "
                         "MoLForCausalLM; auto (default): standard whenever possible")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights")
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB, 2GB (default 5GB)")
+    p.add_argument("--shard-size", type=argtypes.size, default="5GB",
+                   help="largest safetensors shard, e.g. 500MB, 2GB (default 5GB)")
+    p.add_argument("--max-size", type=argtypes.size, default="64GiB",
+                   help="refuse, before writing, an export larger than this (default 64GiB; 0: no limit)")
+    p.add_argument("--allow-large", action="store_true", help="no size limit (as --max-size 0)")
     p.add_argument("--eval-json", help="JSON file {metric: value} to show in the model card")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -42,7 +46,8 @@ def run(args) -> int:
     from mol.export import export
 
     result = export(load_recipe(args.recipe), args.out, args.weights, format=args.format, dtype=args.dtype,
-                    max_shard_size=args.shard_size, overwrite=args.force, evaluation=read_evaluation(args.eval_json))
+                    max_shard_size=args.shard_size, overwrite=args.force, evaluation=read_evaluation(args.eval_json),
+                    max_size=None if args.allow_large or not args.max_size else args.max_size)
     if args.json:
         print_json(result.to_dict())
         return 0

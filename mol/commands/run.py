@@ -6,21 +6,21 @@ import sys
 
 import torch
 
-from mol.commands import add_allow_bin, load_recipe, print_json
+from mol.commands import add_allow_bin, argtypes, load_recipe, print_json
 from mol.errors import ResourceError
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="generate text with a recipe and summarise its routing")
     p.add_argument("recipe", help="recipe YAML file ('-' for stdin)")
-    p.add_argument("--prompt", "-p", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--prompt", "-p", required=True, type=argtypes.text, help="prompt text")
+    p.add_argument("--max-new-tokens", "-n", type=argtypes.integer(1, 4096), default=64, help="1 to 4096")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=argtypes.number(0, above=True), default=0.8)
+    p.add_argument("--top-p", type=argtypes.number(0, 1, above=True), default=0.95)
+    p.add_argument("--seed", type=argtypes.integer(0, 2**64 - 1), default=0)
     p.add_argument("--weights", help="trained adapters/routers (.safetensors) saved by `mol train`")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--device", type=argtypes.device, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the text and the full trace as JSON")
     add_allow_bin(p)
     p.set_defaults(func=run)
@@ -29,13 +29,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from mol.loading import build
 
-    if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
-        raise ResourceError("--max-new-tokens must be between 1 and 4096.")
     model = build(load_recipe(args.recipe), device=args.device, weights=args.weights, allow_bin=args.allow_bin)
     tok = model.tokenizer
     if tok is None:
         raise ResourceError("The base model has no tokenizer files; `mol run` needs them to read the prompt.")
     enc = tok(args.prompt, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    if n == 0:
+        raise ResourceError("The prompt gives no tokens; give some text.")
+    argtypes.check_context(model.plan, n + args.max_new_tokens, f"The prompt ({n} tokens) plus --max-new-tokens")
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     streamed: list[int] = []
 

@@ -1,7 +1,7 @@
 """Export: a fused model leaves Mango as a standard Hugging Face folder.
 
     from mol.export import export
-    result = export("recipe.yaml", "out/my-model", weights="trained.safetensors")
+    result = export(Path("recipe.yaml"), "out/my-model", weights="trained.safetensors")
     result.format   # "standard" (the source architecture) or "mol" (MoLForCausalLM + its code)
 
 A plain stack of blocks sharing one architecture is written as that architecture (loads with no Mango code, as
@@ -43,17 +43,22 @@ class ExportResult:
 
 def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = None, *, format: str = "auto",
            dtype: Any = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
-           evaluation: dict | list | None = None) -> ExportResult:
-    """Write a recipe (object, YAML path or text, Plan) or a built FusedModel to the folder `out`.
+           evaluation: dict | list | None = None, max_size: int | str | None = None) -> ExportResult:
+    """Write a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) or a built
+    FusedModel to the folder `out`.
 
     `weights`: trained adapters/routers (.safetensors from `mol train` / `save_trainable`); with a FusedModel,
     its own adapters and routers are exported (and `weights`, if given, replaces them). `format`: "auto" picks
     "standard" whenever the recipe allows it. `dtype`: output dtype of floating tensors (default: the
-    model's dtype, else the base checkpoint's). `evaluation`: {metric: value} shown in the model card."""
+    model's dtype, else the base checkpoint's). `evaluation`: {metric: value} shown in the model card.
+    `max_size` ("64GiB", bytes; None: no limit): refuse, before writing, an export larger than this.
+
+    The written folder must load with from_pretrained, every weight present and of the shape its config gives
+    (mol.export.verify): else nothing is left at `out` and a CheckpointError says which tensor is wrong."""
     import yaml
 
     from mol.errors import RecipeError
-    from mol.export import card, remote, standard
+    from mol.export import card, remote, standard, verify
     from mol.export.shards import parse_size, write_shards
     from mol.export.trainable import TrainableParts
 
@@ -61,6 +66,7 @@ def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = N
         raise RecipeError(f"Unknown export format '{format}'; use one of: {', '.join(FORMATS)}.")
     try:
         shard_bytes = parse_size(max_shard_size)
+        limit = parse_size(max_size, zero_ok=True) if max_size is not None else 0
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     the_plan, model = _resolve(recipe_or_model)
@@ -96,7 +102,9 @@ def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = N
             remote.remote_config(the_plan, out_dtype, recipe_dict).save_pretrained(str(folder))
             remote.copy_code(folder)
             layers = the_plan.cache_layers
+        _check_size(sum(e.nbytes for e in entries), limit, folder)
         shards = write_shards(folder, entries, shard_bytes)
+        verify.check_loadable(folder)  # still in staging: a folder that would not load never reaches `out`
         _copy_side_files(the_plan, folder)
         (folder / "mol_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         if fmt == "standard":
@@ -107,22 +115,37 @@ def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = N
     return ExportResult(out, fmt, shards, layers, dtype_name, blockers)
 
 
+def _check_size(total: int, limit: int, folder: Path) -> None:
+    from mol.errors import ResourceError, StorageError
+
+    if limit and total > limit:
+        raise ResourceError(f"The export would write {_human(total)}, over the limit of {_human(limit)} (max_size, "
+                            "--max-size); raise the limit, or lift it with --allow-large.")
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise StorageError(f"The export would write {_human(total)}, but only {_human(free)} is free there.")
+
+
+def _human(n: int) -> str:
+    unit = next(u for u in (3, 2, 1, 0) if n >= 2 ** (10 * u) or u == 0)
+    return f"{n / 2 ** (10 * unit):.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
+
+
 def _resolve(obj):
     """(Plan, FusedModel or None) from whatever the caller passed."""
     from mol.plan import Plan, plan
-    from mol.recipe import Recipe
+    from mol.recipe import Recipe, to_recipe
 
     if hasattr(obj, "trainable_state_dict") and hasattr(obj, "plan"):
         return obj.plan, obj
     if isinstance(obj, Plan):
         return obj, None
-    if isinstance(obj, (str, Path)):
-        obj = Recipe.from_yaml(obj)
-    if isinstance(obj, Recipe):
-        return plan(obj), None
+    if isinstance(obj, Recipe | Path | str):
+        return plan(to_recipe(obj)), None
     from mol.errors import RecipeError
 
-    raise RecipeError(f"export() takes a recipe, a YAML path, a Plan or a FusedModel, not {type(obj).__name__}.")
+    raise RecipeError(f"export() takes a Recipe, a Path to a recipe file, recipe YAML text, a Plan or a FusedModel, "
+                      f"not {type(obj).__name__}.")
 
 
 def _dtype(dtype, model, the_plan):
@@ -172,10 +195,10 @@ def _copy_side_files(the_plan, folder: Path) -> None:
     """Tokenizer and generation config of the base, as mergekit copies them from its donor model."""
     from mol.sources import TOKENIZER_FILES
 
-    src = the_plan.base.folder
     for name in (*TOKENIZER_FILES, *_EXTRA_FILES):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, folder / name)
+        path = the_plan.base.file(name)  # checked as every file read from a source is (regular; allowed if hosted)
+        if path is not None:
+            shutil.copyfile(path, folder / name)
 
 
 @contextmanager

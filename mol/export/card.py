@@ -27,8 +27,8 @@ def public_ref(src: ModelSource) -> str:
 
 def source_licence(src: ModelSource) -> str | None:
     """The licence a source's own model card declares (`license:` in its front matter), if it has one."""
-    readme = src.folder / "README.md"
-    if not readme.is_file():
+    readme = src.file("README.md")  # checked as every file read from a source is
+    if readme is None:
         return None
     try:
         m = _FRONT_MATTER.match(readme.read_text(encoding="utf-8", errors="replace"))

@@ -25,7 +25,17 @@ from typing import Any
 import yaml
 
 from mol.errors import RecipeError
-from mol.recipe import ExpertRef, Recipe, Slot
+from mol.recipe import (
+    MAX_LAYER,
+    MAX_SLOTS,
+    ExpertRef,
+    Recipe,
+    Slot,
+    _short,
+    parse_yaml,
+    read_text_file,
+    to_recipe,
+)
 
 _IGNORED_WITH_NOTE = {
     "tokenizer_source": "the tokenizer is the base's (fused models share one vocabulary)",
@@ -43,21 +53,14 @@ class MergekitImport:
 
 
 def _load(config: Any) -> tuple[Any, Path | None]:
+    """Text is text: a str is YAML, only a Path is read as a file."""
     if isinstance(config, dict):
         return config, None
-    source_dir = None
-    text = config
-    if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config
-                                    and config.strip().endswith((".yml", ".yaml"))):
-        path = Path(config)
-        if not path.is_file():
-            raise RecipeError(f"mergekit config '{path}' does not exist.")
-        text = path.read_text(encoding="utf-8")
-        source_dir = path.resolve().parent
-    try:
-        return yaml.safe_load(text), source_dir
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"The mergekit config is not valid YAML: {exc}.") from None
+    if isinstance(config, Path):
+        return parse_yaml(read_text_file(config, "mergekit config"), "mergekit config"), config.resolve().parent
+    if isinstance(config, str):
+        return parse_yaml(config, "mergekit config"), None
+    raise TypeError(f"import_mergekit takes YAML text, a Path or a dict, not {type(config).__name__}.")
 
 
 def _model_ref(raw: Any, where: str, notes: list[str] | None = None) -> str:
@@ -73,9 +76,9 @@ def _model_ref(raw: Any, where: str, notes: list[str] | None = None) -> str:
         else:
             raw = inner
     if not isinstance(raw, str) or not raw.strip():
-        raise RecipeError(f"{where}: 'model' must be a model path or Hub id, got {raw!r}.")
+        raise RecipeError(f"{where}: 'model' must be a model path or Hub id, got {_short(raw)}.")
     if "+" in raw:
-        raise RecipeError(f"{where}: '{raw}' applies a LoRA ('+'); merge the LoRA into the model first.")
+        raise RecipeError(f"{where}: '{_short(raw)}' applies a LoRA ('+'); merge the LoRA into the model first.")
     ref = raw.strip()
     if "@" in ref and "/" in ref.split("@", 1)[0]:
         ref, revision = ref.split("@", 1)
@@ -106,18 +109,19 @@ def _no_scaling(params: Any, where: str) -> None:
     for key, value in params.items():
         if key == "scale" and value in (1, 1.0):
             continue
-        raise RecipeError(f"{where}: parameter '{key}' ({value!r}) changes the weights; a Mango recipe stacks "
+        raise RecipeError(f"{where}: parameter '{_short(key)}' ({_short(value)}) changes the weights; a Mango recipe stacks "
                           "blocks unchanged, so only plain passthrough slices can be imported.")
 
 
 def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
-    """A Mango recipe from a mergekit passthrough config (YAML path, YAML text or dict)."""
+    """A Mango recipe from a mergekit passthrough config: YAML text (a str, never taken for a path), a Path to
+    a YAML file, or a dict."""
     data, source_dir = _load(config)
     if not isinstance(data, dict):
         raise RecipeError("A mergekit config is a mapping with 'slices' and 'merge_method'.")
     method = data.get("merge_method")
     if method != "passthrough":
-        raise RecipeError(f"merge_method is {method!r}: only mergekit's 'passthrough' stacks layers unchanged, "
+        raise RecipeError(f"merge_method is {_short(method)}: only mergekit's 'passthrough' stacks layers unchanged, "
                           "which is what a Mango recipe expresses; averaging methods (linear, slerp, ties, ...) "
                           "cannot be imported.")
     if data.get("models") or data.get("modules"):
@@ -146,11 +150,14 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
         lr = src.get("layer_range")
         if (not isinstance(lr, list | tuple) or len(lr) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise RecipeError(f"{where}.sources[0].layer_range must be [start, end] (end exclusive), got {lr!r}.")
+            raise RecipeError(f"{where}.sources[0].layer_range must be [start, end] (end exclusive), got {_short(lr)}.")
         start, end = lr
         if start < 0 or end <= start:
-            raise RecipeError(f"{where}: layer_range [{start}, {end}] is empty or negative; the end is exclusive, "
-                              f"so [{start}, {start + 1}] is the single layer {start}.")
+            raise RecipeError(f"{where}: layer_range [{_short(start)}, {_short(end)}] is empty or negative; the end "
+                              "is exclusive, so [n, n + 1] is the single layer n.")
+        if end > MAX_LAYER or len(layers) + end - start > MAX_SLOTS:  # before range() builds the list
+            raise RecipeError(f"{where}: layer_range ends past layer {MAX_LAYER:,}, or the import has more than "
+                              f"{MAX_SLOTS} layers.")
         if ref not in aliases:
             aliases[ref] = _alias_for(ref, taken)
         layers.extend((aliases[ref], layer) for layer in range(start, end))
@@ -171,20 +178,21 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
             notes.append(f"'{key}' is ignored: {why}.")
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
-        notes.append(f"dtype {dtype}: pass --dtype {dtype} to `mol export` to write the same precision.")
-    unknown = sorted(set(data) - {"slices", "merge_method", "base_model", "dtype", "out_dtype", "parameters",
-                                  *_IGNORED_WITH_NOTE})
+        notes.append(f"dtype {_short(dtype)}: pass --dtype {_short(dtype)} to `mol export` to write the same "
+                     "precision.")
+    known = {"slices", "merge_method", "base_model", "dtype", "out_dtype", "parameters", *_IGNORED_WITH_NOTE}
+    unknown = sorted(_short(k) for k in data if k not in known)  # keys may be any YAML value
     if unknown:
         notes.append(f"unknown key(s) ignored: {', '.join(unknown)}.")
 
     recipe = Recipe(
-        name=name or data.get("name") or "mergekit-import",
+        name=name or (data["name"] if isinstance(data.get("name"), str) else "") or "mergekit-import",
         base=aliases[first_ref],
         models={alias: ref for ref, alias in aliases.items()},
         slots=[Slot((ExpertRef(alias, layer),)) for alias, layer in layers],
         source_dir=source_dir,
     )
-    return MergekitImport(recipe, notes, str(dtype) if dtype else None)
+    return MergekitImport(recipe, notes, _short(dtype) if dtype else None)
 
 
 def mergekit_blockers(the_plan, weights=None) -> list[str]:
@@ -210,16 +218,15 @@ def mergekit_blockers(the_plan, weights=None) -> list[str]:
 
 
 def export_mergekit(recipe_or_plan: Any, dtype: Any = None, weights=None, public: bool = True) -> str:
-    """The mergekit passthrough config of a recipe, or RecipeError saying why there is none.
+    """The mergekit passthrough config of a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a
+    str is never a path), or RecipeError saying why there is none.
 
     `public`: name local models by their relative path or folder name (as in exported folders) rather than
     the absolute path the recipe may hold."""
     from mol.export.card import public_ref
     from mol.plan import Plan, plan
 
-    if isinstance(recipe_or_plan, (str, Path)):
-        recipe_or_plan = Recipe.from_yaml(recipe_or_plan)
-    the_plan = recipe_or_plan if isinstance(recipe_or_plan, Plan) else plan(recipe_or_plan)
+    the_plan = recipe_or_plan if isinstance(recipe_or_plan, Plan) else plan(to_recipe(recipe_or_plan))
     reasons = mergekit_blockers(the_plan, weights)
     if reasons:
         raise RecipeError("This recipe has no mergekit passthrough equivalent: " + " ".join(reasons))

@@ -63,10 +63,10 @@ def remote_config(the_plan: Plan, dtype: torch.dtype, recipe_dict: dict):
 def remote_entries(the_plan: Plan, parts: TrainableParts, dtype: torch.dtype | None) -> list[TensorEntry]:
     """What the runtime's loader reads, under the fused model's own names: each module is built on the meta
     device to learn its tensor names, exactly as `mol.build` does."""
-    from mol.loading import _shell, _source_config
+    from mol import layout
 
     base = the_plan.base
-    shells = {a: _shell(s) for a, s in the_plan.sources.items()}
+    shells = {a: layout.shell(s) for a, s in the_plan.sources.items()}
     entries: list[TensorEntry] = []
 
     def add(src: ModelSource, module: torch.nn.Module, file_prefix: str, out_prefix: str) -> None:
@@ -94,7 +94,7 @@ def remote_entries(the_plan: Plan, parts: TrainableParts, dtype: torch.dtype | N
         add(base, head, head_file, "head")
 
     layer_classes = {a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()}
-    configs = {a: _source_config(s) for a, s in the_plan.sources.items()}
+    configs = {a: layout.source_config(s) for a, s in the_plan.sources.items()}
     for sp in the_plan.slots:
         for j, e in enumerate(sp.experts):
             src = the_plan.sources[e.alias]

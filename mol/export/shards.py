@@ -78,20 +78,22 @@ def _pickle_dtype(name: str) -> torch.dtype:
     return dt
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes from 5000000, "500MB", "2GB", "1.5GiB"."""
+def parse_size(value: int | str, zero_ok: bool = False) -> int:
+    """Bytes from 5000000, "500MB", "2GB", "1.5GiB" (0 only with `zero_ok`)."""
     if isinstance(value, int):
-        return value
-    text = str(value).strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    unit = next((u for u in units if text.endswith(u)), "")
-    number, scale = (text[: -len(unit)], units[unit]) if unit else (text, 1)
-    try:
-        size = int(float(number) * scale)
-    except ValueError:
-        raise ValueError(f"'{value}' is not a size; write e.g. 500MB or 2GB.") from None
-    if size <= 0:
-        raise ValueError(f"Shard size must be positive, got '{value}'.")
+        size = value
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                 "TB": 10**12, "B": 1}
+        unit = next((u for u in units if text.endswith(u)), "")
+        number, scale = (text[: -len(unit)], units[unit]) if unit else (text, 1)
+        try:
+            size = int(float(number) * scale)
+        except (ValueError, OverflowError):  # OverflowError: inf
+            raise ValueError(f"'{value}' is not a size; write e.g. 500MB or 2GB.") from None
+    if size < 0 or (size == 0 and not zero_ok):
+        raise ValueError(f"A size must be positive, got '{value}'.")
     return size
 
 

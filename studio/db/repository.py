@@ -6,7 +6,8 @@ locked or busy, so concurrent writers (threads or processes) never see "database
 
 Nothing a user saved is overwritten: a recipe edit appends a version, delete only sets `deleted_at`, restore
 clears it. `save_version` on top of a superseded version stores the new version and then raises
-`VersionConflictError` (a `mol.errors.ConflictError`) naming it."""
+`VersionConflictError` (a `mol.errors.ConflictError`) naming it. `save_by_name` is the studio's save: find (or
+create) the live recipe of a name and append, in one transaction, so concurrent first saves of a name all land."""
 
 from __future__ import annotations
 
@@ -354,24 +355,51 @@ class Repository:
         was based on, and then `VersionConflictError` is raised carrying `.version` / `.version_id` (the one
         just saved), `.based_on` and `.latest`."""
         yaml_text, note = _check_yaml(yaml_text), _check_note(note)
-
-        def fn(s: Session) -> tuple[VersionInfo, int]:
-            recipe = self._recipe(s, recipe_id)
-            if recipe.deleted_at is not None:
-                raise StorageError(f"Recipe {recipe.name!r} is deleted; restore it before saving a new version.")
-            latest = self._latest_number(s, recipe_id)
-            based_on = latest if parent_version is None else parent_version
-            parent = s.scalar(select(RecipeVersion).where(
-                RecipeVersion.recipe_id == recipe_id, RecipeVersion.number == based_on))
-            if parent is None and latest:
-                raise NotFoundError(f"Recipe {recipe.name!r} has no version {based_on}.")
-            version = self._append_version(s, recipe, yaml_text, note, parent.id if parent else None)
-            return _version_info(version, recipe.name), latest
-
-        info, latest = self._write(fn)
+        info, latest = self._write(lambda s: self._append_edit(s, self._recipe(s, recipe_id), yaml_text, note,
+                                                                parent_version))
         if parent_version is not None and parent_version != latest:
             raise VersionConflictError(recipe_id, info.number, info.id, parent_version, latest)
         return info
+
+    def save_by_name(self, name: str, yaml_text: str, note: str = "",
+                     based_on: tuple[int, int] | None = None) -> VersionInfo:
+        """Append a version to the live recipe called `name`, creating the recipe (as version 1) if there is
+        none: one write transaction, so clients saving a new name at once all get a version of one recipe.
+
+        `based_on` is (recipe id, version number) the edit started from; it counts only when that recipe is the
+        one found (else the edit is taken as based on the latest). A superseded base raises
+        `VersionConflictError` after saving, as `save_version` does."""
+        name, yaml_text, note = _check_name(name), _check_yaml(yaml_text), _check_note(note)
+
+        def fn(s: Session) -> tuple[VersionInfo, int, int | None]:
+            recipe = s.scalar(select(Recipe).where(Recipe.name == name, Recipe.deleted_at.is_(None)))
+            if recipe is None:
+                recipe = Recipe(name=name, created_at=utcnow())
+                s.add(recipe)
+                s.flush()
+                return _version_info(self._append_version(s, recipe, yaml_text, note, None), name), 0, None
+            parent = based_on[1] if based_on is not None and based_on[0] == recipe.id else None
+            return (*self._append_edit(s, recipe, yaml_text, note, parent), parent)
+
+        info, latest, parent = self._write(fn)
+        if parent is not None and parent != latest:
+            raise VersionConflictError(info.recipe_id, info.number, info.id, parent, latest)
+        return info
+
+    def _append_edit(self, s: Session, recipe: Recipe, yaml_text: str, note: str,
+                     parent_version: int | None) -> tuple[VersionInfo, int]:
+        """Append a version to a live recipe, its parent being version `parent_version` (None: the latest).
+        Returns it and the number that was latest before it."""
+        if recipe.deleted_at is not None:
+            raise StorageError(f"Recipe {recipe.name!r} is deleted; restore it before saving a new version.")
+        latest = self._latest_number(s, recipe.id)
+        based_on = latest if parent_version is None else parent_version
+        parent = s.scalar(select(RecipeVersion).where(
+            RecipeVersion.recipe_id == recipe.id, RecipeVersion.number == based_on))
+        if parent is None and latest:
+            raise NotFoundError(f"Recipe {recipe.name!r} has no version {based_on}.")
+        version = self._append_version(s, recipe, yaml_text, note, parent.id if parent else None)
+        return _version_info(version, recipe.name), latest
 
     def rename_recipe(self, recipe_id: int, name: str) -> RecipeInfo:
         name = _check_name(name)

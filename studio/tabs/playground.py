@@ -13,7 +13,7 @@ import gradio as gr
 
 from mol.errors import RecipeError
 from studio import figures
-from studio.engine import StudioEngine, clamp_settings, gpu_task
+from studio.engine import StudioEngine, clamp_settings, gpu_task, load_text
 from studio.errors import record_id, whole
 from studio.errors import text as text_arg
 from studio.tabs.common import api_errors, api_errors_stream, fmt_time, message_html, user_message
@@ -137,8 +137,8 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             gate = engine.gate.snapshot()
             busy = gate["running"] >= gate["capacity"]
-            yield "", keep, keep, message_html(f"Waiting for a turn ({gate['running']} running, {gate['waiting']} "
-                                               "waiting)…" if busy else "Loading the model…"), keep, keep
+            yield "", keep, keep, message_html(f"Waiting for a turn: {load_text(gate['running'], gate['waiting'])}…"
+                                               if busy else "Loading the model…"), keep, keep
             n, finished = 0, False
             for update in engine.run_prompt(version_id, prompt_v, settings_of(*sampling_v), stop_event,
                                             weights_id or None):

@@ -15,6 +15,7 @@ import gradio as gr
 from mol.errors import RecipeError
 from mol.export.mergekit import export_mergekit
 from mol.hosted import current_policy
+from studio.db import VersionConflictError
 from studio.engine import PlanReport, StudioEngine
 from studio.errors import flag, recipe_text, record_id, whole
 from studio.errors import text as text_arg
@@ -121,20 +122,13 @@ def save_recipe(engine: StudioEngine, yaml_text: str, note: str = "", based_on: 
     a warning when someone saved the same recipe meanwhile (both versions are kept)."""
     recipe = engine.recipe_from_yaml(checked_yaml(yaml_text))
     note = text_arg(note, "The version note", 100_000)
-    if not isinstance(based_on, dict):
-        based_on = None
-    text = recipe.to_yaml()
-    repo = engine.repo
-    existing = repo.find_recipe(recipe.name)
-    if existing is None:
-        return repo.create_recipe(recipe.name, text, note), None
-    parent = based_on.get("version") if based_on and based_on.get("recipe_id") == existing.id else None
-    from studio.db import VersionConflictError
-
-    try:
-        return repo.save_version(existing.id, text, note, parent_version=parent), None
+    base = None  # the version the board was opened from (the tab's own state), if any
+    if isinstance(based_on, dict) and all(isinstance(based_on.get(k), int) for k in ("recipe_id", "version")):
+        base = (based_on["recipe_id"], based_on["version"])
+    try:  # find-or-create and append in one transaction: parallel first saves of a name all land in one recipe
+        return engine.repo.save_by_name(recipe.name, recipe.to_yaml(), note, based_on=base), None
     except VersionConflictError as exc:
-        return repo.get_version(existing.id, exc.version), str(exc)
+        return engine.repo.get_version(exc.recipe_id, exc.version), str(exc)
 
 
 def version_rows(engine: StudioEngine, include_deleted: bool = False) -> list[list]:

@@ -16,7 +16,7 @@ import yaml
 
 from mol.errors import RecipeError
 from mol.export.mergekit import import_mergekit
-from mol.recipe import Recipe
+from mol.recipe import Recipe, parse_yaml
 
 DEFAULT_ROUTER = {"type": "token", "top_k": 1}
 _FALLBACK_COLORS = ("#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d")
@@ -178,10 +178,7 @@ def slots_of(recipe: Recipe) -> list[dict]:
 def parse_recipe_text(text: str) -> tuple[Recipe, list[str]]:
     """A recipe from YAML text: Mango's own format, or mergekit's passthrough format (`slices:` with
     `layer_range`), with notes on what a mergekit import does differently. Raises `RecipeError`."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return Recipe.from_yaml(text), []  # re-raises with Mango's message (line, column, problem)
+    data = parse_yaml(text)  # text only, never a path; one-line RecipeError for bad YAML, deep nesting, huge numbers
     if isinstance(data, dict) and "slices" in data:
         imported = import_mergekit(data)
         return imported.recipe, imported.notes

@@ -22,8 +22,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARD = "64MB"
-SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-             num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=False)
+SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def make_source(folder: Path) -> dict:
@@ -38,7 +46,7 @@ def make_source(folder: Path) -> dict:
     return {"parameters": params, "bytes": params * 4, "largest_tensor_bytes": largest, "config": SHAPE}
 
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -89,12 +97,16 @@ print(json.dumps({"scenario": scenario, "format": fmt, "seconds": round(seconds,
                   "peak_rss": status("VmHWM"), "peak_reset_after_imports": reset,
                   "shards": len(shards), "largest_shard_bytes": max(s["bytes"] for s in shards),
                   "written_bytes": sum(s["bytes"] for s in shards)}))
-'''
+"""
 
 
 def run_child(scenario: str, source: Path, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO), scenario, str(source), str(out), SHARD],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO), scenario, str(source), str(out), SHARD],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-4000:])
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,14 +125,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = make_source(tmp / "source")
-        rows = [run_child(s, tmp / "source", tmp / s) for s in ("upscaled", "upscaled-bf16", "routed", "load-then-save")]
+        rows = [
+            run_child(s, tmp / "source", tmp / s)
+            for s in ("upscaled", "upscaled-bf16", "routed", "load-then-save")
+        ]
     result = {
         "what": "peak host memory of an export vs. the largest shard written",
         "source_model": source,
         "shard_limit": SHARD,
         "results": rows,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "system": platform.system()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "system": platform.system(),
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     (HERE / "export_memory.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -135,8 +155,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['format']} | {mib(r['written_bytes'])} | {r['shards']} | "
-                     f"{mib(r['largest_shard_bytes'])} | {mib(r['peak_over_baseline'])} | {r['seconds']} |")
+        lines.append(
+            f"| {r['scenario']} | {r['format']} | {mib(r['written_bytes'])} | {r['shards']} | "
+            f"{mib(r['largest_shard_bytes'])} | {mib(r['peak_over_baseline'])} | {r['seconds']} |"
+        )
     lines += [
         "",
         "`upscaled`: slots m:0-7 + m:4-11 (20 layers, standard Llama); `-bf16`: cast to bfloat16 while copying. `routed`: a token-routed slot between two "

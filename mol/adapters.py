@@ -75,7 +75,9 @@ class BottleneckAdapter(nn.Module):
         self.into_up = nn.Linear(r_in, block_width, bias=False)
         self.out_down = nn.Linear(block_width, r_out, bias=False)
         self.out_up = nn.Linear(r_out, base_width, bias=False)
-        nn.init.zeros_(self.into_up.weight)  # the correction starts at zero: the adapter starts as its base map
+        nn.init.zeros_(
+            self.into_up.weight
+        )  # the correction starts at zero: the adapter starts as its base map
         nn.init.zeros_(self.out_up.weight)
 
     def into(self, h: torch.Tensor) -> torch.Tensor:

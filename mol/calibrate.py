@@ -26,10 +26,12 @@ def _encode(model: FusedModel, texts: list[str], max_tokens: int) -> tuple[torch
         if len(ids) >= max_tokens:
             break
     if len(ids) < 16:
-        raise DataError(f"Calibration text gives {len(ids)} tokens; give at least a few hundred tokens of text.")
+        raise DataError(
+            f"Calibration text gives {len(ids)} tokens; give at least a few hundred tokens of text."
+        )
     ids = ids[:max_tokens]
     seq = min(256, len(ids))
-    rows = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
+    rows = [ids[i : i + seq] for i in range(0, len(ids) - seq + 1, seq)]
     x = torch.tensor(rows)
     return x, torch.ones_like(x)
 
@@ -40,7 +42,9 @@ def _source_hidden_states(model: FusedModel, alias: str, input_ids: torch.Tensor
     from transformers import AutoModelForCausalLM
 
     src = model.plan.sources[alias]
-    ref = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32, attn_implementation="sdpa")
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(src.folder), dtype=torch.float32, attn_implementation="sdpa"
+    )
     ref.eval()
     out = ref(input_ids, output_hidden_states=True)
     hidden = [h.float() for h in out.hidden_states[:-1]]  # [i] enters layer i
@@ -78,7 +82,9 @@ def calibrate(model: FusedModel, texts: list[str] | str, max_tokens: int = 512) 
             e.adapter.float().fit(h_base, h_block)
             e.adapter.to(model.dtype)
             pred = e.adapter.into(h_base.to(model.dtype)).float()
-            report[f"slot {slot.index} {e.name}"] = float((pred - h_block).norm() / h_block.norm().clamp(min=1e-9))
+            report[f"slot {slot.index} {e.name}"] = float(
+                (pred - h_block).norm() / h_block.norm().clamp(min=1e-9)
+            )
 
     was_training = model.training
     model.eval()

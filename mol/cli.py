@@ -53,7 +53,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def _add_plugin(sub, ep) -> None:
     try:
         ep.load()(sub)
-    except ImportError as exc:  # installed without its extra: this command alone fails, saying what to install
+    except (
+        ImportError
+    ) as exc:  # installed without its extra: this command alone fails, saying what to install
         if ep.name in sub.choices:
             return
         hint, reason = _install_hint(ep, exc.name), str(exc)
@@ -61,8 +63,10 @@ def _add_plugin(sub, ep) -> None:
         p.add_argument("args", nargs=argparse.REMAINDER)
 
         def unavailable(args) -> int:
-            raise MolError(f"`mol {ep.name}` needs packages this installation lacks ({reason}); install them with: "
-                           f"{hint}")
+            raise MolError(
+                f"`mol {ep.name}` needs packages this installation lacks ({reason}); install them with: "
+                f"{hint}"
+            )
 
         p.set_defaults(func=unavailable)
 
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except MolError as exc:

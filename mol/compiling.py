@@ -32,8 +32,9 @@ def _raise_recompile_limit() -> None:
             setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
 
 
-def compile_network(model: FusedModel, backend: str = "inductor", mode: str | None = None,
-                    dynamic: bool | None = None) -> FusedModel:
+def compile_network(
+    model: FusedModel, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None
+) -> FusedModel:
     """Compile one step's whole network (embeddings, every slot with its adapters and router, final norm and
     head) in place. The graph breaks only where a routed slot asks the host how many tokens each expert got,
     so a step is a handful of graphs rather than one per block: far less host work per step than
@@ -52,8 +53,13 @@ def uncompile_network(model: FusedModel) -> FusedModel:
     return model
 
 
-def compile_blocks(model: FusedModel, backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = None, routers: bool = False) -> FusedModel:
+def compile_blocks(
+    model: FusedModel,
+    backend: str = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = None,
+    routers: bool = False,
+) -> FusedModel:
     """Compile every expert block's source layer (and, with `routers`, every router) in place (torch.compile).
     Returns the model. Idempotent."""
     _raise_recompile_limit()

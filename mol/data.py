@@ -21,8 +21,28 @@ import torch
 
 from mol.errors import DataError
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".js", ".ts", ".c", ".h", ".cpp", ".java", ".go", ".rs", ".json",
-                   ".yaml", ".yml", ".toml", ".html", ".css", ".sh", ".tex")
+TEXT_EXTENSIONS = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".js",
+    ".ts",
+    ".c",
+    ".h",
+    ".cpp",
+    ".java",
+    ".go",
+    ".rs",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".html",
+    ".css",
+    ".sh",
+    ".tex",
+)
 NO_LABEL = -1
 
 
@@ -77,8 +97,11 @@ def _files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS
-                       and not p.name.endswith(".spans.json"))
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS and not p.name.endswith(".spans.json")
+        )
         if not found:
             raise DataError(f"Folder '{path}' has no text files ({', '.join(TEXT_EXTENSIONS[:5])}, ...).")
         return found
@@ -93,7 +116,9 @@ def _read_spans(path: Path, text_length: int) -> list[tuple[int, int, str]] | No
         raw = json.loads(sidecar.read_text(encoding="utf-8"))["spans"]
         spans = [(int(a), int(b), str(label)) for a, b, label in raw]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"'{sidecar}' is not a spans file ({{\"spans\": [[start, end, label], ...]}}): {exc}.") from None
+        raise DataError(
+            f"'{sidecar}' is not a spans file ({{\"spans\": [[start, end, label], ...]}}): {exc}."
+        ) from None
     if any(not 0 <= a <= b <= text_length for a, b, _ in spans):
         raise DataError(f"'{sidecar}' has spans outside its text ({text_length} characters).")
     return spans
@@ -109,7 +134,9 @@ def read_documents(paths: Iterable[str | Path]) -> list[Document]:
                 raise DataError(f"'{path}' is not UTF-8 text.") from None
             except OSError as exc:
                 raise DataError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
-            if "\x00" in text:  # valid UTF-8 but binary (an image, a checkpoint): no tokenizer makes sense of it
+            if (
+                "\x00" in text
+            ):  # valid UTF-8 but binary (an image, a checkpoint): no tokenizer makes sense of it
                 raise DataError(f"'{path}' is binary (it holds NUL bytes), not text.")
             if text.strip():
                 docs.append(Document(path, text, _read_spans(path, len(text))))
@@ -119,14 +146,18 @@ def read_documents(paths: Iterable[str | Path]) -> list[Document]:
 def load_domains(spec: Mapping[str, Iterable[str | Path]] | Iterable[str]) -> list[Domain]:
     """Read every domain: a mapping name -> paths, or `--data` strings ('name=path[,path]')."""
     if isinstance(spec, Mapping):
-        items = [(str(k), [Path(p) for p in ([v] if isinstance(v, str | Path) else v)]) for k, v in spec.items()]
+        items = [
+            (str(k), [Path(p) for p in ([v] if isinstance(v, str | Path) else v)]) for k, v in spec.items()
+        ]
     else:
         items = [parse_data_arg(s) for s in spec]
     if not items:
         raise DataError("No data given; pass at least one --data name=path.")
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
-        raise DataError(f"Domain names must be distinct, got {', '.join(names)}; list several paths as name=a,b.")
+        raise DataError(
+            f"Domain names must be distinct, got {', '.join(names)}; list several paths as name=a,b."
+        )
     domains = []
     for name, paths in items:
         docs = read_documents(paths)
@@ -141,11 +172,15 @@ def _encode(tokenizer, text: str, with_offsets: bool):
     return enc["input_ids"], enc.get("offset_mapping")
 
 
-def tokenize_domains(tokenizer, domains: list[Domain], max_tokens: int | None = None) -> dict[str, DomainTokens]:
+def tokenize_domains(
+    tokenizer, domains: list[Domain], max_tokens: int | None = None
+) -> dict[str, DomainTokens]:
     """Each domain as one stream (documents separated by end-of-text), all sharing one label vocabulary:
     domain names, then span labels in order of appearance. `max_tokens` caps each stream."""
     if tokenizer is None:
-        raise DataError("The base model has no tokenizer files; training and evaluation need them to read text.")
+        raise DataError(
+            "The base model has no tokenizer files; training and evaluation need them to read text."
+        )
     eos = tokenizer.eos_token_id
     names: list[str] = []
     for d in domains:
@@ -177,8 +212,9 @@ def tokenize_domains(tokenizer, domains: list[Domain], max_tokens: int | None = 
             ids, labels = ids[:max_tokens], labels[:max_tokens]
         if len(ids) < 2:
             raise DataError(f"Domain '{d.name}' gives {len(ids)} tokens; give at least a few hundred.")
-        out[d.name] = DomainTokens(d.name, torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-                                   names)
+        out[d.name] = DomainTokens(
+            d.name, torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), names
+        )
     return out
 
 
@@ -221,8 +257,15 @@ class TrainBatches:
     With `mixed_share` > 0, that share of rows interleaves chunks of about `chunk` tokens from alternating
     domains (as in a mixed test set), so a token router also learns to switch inside a sequence."""
 
-    def __init__(self, tokens: Mapping[str, DomainTokens], seq_len: int, batch_size: int, seed: int = 0,
-                 mixed_share: float = 0.0, chunk: int = 256):
+    def __init__(
+        self,
+        tokens: Mapping[str, DomainTokens],
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        mixed_share: float = 0.0,
+        chunk: int = 256,
+    ):
         self.domains = list(tokens.values())
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.mixed_share, self.chunk = mixed_share, max(1, chunk)
@@ -230,12 +273,14 @@ class TrainBatches:
             raise DataError("No training data.")
         for d in self.domains:
             if len(d) < seq_len + 1:
-                raise DataError(f"Domain '{d.name}' has {len(d)} tokens, fewer than one sequence of {seq_len}; "
-                                "give more text or a shorter --seq-len.")
+                raise DataError(
+                    f"Domain '{d.name}' has {len(d)} tokens, fewer than one sequence of {seq_len}; "
+                    "give more text or a shorter --seq-len."
+                )
 
     def _piece(self, d: DomainTokens, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         start = int(torch.randint(0, len(d) - length + 1, (1,), generator=gen))
-        return d.ids[start:start + length], d.labels[start:start + length]
+        return d.ids[start : start + length], d.labels[start : start + length]
 
     def _mixed_row(self, first: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels, filled, k = [], [], 0, first
@@ -255,7 +300,11 @@ class TrainBatches:
         rows_ids, rows_labels = [], []
         for r in range(self.batch_size):
             first = step * self.batch_size + r
-            mixed = self.mixed_share > 0 and len(self.domains) > 1 and float(torch.rand(1, generator=gen)) < self.mixed_share
+            mixed = (
+                self.mixed_share > 0
+                and len(self.domains) > 1
+                and float(torch.rand(1, generator=gen)) < self.mixed_share
+            )
             if mixed:
                 ids, labels = self._mixed_row(first, gen)
             else:

@@ -49,7 +49,9 @@ def rank_gpus(spread: bool = False) -> list[int]:
     local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     count = torch.cuda.device_count()
     if count < local_world:
-        raise ResourceError(f"{local_world} processes per node, but {count} GPU(s) visible: start at most one per GPU.")
+        raise ResourceError(
+            f"{local_world} processes per node, but {count} GPU(s) visible: start at most one per GPU."
+        )
     per = count // local_world if spread else 1
     return list(range(local * per, (local + 1) * per))
 
@@ -91,13 +93,17 @@ def rank_device(device: str | None) -> str | None:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def rank_rows(batch: torch.Tensor) -> torch.Tensor:
     """This rank's consecutive block of a global batch's rows."""
     n = batch.shape[0] // world_size()
-    return batch[rank() * n:(rank() + 1) * n]
+    return batch[rank() * n : (rank() + 1) * n]
 
 
 def rank_items(count: int) -> range:
@@ -131,10 +137,12 @@ def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         return
     comm = _comm_device()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(comm, torch.float32) for g in grads]
-                     + [torch.tensor([float(p.grad is not None) for p in params], device=comm)])
+    flat = torch.cat(
+        [g.reshape(-1).to(comm, torch.float32) for g in grads]
+        + [torch.tensor([float(p.grad is not None) for p in params], device=comm)]
+    )
     dist.all_reduce(flat)
-    summed, have = flat[:-len(params)].split([p.numel() for p in params]), flat[-len(params):].tolist()
+    summed, have = flat[: -len(params)].split([p.numel() for p in params]), flat[-len(params) :].tolist()
     for p, g, h in zip(params, summed, have, strict=True):
         p.grad = g.view_as(p).to(p.device, p.dtype) if h else None
 
@@ -159,15 +167,22 @@ def memory_per_rank(plan, world: int) -> dict[str, int]:
     """Bytes each of `world` data-parallel ranks holds: a whole replica (frozen weights), and the trainable parts
     three more times over (gradients, AdamW's two moments). Activations come on top, with the per-rank batch."""
     mem = plan.memory_estimate()
-    return {"world_size": world, "weights": mem["weights"], "trainable": mem["trainable"],
-            "training_state": 3 * mem["trainable"], "total": mem["weights"] + 4 * mem["trainable"]}
+    return {
+        "world_size": world,
+        "weights": mem["weights"],
+        "trainable": mem["trainable"],
+        "training_state": 3 * mem["trainable"],
+        "total": mem["weights"] + 4 * mem["trainable"],
+    }
 
 
 def memory_line(plan, world: int) -> str:
     from mol.plan import _fmt_bytes
 
     m = memory_per_rank(plan, world)
-    return (f"Data parallel over {world} ranks: each rank holds the whole model, {_fmt_bytes(m['weights'])} of weights "
-            f"+ {_fmt_bytes(m['trainable'])} trainable and {_fmt_bytes(m['training_state'])} of gradients and AdamW "
-            f"moments = {_fmt_bytes(m['total'])} (fp32; `mol train --device-map auto` spreads it over the rank's "
-            "GPUs).")
+    return (
+        f"Data parallel over {world} ranks: each rank holds the whole model, {_fmt_bytes(m['weights'])} of weights "
+        f"+ {_fmt_bytes(m['trainable'])} trainable and {_fmt_bytes(m['training_state'])} of gradients and AdamW "
+        f"moments = {_fmt_bytes(m['total'])} (fp32; `mol train --device-map auto` spreads it over the rank's "
+        "GPUs)."
+    )

@@ -61,8 +61,13 @@ class EvalReport:
         return next(r for r in self.rows if r.name == name)
 
     def to_dict(self) -> dict:
-        return {"recipe": self.recipe, "weights": self.weights, "seq_len": self.seq_len,
-                "domain_experts": self.domain_experts, "rows": [asdict(r) for r in self.rows]}
+        return {
+            "recipe": self.recipe,
+            "weights": self.weights,
+            "seq_len": self.seq_len,
+            "domain_experts": self.domain_experts,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     def csv_rows(self) -> list[dict]:
         """Long format: one row per (model, domain, metric[, slot, expert])."""
@@ -70,7 +75,9 @@ class EvalReport:
         for r in self.rows:
             for dom, res in r.domains.items():
                 base = {"model": r.name, "kind": r.kind, "domain": dom}
-                out.append({**base, "metric": "perplexity", "slot": "", "expert": "", "value": res.perplexity})
+                out.append(
+                    {**base, "metric": "perplexity", "slot": "", "expert": "", "value": res.perplexity}
+                )
                 out.append({**base, "metric": "loss", "slot": "", "expert": "", "value": res.loss})
                 out.append({**base, "metric": "tokens", "slot": "", "expert": "", "value": res.tokens})
                 for slot, share in res.agreement.items():
@@ -87,15 +94,19 @@ class EvalReport:
         if csv_path is not None:
             Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
             with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=["model", "kind", "domain", "metric", "slot", "expert", "value"])
+                writer = csv.DictWriter(
+                    fh, fieldnames=["model", "kind", "domain", "metric", "slot", "expert", "value"]
+                )
                 writer.writeheader()
                 writer.writerows(self.csv_rows())
 
     def table(self) -> str:
         """Perplexity per domain (rows: models), then agreement and load per routed slot of the routed rows."""
         domains = list(self.rows[0].domains) if self.rows else []
-        lines = ["| model | " + " | ".join(domains) + " | trainable params |",
-                 "|---|" + "---|" * len(domains) + "---|"]
+        lines = [
+            "| model | " + " | ".join(domains) + " | trainable params |",
+            "|---|" + "---|" * len(domains) + "---|",
+        ]
         for r in self.rows:
             cells = [f"{r.domains[d].perplexity:.2f}" for d in domains]
             lines.append(f"| {r.name} ({r.kind}) | " + " | ".join(cells) + f" | {r.trainable_parameters:,} |")
@@ -125,8 +136,14 @@ def _expert_aliases(model: FusedModel, slot_index: int) -> list[str]:
 
 
 @torch.no_grad()
-def score(model: FusedModel, tokens: DomainTokens, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
-          label_experts: Mapping[str, str] | None = None, on_batch=None) -> DomainResult:
+def score(
+    model: FusedModel,
+    tokens: DomainTokens,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 8,
+    label_experts: Mapping[str, str] | None = None,
+    on_batch=None,
+) -> DomainResult:
     """Perplexity of `model` on one token stream; agreement of each routed slot's first choice with the model
     named for each token's label in `label_experts`, and each slot's expert load. Launched on several processes
     (mol.distributed), each scores its share of the batches of windows and every one returns the whole result,
@@ -135,15 +152,17 @@ def score(model: FusedModel, tokens: DomainTokens, seq_len: int = DEFAULT_SEQ_LE
     label_alias = {i: (label_experts or {}).get(n) for i, n in enumerate(tokens.label_names)}
     tally = _Tally()
     starts = range(0, w.input_ids.shape[0], batch_size)
-    batch_nll = torch.zeros(len(starts), dtype=torch.float64)  # per batch, scored by one process (0 elsewhere)
+    batch_nll = torch.zeros(
+        len(starts), dtype=torch.float64
+    )  # per batch, scored by one process (0 elsewhere)
     was_training = model.training
     model.eval()
     try:
         for b in distributed.rank_items(len(starts)):
             start = starts[b]
-            ids = w.input_ids[start:start + batch_size]
-            mask = w.attention_mask[start:start + batch_size]
-            labels = w.labels[start:start + batch_size]
+            ids = w.input_ids[start : start + batch_size]
+            mask = w.attention_mask[start : start + batch_size]
+            labels = w.labels[start : start + batch_size]
             if on_batch is not None:
                 on_batch(labels)
             out = model(ids, attention_mask=mask)
@@ -177,13 +196,22 @@ def _gather(model: FusedModel, tally: _Tally, batch_nll: torch.Tensor) -> None:
     no batch has seen no slot)."""
     batch_nll.copy_(distributed.all_reduce_sum(batch_nll))
     slots = [(s.index, len(s.experts)) for s in model.routed_slots]
-    counts = torch.cat([torch.tensor([tally.tokens])] + [torch.cat([
-        tally.load.get(i, torch.zeros(n, dtype=torch.long)),
-        torch.tensor([tally.hits.get(i, 0), tally.labelled.get(i, 0), int(i in tally.load)])]) for i, n in slots])
+    counts = torch.cat(
+        [torch.tensor([tally.tokens])]
+        + [
+            torch.cat(
+                [
+                    tally.load.get(i, torch.zeros(n, dtype=torch.long)),
+                    torch.tensor([tally.hits.get(i, 0), tally.labelled.get(i, 0), int(i in tally.load)]),
+                ]
+            )
+            for i, n in slots
+        ]
+    )
     counts = distributed.all_reduce_sum(counts).tolist()
     tally.tokens, at = counts[0], 1
     for i, n in slots:
-        load, (hits, labelled, seen) = counts[at:at + n], counts[at + n:at + n + 3]
+        load, (hits, labelled, seen) = counts[at : at + n], counts[at + n : at + n + 3]
         at += n + 3
         if seen:
             tally.load[i] = torch.tensor(load, dtype=torch.long)
@@ -226,7 +254,9 @@ class LabelRouter(nn.Module):
         self.expert_for_label = expert_for_label
         self.labels: torch.Tensor | None = None
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None) -> Routing:
+    def forward(
+        self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
+    ) -> Routing:
         fallback = self.original(h, attention_mask)
         chosen = fallback.chosen[..., :1].clone()
         if self.labels is not None:
@@ -235,8 +265,12 @@ class LabelRouter(nn.Module):
                 chosen[labels == label] = expert
         n = fallback.probs.shape[-1]
         probs = nn.functional.one_hot(chosen[..., 0], n).float()
-        return Routing(probs=probs, chosen=chosen, weights=torch.ones_like(chosen, dtype=torch.float32),
-                       logits=torch.log(probs.clamp(min=1e-9)))
+        return Routing(
+            probs=probs,
+            chosen=chosen,
+            weights=torch.ones_like(chosen, dtype=torch.float32),
+            logits=torch.log(probs.clamp(min=1e-9)),
+        )
 
 
 @contextlib.contextmanager
@@ -245,8 +279,11 @@ def route_by_label(model: FusedModel, label_names: list[str], label_experts: Map
     swapped = []
     for slot in model.routed_slots:
         aliases = _expert_aliases(model, slot.index)
-        mapping = {i: aliases.index(label_experts[n]) for i, n in enumerate(label_names)
-                   if label_experts.get(n) in aliases}
+        mapping = {
+            i: aliases.index(label_experts[n])
+            for i, n in enumerate(label_names)
+            if label_experts.get(n) in aliases
+        }
         swapped.append((slot, slot.router))
         slot.router = LabelRouter(slot.router, mapping)
 
@@ -265,8 +302,12 @@ def route_by_label(model: FusedModel, label_names: list[str], label_experts: Map
 def source_recipe(model: FusedModel, alias: str) -> Recipe:
     """The identity recipe of one source: all its layers in order, itself the base."""
     src = model.plan.sources[alias]
-    return Recipe(name=alias, base=alias, models={alias: str(src.folder)},
-                  slots=[Slot((ExpertRef(alias, i),)) for i in range(src.num_layers)])
+    return Recipe(
+        name=alias,
+        base=alias,
+        models={alias: str(src.folder)},
+        slots=[Slot((ExpertRef(alias, i),)) for i in range(src.num_layers)],
+    )
 
 
 def source_model(model: FusedModel, alias: str) -> FusedModel:
@@ -297,8 +338,9 @@ def match_domains(losses: Mapping[str, Mapping[str, float]], candidates: list[st
     return out
 
 
-def infer_domain_experts(model: FusedModel, tokens: Mapping[str, DomainTokens], sample_tokens: int = 4096,
-                         seq_len: int = 256) -> dict[str, str]:
+def infer_domain_experts(
+    model: FusedModel, tokens: Mapping[str, DomainTokens], sample_tokens: int = 4096, seq_len: int = 256
+) -> dict[str, str]:
     """Which routed model serves each (single-label) domain: the one whose source model alone has the lowest loss
     on the first `sample_tokens` tokens of it."""
     pure = {n: t for n, t in tokens.items() if n in t.label_names}
@@ -324,17 +366,30 @@ def _as_model(model_or_recipe, weights, device) -> FusedModel:
         return model_or_recipe
     from mol.loading import build
 
-    return build(model_or_recipe, device=distributed.rank_device(device), dtype=torch.float32, weights=weights)
+    return build(
+        model_or_recipe, device=distributed.rank_device(device), dtype=torch.float32, weights=weights
+    )
 
 
 def count_trainable(model: FusedModel) -> int:
     return sum(p.numel() for p in model.trainable_parameters().values() if p.requires_grad)
 
 
-def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, sources: bool = True,
-             oracle: bool = False, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8, max_tokens: int | None = None,
-             domain_experts: Mapping[str, str] | None = None, device: str | None = None,
-             name: str | None = None, on_progress=None) -> EvalReport:
+def evaluate(
+    model_or_recipe,
+    datasets,
+    *,
+    weights: str | Path | None = None,
+    sources: bool = True,
+    oracle: bool = False,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    domain_experts: Mapping[str, str] | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    on_progress=None,
+) -> EvalReport:
     """Evaluate a fused model (or a Recipe, a Path to a recipe file, or recipe YAML text) on named datasets
     (`--data` strings, a mapping name -> paths, or tokenised streams); with `sources`, every routed source model
     alone on the same tokens; with `oracle`,
@@ -364,7 +419,9 @@ def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, so
         source_rows.append((alias, row))
         del src
     if domain_experts is None:
-        losses = {a: {d: r.domains[d].loss for d in tokens if d in tokens[d].label_names} for a, r in source_rows}
+        losses = {
+            a: {d: r.domains[d].loss for d in tokens if d in tokens[d].label_names} for a, r in source_rows
+        }
         domain_experts = match_domains(losses, routed_aliases(model))
     domain_experts = dict(domain_experts)
 
@@ -381,15 +438,36 @@ def evaluate(model_or_recipe, datasets, *, weights: str | Path | None = None, so
         rows.append(row)
     if sources:
         rows.extend(r for _, r in source_rows)
-    return EvalReport(recipe=model.recipe.name, weights=None if weights is None else str(weights), seq_len=seq_len,
-                      domain_experts=domain_experts, rows=rows)
+    return EvalReport(
+        recipe=model.recipe.name,
+        weights=None if weights is None else str(weights),
+        seq_len=seq_len,
+        domain_experts=domain_experts,
+        rows=rows,
+    )
 
 
 def _as_tokens(model: FusedModel, datasets, max_tokens: int | None) -> dict[str, DomainTokens]:
-    if isinstance(datasets, Mapping) and datasets and all(isinstance(v, DomainTokens) for v in datasets.values()):
+    if (
+        isinstance(datasets, Mapping)
+        and datasets
+        and all(isinstance(v, DomainTokens) for v in datasets.values())
+    ):
         return dict(datasets)
     return tokenize_domains(model.tokenizer, load_domains(datasets), max_tokens=max_tokens)
 
 
-__all__ = ["DomainResult", "EvalReport", "LabelRouter", "ModelResult", "NO_LABEL", "evaluate", "infer_domain_experts",
-           "match_domains", "route_by_label", "score", "source_model", "source_recipe"]
+__all__ = [
+    "DomainResult",
+    "EvalReport",
+    "LabelRouter",
+    "ModelResult",
+    "NO_LABEL",
+    "evaluate",
+    "infer_domain_experts",
+    "match_domains",
+    "route_by_label",
+    "score",
+    "source_model",
+    "source_recipe",
+]

@@ -45,8 +45,9 @@ class StaticKV:
         if layer_idx not in self.keys:
             b, h, _, d = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(b, h, self.capacity, d)
-            self.values[layer_idx] = value_states.new_zeros(b, value_states.shape[1], self.capacity,
-                                                            value_states.shape[-1])
+            self.values[layer_idx] = value_states.new_zeros(
+                b, value_states.shape[1], self.capacity, value_states.shape[-1]
+            )
         k, v = self.keys[layer_idx], self.values[layer_idx]
         k.index_copy_(2, self.write, key_states)
         v.index_copy_(2, self.write, value_states)
@@ -56,8 +57,15 @@ class StaticKV:
 class FastDecoder:
     """Decodes a batch of `batch_size` sequences of up to `capacity` tokens (prompt + new) for one FusedModel."""
 
-    def __init__(self, model: FusedModel, batch_size: int, capacity: int, cuda_graph: bool | None = None,
-                 compile: bool = False, max_eos: int = 8):
+    def __init__(
+        self,
+        model: FusedModel,
+        batch_size: int,
+        capacity: int,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
+        max_eos: int = 8,
+    ):
         self.model, self.batch, self.capacity = model, batch_size, capacity
         dev = self.device = model.device
         self.cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
@@ -80,8 +88,10 @@ class FastDecoder:
         self.mask_zero = torch.zeros(b, 1, 1, n, dtype=model.dtype, device=dev)
         self.mask_min = torch.finfo(model.dtype).min
         self.probs = {s.index: torch.zeros(b, n, len(s.experts), device=dev) for s in model.routed_slots}
-        self.chosen = {s.index: torch.zeros(b, n, s.router.top_k, dtype=torch.long, device=dev)
-                       for s in model.routed_slots}
+        self.chosen = {
+            s.index: torch.zeros(b, n, s.router.top_k, dtype=torch.long, device=dev)
+            for s in model.routed_slots
+        }
         self.windows = model.windows  # sliding-window lengths, each with its own mask per step
         self.allocated = False  # the first decode step runs eagerly and allocates every cache buffer
         self._compiled: dict[bool, object] = {}
@@ -95,12 +105,17 @@ class FastDecoder:
         position_ids = (self.valid.cumsum(-1) - 1).clamp(min=0).index_select(1, self.pos)
         allowed = (self.cols <= self.pos) & self.valid.bool()  # [B, capacity]
         mask4d = self.mask_zero.masked_fill(~allowed[:, None, None, :], self.mask_min)
-        windows = {w: self.mask_zero.masked_fill(~(allowed & (self.cols > self.pos - w))[:, None, None, :],
-                                                 self.mask_min) for w in self.windows}
+        windows = {
+            w: self.mask_zero.masked_fill(
+                ~(allowed & (self.cols > self.pos - w))[:, None, None, :], self.mask_min
+            )
+            for w in self.windows
+        }
         self.kv.write, self.kv.visible = self.pos, self.capacity
         self.cache.pooled = self.pooled
-        ctx = StepContext(mask4d, self.live, position_ids, self.cache, {}, self.model.rotary, static=True,
-                          windows=windows)
+        ctx = StepContext(
+            mask4d, self.live, position_ids, self.cache, {}, self.model.rotary, static=True, windows=windows
+        )
         logits = self.model.step_logits(self.ids, ctx)[:, -1].float()
         for i, r in ctx.routings:  # the routing trace, by position
             self.probs[i].index_copy_(1, self.pos, r.probs.float())
@@ -163,8 +178,15 @@ class FastDecoder:
         self.cache.pooled = {}  # pooled routers decide afresh from this prompt
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         mask4d = self.model._mask4d(attention_mask, q)  # over the prompt's own keys (None: plainly causal)
-        ctx = StepContext(mask4d, attention_mask, position_ids, self.cache, {}, self.model.rotary,
-                          windows=self.model.window_masks(attention_mask, q))
+        ctx = StepContext(
+            mask4d,
+            attention_mask,
+            position_ids,
+            self.cache,
+            {},
+            self.model.rotary,
+            windows=self.model.window_masks(attention_mask, q),
+        )
         logits = self.model.step_logits(input_ids, ctx, last_only=True)[:, -1].float()
         for i, state in self.cache.pooled.items():
             if i not in self.pooled:
@@ -176,17 +198,32 @@ class FastDecoder:
 
     # ---- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 eos: set[int] | list[int] | None = None, pad_token_id: int = 0, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, streamer=None, stop=None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos: set[int] | list[int] | None = None,
+        pad_token_id: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        stop=None,
+    ) -> torch.Tensor:
         """Like FusedModel.generate (same tokens, same `last_trace`); `eos` is the set of end-of-sequence ids."""
         input_ids = input_ids.to(self.device)
         bsz, q = input_ids.shape
         if bsz != self.batch or q + max_new_tokens > self.capacity:
-            raise ValueError(f"this decoder holds {self.batch} sequences of {self.capacity} tokens; got {bsz} "
-                             f"of {q} + {max_new_tokens}.")
-        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device).long()
+            raise ValueError(
+                f"this decoder holds {self.batch} sequences of {self.capacity} tokens; got {bsz} "
+                f"of {q} + {max_new_tokens}."
+            )
+        attention_mask = (
+            (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device).long()
+        )
         eos = sorted(set(eos or []))
         if len(eos) > self.eos.numel():
             raise ValueError(f"at most {self.eos.numel()} end-of-sequence ids.")
@@ -202,7 +239,11 @@ class FastDecoder:
                 if new > 0:
                     logits = self._step(greedy)
                 if not greedy or new == 0:
-                    pick = logits.argmax(-1) if greedy else _pick(logits, True, temperature, top_k, top_p, generator)
+                    pick = (
+                        logits.argmax(-1)
+                        if greedy
+                        else _pick(logits, True, temperature, top_k, top_p, generator)
+                    )
                     self._advance(pick)
                 new += 1
                 if streamer is not None:
@@ -212,9 +253,11 @@ class FastDecoder:
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            raise ResourceError(f"Out of memory on {self.device} while decoding {max_new_tokens} tokens for a batch "
-                                f"of {bsz}; use a shorter prompt, fewer new tokens or a smaller batch.") from None
-        tokens = torch.cat([input_ids, self.out[:, q: q + new]], 1)
+            raise ResourceError(
+                f"Out of memory on {self.device} while decoding {max_new_tokens} tokens for a batch "
+                f"of {bsz}; use a shorter prompt, fewer new tokens or a smaller batch."
+            ) from None
+        tokens = torch.cat([input_ids, self.out[:, q : q + new]], 1)
         self.model.last_trace = self._trace(tokens[:, : q + new - 1], prompt_routings, q, new)
         return tokens
 

@@ -73,11 +73,22 @@ class StepContext:
         if self.position_ids.device == device:
             return self
         if device not in self.moved:
+
             def move(t):
                 return None if t is None else t.to(device, non_blocking=True)
-            self.moved[device] = StepContext(move(self.mask4d), move(self.mask2d), move(self.position_ids),
-                                             self.cache, {}, self.rotary_modules, self.routings, self.calibrate,
-                                             self.static, windows={w: move(m) for w, m in self.windows.items()})
+
+            self.moved[device] = StepContext(
+                move(self.mask4d),
+                move(self.mask2d),
+                move(self.position_ids),
+                self.cache,
+                {},
+                self.rotary_modules,
+                self.routings,
+                self.calibrate,
+                self.static,
+                windows={w: move(m) for w, m in self.windows.items()},
+            )
         return self.moved[device]
 
 
@@ -101,9 +112,19 @@ class TokenSubset:
 class ExpertBlock(nn.Module):
     """One source layer, called with its own family's keywords, positions and adapter."""
 
-    def __init__(self, name: str, alias: str, layer: nn.Module, cache_keyword: str, takes: tuple[str, ...],
-                 adapter: nn.Module | None = None, positions: nn.Module | None = None, position_offset: int = 0,
-                 mlp: nn.Module | None = None, window: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        alias: str,
+        layer: nn.Module,
+        cache_keyword: str,
+        takes: tuple[str, ...],
+        adapter: nn.Module | None = None,
+        positions: nn.Module | None = None,
+        position_offset: int = 0,
+        mlp: nn.Module | None = None,
+        window: int | None = None,
+    ):
         super().__init__()
         self.name, self.alias = name, alias
         self.window = window  # its source's sliding window for this layer (None: the whole context)
@@ -147,14 +168,18 @@ class FusedSlot(nn.Module):
         self.index = index
         self.experts = nn.ModuleList(experts)
         self.router = router
-        self.device: torch.device | None = None  # where it runs, when placed apart from the model (mol.placement)
+        self.device: torch.device | None = (
+            None  # where it runs, when placed apart from the model (mol.placement)
+        )
 
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
     def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self.device is not None:  # every slot placed apart takes its device's copy of the step, not only the
+        if (
+            self.device is not None
+        ):  # every slot placed apart takes its device's copy of the step, not only the
             h, ctx = h.to(self.device), ctx.on(self.device)  # first one the stream enters there
         if ctx.calibrate is not None:
             ctx.calibrate(self, h)
@@ -196,11 +221,22 @@ def _whole_mask(ctx: StepContext) -> torch.Tensor:
 class FusedModel(nn.Module):
     """A language model assembled from blocks of several source models. Build it with `mol.build(recipe)`."""
 
-    def __init__(self, plan, embed: nn.Module, head: nn.Module, final_norm: nn.Module | None,
-                 slots: list[FusedSlot], rotary: dict[str, nn.Module], positions: nn.Module | None = None,
-                 position_offset: int = 0, project_in: nn.Module | None = None,
-                 project_out: nn.Module | None = None, tokenizer=None, embedding_multiplier: float = 1.0,
-                 logits_divisor: float = 1.0):
+    def __init__(
+        self,
+        plan,
+        embed: nn.Module,
+        head: nn.Module,
+        final_norm: nn.Module | None,
+        slots: list[FusedSlot],
+        rotary: dict[str, nn.Module],
+        positions: nn.Module | None = None,
+        position_offset: int = 0,
+        project_in: nn.Module | None = None,
+        project_out: nn.Module | None = None,
+        tokenizer=None,
+        embedding_multiplier: float = 1.0,
+        logits_divisor: float = 1.0,
+    ):
         super().__init__()
         self.embedding_multiplier, self.logits_divisor = embedding_multiplier, logits_divisor  # the base's
         self.plan = plan
@@ -244,9 +280,14 @@ class FusedModel(nn.Module):
         return FusedCache()
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: FusedCache | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool = False) -> MoLOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: FusedCache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> MoLOutput:
         input_ids = input_ids.to(self.device)
         bsz, q = input_ids.shape
         if attention_mask is None:
@@ -255,30 +296,64 @@ class FusedModel(nn.Module):
         if cache is None and use_cache:
             cache = self.new_cache()
         past = cache.length if cache is not None else 0
-        full_mask = attention_mask if cache is None or cache.mask is None else torch.cat([cache.mask, attention_mask], 1)
+        full_mask = (
+            attention_mask
+            if cache is None or cache.mask is None
+            else torch.cat([cache.mask, attention_mask], 1)
+        )
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-        ctx = StepContext(mask4d=self._mask4d(full_mask, q), mask2d=attention_mask, position_ids=position_ids,
-                          cache=cache, rotary={}, rotary_modules=self.rotary, calibrate=self.calibration_hook,
-                          windows=self.window_masks(full_mask, q))
+        ctx = StepContext(
+            mask4d=self._mask4d(full_mask, q),
+            mask2d=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            rotary={},
+            rotary_modules=self.rotary,
+            calibrate=self.calibration_hook,
+            windows=self.window_masks(full_mask, q),
+        )
         logits = self.step_logits(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
 
-        trace = None if not self.keep_trace else Trace(
-            token_ids=input_ids.detach().cpu(), attention_mask=attention_mask.detach().cpu(), slots=[
-                SlotTrace(i, self.slots[i].expert_names, self.slots[i].router.kind, r.probs.detach().float().cpu(),
-                          r.chosen.detach().cpu()) for i, r in ctx.routings])
+        trace = (
+            None
+            if not self.keep_trace
+            else Trace(
+                token_ids=input_ids.detach().cpu(),
+                attention_mask=attention_mask.detach().cpu(),
+                slots=[
+                    SlotTrace(
+                        i,
+                        self.slots[i].expert_names,
+                        self.slots[i].router.kind,
+                        r.probs.detach().float().cpu(),
+                        r.chosen.detach().cpu(),
+                    )
+                    for i, r in ctx.routings
+                ],
+            )
+        )
         out = MoLOutput(logits=logits, cache=cache, trace=trace, routings=ctx.routings)
         if ctx.routings:
-            on = {r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings}  # slots may sit apart
-            out.aux_loss = torch.stack([load_balancing_loss(r.probs, r.chosen, on[r.probs.device]).to(self.device)
-                                        for _, r in ctx.routings]).mean()
-            out.z_loss = torch.stack([z_loss(r.logits, on[r.probs.device]).to(self.device)
-                                      for _, r in ctx.routings]).mean()
+            on = {
+                r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings
+            }  # slots may sit apart
+            out.aux_loss = torch.stack(
+                [
+                    load_balancing_loss(r.probs, r.chosen, on[r.probs.device]).to(self.device)
+                    for _, r in ctx.routings
+                ]
+            ).mean()
+            out.z_loss = torch.stack(
+                [z_loss(r.logits, on[r.probs.device]).to(self.device) for _, r in ctx.routings]
+            ).mean()
         if labels is not None:
             shift = logits[:, :-1].float()
             target = labels[:, 1:].to(self.device)
-            out.loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100)
+            out.loss = nn.functional.cross_entropy(
+                shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100
+            )
         self.last_trace = trace
         return out
 
@@ -329,11 +404,22 @@ class FusedModel(nn.Module):
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, streamer=None, stop=None,
-                 fast: bool | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        stop=None,
+        fast: bool | None = None,
+    ) -> torch.Tensor:
         """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new].
 
         `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early.
@@ -350,20 +436,50 @@ class FusedModel(nn.Module):
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
         if fast is None:
-            fast = self.device.type == "cuda" and not self.training and getattr(self, "placement", None) is None \
+            fast = (
+                self.device.type == "cuda"
+                and not self.training
+                and getattr(self, "placement", None) is None
                 and len(eos) <= 8
+            )
         if fast and max_new_tokens > 0:
             from mol.fast import decoder_for
 
             return decoder_for(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens).generate(
-                input_ids, attention_mask, max_new_tokens, eos, pad_token_id, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, streamer=streamer, stop=stop)
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                eos,
+                pad_token_id,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                streamer=streamer,
+                stop=stop,
+            )
         cache = self.new_cache()
         tokens, masks, traces = [input_ids], [attention_mask], []
         try:
-            self._decode(cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id,
-                         dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator), streamer, stop)
+            self._decode(
+                cache,
+                tokens,
+                masks,
+                traces,
+                max_new_tokens,
+                eos,
+                pad_token_id,
+                dict(
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator,
+                ),
+                streamer,
+                stop,
+            )
         except torch.OutOfMemoryError:
             del cache
             if self.device.type == "cuda":
@@ -376,7 +492,9 @@ class FusedModel(nn.Module):
         self.last_trace = _join_traces(traces, torch.cat(tokens, 1)[:, :read], torch.cat(masks, 1)[:, :read])
         return torch.cat(tokens, 1)
 
-    def _decode(self, cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id, sampling, streamer, stop):
+    def _decode(
+        self, cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id, sampling, streamer, stop
+    ):
         step_ids, step_mask = tokens[0], masks[0]
         finished = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(sorted(eos), device=self.device, dtype=torch.long)

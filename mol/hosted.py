@@ -58,8 +58,12 @@ class AccessPolicy:
         extra = os.environ.get("MANGO_MODEL_DIRS", "")
         dirs += [Path(d) for d in extra.split(os.pathsep) if d.strip()]
         allow_hub = os.environ.get("MANGO_HOSTED_ALLOW_HUB", "0").lower() in ("1", "true", "yes")
-        return cls(allowed_dirs=[d.resolve() for d in dirs], allow_hub=allow_hub, limits=Limits.from_env(),
-                   enforce_limits=True)
+        return cls(
+            allowed_dirs=[d.resolve() for d in dirs],
+            allow_hub=allow_hub,
+            limits=Limits.from_env(),
+            enforce_limits=True,
+        )
 
     @property
     def restricted(self) -> bool:
@@ -73,11 +77,17 @@ class AccessPolicy:
 
         shown = one_line(ref, 200)  # a client's string, echoed in one line
         if ".." in Path(ref).parts:
-            raise AccessError(f"Model path '{shown}' uses '..'; in hosted mode name a model inside the allowed folders.")
+            raise AccessError(
+                f"Model path '{shown}' uses '..'; in hosted mode name a model inside the allowed folders."
+            )
         if _inside(folder, self.allowed_dirs):
             return
-        names = ", ".join(sorted(p.name for d in self.allowed_dirs if d.is_dir() for p in d.iterdir() if p.is_dir()))
-        raise AccessError(f"Model path '{shown}' is outside the folders this server allows. Available models: {names}.")
+        names = ", ".join(
+            sorted(p.name for d in self.allowed_dirs if d.is_dir() for p in d.iterdir() if p.is_dir())
+        )
+        raise AccessError(
+            f"Model path '{shown}' is outside the folders this server allows. Available models: {names}."
+        )
 
     def check_file(self, path: Path, folder: Path) -> None:
         """Refuse a file of the model folder `folder` (config, tokenizer, shard, or what an index names) whose
@@ -95,32 +105,46 @@ class AccessPolicy:
                 name = path.relative_to(folder)
             except ValueError:
                 name = path.name
-            raise AccessError(f"'{name}' in model folder '{folder.name}' leads outside the folders this server "
-                              "allows; it is not read.")
+            raise AccessError(
+                f"'{name}' in model folder '{folder.name}' leads outside the folders this server "
+                "allows; it is not read."
+            )
 
     def check_hub(self, ref: str) -> None:
         if self.restricted and not self.allow_hub:
-            raise AccessError(f"'{ref}': this server does not load models from the Hub; use one of its own models.")
+            raise AccessError(
+                f"'{ref}': this server does not load models from the Hub; use one of its own models."
+            )
 
     def check_recipe(self, recipe) -> None:
         if not self.enforce_limits:
             return
         lim = self.limits
         if len(recipe.slots) > lim.slots:
-            raise ResourceError(f"The recipe has {len(recipe.slots)} slots; this server allows at most {lim.slots}.")
+            raise ResourceError(
+                f"The recipe has {len(recipe.slots)} slots; this server allows at most {lim.slots}."
+            )
         if len(recipe.models) > lim.models:
-            raise ResourceError(f"The recipe names {len(recipe.models)} models; this server allows at most {lim.models}.")
+            raise ResourceError(
+                f"The recipe names {len(recipe.models)} models; this server allows at most {lim.models}."
+            )
         worst = max(len(s.experts) for s in recipe.slots)
         if worst > lim.experts_per_slot:
-            raise ResourceError(f"A slot has {worst} experts; this server allows at most {lim.experts_per_slot}.")
+            raise ResourceError(
+                f"A slot has {worst} experts; this server allows at most {lim.experts_per_slot}."
+            )
 
     def check_generation(self, prompt: str, max_new_tokens: int) -> None:
         if not self.enforce_limits:
             return
         if len(prompt) > self.limits.prompt_chars:
-            raise ResourceError(f"The prompt has {len(prompt)} characters; this server allows {self.limits.prompt_chars}.")
+            raise ResourceError(
+                f"The prompt has {len(prompt)} characters; this server allows {self.limits.prompt_chars}."
+            )
         if max_new_tokens > self.limits.new_tokens:
-            raise ResourceError(f"{max_new_tokens} new tokens requested; this server allows {self.limits.new_tokens}.")
+            raise ResourceError(
+                f"{max_new_tokens} new tokens requested; this server allows {self.limits.new_tokens}."
+            )
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:

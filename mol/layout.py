@@ -48,7 +48,9 @@ def head(src, shell_module: nn.Module) -> tuple[nn.Module, str] | None:
     in_files = src.family.head_in_files(src.tensors)
     if in_files is None:
         return None
-    return next(shell_module.get_submodule(h) for h in src.family.head_names() if has(shell_module, h)), in_files
+    return next(
+        shell_module.get_submodule(h) for h in src.family.head_names() if has(shell_module, h)
+    ), in_files
 
 
 def layer(src, shell_module: nn.Module, index: int) -> nn.Module:

@@ -25,9 +25,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class TensorReader:
@@ -85,7 +96,9 @@ class TensorReader:
     def get(self, name: str) -> torch.Tensor:
         info = self.source.tensors.get(name)
         if info is None:
-            raise CheckpointError(f"{self.source.alias}: tensor '{name}' is missing from '{self.source.folder}'.")
+            raise CheckpointError(
+                f"{self.source.alias}: tensor '{name}' is missing from '{self.source.folder}'."
+            )
         if info.file.suffix == ".bin":  # opt-in pickles (allow_bin), loaded with weights_only
             from mol.sources import load_pickle
 
@@ -103,13 +116,16 @@ class TensorReader:
                     raise OSError(f"end of file after {got} of {len(view)} bytes")
                 got += k
         except OSError as exc:
-            raise CheckpointError(f"'{info.file}': tensor '{name}' cannot be read ({one_line(exc)}); the file may be "
-                                  "truncated.") from None
+            raise CheckpointError(
+                f"'{info.file}': tensor '{name}' cannot be read ({one_line(exc)}); the file may be truncated."
+            ) from None
         self.bytes_read += info.nbytes
         return buf.view(_ST_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def _fill(module: nn.Module, prefix: str, reader: TensorReader, device, dtype, shared: dict | None = None) -> nn.Module:
+def _fill(
+    module: nn.Module, prefix: str, reader: TensorReader, device, dtype, shared: dict | None = None
+) -> nn.Module:
     """Load `prefix.<name>` for every parameter/buffer of a meta-device module, casting floats to `dtype`."""
     state = {}
     for name, meta in module.state_dict().items():
@@ -141,17 +157,30 @@ def _reindex(layer: nn.Module, index: int) -> None:
             m.layer_idx = index
 
 
-def build(recipe: Recipe | Plan | Path | str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-          weights: str | Path | None = None, load_tokenizer: bool = True, allow_bin: bool = False,
-          device_map: str | dict | None = None, max_memory: dict | None = None) -> FusedModel:
+def build(
+    recipe: Recipe | Plan | Path | str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    weights: str | Path | None = None,
+    load_tokenizer: bool = True,
+    allow_bin: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+) -> FusedModel:
     """Turn a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) into a
     FusedModel on one device, or spread over several GPUs and CPU offload with `device_map` ("auto", "balanced",
     "sequential" or {"slots.3": 1, ...}; `max_memory` as accelerate takes it): see mol.placement."""
     the_plan = recipe if isinstance(recipe, Plan) else plan(to_recipe(recipe), allow_bin=allow_bin)
     device = resolve_device(device)
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     dtype = dtype or default_dtype(device)
     placement = None
     if device_map is not None:
@@ -186,7 +215,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         for alias, infos in the_plan.reads.items():  # disk reads overlap building the modules
             readers[alias].prefetch(infos)
         shells = {a: layout.shell(s) for a, s in the_plan.sources.items()}
-        placed: dict[tuple, dict] = {}  # (alias, device) -> tensors already read: a repeated layer shares them
+        placed: dict[
+            tuple, dict
+        ] = {}  # (alias, device) -> tensors already read: a repeated layer shares them
 
         def part(alias: str, path: str | None, device: torch.device = device) -> nn.Module | None:
             mod = layout.part(shells[alias], path)
@@ -197,15 +228,20 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         fam = base.family
         embed = part(base.alias, fam.embed)
         if fam.embedding_scale_buffer:  # computed at construction, saved nowhere: still on the meta device
-            embed.register_buffer(fam.embedding_scale_buffer,
-                                  torch.tensor(float(base.config.hidden_size) ** 0.5, device=device), persistent=False)
+            embed.register_buffer(
+                fam.embedding_scale_buffer,
+                torch.tensor(float(base.config.hidden_size) ** 0.5, device=device),
+                persistent=False,
+            )
         final_norm = part(base.alias, fam.final_norm)
         positions = part(base.alias, fam.positions)
         project_in = part(base.alias, fam.project_in)
         project_out = part(base.alias, fam.project_out)
         head_part = layout.head(base, shells[base.alias])
         if head_part is not None:
-            head = _fill(*head_part, readers[base.alias], device, dtype, placed.setdefault((base.alias, device), {}))
+            head = _fill(
+                *head_part, readers[base.alias], device, dtype, placed.setdefault((base.alias, device), {})
+            )
         else:  # tied to the input embedding
             head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
             head.weight = embed.weight
@@ -214,8 +250,11 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
         for alias, src in the_plan.sources.items():
             if src.family.rotary:
                 rot_cls = type(shells[alias].get_submodule(src.family.rotary))
-                rotary[alias] = rot_cls(config=layout.source_config(src), device=device) if _takes_device(rot_cls) \
+                rotary[alias] = (
+                    rot_cls(config=layout.source_config(src), device=device)
+                    if _takes_device(rot_cls)
                     else rot_cls(config=layout.source_config(src)).to(device)
+                )
 
         foreign_positions: dict[tuple, nn.Module] = {}
         slots = []
@@ -225,32 +264,66 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
             for e in sp.experts:
                 src = the_plan.sources[e.alias]
                 layer = layout.layer(src, shells[e.alias], e.layer)
-                _fill(layer, f"{src.family.layers}.{e.layer}", readers[e.alias], where, dtype,
-                      placed.setdefault((e.alias, where), {}))
+                _fill(
+                    layer,
+                    f"{src.family.layers}.{e.layer}",
+                    readers[e.alias],
+                    where,
+                    dtype,
+                    placed.setdefault((e.alias, where), {}),
+                )
                 _reindex(layer, e.cache_index)
                 layer.requires_grad_(False)
                 adapter = None
                 if e.adapter is not None:
-                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(device=where, dtype=dtype)
+                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(
+                        device=where, dtype=dtype
+                    )
                 pos = None
                 if e.add_positions:
                     if (e.alias, where) not in foreign_positions:
-                        foreign_positions[e.alias, where] = part(e.alias, src.family.positions, where).requires_grad_(False)
+                        foreign_positions[e.alias, where] = part(
+                            e.alias, src.family.positions, where
+                        ).requires_grad_(False)
                     pos = foreign_positions[e.alias, where]
                 mlp = layer.get_submodule(src.family.mlp) if sp.routed and src.family.mlp else None
-                blocks.append(ExpertBlock(e.name, e.alias, layer, cache_keyword(layer), src.family.layer_takes,
-                                          adapter=adapter, positions=pos, position_offset=src.family.position_offset,
-                                          mlp=mlp, window=e.window))
+                blocks.append(
+                    ExpertBlock(
+                        e.name,
+                        e.alias,
+                        layer,
+                        cache_keyword(layer),
+                        src.family.layer_takes,
+                        adapter=adapter,
+                        positions=pos,
+                        position_offset=src.family.position_offset,
+                        mlp=mlp,
+                        window=e.window,
+                    )
+                )
             router = None
             if sp.routed:
                 r = sp.slot.router
-                router = make_router(r.type, base.width, len(blocks), r.top_k).to(device=where, dtype=torch.float32)
+                router = make_router(r.type, base.width, len(blocks), r.top_k).to(
+                    device=where, dtype=torch.float32
+                )
             slots.append(FusedSlot(sp.index, blocks, router))
 
         multiplier, divisor = fam.scalars(base.config)
-        model = FusedModel(the_plan, embed=embed, head=head, final_norm=final_norm, slots=slots, rotary=rotary,
-                           positions=positions, position_offset=fam.position_offset, project_in=project_in,
-                           project_out=project_out, embedding_multiplier=multiplier, logits_divisor=divisor)
+        model = FusedModel(
+            the_plan,
+            embed=embed,
+            head=head,
+            final_norm=final_norm,
+            slots=slots,
+            rotary=rotary,
+            positions=positions,
+            position_offset=fam.position_offset,
+            project_in=project_in,
+            project_out=project_out,
+            embedding_multiplier=multiplier,
+            logits_divisor=divisor,
+        )
         for mod in (embed, head, final_norm, positions, project_in, project_out):
             if mod is not None:
                 mod.requires_grad_(False)

@@ -80,8 +80,11 @@ def slot_sizes(plan, dtype: torch.dtype) -> list[int]:
 def _main_bytes(plan, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     layers = tuple(f"{s.family.layers}." for s in plan.sources.values())
-    return sum(t.nbytes // _ELEMENT.get(t.dtype, 4) * size
-               for t in plan.reads[plan.base.alias] if not t.name.startswith(layers))
+    return sum(
+        t.nbytes // _ELEMENT.get(t.dtype, 4) * size
+        for t in plan.reads[plan.base.alias]
+        if not t.name.startswith(layers)
+    )
 
 
 def resolve_device(value: str | int | torch.device | None = None) -> torch.device:
@@ -100,7 +103,9 @@ def resolve_device(value: str | int | torch.device | None = None) -> torch.devic
         if gpus == 0:
             raise ResourceError(f"Device '{value}': no CUDA GPU is visible here; use cpu.")
         if (d.index or 0) >= gpus:
-            raise ResourceError(f"Device '{value}': only {gpus} CUDA GPU(s) are visible (cuda:0 to cuda:{gpus - 1}).")
+            raise ResourceError(
+                f"Device '{value}': only {gpus} CUDA GPU(s) are visible (cuda:0 to cuda:{gpus - 1})."
+            )
     elif d.type == "mps":
         if not torch.backends.mps.is_available():
             raise ResourceError(f"Device '{value}': MPS is not available here; use cpu.")
@@ -116,8 +121,9 @@ def _device(value) -> torch.device:
     return torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d
 
 
-def plan_placement(plan, device_map, max_memory: dict | None, dtype: torch.dtype,
-                   device: torch.device | None = None) -> Placement:
+def plan_placement(
+    plan, device_map, max_memory: dict | None, dtype: torch.dtype, device: torch.device | None = None
+) -> Placement:
     """Decide each slot's device from the plan: "auto"/"balanced" (even over the GPUs), "sequential" (fill
     each GPU up to its `max_memory` in turn), or a dict {"slots.i" or "slots.i-j": device}; what does not fit
     the GPUs goes to "cpu" (offloaded) if `max_memory` allows it."""
@@ -169,7 +175,11 @@ def _fill(plan, sizes, how, max_memory, dtype, gpus, device) -> tuple[torch.devi
     for i, size in enumerate(sizes):
         while k < len(order) and used[order[k]] + size > min(room[order[k]], share):
             k += 1
-        j = order[k] if k < len(order) else next((j for j in reversed(order) if used[j] + size <= room[j]), None)
+        j = (
+            order[k]
+            if k < len(order)
+            else next((j for j in reversed(order) if used[j] + size <= room[j]), None)
+        )
         if j is not None:
             used[j] += size
             slots.append(torch.device("cuda", j))
@@ -177,6 +187,8 @@ def _fill(plan, sizes, how, max_memory, dtype, gpus, device) -> tuple[torch.devi
             host -= size
             slots.append(torch.device("cpu"))
         else:
-            raise ResourceError(f"slot {i} ({size / 2**20:.0f} MiB) fits neither the GPUs' nor the host's "
-                                "max_memory; raise max_memory or use a smaller recipe.")
+            raise ResourceError(
+                f"slot {i} ({size / 2**20:.0f} MiB) fits neither the GPUs' nor the host's "
+                "max_memory; raise max_memory or use a smaller recipe."
+            )
     return main, slots

@@ -77,7 +77,9 @@ class Plan:
     def router_parameters(self) -> int:
         return sum((self.width + 1) * len(s.experts) for s in self.slots if s.routed)
 
-    def memory_estimate(self, dtype: str = "float32", context_tokens: int = 2048, batch: int = 1) -> dict[str, int]:
+    def memory_estimate(
+        self, dtype: str = "float32", context_tokens: int = 2048, batch: int = 1
+    ) -> dict[str, int]:
         """Bytes of device memory: weights (in `dtype`), trainable parts, and the KV cache for `context_tokens`."""
         size = _BYTES.get(dtype, 4)
         weights = 0
@@ -97,11 +99,15 @@ class Plan:
 
     def summary(self) -> str:
         r = self.recipe
-        lines = [f"Recipe '{r.name}': {len(self.slots)} slots, {sum(s.routed for s in self.slots)} routed, "
-                 f"base '{r.base}' (width {self.width})."]
+        lines = [
+            f"Recipe '{r.name}': {len(self.slots)} slots, {sum(s.routed for s in self.slots)} routed, "
+            f"base '{r.base}' (width {self.width})."
+        ]
         for alias, src in self.sources.items():
-            lines.append(f"  {alias}: {src.family.name} ({src.model_type}), {src.num_layers} layers, width {src.width}, "
-                         f"{src.heads} heads, tokenizer {src.tokenizer_id} — {src.ref}")
+            lines.append(
+                f"  {alias}: {src.family.name} ({src.model_type}), {src.num_layers} layers, width {src.width}, "
+                f"{src.heads} heads, tokenizer {src.tokenizer_id} — {src.ref}"
+            )
         for s in self.slots:
             parts = []
             for e in s.experts:
@@ -109,13 +115,19 @@ class Plan:
                 parts.append(f"{e.name}{extra}")
             router = ""
             if s.slot.router is not None:
-                router = f"  [{s.slot.router.type}" + (f", top_k={s.slot.router.top_k}]" if s.slot.router.type == "token" else "]")
+                router = f"  [{s.slot.router.type}" + (
+                    f", top_k={s.slot.router.top_k}]" if s.slot.router.type == "token" else "]"
+                )
             lines.append(f"  slot {s.index}: {', '.join(parts)}{router}")
         mem = self.memory_estimate()
         lines.append(f"Reads {self.tensors_to_read} tensors, {_fmt_bytes(self.bytes_to_read)} from disk.")
-        lines.append(f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router parameters.")
-        lines.append(f"Memory estimate (fp32, 2048-token context): weights {_fmt_bytes(mem['weights'])}, "
-                     f"KV cache {_fmt_bytes(mem['kv_cache'])}, total {_fmt_bytes(mem['total'])}.")
+        lines.append(
+            f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router parameters."
+        )
+        lines.append(
+            f"Memory estimate (fp32, 2048-token context): weights {_fmt_bytes(mem['weights'])}, "
+            f"KV cache {_fmt_bytes(mem['kv_cache'])}, total {_fmt_bytes(mem['total'])}."
+        )
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
@@ -195,12 +207,16 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
         for ref in slot.experts:
             src = sources[ref.model]
             if ref.layer >= src.num_layers:
-                raise RecipeError(f"slots[{i}]: '{ref}' is out of range: model '{ref.model}' has {src.num_layers} "
-                                  f"layers (0..{src.num_layers - 1}).")
+                raise RecipeError(
+                    f"slots[{i}]: '{ref}' is out of range: model '{ref.model}' has {src.num_layers} "
+                    f"layers (0..{src.num_layers - 1})."
+                )
             layer_tensors = _tensors_under(src, src.family.layers + f".{ref.layer}")
             if not layer_tensors:
-                raise CheckpointError(f"{ref.model}: the weights have no tensors for layer {ref.layer} "
-                                      f"('{src.family.layer_prefix(ref.layer)}*'); the checkpoint is incomplete.")
+                raise CheckpointError(
+                    f"{ref.model}: the weights have no tensors for layer {ref.layer} "
+                    f"('{src.family.layer_prefix(ref.layer)}*'); the checkpoint is incomplete."
+                )
             if (ref.model, ref.layer) not in checked:
                 checked.add((ref.model, ref.layer))
                 module = _meta(src, layout.layer, src, shells[ref.model], ref.layer)
@@ -211,18 +227,34 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bi
             if positions is not None:
                 reads[ref.model].update(_checked_tensors(src, positions, src.family.positions))
             adapter = recipe.adapter.type if foreign else None
-            experts.append(ExpertPlan(str(ref), ref.model, ref.layer, src.width, cache_index, adapter, add_pos,
-                                      layer_window(src.config, ref.layer)))
+            experts.append(
+                ExpertPlan(
+                    str(ref),
+                    ref.model,
+                    ref.layer,
+                    src.width,
+                    cache_index,
+                    adapter,
+                    add_pos,
+                    layer_window(src.config, ref.layer),
+                )
+            )
             cache_index += 1
         slot_plans.append(SlotPlan(i, slot, tuple(experts)))
 
     widths = {s.width for s in sources.values()}
     if len(widths) > 1:
-        warnings.append("models of different widths are fused through adapters; run mol.calibrate (or train) "
-                        "before expecting good text from the foreign blocks.")
-    return Plan(recipe=recipe, sources=sources, slots=slot_plans,
-                reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items() if d},
-                warnings=warnings)
+        warnings.append(
+            "models of different widths are fused through adapters; run mol.calibrate (or train) "
+            "before expecting good text from the foreign blocks."
+        )
+    return Plan(
+        recipe=recipe,
+        sources=sources,
+        slots=slot_plans,
+        reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items() if d},
+        warnings=warnings,
+    )
 
 
 def layer_window(config, layer: int) -> int | None:
@@ -246,12 +278,17 @@ def _meta(src: ModelSource, make, *args):
     except MolError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{src.alias}: transformers cannot build its {src.model_type} layers from config.json: "
-                              f"{one_line(exc, 200)}".rstrip(".") + ".") from None
+        raise CheckpointError(
+            f"{src.alias}: transformers cannot build its {src.model_type} layers from config.json: "
+            f"{one_line(exc, 200)}".rstrip(".")
+            + "."
+        ) from None
 
 
 def _floating(dtype: str) -> bool:
-    return dtype in FLOAT_DTYPES or dtype.startswith("torch.float") or dtype == "torch.bfloat16"  # (.bin: torch's names)
+    return (
+        dtype in FLOAT_DTYPES or dtype.startswith("torch.float") or dtype == "torch.bfloat16"
+    )  # (.bin: torch's names)
 
 
 def _checked_tensors(src: ModelSource, module, prefix: str) -> dict[str, TensorInfo]:
@@ -262,15 +299,20 @@ def _checked_tensors(src: ModelSource, module, prefix: str) -> dict[str, TensorI
         full = f"{prefix}.{name}"
         info = src.tensors.get(full)
         if info is None:
-            raise CheckpointError(f"{src.alias}: tensor '{full}' is missing from the weights in '{src.folder}'; the "
-                                  f"checkpoint does not match its config ({src.family.name} family).")
+            raise CheckpointError(
+                f"{src.alias}: tensor '{full}' is missing from the weights in '{src.folder}'; the "
+                f"checkpoint does not match its config ({src.family.name} family)."
+            )
         if info.shape != tuple(want.shape):
-            raise CheckpointError(f"{src.alias}: tensor '{full}' has shape {list(info.shape)} but config.json implies "
-                                  f"{list(want.shape)}; the config does not match the weights in '{src.folder}'.")
+            raise CheckpointError(
+                f"{src.alias}: tensor '{full}' has shape {list(info.shape)} but config.json implies "
+                f"{list(want.shape)}; the config does not match the weights in '{src.folder}'."
+            )
         if _floating(info.dtype) != want.is_floating_point():
             kind = "a floating-point" if want.is_floating_point() else "an integer"
-            raise CheckpointError(f"{src.alias}: tensor '{full}' has dtype {info.dtype}; the model takes {kind} "
-                                  "tensor there.")
+            raise CheckpointError(
+                f"{src.alias}: tensor '{full}' has dtype {info.dtype}; the model takes {kind} tensor there."
+            )
         out[full] = info
     return out
 
@@ -297,7 +339,9 @@ def _check_tokenizers(base: ModelSource, sources: dict[str, ModelSource], warnin
                 f"{src.vocab_size}; their tokenizers cannot be the same."
             )
         if not a or not b:
-            warnings.append(f"'{alias}' or the base has no tokenizer files; vocabularies could not be compared.")
+            warnings.append(
+                f"'{alias}' or the base has no tokenizer files; vocabularies could not be compared."
+            )
 
 
 def _check_config_matches_weights(src: ModelSource) -> None:

@@ -60,7 +60,9 @@ class ExpertRef:
                 _layer_index(layer, where)  # before formatting: str() of a huge int raises
             value = f"{model if isinstance(model, str) else _short(model)}:{_short(layer)}"
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: an expert is written 'alias:layer' (e.g. \"bard:3\"), got {_short(value)}.")
+            raise RecipeError(
+                f"{where}: an expert is written 'alias:layer' (e.g. \"bard:3\"), got {_short(value)}."
+            )
         m = _EXPERT_RE.match(value)
         if not m:
             raise RecipeError(f"{where}: '{_short(value)}' is not 'alias:layer' (e.g. \"bard:3\").")
@@ -119,8 +121,12 @@ class Recipe:
     def from_dict(cls, data: Any, source_dir: Path | None = None) -> Recipe:
         _check_size(data)
         if not isinstance(data, dict):
-            raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}.")
-        _reject_unknown(data, ("adapter", "base", "description", "models", "name", "slots"), "Unknown recipe key(s)")
+            raise RecipeError(
+                f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}."
+            )
+        _reject_unknown(
+            data, ("adapter", "base", "description", "models", "name", "slots"), "Unknown recipe key(s)"
+        )
         for key in ("name", "models", "slots"):
             if key not in data or data[key] in (None, "", [], {}):
                 raise RecipeError(f"The recipe needs '{key}'.")
@@ -131,38 +137,52 @@ class Recipe:
         if isinstance(models, list):  # shorthand: a list of paths, aliases are folder names
             models = {Path(str(m)).name.replace(" ", "_") or f"m{i}": m for i, m in enumerate(models)}
         if not isinstance(models, dict):
-            raise RecipeError("'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}.")
+            raise RecipeError(
+                "'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}."
+            )
         models = {str(k): v for k, v in models.items()}
         _check_aliases(models)
         for alias, ref in models.items():
             if not isinstance(ref, str) or not ref.strip():
-                raise RecipeError(f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}.")
+                raise RecipeError(
+                    f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}."
+                )
         base = data.get("base")
         if base is None:
             base = next(iter(models))
         if not isinstance(base, str):
-            raise RecipeError(f"'base' must be one of the model aliases ({', '.join(models)}), got {_short(base)}.")
+            raise RecipeError(
+                f"'base' must be one of the model aliases ({', '.join(models)}), got {_short(base)}."
+            )
         adapter = _parse_adapter(data.get("adapter"))
         raw_slots = data["slots"]
         if not isinstance(raw_slots, list):
-            raise RecipeError("'slots' is a list; each slot is {experts: [\"alias:layer\", ...], router: {...}}.")
+            raise RecipeError(
+                "'slots' is a list; each slot is {experts: [\"alias:layer\", ...], router: {...}}."
+            )
         slots: list[Slot] = []
         for i, raw in enumerate(raw_slots):
             slots.extend(_parse_slot(raw, f"slots[{i}]"))
             if len(slots) > MAX_SLOTS:
                 raise RecipeError(f"The recipe has more than {MAX_SLOTS} slots.")
-        return cls(name=name.strip(), base=base, models=models, slots=slots, adapter=adapter, source_dir=source_dir)
+        return cls(
+            name=name.strip(), base=base, models=models, slots=slots, adapter=adapter, source_dir=source_dir
+        )
 
     @classmethod
     def from_yaml(cls, text: str, source_dir: Path | None = None) -> Recipe:
         """Parse recipe YAML text. Never opens a file: a one-line "x.yaml" is a YAML string, not a path."""
         if not isinstance(text, str):
-            raise TypeError(f"Recipe.from_yaml takes YAML text, not {type(text).__name__}; "
-                            "to read a file use Recipe.from_file(path).")
+            raise TypeError(
+                f"Recipe.from_yaml takes YAML text, not {type(text).__name__}; "
+                "to read a file use Recipe.from_file(path)."
+            )
         data = parse_yaml(text)
         if isinstance(data, str) and source_dir is None:  # most likely a path meant for from_file
-            raise RecipeError(f"A recipe is a mapping with keys name, base, models, slots; got the single string "
-                              f"'{_short(data)}' (this is parsed as recipe text; a file is read by Recipe.from_file).")
+            raise RecipeError(
+                f"A recipe is a mapping with keys name, base, models, slots; got the single string "
+                f"'{_short(data)}' (this is parsed as recipe text; a file is read by Recipe.from_file)."
+            )
         return cls.from_dict(data, source_dir=source_dir)
 
     @classmethod
@@ -188,9 +208,11 @@ class Recipe:
     def validate(self) -> None:
         _check_aliases(self.models)
         if self.base not in self.models:
-            raise RecipeError(f"base '{_short(self.base)}' is not one of the model aliases: {', '.join(self.models)}.")
+            raise RecipeError(
+                f"base '{_short(self.base)}' is not one of the model aliases: {', '.join(self.models)}."
+            )
         if not self.slots:
-            raise RecipeError("The recipe has no slots; add at least one, e.g. {experts: [\"base:0\"]}.")
+            raise RecipeError('The recipe has no slots; add at least one, e.g. {experts: ["base:0"]}.')
         for i, slot in enumerate(self.slots):
             if not slot.experts:
                 raise RecipeError(f"slots[{i}] has no experts; give at least one 'alias:layer'.")
@@ -202,7 +224,11 @@ class Recipe:
                     )
             if len(set(slot.experts)) != len(slot.experts):
                 raise RecipeError(f"slots[{i}] lists the same expert twice; each candidate must be distinct.")
-            if slot.router is not None and slot.router.type == "token" and slot.router.top_k > len(slot.experts):
+            if (
+                slot.router is not None
+                and slot.router.type == "token"
+                and slot.router.top_k > len(slot.experts)
+            ):
                 raise RecipeError(
                     f"slots[{i}]: top_k={slot.router.top_k} is larger than the number of experts "
                     f"({len(slot.experts)}); use top_k between 1 and {len(slot.experts)}."
@@ -231,7 +257,9 @@ def to_recipe(value: Recipe | Path | str) -> Recipe:
         return Recipe.from_file(value)
     if isinstance(value, str):
         return Recipe.from_yaml(value)
-    raise TypeError(f"Expected a Recipe, a Path to a recipe file or recipe YAML text, not {type(value).__name__}.")
+    raise TypeError(
+        f"Expected a Recipe, a Path to a recipe file or recipe YAML text, not {type(value).__name__}."
+    )
 
 
 def _check_aliases(models: dict) -> None:
@@ -267,7 +295,9 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
             raise RecipeError(f"adapter.rank must be an integer between 1 and 65536, got {_short(rank)}.")
     elif rank is not None:
-        raise RecipeError("adapter.rank applies to the bottleneck adapter only; remove it or use type: bottleneck.")
+        raise RecipeError(
+            "adapter.rank applies to the bottleneck adapter only; remove it or use type: bottleneck."
+        )
     return AdapterSpec(kind, rank)
 
 
@@ -277,7 +307,9 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}.router is {{type: token, top_k: 1}} or {{type: pooled}}, got {_short(raw)}.")
+        raise RecipeError(
+            f"{where}.router is {{type: token, top_k: 1}} or {{type: pooled}}, got {_short(raw)}."
+        )
     _reject_unknown(raw, ("type", "top_k"), f"{where}.router: unknown key(s)")
     kind = raw.get("type", "token")
     if kind not in ROUTER_TYPES:
@@ -285,7 +317,9 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
     top_k = raw.get("top_k", 1)
     upper = n_experts if n_experts > 1 else MAX_SLOTS  # a one-expert slot drops its router below
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= upper:
-        raise RecipeError(f"{where}.router.top_k must be an integer between 1 and {upper}, got {_short(top_k)}.")
+        raise RecipeError(
+            f"{where}.router.top_k must be an integer between 1 and {upper}, got {_short(top_k)}."
+        )
     if kind == "pooled" and top_k != 1:
         raise RecipeError(f"{where}.router: a pooled router runs one expert per sequence; remove top_k.")
     if n_experts == 1:
@@ -307,13 +341,13 @@ def _parse_slot(raw: Any, where: str) -> list[Slot]:
     if isinstance(raw, list):
         raw = {"experts": raw}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: a slot is {{experts: [\"alias:layer\", ...]}}, got {_short(raw)}.")
+        raise RecipeError(f'{where}: a slot is {{experts: ["alias:layer", ...]}}, got {_short(raw)}.')
     _reject_unknown(raw, ("experts", "router"), f"{where}: unknown key(s)")
     experts = raw.get("experts")
     if isinstance(experts, str):
         experts = [experts]
     if not isinstance(experts, list) or not experts:
-        raise RecipeError(f"{where}: 'experts' must be a non-empty list like [\"bard:1\", \"coder:1\"].")
+        raise RecipeError(f'{where}: \'experts\' must be a non-empty list like ["bard:1", "coder:1"].')
     refs = tuple(ExpertRef.parse(e, f"{where}.experts[{j}]") for j, e in enumerate(experts))
     return [Slot(refs, _parse_router(raw.get("router"), len(refs), where))]
 
@@ -339,7 +373,9 @@ def _layer_index(value: str | int, where: str) -> int:
     if value < 0:
         raise RecipeError(f"{where}: layer index {_short(value, 20)} is negative; layers count from 0.")
     if value >= MAX_LAYER:
-        raise RecipeError(f"{where}: layer index out of range; layers count from 0 and stay below {MAX_LAYER:,}.")
+        raise RecipeError(
+            f"{where}: layer index out of range; layers count from 0 and stay below {MAX_LAYER:,}."
+        )
     return value
 
 
@@ -358,16 +394,18 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
-                                                  self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
     def construct_yaml_int(self, node):
         if len(node.value) > MAX_NUMBER_CHARS:
-            raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value):,} characters",
-                                                    node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value):,} characters", node.start_mark
+            )
         return super().construct_yaml_int(node)
 
 
@@ -407,10 +445,13 @@ def read_text_file(path: Path, what: str = "recipe") -> str:
         with path.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise RecipeError(f"Cannot read the {what} file '{shown}': {exc.strerror or type(exc).__name__}.") from None
+        raise RecipeError(
+            f"Cannot read the {what} file '{shown}': {exc.strerror or type(exc).__name__}."
+        ) from None
     if len(data) > MAX_FILE_BYTES:
-        raise RecipeError(f"The {what} file '{shown}' is larger than {MAX_FILE_BYTES:,} bytes; a {what} is far "
-                          "smaller.")
+        raise RecipeError(
+            f"The {what} file '{shown}' is larger than {MAX_FILE_BYTES:,} bytes; a {what} is far smaller."
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -424,8 +465,10 @@ def _check_size(data: Any) -> None:
         node = stack.pop()
         budget -= 1
         if budget < 0:
-            raise RecipeError(f"The recipe is too large: more than {MAX_NODES:,} values once YAML aliases are "
-                              "expanded. Write the slots out, or split the recipe.")
+            raise RecipeError(
+                f"The recipe is too large: more than {MAX_NODES:,} values once YAML aliases are "
+                "expanded. Write the slots out, or split the recipe."
+            )
         if isinstance(node, dict):
             stack.extend(node.keys())
             stack.extend(node.values())

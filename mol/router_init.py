@@ -41,7 +41,9 @@ def random_routers(model: FusedModel, seed: int = 0) -> None:
         slot.router.proj.bias.zero_()
 
 
-def _sample(tokens: Mapping[str, DomainTokens], sample_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    tokens: Mapping[str, DomainTokens], sample_tokens: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `sample_tokens` tokens of every stream, as rows of `seq_len` (full rows only)."""
     seq_len = min([seq_len, sample_tokens] + [len(t) for t in tokens.values()])
     ids, labels = [], []
@@ -52,8 +54,9 @@ def _sample(tokens: Mapping[str, DomainTokens], sample_tokens: int, seq_len: int
     return torch.cat(ids), torch.cat(labels)
 
 
-def _targets(labels: torch.Tensor, label_names: list[str], aliases: list[str],
-             domain_experts: Mapping[str, str]) -> torch.Tensor:
+def _targets(
+    labels: torch.Tensor, label_names: list[str], aliases: list[str], domain_experts: Mapping[str, str]
+) -> torch.Tensor:
     """[N, n_experts] one-hot (split evenly over several experts of one model); all zeros where unlabelled."""
     y = torch.zeros(labels.numel(), len(aliases))
     flat = labels.reshape(-1)
@@ -76,8 +79,14 @@ def _best_temperature(scores: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def ridge_routers(model: FusedModel, tokens: Mapping[str, DomainTokens], domain_experts: Mapping[str, str],
-                  sample_tokens: int = 2048, seq_len: int = 256, ridge: float = 1e-2) -> dict[str, float]:
+def ridge_routers(
+    model: FusedModel,
+    tokens: Mapping[str, DomainTokens],
+    domain_experts: Mapping[str, str],
+    sample_tokens: int = 2048,
+    seq_len: int = 256,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
     """Closed-form router initialisation from labelled streams; returns each slot's accuracy on the sample
     (share of labelled tokens whose fitted first choice is an expert of their domain's model)."""
     if not model.routed_slots:
@@ -108,7 +117,9 @@ def ridge_routers(model: FusedModel, tokens: Mapping[str, DomainTokens], domain_
         report[f"slot {slot.index}"] = float((y[keep].gather(1, chosen.unsqueeze(1)) > 0).float().mean())
 
     if not bool((labels != NO_LABEL).any()):
-        raise DataError("Closed-form router initialisation needs labelled text (one --data name=path per domain).")
+        raise DataError(
+            "Closed-form router initialisation needs labelled text (one --data name=path per domain)."
+        )
     hooks = [slot.register_forward_pre_hook(fit) for slot in model.routed_slots]
     was_training = model.training
     model.eval()
@@ -121,8 +132,14 @@ def ridge_routers(model: FusedModel, tokens: Mapping[str, DomainTokens], domain_
     return report
 
 
-def init_routers(model: FusedModel, method: str = "uniform", tokens: Mapping[str, DomainTokens] | None = None,
-                 domain_experts: Mapping[str, str] | None = None, seed: int = 0, **kwargs) -> dict[str, float]:
+def init_routers(
+    model: FusedModel,
+    method: str = "uniform",
+    tokens: Mapping[str, DomainTokens] | None = None,
+    domain_experts: Mapping[str, str] | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> dict[str, float]:
     """Initialise every router of `model` by `method` (uniform | random | ridge | keep)."""
     if method == "keep":
         return {}

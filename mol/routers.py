@@ -47,7 +47,9 @@ class TokenRouter(nn.Module):
         nn.init.zeros_(self.proj.weight)  # uniform at start
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None) -> Routing:
+    def forward(
+        self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
+    ) -> Routing:
         return _top_k(self.proj(_normalise(h)), self.top_k)
 
 
@@ -70,7 +72,9 @@ class PooledRouter(nn.Module):
         count = m.cumsum(1).clamp(min=1).unsqueeze(-1)
         return total / count
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None) -> Routing:
+    def forward(
+        self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
+    ) -> Routing:
         """With `state` (generation), the first call decides from the whole prompt and later calls reuse it."""
         if state is None:
             return _top_k(self.proj(self.features(h, attention_mask)), 1)
@@ -84,7 +88,9 @@ class PooledRouter(nn.Module):
 SimpleRouter = TokenRouter  # the name used by the first quick start
 
 
-def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer form: N * sum_i f_i * P_i, where f_i is the fraction of (token, choice) assignments
     sent to expert i and P_i the mean gate probability of expert i. Equals 1 for perfectly uniform routing."""
     n = probs.shape[-1]

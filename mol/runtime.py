@@ -15,8 +15,13 @@ from mol.sources import load_source
 _ROUTERS = {"simple": "token", "token": "token", "pooled": "pooled"}
 
 
-def default_recipe(models: list[str], adapter_type: str = "linear", router_type: str = "simple",
-                   top_k: int = 1, name: str = "default") -> Recipe:
+def default_recipe(
+    models: list[str],
+    adapter_type: str = "linear",
+    router_type: str = "simple",
+    top_k: int = 1,
+    name: str = "default",
+) -> Recipe:
     if not models:
         from mol.errors import RecipeError
 
@@ -31,16 +36,28 @@ def default_recipe(models: list[str], adapter_type: str = "linear", router_type:
             experts.append(ExpertRef(a, min(n - 1, round(i * n / base_layers))))
         router = RouterSpec(_ROUTERS.get(router_type, router_type), top_k) if len(experts) > 1 else None
         slots.append(Slot(tuple(experts), router))
-    return Recipe(name=name, base=aliases[0], models=dict(zip(aliases, models, strict=True)), slots=slots,
-                  adapter=AdapterSpec(adapter_type))
+    return Recipe(
+        name=name,
+        base=aliases[0],
+        models=dict(zip(aliases, models, strict=True)),
+        slots=slots,
+        adapter=AdapterSpec(adapter_type),
+    )
 
 
 class MoLRuntime:
     """Build and run a fused model from a list of models (or an explicit recipe)."""
 
-    def __init__(self, models: list[str | Path] | None = None, adapter_type: str = "linear",
-                 router_type: str = "simple", recipe: Recipe | None = None, device: str | None = None,
-                 dtype: torch.dtype | None = None, top_k: int = 1):
+    def __init__(
+        self,
+        models: list[str | Path] | None = None,
+        adapter_type: str = "linear",
+        router_type: str = "simple",
+        recipe: Recipe | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        top_k: int = 1,
+    ):
         if recipe is None:
             recipe = default_recipe([str(m) for m in models or []], adapter_type, router_type, top_k)
         self.recipe = recipe
@@ -56,7 +73,9 @@ class MoLRuntime:
     def _ready(self) -> FusedModel:
         return self.model if self.model is not None else self.load_models()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> MoLOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> MoLOutput:
         return self._ready()(input_ids, attention_mask=attention_mask, **kwargs)
 
     __call__ = forward

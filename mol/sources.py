@@ -21,15 +21,40 @@ from pathlib import Path
 from mol.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
 from mol.families import Family, family_for
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _MAX_HEADER = 100 * 2**20
 _MAX_JSON = 256 * 2**20  # the largest tokenizer.json files are tens of MiB
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +96,9 @@ def checked_file(path: Path, folder: Path) -> Path | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' cannot be read ({one_line(getattr(exc, 'strerror', None) or exc)}).") from None
+        raise CheckpointError(
+            f"'{path}' cannot be read ({one_line(getattr(exc, 'strerror', None) or exc)})."
+        ) from None
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"'{path}' is not a regular file; a model folder holds plain files.")
     return path
@@ -84,14 +111,20 @@ def read_json_object(path: Path, what: str) -> dict:
             raise CheckpointError(f"'{path}' is not a valid {what}: over {_MAX_JSON >> 20} MiB.")
         data = json.loads(path.read_bytes())
     except OSError as exc:
-        raise CheckpointError(f"'{path}' cannot be read ({one_line(exc.strerror or type(exc).__name__)}).") from None
+        raise CheckpointError(
+            f"'{path}' cannot be read ({one_line(exc.strerror or type(exc).__name__)})."
+        ) from None
     except json.JSONDecodeError as exc:  # its message says where, never what is there
-        raise CheckpointError(f"'{path}' is not a valid {what}: not JSON ({exc.msg} at line {exc.lineno}).") from None
+        raise CheckpointError(
+            f"'{path}' is not a valid {what}: not JSON ({exc.msg} at line {exc.lineno})."
+        ) from None
     except (ValueError, RecursionError):  # not UTF-8 text, or nested too deep
         raise CheckpointError(f"'{path}' is not a valid {what}: not JSON text.") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"'{path}' is not a valid {what}: it holds {_JSON_KINDS.get(type(data), 'a value')}, "
-                              "not a JSON object.")
+        raise CheckpointError(
+            f"'{path}' is not a valid {what}: it holds {_JSON_KINDS.get(type(data), 'a value')}, "
+            "not a JSON object."
+        )
     return data
 
 
@@ -109,13 +142,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             size = os.fstat(fh.fileno()).st_size
             raw = fh.read(8)
             if len(raw) != 8:
-                raise CheckpointError(f"'{path}' is truncated: no safetensors header. Re-download or re-save it.")
+                raise CheckpointError(
+                    f"'{path}' is truncated: no safetensors header. Re-download or re-save it."
+                )
             (n,) = struct.unpack("<Q", raw)
             if not 2 <= n <= min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{not_st} (or it is truncated inside its header). Re-download or re-save it.")
+                raise CheckpointError(
+                    f"{not_st} (or it is truncated inside its header). Re-download or re-save it."
+                )
             header = json.loads(fh.read(n).decode("utf-8"))
     except OSError as exc:
-        raise CheckpointError(f"'{path}' cannot be read ({one_line(exc.strerror or type(exc).__name__)}).") from None
+        raise CheckpointError(
+            f"'{path}' cannot be read ({one_line(exc.strerror or type(exc).__name__)})."
+        ) from None
     except (ValueError, RecursionError):
         raise CheckpointError(f"{not_st}: its header is not JSON. Re-download or re-save it.") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
@@ -128,8 +167,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values())
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
         if start < end:
-            raise CheckpointError(f"'{path}': tensors '{one_line(a, 60)}' and '{one_line(b, 60)}' overlap in the file; "
-                                  "its header is corrupt.")
+            raise CheckpointError(
+                f"'{path}': tensors '{one_line(a, 60)}' and '{one_line(b, 60)}' overlap in the file; "
+                "its header is corrupt."
+            )
     return out
 
 
@@ -139,22 +180,34 @@ def _tensor_info(path: Path, name: str, meta, data_start: int, data_len: int) ->
         raise CheckpointError(f"{where} has a malformed header entry (not a JSON object).")
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        raise CheckpointError(f"{where} has dtype {one_line(repr(dtype), 40)}, which is not supported "
-                              f"({', '.join(_DTYPE_BYTES)}).")
+        raise CheckpointError(
+            f"{where} has dtype {one_line(repr(dtype), 40)}, which is not supported "
+            f"({', '.join(_DTYPE_BYTES)})."
+        )
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
-        raise CheckpointError(f"{where} has shape {one_line(repr(shape), 40)}; a shape is a list of integers >= 0.")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)) \
-            or offsets[1] < offsets[0]:
-        raise CheckpointError(f"{where} has data_offsets {one_line(repr(offsets), 40)}; they must be [start, end] "
-                              "with 0 <= start <= end.")
+        raise CheckpointError(
+            f"{where} has shape {one_line(repr(shape), 40)}; a shape is a list of integers >= 0."
+        )
+    if (
+        not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets))
+        or offsets[1] < offsets[0]
+    ):
+        raise CheckpointError(
+            f"{where} has data_offsets {one_line(repr(offsets), 40)}; they must be [start, end] "
+            "with 0 <= start <= end."
+        )
     start, end = offsets
     if end > data_len:
-        raise CheckpointError(f"'{path}' is truncated: tensor '{one_line(name, 60)}' ends at byte {end} of {data_len}. "
-                              "Re-download the file.")
+        raise CheckpointError(
+            f"'{path}' is truncated: tensor '{one_line(name, 60)}' ends at byte {end} of {data_len}. "
+            "Re-download the file."
+        )
     need = math.prod(shape) * _DTYPE_BYTES[dtype]
     if end - start != need:
-        raise CheckpointError(f"{where} has {end - start} bytes, but shape {one_line(shape, 40)} of {dtype} takes "
-                              f"{need}; its header is corrupt.")
+        raise CheckpointError(
+            f"{where} has {end - start} bytes, but shape {one_line(shape, 40)} of {dtype} takes "
+            f"{need}; its header is corrupt."
+        )
     return TensorInfo(name, path, dtype, tuple(shape), need, data_start + start)
 
 
@@ -212,7 +265,9 @@ class ModelSource:
         if index is not None:
             files = self._shards(index)
             if self.hub_id:
-                _fetch_from_hub(self.hub_id, [f.relative_to(self.folder).as_posix() for f in files], self.folder)
+                _fetch_from_hub(
+                    self.hub_id, [f.relative_to(self.folder).as_posix() for f in files], self.folder
+                )
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -231,11 +286,15 @@ class ModelSource:
         for f in files:
             if checked_file(f, self.folder) is None:
                 named = " (named by the shard index)" if index is not None else ""
-                raise CheckpointError(f"{self.alias}: weights file '{f.name}'{named} is missing from '{self.folder}'.")
+                raise CheckpointError(
+                    f"{self.alias}: weights file '{f.name}'{named} is missing from '{self.folder}'."
+                )
             for name, info in read_safetensors_header(f).items():
                 if name in out:
-                    raise CheckpointError(f"{self.alias}: tensor '{one_line(name, 60)}' is in both '{out[name].file.name}' "
-                                          f"and '{f.name}'; the weights files disagree.")
+                    raise CheckpointError(
+                        f"{self.alias}: tensor '{one_line(name, 60)}' is in both '{out[name].file.name}' "
+                        f"and '{f.name}'; the weights files disagree."
+                    )
                 out[name] = info
         return out
 
@@ -244,16 +303,26 @@ class ModelSource:
         .safetensors file inside the model folder (absolute, '..', a link out) is refused, hosted or not."""
         weight_map = read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"'{index}' is not a valid shard index: 'weight_map' must be an object of tensor "
-                                  "name -> file name.")
+            raise CheckpointError(
+                f"'{index}' is not a valid shard index: 'weight_map' must be an object of tensor "
+                "name -> file name."
+            )
         root = Path(os.path.realpath(_model_root(self.folder)))
         files = set()
         for name in set(weight_map.values()):
             rel = Path(name)
-            if (not name.endswith(".safetensors") or not name.isprintable() or "\\" in name or rel.is_absolute()
-                    or ".." in rel.parts or root not in Path(os.path.realpath(self.folder / rel)).parents):
-                raise CheckpointError(f"'{index}' names '{one_line(name, 80)}' as a shard; a shard must be a "
-                                      ".safetensors file inside the model folder, so it is refused.")
+            if (
+                not name.endswith(".safetensors")
+                or not name.isprintable()
+                or "\\" in name
+                or rel.is_absolute()
+                or ".." in rel.parts
+                or root not in Path(os.path.realpath(self.folder / rel)).parents
+            ):
+                raise CheckpointError(
+                    f"'{index}' names '{one_line(name, 80)}' as a shard; a shard must be a "
+                    ".safetensors file inside the model folder, so it is refused."
+                )
             files.add(self.folder / rel)
         return sorted(files)
 
@@ -263,7 +332,11 @@ class ModelSource:
         with naming(self.alias):
             for name in (*TOKENIZER_FILES, "generation_config.json"):
                 path = self.file(name)
-                if path is not None and name.endswith(".json") and name not in ("tokenizer.json", "vocab.json"):
+                if (
+                    path is not None
+                    and name.endswith(".json")
+                    and name not in ("tokenizer.json", "vocab.json")
+                ):
                     read_json_object(path, name)
         _ = self.tokenizer_fingerprint  # reads and checks tokenizer.json / vocab.json
 
@@ -278,8 +351,10 @@ class ModelSource:
         try:
             return AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False)
         except Exception as exc:
-            raise CheckpointError(f"{self.alias}: the tokenizer files in '{self.folder}' do not load "
-                                  f"({type(exc).__name__}: {one_line(exc, 150)}); re-save the tokenizer.") from None
+            raise CheckpointError(
+                f"{self.alias}: the tokenizer files in '{self.folder}' do not load "
+                f"({type(exc).__name__}: {one_line(exc, 150)}); re-save the tokenizer."
+            ) from None
 
     @cached_property
     def parameter_count(self) -> int:
@@ -364,8 +439,10 @@ def tokenizer_vocab(src: ModelSource) -> dict[str, int] | None:
                 vocab[tok["content"]] = tok["id"]
             return vocab
         except Exception:  # the parser's messages quote the file: say only what is wrong
-            raise CheckpointError(f"'{tj}' is not a valid tokenizer file: the tokenizers library cannot load it. "
-                                  "Re-save the tokenizer.") from None
+            raise CheckpointError(
+                f"'{tj}' is not a valid tokenizer file: the tokenizers library cannot load it. "
+                "Re-save the tokenizer."
+            ) from None
     vj = src.file("vocab.json")
     if vj is not None:
         vocab = read_json_object(vj, "vocabulary file")
@@ -450,12 +527,16 @@ def resolve_folder(ref: str, search_dirs: list[Path] | None = None) -> tuple[Pat
             folder = _fetch_from_hub(ref, [*wanted, "*.safetensors"])
         return folder, ref
     tried = one_line(", ".join(str(c) for c in candidates), 300)
-    raise ModelNotFoundError(f"Model folder '{one_line(ref, 200)}' does not exist (looked in: {tried}). Give an "
-                             "existing local folder with config.json and safetensors weights, or a Hub id like "
-                             "'org/name'.")
+    raise ModelNotFoundError(
+        f"Model folder '{one_line(ref, 200)}' does not exist (looked in: {tried}). Give an "
+        "existing local folder with config.json and safetensors weights, or a Hub id like "
+        "'org/name'."
+    )
 
 
-def load_source(alias: str, ref: str, search_dirs: list[Path] | None = None, allow_bin: bool = False) -> ModelSource:
+def load_source(
+    alias: str, ref: str, search_dirs: list[Path] | None = None, allow_bin: bool = False
+) -> ModelSource:
     from mol.hosted import current_policy
 
     folder, hub_id = resolve_folder(ref, search_dirs)
@@ -467,12 +548,15 @@ def load_source(alias: str, ref: str, search_dirs: list[Path] | None = None, all
     with naming(alias):
         cfg_path = checked_file(folder / "config.json", folder)
         if cfg_path is None:
-            raise ModelNotFoundError(f"{alias}: '{folder}' has no config.json; it is not a Hugging Face model folder.")
+            raise ModelNotFoundError(
+                f"{alias}: '{folder}' has no config.json; it is not a Hugging Face model folder."
+            )
         raw = read_json_object(cfg_path, "config.json")
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise UnsupportedArchitectureError(f"{alias}: '{cfg_path}' has no model_type (a string); cannot tell its "
-                                           "architecture.")
+        raise UnsupportedArchitectureError(
+            f"{alias}: '{cfg_path}' has no model_type (a string); cannot tell its architecture."
+        )
     family = family_for(one_line(model_type, 60), where=alias)  # one_line: the name is echoed if unknown
     _check_sizes(alias, raw, model_type)
     try:
@@ -480,21 +564,34 @@ def load_source(alias: str, ref: str, search_dirs: list[Path] | None = None, all
 
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:  # transformers' validation errors span lines
-        raise CheckpointError(f"{alias}: transformers cannot read '{cfg_path}': {one_line(exc, 300)}".rstrip(".") + ".") \
-            from None
+        raise CheckpointError(
+            f"{alias}: transformers cannot read '{cfg_path}': {one_line(exc, 300)}".rstrip(".") + "."
+        ) from None
     check_config(alias, config, raw, family)
-    return ModelSource(alias=alias, ref=ref, folder=folder, config=config, family=family, hub_id=hub_id,
-                       allow_bin=allow_bin)
+    return ModelSource(
+        alias=alias, ref=ref, folder=folder, config=config, family=family, hub_id=hub_id, allow_bin=allow_bin
+    )
 
 
-_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-          "intermediate_size", "ffn_dim", "n_inner", "head_dim", "max_position_embeddings")
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "ffn_dim",
+    "n_inner",
+    "head_dim",
+    "max_position_embeddings",
+)
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _size_error(alias: str, name: str, value) -> CheckpointError:
-    return CheckpointError(f"{alias}: config.json field '{name}' must be a positive integer, not "
-                           f"{one_line(repr(value), 40)}.")
+    return CheckpointError(
+        f"{alias}: config.json field '{name}' must be a positive integer, not {one_line(repr(value), 40)}."
+    )
 
 
 def _check_sizes(alias: str, raw: dict, model_type: str) -> None:
@@ -526,7 +623,10 @@ def check_config(alias: str, config, raw: dict, family: Family) -> None:
         value = getattr(config, attr, None)
         if (value is not None or attr in _REQUIRED_SIZES) and not (_count(value) and value > 0):
             raise _size_error(alias, config.attribute_map.get(attr, attr), value)
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     if heads % kv:
         refuse("num_key_value_heads", f"({kv}) must divide num_attention_heads ({heads})")
     if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
@@ -534,8 +634,11 @@ def check_config(alias: str, config, raw: dict, family: Family) -> None:
     for attr in ("hidden_act", "hidden_activation", "activation_function"):
         value = getattr(config, attr, None)
         if value is not None and not (isinstance(value, str) and value in ACT2FN):
-            refuse(attr, f"is {one_line(repr(value), 40)}, not an activation transformers knows (such as gelu, "
-                         "gelu_new, relu, silu)")
+            refuse(
+                attr,
+                f"is {one_line(repr(value), 40)}, not an activation transformers knows (such as gelu, "
+                "gelu_new, relu, silu)",
+            )
     rope = getattr(config, "rope_parameters", None)
     if isinstance(rope, dict):  # one dict, or one per layer type (with the defaults merged in at the top)
         field = "rope_scaling" if "rope_scaling" in raw else "rope_parameters"
@@ -543,10 +646,14 @@ def check_config(alias: str, config, raw: dict, family: Family) -> None:
         for params in [raw, rope, *(v for v in rope.values() if isinstance(v, dict))]:
             kind = params.get("rope_type", "default")
             if kind != "default" and not (isinstance(kind, str) and kind in ROPE_INIT_FUNCTIONS):
-                refuse(f"{field}.rope_type", f"is {one_line(repr(kind), 40)}, not one of default, "
-                                             f"{', '.join(ROPE_INIT_FUNCTIONS)}")
+                refuse(
+                    f"{field}.rope_type",
+                    f"is {one_line(repr(kind), 40)}, not one of default, {', '.join(ROPE_INIT_FUNCTIONS)}",
+                )
             if "rope_theta" in params and not _positive(params["rope_theta"]):
-                refuse("rope_theta", f"must be a positive number, not {one_line(repr(params['rope_theta']), 40)}")
+                refuse(
+                    "rope_theta", f"must be a positive number, not {one_line(repr(params['rope_theta']), 40)}"
+                )
     window = getattr(config, "sliding_window", None)
     if window not in (None, False) and not _count(window):
         refuse("sliding_window", f"must be an integer >= 0 or null, not {one_line(repr(window), 40)}")

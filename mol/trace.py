@@ -24,7 +24,7 @@ class SlotTrace:
         n = len(self.experts)
         chosen = self.chosen
         if attention_mask is not None:
-            chosen = chosen[attention_mask[:, -chosen.shape[1]:].bool()]
+            chosen = chosen[attention_mask[:, -chosen.shape[1] :].bool()]
         counts = torch.bincount(chosen.reshape(-1).long(), minlength=n).float()
         total = counts.sum().clamp(min=1)
         return (counts / total).tolist()
@@ -55,14 +55,21 @@ class Trace:
         for s in self.slots:
             p, c = s.probs[batch_index], s.chosen[batch_index]
             if keep is not None:
-                p, c = p[keep[-p.shape[0]:]], c[keep[-c.shape[0]:]]
+                p, c = p[keep[-p.shape[0] :]], c[keep[-c.shape[0] :]]
             n = len(s.experts)
             counts = torch.bincount(c.reshape(-1).long(), minlength=n).float()
-            out_slots.append({
-                "slot": s.slot, "router": s.router, "experts": list(s.experts),
-                "probs": [[round(float(x), 5) for x in row] for row in p.tolist()],
-                "chosen": c.tolist(),
-                "load": (counts / counts.sum().clamp(min=1)).tolist(),
-            })
-        return {"tokens": tokens if tokens is not None else [str(i) for i in ids], "token_ids": ids,
-                "slots": out_slots}
+            out_slots.append(
+                {
+                    "slot": s.slot,
+                    "router": s.router,
+                    "experts": list(s.experts),
+                    "probs": [[round(float(x), 5) for x in row] for row in p.tolist()],
+                    "chosen": c.tolist(),
+                    "load": (counts / counts.sum().clamp(min=1)).tolist(),
+                }
+            )
+        return {
+            "tokens": tokens if tokens is not None else [str(i) for i in ids],
+            "token_ids": ids,
+            "slots": out_slots,
+        }

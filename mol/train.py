@@ -66,7 +66,9 @@ class TrainConfig:
     init_tokens: int = 2048  # per domain, for least-squares adapters and ridge routers
     max_tokens: int | None = None  # cap on each domain's token stream
     save_every: int = 0  # also checkpoint every N steps (0: only at the end)
-    max_seconds: float | None = None  # stop early after this much training time (makes results speed-dependent)
+    max_seconds: float | None = (
+        None  # stop early after this much training time (makes results speed-dependent)
+    )
     device: str | None = None
     # "auto" | "balanced" | "sequential": spread the frozen blocks over the GPUs (each process: over its share of
     # its node's GPUs), for sources too large for one (mol.placement)
@@ -129,12 +131,21 @@ def _model(model_or_recipe, config: TrainConfig) -> FusedModel:
     from mol.loading import build
 
     max_memory = distributed.rank_max_memory() if config.device_map else None
-    return build(model_or_recipe, device=distributed.rank_device(config.device), dtype=torch.float32,
-                 device_map=config.device_map, max_memory=max_memory)
+    return build(
+        model_or_recipe,
+        device=distributed.rank_device(config.device),
+        dtype=torch.float32,
+        device_map=config.device_map,
+        max_memory=max_memory,
+    )
 
 
 def _tokens(model: FusedModel, datasets, config: TrainConfig) -> tuple[dict[str, DomainTokens], dict]:
-    if isinstance(datasets, dict) and datasets and all(isinstance(v, DomainTokens) for v in datasets.values()):
+    if (
+        isinstance(datasets, dict)
+        and datasets
+        and all(isinstance(v, DomainTokens) for v in datasets.values())
+    ):
         return dict(datasets), {n: {"tokens": len(t)} for n, t in datasets.items()}
     domains = load_domains(datasets)
     tokens = tokenize_domains(model.tokenizer, domains, max_tokens=config.max_tokens)
@@ -154,16 +165,34 @@ def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
             p._switched_off = not on  # a later run may switch it back on
     groups = []
     if config.train_adapters and adapters:
-        groups.append({"params": [p for _, p in adapters], "names": [n for n, _ in adapters], "lr": config.lr,
-                       "base_lr": config.lr, "weight_decay": config.weight_decay})
+        groups.append(
+            {
+                "params": [p for _, p in adapters],
+                "names": [n for n, _ in adapters],
+                "lr": config.lr,
+                "base_lr": config.lr,
+                "weight_decay": config.weight_decay,
+            }
+        )
     if config.train_routers and routers:
-        groups.append({"params": [p for _, p in routers], "names": [n for n, _ in routers], "lr": config.router_lr,
-                       "base_lr": config.router_lr, "weight_decay": 0.0})
+        groups.append(
+            {
+                "params": [p for _, p in routers],
+                "names": [n for n, _ in routers],
+                "lr": config.router_lr,
+                "base_lr": config.router_lr,
+                "weight_decay": 0.0,
+            }
+        )
     return groups
 
 
-def initialise(model: FusedModel, tokens: dict[str, DomainTokens], config: TrainConfig,
-               domain_experts: dict[str, str] | None = None) -> dict:
+def initialise(
+    model: FusedModel,
+    tokens: dict[str, DomainTokens],
+    config: TrainConfig,
+    domain_experts: dict[str, str] | None = None,
+) -> dict:
     """Adapters (identity as built, or least squares) then routers (uniform, random or ridge), in that order:
     the closed-form router reads the stream the initialised adapters make."""
     report: dict = {}
@@ -183,8 +212,9 @@ def initialise(model: FusedModel, tokens: dict[str, DomainTokens], config: Train
         domain_experts = infer_domain_experts(model, tokens)
     if domain_experts is not None:
         report["domain_experts"] = dict(domain_experts)
-    report["router_fit"] = init_routers(model, config.router_init, tokens, domain_experts, seed=config.seed,
-                                        sample_tokens=config.init_tokens)
+    report["router_fit"] = init_routers(
+        model, config.router_init, tokens, domain_experts, seed=config.seed, sample_tokens=config.init_tokens
+    )
     return report
 
 
@@ -204,7 +234,9 @@ def silence_adapter_output(adapter: torch.nn.Module) -> None:
 class Teachers:
     """The source models alone that serve each domain label; `kl` is the distillation loss against them."""
 
-    def __init__(self, model: FusedModel, tokens: dict[str, DomainTokens], domain_experts: dict[str, str] | None):
+    def __init__(
+        self, model: FusedModel, tokens: dict[str, DomainTokens], domain_experts: dict[str, str] | None
+    ):
         from mol.evaluate import infer_domain_experts, source_model
 
         if not domain_experts:
@@ -212,7 +244,9 @@ class Teachers:
         names = next(iter(tokens.values())).label_names
         self.experts = {n: a for n, a in domain_experts.items() if n in names}
         if not self.experts:
-            raise DataError("Distillation needs domain labels that name a source model (e.g. --expert prose=bard).")
+            raise DataError(
+                "Distillation needs domain labels that name a source model (e.g. --expert prose=bard)."
+            )
         self.label_alias = {names.index(n): a for n, a in self.experts.items()}
         self.models = {a: source_model(model, a).requires_grad_(False) for a in set(self.experts.values())}
 
@@ -221,8 +255,9 @@ class Teachers:
         total, count = self.kl_terms(student_logits, ids, labels)
         return total / count.clamp(min=1)
 
-    def kl_terms(self, student_logits: torch.Tensor, ids: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kl_terms(
+        self, student_logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over labelled tokens of KL(teacher || student), their number)."""
         labels = labels.to(student_logits.device)
         target = torch.zeros_like(student_logits, dtype=torch.float32)
@@ -244,7 +279,9 @@ class Teachers:
         return (log_p.exp() * (log_p - log_q)).sum(), count
 
 
-def loss_shares(out: MoLOutput, kl: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def loss_shares(
+    out: MoLOutput, kl: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """This process's share of each loss term (lm, kl, aux, z) of the global batch: summed over the processes,
     each is the term one process computes on the whole batch (alone: the term itself), so the summed gradients
     are that process's gradient. Means over tokens divide by global counts. The Switch loss N·Σ f_i·P_i is not a
@@ -254,10 +291,19 @@ def loss_shares(out: MoLOutput, kl: tuple[torch.Tensor, torch.Tensor] | None = N
     rows, length = out.logits.shape[:2]
     routings = [r for _, r in out.routings]
     # expert counts by scatter_add, not bincount: no host synchronisation on a GPU
-    counts = [torch.zeros(r.probs.shape[-1], device=r.chosen.device).scatter_add_(
-        0, r.chosen.reshape(-1), torch.ones(r.chosen.numel(), device=r.chosen.device)).to(dev) for r in routings]
-    local = torch.cat([torch.tensor([float(rows)], device=dev),
-                       torch.zeros(1, device=dev) if kl is None else kl[1].to(dev, torch.float32).reshape(1), *counts])
+    counts = [
+        torch.zeros(r.probs.shape[-1], device=r.chosen.device)
+        .scatter_add_(0, r.chosen.reshape(-1), torch.ones(r.chosen.numel(), device=r.chosen.device))
+        .to(dev)
+        for r in routings
+    ]
+    local = torch.cat(
+        [
+            torch.tensor([float(rows)], device=dev),
+            torch.zeros(1, device=dev) if kl is None else kl[1].to(dev, torch.float32).reshape(1),
+            *counts,
+        ]
+    )
     total = distributed.all_reduce_sum(local)
     zero = out.logits.new_zeros((), dtype=torch.float32)
     shares = {"lm": out.loss * (rows / total[0]), "kl": zero if kl is None else kl[0] / total[1].clamp(min=1)}
@@ -265,7 +311,7 @@ def loss_shares(out: MoLOutput, kl: tuple[torch.Tensor, torch.Tensor] | None = N
     aux, z, at = [], [], 2
     for r in routings:
         n, k = r.probs.shape[-1], r.chosen.shape[-1]
-        f = total[at:at + n] / (tokens * k)
+        f = total[at : at + n] / (tokens * k)
         at += n
         aux.append(n * (f * (r.probs.float().reshape(-1, n).sum(0).to(dev) / tokens)).sum())
         z.append(torch.logsumexp(r.logits.float(), dim=-1).pow(2).sum().to(dev) / tokens)
@@ -300,28 +346,43 @@ def _restore(model: FusedModel, opt: torch.optim.Optimizer, weights: Path) -> di
 
     w, run_json, optim_path = companion_paths(weights)
     if not run_json.is_file() or not optim_path.is_file():
-        raise CheckpointError(f"Cannot resume: '{run_json.name}' or '{optim_path.name}' is missing beside '{w}'.")
+        raise CheckpointError(
+            f"Cannot resume: '{run_json.name}' or '{optim_path.name}' is missing beside '{w}'."
+        )
     load_trainable(model, w)
     run = json.loads(run_json.read_text(encoding="utf-8"))
     state = load_file(str(optim_path))
     for group in opt.param_groups:
         for name, p in zip(group["names"], group["params"], strict=True):
             if f"exp_avg/{name}" in state:
-                opt.state[p] = {"step": state[f"step/{name}"].reshape(()).clone(),
-                                "exp_avg": state[f"exp_avg/{name}"].to(p), "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(p)}
+                opt.state[p] = {
+                    "step": state[f"step/{name}"].reshape(()).clone(),
+                    "exp_avg": state[f"exp_avg/{name}"].to(p),
+                    "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(p),
+                }
     return run
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train")
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train"
+    )
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
-def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: str | Path | None = None,
-          resume: bool = False, progress: bool = True, domain_experts: dict[str, str] | None = None,
-          on_step=None) -> TrainResult:
+def train(
+    model_or_recipe,
+    datasets,
+    config: TrainConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    domain_experts: dict[str, str] | None = None,
+    on_step=None,
+) -> TrainResult:
     """Train the adapters and routers of a fused model (or of a Recipe, a Path to a recipe file, or recipe YAML
     text) on named datasets (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save
     the run there; with
@@ -337,18 +398,29 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     world = distributed.world_size()
     # The global batch, drawn whole by every process, which keeps its own rows (distributed.rank_rows): the data
     # order is the one of a single process with batch_size x world.
-    batches = TrainBatches(tokens, config.seq_len, config.batch_size * world, config.seed, config.mixed_share,
-                           config.mixed_chunk)
+    batches = TrainBatches(
+        tokens, config.seq_len, config.batch_size * world, config.seed, config.mixed_share, config.mixed_chunk
+    )
     model.aux_loss_weight, model.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
 
-    run: dict = {"recipe": model.recipe.to_yaml(), "config": asdict(config), "data": data_description,
-                 "hardware": hardware(), "world_size": world, "torch": torch.__version__, "step": 0, "curve": [],
-                 "metrics": {}}
+    run: dict = {
+        "recipe": model.recipe.to_yaml(),
+        "config": asdict(config),
+        "data": data_description,
+        "hardware": hardware(),
+        "world_size": world,
+        "torch": torch.__version__,
+        "step": 0,
+        "curve": [],
+        "metrics": {},
+    }
     resumed = resume and out is not None and companion_paths(out)[1].is_file()
     seen = distributed.count_ranks(resumed)
     if 0 < seen < world:  # all ranks raise together rather than diverge
-        raise CheckpointError(f"Cannot resume: {seen} of {world} processes see the run saved at '{out}'; put --out "
-                              "on a filesystem every node shares.")
+        raise CheckpointError(
+            f"Cannot resume: {seen} of {world} processes see the run saved at '{out}'; put --out "
+            "on a filesystem every node shares."
+        )
     if not resumed:
         run["init"] = initialise(model, tokens, config, domain_experts)
         domain_experts = run["init"].get("domain_experts", domain_experts)
@@ -358,13 +430,20 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     opt = torch.optim.AdamW(groups or [{"params": [], "names": []}], betas=(0.9, 0.95), eps=1e-8)
     if resumed:
         saved = _restore(model, opt, Path(out))
-        run.update({k: saved[k] for k in ("step", "curve", "init", "metrics", "distill_teachers") if k in saved})
+        run.update(
+            {k: saved[k] for k in ("step", "curve", "init", "metrics", "distill_teachers") if k in saved}
+        )
         run["metrics"].setdefault("train_seconds", 0.0)
-        domain_experts = domain_experts or saved.get("distill_teachers") or saved.get("init", {}).get("domain_experts")
+        domain_experts = (
+            domain_experts or saved.get("distill_teachers") or saved.get("init", {}).get("domain_experts")
+        )
         before = saved["config"]["batch_size"] * saved.get("world_size", 1)
         if before != config.batch_size * world:
-            log.warning("resuming with a global batch of %d rows, the run had %d: the data order changes",
-                        config.batch_size * world, before)
+            log.warning(
+                "resuming with a global batch of %d rows, the run had %d: the data order changes",
+                config.batch_size * world,
+                before,
+            )
     # Identical starting weights on every process, whatever each one's closed-form fits computed.
     distributed.broadcast_parameters(list(model.trainable_parameters().values()))
     teachers = None
@@ -400,10 +479,16 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
                     out_ = model(ids, labels=ids)
                     kl = teachers.kl_terms(out_.logits, ids, labels) if teachers is not None else None
                 terms = loss_shares(out_, kl)
-                loss = (terms["lm"] + config.distill_weight * terms["kl"] + config.aux_loss_weight * terms["aux"]
-                        + config.z_loss_weight * terms["z"])
+                loss = (
+                    terms["lm"]
+                    + config.distill_weight * terms["kl"]
+                    + config.aux_loss_weight * terms["aux"]
+                    + config.z_loss_weight * terms["z"]
+                )
                 (loss / config.grad_accum).backward()
-                shown += torch.stack([terms[k].detach().float() for k in ("lm", "aux", "z")]) / config.grad_accum
+                shown += (
+                    torch.stack([terms[k].detach().float() for k in ("lm", "aux", "z")]) / config.grad_accum
+                )
             distributed.sum_gradients(params)  # on every process: the gradient of the global batch's loss
             lm_sum, aux_sum, z_sum = distributed.all_reduce_sum(shown).tolist()
             # clipped by the global norm, the same on every process (the gradients are already summed)
@@ -412,9 +497,17 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             seconds += dt
-            run["curve"].append({"step": step + 1, "loss": round(lm_sum, 5), "aux_loss": round(aux_sum, 5),
-                                 "z_loss": round(z_sum, 5), "lr_factor": round(factor, 5),
-                                 "grad_norm": round(grad_norm, 4), "seconds": round(seconds, 3)})
+            run["curve"].append(
+                {
+                    "step": step + 1,
+                    "loss": round(lm_sum, 5),
+                    "aux_loss": round(aux_sum, 5),
+                    "z_loss": round(z_sum, 5),
+                    "lr_factor": round(factor, 5),
+                    "grad_norm": round(grad_norm, 4),
+                    "seconds": round(seconds, 3),
+                }
+            )
             if on_step is not None:
                 on_step(dict(run["curve"][-1]))
             smooth = lm_sum if smooth is None else 0.9 * smooth + 0.1 * lm_sum
@@ -422,7 +515,12 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             bar.update(1)
             run["step"] = step + 1
             run["metrics"]["train_seconds"] = round(seconds, 3)
-            if out is not None and config.save_every and (step + 1) % config.save_every == 0 and distributed.is_main():
+            if (
+                out is not None
+                and config.save_every
+                and (step + 1) % config.save_every == 0
+                and distributed.is_main()
+            ):
                 _save(model, opt, Path(out), run)
             if config.max_seconds is not None and distributed.any_rank(seconds >= config.max_seconds):
                 log.warning("stopping after %d steps: max_seconds=%s reached", step + 1, config.max_seconds)
@@ -436,13 +534,19 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
             uncompile_network(model)
     done = int(run["step"])
     trained = done - start
-    run["metrics"].update({
-        "steps": done,
-        "tokens": done * tokens_per_step,
-        "tokens_per_second": round(trained * tokens_per_step / max(seconds, 1e-9), 1) if trained else None,
-        "final_loss": run["curve"][-1]["loss"] if run["curve"] else None,
-        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters().values() if p.requires_grad),
-    })
+    run["metrics"].update(
+        {
+            "steps": done,
+            "tokens": done * tokens_per_step,
+            "tokens_per_second": round(trained * tokens_per_step / max(seconds, 1e-9), 1)
+            if trained
+            else None,
+            "final_loss": run["curve"][-1]["loss"] if run["curve"] else None,
+            "trainable_parameters": sum(
+                p.numel() for p in model.trainable_parameters().values() if p.requires_grad
+            ),
+        }
+    )
     result = TrainResult(model=model, steps=done, curve=run["curve"], metrics=run["metrics"])
     if out is not None:
         if distributed.is_main():
@@ -452,5 +556,13 @@ def train(model_or_recipe, datasets, config: TrainConfig | None = None, *, out: 
     return result
 
 
-__all__ = ["ADAPTER_INITS", "TrainConfig", "TrainResult", "companion_paths", "initialise", "loss_shares", "lr_factor",
-           "train"]
+__all__ = [
+    "ADAPTER_INITS",
+    "TrainConfig",
+    "TrainResult",
+    "companion_paths",
+    "initialise",
+    "loss_shares",
+    "lr_factor",
+    "train",
+]

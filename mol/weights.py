@@ -43,7 +43,9 @@ def load_trainable(model, path: str | Path, strict: bool = True) -> None:
         )
     for k, v in state.items():
         if k in expected and tuple(expected[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"'{path}': '{k}' has shape {list(v.shape)}, the recipe needs {list(expected[k].shape)}.")
+            raise CheckpointError(
+                f"'{path}': '{k}' has shape {list(v.shape)}, the recipe needs {list(expected[k].shape)}."
+            )
     with torch.no_grad():
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())

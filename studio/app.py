@@ -26,9 +26,11 @@ from studio.tabs.recipe import create_recipe_tab  # noqa: E402
 from studio.tabs.train import create_train_tab, training_rows, weight_choices  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
-INTRO = ("# MoL Studio\nFuse transformer blocks from different language models: pick **Models**, drag layers into "
-         "a **Recipe**, save it, run prompts in the **Playground** with the routing shown, then **Train** and "
-         "**Evaluate** its adapters and routers.")
+INTRO = (
+    "# MoL Studio\nFuse transformer blocks from different language models: pick **Models**, drag layers into "
+    "a **Recipe**, save it, run prompts in the **Playground** with the routing shown, then **Train** and "
+    "**Evaluate** its adapters and routers."
+)
 
 
 def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
@@ -60,31 +62,57 @@ def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
             return {"generation": engine.gate.snapshot(), "cached_models": len(engine.cache.keys())}
 
         gr.api(server_status, api_name="server_status")
-        play_tab.select(fresh_weights, [play["version"], play["weights"]], play["weights"], api_visibility="private")
-        eval_tab.select(fresh_weights, [evaluate["version"], evaluate["weights"]], evaluate["weights"],
-                        api_visibility="private")
+        play_tab.select(
+            fresh_weights, [play["version"], play["weights"]], play["weights"], api_visibility="private"
+        )
+        eval_tab.select(
+            fresh_weights,
+            [evaluate["version"], evaluate["weights"]],
+            evaluate["weights"],
+            api_visibility="private",
+        )
     demo.queue(default_concurrency_limit=4)
     return demo
 
 
-def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: dict, recipe: dict, play: dict,
-          train: dict, evaluate: dict) -> None:
+def _wire(
+    engine: StudioEngine,
+    demo: gr.Blocks,
+    workspace: gr.State,
+    models: dict,
+    recipe: dict,
+    play: dict,
+    train: dict,
+    evaluate: dict,
+) -> None:
     """What one tab's action changes in another."""
 
     def workspace_views(ws, board_v, base_v):
         pm = palette_models(ws)
         aliases = [c["alias"] for c in ws or []]
-        return ({"models": pm}, {**(board_v or {}), "models": pm},
-                gr.update(choices=aliases, value=base_v if base_v in aliases else (aliases[0] if aliases else None)),
-                model_rows(ws))
+        return (
+            {"models": pm},
+            {**(board_v or {}), "models": pm},
+            gr.update(
+                choices=aliases, value=base_v if base_v in aliases else (aliases[0] if aliases else None)
+            ),
+            model_rows(ws),
+        )
 
-    models["added"].then(workspace_views, [workspace, recipe["board"], recipe["base"]],
-                         [recipe["palette"], recipe["board"], recipe["base"], models["model_list"]],
-                         api_visibility="private")
+    models["added"].then(
+        workspace_views,
+        [workspace, recipe["board"], recipe["base"]],
+        [recipe["palette"], recipe["board"], recipe["base"], models["model_list"]],
+        api_visibility="private",
+    )
     for event in recipe["recipe_loaded"]:  # opening a recipe may bring models into the workspace
         event.then(model_rows, workspace, models["model_list"], api_visibility="private")
 
-    version_targets = [play["version"], *train.get("version_targets", []), *evaluate.get("version_targets", [])]
+    version_targets = [
+        play["version"],
+        *train.get("version_targets", []),
+        *evaluate.get("version_targets", []),
+    ]
 
     def versions_for_runs(loaded_v):
         try:
@@ -93,8 +121,11 @@ def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: di
             gr.Warning(user_message(exc))
             return _outputs([gr.update() for _ in version_targets])
         ids = [c[1] for c in choices]
-        pick = loaded_v.get("version_id") if loaded_v and loaded_v.get("version_id") in ids else (
-            ids[0] if ids else None)
+        pick = (
+            loaded_v.get("version_id")
+            if loaded_v and loaded_v.get("version_id") in ids
+            else (ids[0] if ids else None)
+        )
         # one update per output: Gradio consumes an update dict as it applies it
         return _outputs([gr.update(choices=choices, value=pick) for _ in version_targets])
 
@@ -112,8 +143,19 @@ def _wire(engine: StudioEngine, demo: gr.Blocks, workspace: gr.State, models: di
         targets = versions_for_runs(None)
         return [*versions, *runs, *tables, *(targets if isinstance(targets, tuple) else [targets])]
 
-    demo.load(on_load, None, [*recipe["version_outputs"], play["runs"], play["run_pick"], train["runs"],
-                              evaluate["evaluations"], *version_targets], api_visibility="private")
+    demo.load(
+        on_load,
+        None,
+        [
+            *recipe["version_outputs"],
+            play["runs"],
+            play["run_pick"],
+            train["runs"],
+            evaluate["evaluations"],
+            *version_targets,
+        ],
+        api_visibility="private",
+    )
 
 
 def _outputs(values: list) -> Any:
@@ -123,16 +165,24 @@ def _outputs(values: list) -> Any:
 
 def theme() -> gr.themes.Base:
     """System fonts only: the default themes fetch web fonts, and the studio must work offline."""
-    return gr.themes.Soft(primary_hue="orange", secondary_hue="blue",
-                          font=[gr.themes.Font("ui-sans-serif"), gr.themes.Font("system-ui"), "sans-serif"],
-                          font_mono=[gr.themes.Font("ui-monospace"), gr.themes.Font("Menlo"), "monospace"])
+    return gr.themes.Soft(
+        primary_hue="orange",
+        secondary_hue="blue",
+        font=[gr.themes.Font("ui-sans-serif"), gr.themes.Font("system-ui"), "sans-serif"],
+        font_mono=[gr.themes.Font("ui-monospace"), gr.themes.Font("Menlo"), "monospace"],
+    )
 
 
 def launch_settings(**overrides: Any) -> dict[str, Any]:
     """Arguments for `Blocks.launch` (Gradio 6 takes theme and css there, not in `Blocks`)."""
-    settings: dict[str, Any] = {"theme": theme(), "css": (STATIC / "studio.css").read_text(encoding="utf-8"),
-                                "show_error": False}
-    if hosted():  # Gradio refuses a larger upload before it reaches the studio, which also reads it as text only
+    settings: dict[str, Any] = {
+        "theme": theme(),
+        "css": (STATIC / "studio.css").read_text(encoding="utf-8"),
+        "show_error": False,
+    }
+    if (
+        hosted()
+    ):  # Gradio refuses a larger upload before it reaches the studio, which also reads it as text only
         settings["max_file_size"] = current_policy().limits.upload_bytes
     if os.environ.get("SPACE_ID") is None:
         settings["server_name"] = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")

@@ -47,6 +47,7 @@ try:  # Hugging Face ZeroGPU: the decorator borrows a GPU for the call; elsewher
 
     gpu_task: Callable = spaces.GPU
 except ImportError:  # not on a Space: run on whatever device is there (CPU here)
+
     def gpu_task(fn: Callable) -> Callable:
         return fn
 
@@ -66,7 +67,9 @@ class StudioConfig:
     max_new_tokens: int = 256
     max_prompt_tokens: int = 1024
     generation_concurrency: int = 1  # generations running at once
-    generation_queue: int | None = 32  # generations waiting for a turn (None: any number); more are told "busy"
+    generation_queue: int | None = (
+        32  # generations waiting for a turn (None: any number); more are told "busy"
+    )
     generation_wait_s: float = 300.0  # the longest a waiting generation waits before being told so
     upload_bytes: int | None = None  # the largest uploaded text file; None: no limit (local use)
 
@@ -80,7 +83,9 @@ class StudioConfig:
             cfg.data_dir = Path(os.environ["MANGO_DATA_DIR"]).expanduser()
         cfg.hosted = hosted()
         cfg.cached_models = int(os.environ.get("MANGO_CACHED_MODELS", cfg.cached_models))
-        cfg.generation_concurrency = int(os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency))
+        cfg.generation_concurrency = int(
+            os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency)
+        )
         if cfg.hosted:  # many visitors: as many may wait as run, the rest are told to come back
             limits = current_policy().limits
             cfg.max_new_tokens = min(cfg.max_new_tokens, limits.new_tokens)
@@ -173,7 +178,9 @@ class GenerationGate:
         self.max_waiting = max_waiting
         self.wait_s = wait_s
         self.running = 0
-        self.typical_s: float | None = None  # a generation's usual length (moving average), for "try again in"
+        self.typical_s: float | None = (
+            None  # a generation's usual length (moving average), for "try again in"
+        )
         self.stats = {"admitted": 0, "queued": 0, "refused": 0, "peak_waiting": 0, "peak_running": 0}
         self._queue: deque[object] = deque()
         self._cond = threading.Condition()
@@ -209,8 +216,10 @@ class GenerationGate:
             return GenerationSlot(self)
 
     def _busy(self) -> str:
-        return (f"The server is busy: {load_text(self.running, len(self._queue))}, as many as it can take. "
-                f"Try again in about {self.retry_after_s()} seconds.")
+        return (
+            f"The server is busy: {load_text(self.running, len(self._queue))}, as many as it can take. "
+            f"Try again in about {self.retry_after_s()} seconds."
+        )
 
     def retry_after_s(self) -> int:
         """When a refused request is likely to find a turn: a usual generation's length for each round of the
@@ -224,8 +233,13 @@ class GenerationGate:
 
     def snapshot(self) -> dict[str, int]:
         with self._cond:
-            return {"capacity": self.capacity, "max_waiting": self.max_waiting, "running": self.running,
-                    "waiting": len(self._queue), **self.stats}
+            return {
+                "capacity": self.capacity,
+                "max_waiting": self.max_waiting,
+                "running": self.running,
+                "waiting": len(self._queue),
+                **self.stats,
+            }
 
 
 @dataclass
@@ -257,8 +271,19 @@ class TrainingProgress:
 
 
 BUILTIN_CORPORA = ("prose", "code")
-TRAIN_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "router_lr", "aux_loss_weight", "seed", "adapter_init",
-                  "router_init", "max_seconds", "max_tokens")
+TRAIN_SETTINGS = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "router_lr",
+    "aux_loss_weight",
+    "seed",
+    "adapter_init",
+    "router_init",
+    "max_seconds",
+    "max_tokens",
+)
 
 
 def clamp_settings(settings: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
@@ -279,8 +304,9 @@ class StudioEngine:
     def __init__(self, config: StudioConfig | None = None):
         self.config = config or StudioConfig.from_env()
         self.cache = ModelCache(self.config.cached_models)
-        self.gate = GenerationGate(self.config.generation_concurrency, self.config.generation_queue,
-                                   self.config.generation_wait_s)
+        self.gate = GenerationGate(
+            self.config.generation_concurrency, self.config.generation_queue, self.config.generation_wait_s
+        )
         self._repo = None
         self._repo_lock = threading.Lock()
         self._run_locks: dict[int, threading.Lock] = {}
@@ -342,10 +368,12 @@ class StudioEngine:
     def recipe_from_file(self, path: Path) -> Recipe:
         """A recipe file whose model paths are relative to the file (as the shipped examples are), with those
         paths rewritten relative to the repository, as every recipe the studio stores has them."""
-        recipe = Recipe.from_file(path)  # server-side files only (the shipped examples), never a client's string
+        recipe = Recipe.from_file(
+            path
+        )  # server-side files only (the shipped examples), never a client's string
         models = {}
         for alias, ref in recipe.models.items():
-            local = (Path(path).resolve().parent / ref)
+            local = Path(path).resolve().parent / ref
             models[alias] = self.portable_ref(local) if local.is_dir() else ref
         return Recipe.from_dict({**recipe.to_dict(), "models": models}, source_dir=REPO_ROOT)
 
@@ -359,14 +387,22 @@ class StudioEngine:
             return PlanReport(False, report_internal(exc, "planning a recipe"))
         d = plan.to_dict()
         mem = d["memory_estimate"]
-        summary = {"slots": d["slots"], "routed_slots": d["routed_slots"], "base": plan.recipe.base,
-                   "width": plan.width, "tensors_to_read": d["tensors_to_read"],
-                   "bytes_to_read": d["bytes_to_read"], "memory": mem,
-                   "trainable_parameters": d["adapter_parameters"] + d["router_parameters"]}
+        summary = {
+            "slots": d["slots"],
+            "routed_slots": d["routed_slots"],
+            "base": plan.recipe.base,
+            "width": plan.width,
+            "tensors_to_read": d["tensors_to_read"],
+            "bytes_to_read": d["bytes_to_read"],
+            "memory": mem,
+            "trainable_parameters": d["adapter_parameters"] + d["router_parameters"],
+        }
         return PlanReport(True, None, summary, list(plan.warnings))
 
     # ---- building -----------------------------------------------------------------------------------
-    def fused_for_version(self, version_id: int, training_run_id: int | None = None) -> tuple[mol.FusedModel, Any]:
+    def fused_for_version(
+        self, version_id: int, training_run_id: int | None = None
+    ) -> tuple[mol.FusedModel, Any]:
         """The built model of a saved version, with the adapters and routers one of its training runs learned
         (None: as built, identity adapters and untrained routers)."""
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
@@ -400,8 +436,9 @@ class StudioEngine:
         folder = export(recipe, work / f"{stem}-v{version.number}", weights, format=fmt).path
         return Path(shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name))
 
-    def push_version(self, version_id: int, repo_id: str, token: str | None = None,
-                     training_run_id: int | None = None) -> str:
+    def push_version(
+        self, version_id: int, repo_id: str, token: str | None = None, training_run_id: int | None = None
+    ) -> str:
         """Export a saved version and upload it to the Hub. In hosted mode only the visitor's own token is used."""
         from mol.export.push import push
 
@@ -410,15 +447,24 @@ class StudioEngine:
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
-        return push(self.recipe_from_yaml(version.yaml_text), repo_id, weights, token=(token or "").strip() or None)
+        return push(
+            self.recipe_from_yaml(version.yaml_text), repo_id, weights, token=(token or "").strip() or None
+        )
 
     def fused_for_source(self, alias: str, ref: str) -> mol.FusedModel:
         """One source model alone, run through the same runtime (every layer, in order)."""
 
         def build() -> mol.FusedModel:
             n = load_source(alias, ref, [REPO_ROOT]).num_layers
-            recipe = Recipe.from_dict({"name": f"{alias} alone", "base": alias, "models": {alias: ref},
-                                       "slots": [f"{alias}:0-{n - 1}"]}, source_dir=REPO_ROOT)
+            recipe = Recipe.from_dict(
+                {
+                    "name": f"{alias} alone",
+                    "base": alias,
+                    "models": {alias: ref},
+                    "slots": [f"{alias}:0-{n - 1}"],
+                },
+                source_dir=REPO_ROOT,
+            )
             return mol.build(recipe)
 
         return self.cache.get(("source", alias, ref), build)
@@ -434,12 +480,20 @@ class StudioEngine:
         current_policy().check_generation(prompt, max_new_tokens)
         chars = 64 * self.config.max_prompt_tokens
         if len(prompt) > chars:
-            raise ResourceError(f"The prompt has {len(prompt):,} characters; the studio accepts at most {chars:,}. "
-                                "Shorten it.")
+            raise ResourceError(
+                f"The prompt has {len(prompt):,} characters; the studio accepts at most {chars:,}. "
+                "Shorten it."
+            )
         return prompt
 
-    def stream(self, model: mol.FusedModel, prompt: str, settings: dict[str, Any],
-               stop: threading.Event | None = None, slot: GenerationSlot | None = None) -> Iterator[GenerationUpdate]:
+    def stream(
+        self,
+        model: mol.FusedModel,
+        prompt: str,
+        settings: dict[str, Any],
+        stop: threading.Event | None = None,
+        slot: GenerationSlot | None = None,
+    ) -> Iterator[GenerationUpdate]:
         """Generate from `prompt`, yielding the text so far after each token; the last update carries the
         routing trace. Closing the iterator stops generation. It runs in one of the gate's slots (`slot`, taken
         by the caller, or one taken here), which the worker thread gives back when it ends."""
@@ -456,8 +510,10 @@ class StudioEngine:
                 start = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
                 ids = torch.tensor([[start]])
             if ids.shape[1] > self.config.max_prompt_tokens:
-                raise ResourceError(f"The prompt has {ids.shape[1]} tokens; the studio accepts at most "
-                                    f"{self.config.max_prompt_tokens}. Shorten it.")
+                raise ResourceError(
+                    f"The prompt has {ids.shape[1]} tokens; the studio accepts at most "
+                    f"{self.config.max_prompt_tokens}. Shorten it."
+                )
             stop = stop or threading.Event()
             events: queue.Queue = queue.Queue()
             lock = self._run_locks.setdefault(id(model), threading.Lock())
@@ -468,10 +524,17 @@ class StudioEngine:
                     if s["do_sample"]:
                         gen = torch.Generator(device=model.device).manual_seed(s["seed"])
                     with lock, torch.inference_mode():  # last_trace belongs to one generation at a time
-                        model.generate(ids, max_new_tokens=s["max_new_tokens"], do_sample=s["do_sample"],
-                                       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                       generator=gen, streamer=lambda t: events.put(("token", int(t[0]))),
-                                       stop=stop.is_set)
+                        model.generate(
+                            ids,
+                            max_new_tokens=s["max_new_tokens"],
+                            do_sample=s["do_sample"],
+                            temperature=s["temperature"],
+                            top_k=s["top_k"],
+                            top_p=s["top_p"],
+                            generator=gen,
+                            streamer=lambda t: events.put(("token", int(t[0]))),
+                            stop=stop.is_set,
+                        )
                         events.put(("done", self._trace_dict(model)))
                 except BaseException as exc:  # handed to the consumer, which raises it in the request thread
                     events.put(("error", exc))
@@ -509,9 +572,14 @@ class StudioEngine:
         tokens = [model.tokenizer.decode([i]) for i in ids.tolist()]
         return trace.to_dict(0, tokens)
 
-    def run_prompt(self, version_id: int, prompt: str, settings: dict[str, Any],
-                   stop: threading.Event | None = None, training_run_id: int | None = None
-                   ) -> Iterator[GenerationUpdate]:
+    def run_prompt(
+        self,
+        version_id: int,
+        prompt: str,
+        settings: dict[str, Any],
+        stop: threading.Event | None = None,
+        training_run_id: int | None = None,
+    ) -> Iterator[GenerationUpdate]:
         """Generate with a saved recipe version and store the run (prompt, settings, output, trace). The request
         waits for a generation slot (or is told the server is busy) before the model is built: building counts."""
         version_id = record_id(version_id, "recipe version")
@@ -555,7 +623,6 @@ class StudioEngine:
             text = update.text
         return text
 
-
     # ---- training and evaluation ---------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
@@ -575,7 +642,9 @@ class StudioEngine:
             elif name in BUILTIN_CORPORA:
                 out[name] = [self.config.corpora_dir / name / f"{split}.txt"]
             else:
-                raise DataError(f"There is no built-in corpus '{name}'; choose from {', '.join(BUILTIN_CORPORA)}.")
+                raise DataError(
+                    f"There is no built-in corpus '{name}'; choose from {', '.join(BUILTIN_CORPORA)}."
+                )
         for path in uploads or []:
             p = self.check_upload(path)
             name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in p.stem) or "uploaded"
@@ -612,8 +681,13 @@ class StudioEngine:
     def read_upload(self, path: str | Path, max_bytes: int | None = None) -> str:
         return self.check_upload(path, max_bytes).read_text(encoding="utf-8")
 
-    def train_version(self, version_id: int, datasets: dict[str, list[Path]], settings: dict[str, Any],
-                      poll_seconds: float = 0.5) -> Iterator[TrainingProgress]:
+    def train_version(
+        self,
+        version_id: int,
+        datasets: dict[str, list[Path]],
+        settings: dict[str, Any],
+        poll_seconds: float = 0.5,
+    ) -> Iterator[TrainingProgress]:
         """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
         the loss curve so far (each step's point as `mol.train` reports it) and stores the run and its weights."""
         from mol.train import TrainConfig, train
@@ -623,17 +697,23 @@ class StudioEngine:
         chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
         steps = int(chosen.get("steps", 200))
         config = TrainConfig.from_dict(chosen)
-        record = self.repo.create_training_run(version.id, {
-            "train": {k: getattr(config, k) for k in TRAIN_SETTINGS},
-            "data": {name: [self.portable_ref(p) for p in paths] for name, paths in datasets.items()}},
-            status="running")
+        record = self.repo.create_training_run(
+            version.id,
+            {
+                "train": {k: getattr(config, k) for k in TRAIN_SETTINGS},
+                "data": {name: [self.portable_ref(p) for p in paths] for name, paths in datasets.items()},
+            },
+            status="running",
+        )
         weights = self.data_dir / "weights" / f"training-run-{record.id}.safetensors"
         outcome: dict[str, Any] = {}
         points: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
-                outcome["result"] = train(recipe, datasets, config, out=weights, progress=False, on_step=points.put)
+                outcome["result"] = train(
+                    recipe, datasets, config, out=weights, progress=False, on_step=points.put
+                )
             except BaseException as exc:  # raised again in the request thread
                 outcome["error"] = exc
 
@@ -658,13 +738,27 @@ class StudioEngine:
             self.repo.update_training_run(record.id, status="failed", error=message)
             raise ReportedError(message) from exc
         result = outcome["result"]
-        self.repo.update_training_run(record.id, status="completed", loss_curve=list(result.curve),
-                                      metrics=dict(result.metrics), weights_path=str(weights))
-        yield TrainingProgress(record.id, result.steps, steps, list(result.curve), "completed", dict(result.metrics))
+        self.repo.update_training_run(
+            record.id,
+            status="completed",
+            loss_curve=list(result.curve),
+            metrics=dict(result.metrics),
+            weights_path=str(weights),
+        )
+        yield TrainingProgress(
+            record.id, result.steps, steps, list(result.curve), "completed", dict(result.metrics)
+        )
 
-    def evaluate_version(self, version_id: int, datasets: dict[str, list[Path]], training_run_id: int | None = None,
-                         sources: bool = True, seq_len: int = 256, max_tokens: int | None = 20_000,
-                         on_progress=None):
+    def evaluate_version(
+        self,
+        version_id: int,
+        datasets: dict[str, list[Path]],
+        training_run_id: int | None = None,
+        sources: bool = True,
+        seq_len: int = 256,
+        max_tokens: int | None = 20_000,
+        on_progress=None,
+    ):
         """Perplexity per domain, router agreement and load, with every source model alone on the same tokens
         (`mol.evaluate`); the report is stored with the version (and the training run whose weights it used)."""
         from mol.evaluate import evaluate
@@ -672,8 +766,22 @@ class StudioEngine:
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
-        report = evaluate(recipe, datasets, weights=weights, sources=sources, seq_len=int(seq_len),
-                          max_tokens=max_tokens, on_progress=on_progress)
-        name = f"{version.recipe_name} v{version.number}" + (f" + training run {training_run_id}" if weights else "")
-        results = {**report.to_dict(), "data": {n: [self.portable_ref(p) for p in ps] for n, ps in datasets.items()}}
-        return self.repo.add_evaluation(version.id, results, training_run_id=training_run_id or None, name=name)
+        report = evaluate(
+            recipe,
+            datasets,
+            weights=weights,
+            sources=sources,
+            seq_len=int(seq_len),
+            max_tokens=max_tokens,
+            on_progress=on_progress,
+        )
+        name = f"{version.recipe_name} v{version.number}" + (
+            f" + training run {training_run_id}" if weights else ""
+        )
+        results = {
+            **report.to_dict(),
+            "data": {n: [self.portable_ref(p) for p in ps] for n, ps in datasets.items()},
+        }
+        return self.repo.add_evaluation(
+            version.id, results, training_run_id=training_run_id or None, name=name
+        )

@@ -40,8 +40,10 @@ def report_internal(exc: BaseException, context: str = "a studio callback") -> s
     """Log an unexpected exception with its traceback under a new error id; the message to show instead."""
     error_id = secrets.token_hex(4)
     log.error("error %s in %s", error_id, context, exc_info=(type(exc), exc, exc.__traceback__))
-    return (f"Something went wrong inside the studio (error id {error_id}). The details are in the server log; "
-            "quote the id if you report it.")
+    return (
+        f"Something went wrong inside the studio (error id {error_id}). The details are in the server log; "
+        "quote the id if you report it."
+    )
 
 
 def user_message(exc: BaseException, context: str = "a studio callback") -> str:
@@ -78,8 +80,11 @@ def whole(value: Any, what: str, lo: int | None = None, hi: int | None = None) -
     if n is None:
         raise InputError(f"{what} must be a whole number, got {_shown(value)}.")
     if (lo is not None and n < lo) or (hi is not None and n > hi):
-        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-            f"at least {lo}" if lo is not None else f"at most {hi}")
+        bounds = (
+            f"between {lo} and {hi}"
+            if lo is not None and hi is not None
+            else (f"at least {lo}" if lo is not None else f"at most {hi}")
+        )
         raise InputError(f"{what} must be {bounds}, got {n}.")
     return n
 
@@ -154,8 +159,10 @@ def recipe_text(value: Any, max_chars: int) -> str:
     def walk(node: Any, depth: int) -> None:
         budget[0] -= 1
         if budget[0] < 0 or depth > 100:
-            raise RecipeError("The recipe YAML expands to far more than a recipe holds (anchors and aliases "
-                              "repeated, or nesting too deep); write the recipe out plainly.")
+            raise RecipeError(
+                "The recipe YAML expands to far more than a recipe holds (anchors and aliases "
+                "repeated, or nesting too deep); write the recipe out plainly."
+            )
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(k, depth + 1)

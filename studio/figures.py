@@ -21,8 +21,18 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 # Tableau 10: distinct, readable on light and dark backgrounds.
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
-           "#bab0ac")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 _FONT = {"family": "Inter, ui-sans-serif, system-ui, sans-serif", "size": 12}
 MAX_TICK_LABELS = 80
 
@@ -64,7 +74,7 @@ def _shade(color: str, t: float) -> str:
 
 
 def alias_of(expert: str) -> str:
-    """"bard:3" -> "bard" (an expert name without a colon is its own alias)."""
+    """ "bard:3" -> "bard" (an expert name without a colon is its own alias)."""
     return expert.rsplit(":", 1)[0] if ":" in expert else expert
 
 
@@ -87,7 +97,9 @@ def expert_colors(experts: Sequence[str], colors: Mapping[str, str] | None = Non
         for k, name in enumerate(names):
             # the lowest layer keeps the model's own colour; later ones alternate lighter / darker
             step = (k + 1) // 2
-            out[name] = base[alias] if k == 0 else _shade(base[alias], 0.75 * (1 - 0.6**step) * (1 if k % 2 else -1))
+            out[name] = (
+                base[alias] if k == 0 else _shade(base[alias], 0.75 * (1 - 0.6**step) * (1 if k % 2 else -1))
+            )
     return out
 
 
@@ -99,7 +111,9 @@ def visible_token(token: str, max_chars: int | None = None) -> str:
     subset of HTML in labels), optionally shortened."""
     if token == "":
         return "∅"
-    shown = token.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", "⇥").replace(" ", "·")
+    shown = (
+        token.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", "⇥").replace(" ", "·")
+    )
     if max_chars is not None and len(shown) > max_chars:
         shown = shown[: max_chars - 1] + "…"
     return html.escape(shown, quote=False)
@@ -112,10 +126,18 @@ def format_prob(p: float | None) -> str:
 
 def _empty(message: str, title: str, height: int = 220) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font={"size": 14})
-    fig.update_layout(title={"text": title}, height=height, font=_FONT, template="plotly_white",
-                      xaxis={"visible": False}, yaxis={"visible": False}, margin={"l": 20, "r": 20, "t": 50, "b": 20})
+    fig.add_annotation(
+        text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 14}
+    )
+    fig.update_layout(
+        title={"text": title},
+        height=height,
+        font=_FONT,
+        template="plotly_white",
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        margin={"l": 20, "r": 20, "t": 50, "b": 20},
+    )
     return fig
 
 
@@ -127,16 +149,21 @@ def _slot_label(slot: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def router_heatmap(trace: Mapping[str, Any], colors: Mapping[str, str] | None = None,
-                   title: str = "Router decisions per token", max_label_chars: int = 12) -> go.Figure:
+def router_heatmap(
+    trace: Mapping[str, Any],
+    colors: Mapping[str, str] | None = None,
+    title: str = "Router decisions per token",
+    max_label_chars: int = 12,
+) -> go.Figure:
     """Tokens (x, by position 0..T-1 with the token text as tick labels, so repeated tokens stay apart) ×
     routed slots (y). Each cell is coloured by the slot's top-1 expert for that token; the colour bar names the
     experts; the hover shows the token, the slot, the chosen expert(s) and every expert's gate probability.
     `fig.data[0].z` has shape (routed slots, tokens)."""
     slots = list(trace.get("slots") or [])
     if not slots:
-        return _empty("No routed slots: every slot holds one block, so there are no router decisions to show.",
-                      title)
+        return _empty(
+            "No routed slots: every slot holds one block, so there are no router decisions to show.", title
+        )
     tokens = [str(t) for t in (trace.get("tokens") or [])]
     n_tokens = len(tokens) or max(len(s.get("probs") or s.get("chosen") or []) for s in slots)
     if n_tokens == 0:
@@ -167,8 +194,10 @@ def router_heatmap(trace: Mapping[str, Any], colors: Mapping[str, str] | None = 
             top = names[pick[0]] if pick and 0 <= pick[0] < len(names) else None
             row_z.append(code[top] if top is not None else None)
             p_row = probs[t - p_off] if 0 <= t - p_off < len(probs) else []
-            lines = [f"{'▶ ' if i in pick else ''}{html.escape(n)}: {format_prob(p_row[i] if i < len(p_row) else None)}"
-                     for i, n in enumerate(names)]
+            lines = [
+                f"{'▶ ' if i in pick else ''}{html.escape(n)}: {format_prob(p_row[i] if i < len(p_row) else None)}"
+                for i, n in enumerate(names)
+            ]
             chosen_text = ", ".join(html.escape(names[i]) for i in pick if 0 <= i < len(names)) or "–"
             row_c.append([hover_tokens[t], label, chosen_text, "<br>".join(lines)])
         z.append(row_z)
@@ -182,30 +211,66 @@ def router_heatmap(trace: Mapping[str, Any], colors: Mapping[str, str] | None = 
 
     step = max(1, math.ceil(n_tokens / MAX_TICK_LABELS))
     tickvals = list(range(0, n_tokens, step))
-    fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(n_tokens)), y=list(range(len(slots))), customdata=custom,
-        zmin=-0.5, zmax=n_exp - 0.5, colorscale=scale, xgap=1, ygap=1, hoverongaps=False,
-        hovertemplate=("token %{x}: <b>%{customdata[0]}</b><br>%{customdata[1]} → %{customdata[2]}"
-                       "<br>%{customdata[3]}<extra></extra>"),
-        colorbar={"title": {"text": "top-1 expert", "side": "right"}, "tickmode": "array",
-                  "tickvals": list(range(len(experts))), "ticktext": [html.escape(e) for e in experts],
-                  "thickness": 14, "len": 1.0},
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_tokens)),
+            y=list(range(len(slots))),
+            customdata=custom,
+            zmin=-0.5,
+            zmax=n_exp - 0.5,
+            colorscale=scale,
+            xgap=1,
+            ygap=1,
+            hoverongaps=False,
+            hovertemplate=(
+                "token %{x}: <b>%{customdata[0]}</b><br>%{customdata[1]} → %{customdata[2]}"
+                "<br>%{customdata[3]}<extra></extra>"
+            ),
+            colorbar={
+                "title": {"text": "top-1 expert", "side": "right"},
+                "tickmode": "array",
+                "tickvals": list(range(len(experts))),
+                "ticktext": [html.escape(e) for e in experts],
+                "thickness": 14,
+                "len": 1.0,
+            },
+        )
+    )
     fig.update_layout(
-        title={"text": title}, font=_FONT, template="plotly_white",
-        height=max(220, 110 + 34 * len(slots), 100 + 18 * len(experts)),  # room for every colour-bar label margin={"l": 80, "r": 20, "t": 50, "b": 70},
-        xaxis={"title": {"text": "token"}, "tickmode": "array", "tickvals": tickvals,
-               "ticktext": [visible_token(tokens[i], max_label_chars) for i in tickvals],
-               "tickangle": -45 if n_tokens > 12 else 0, "showgrid": False, "zeroline": False},
-        yaxis={"tickmode": "array", "tickvals": list(range(len(slots))),
-               "ticktext": [_slot_label(s) for s in slots], "autorange": "reversed", "showgrid": False,
-               "zeroline": False},
+        title={"text": title},
+        font=_FONT,
+        template="plotly_white",
+        height=max(
+            220, 110 + 34 * len(slots), 100 + 18 * len(experts)
+        ),  # room for every colour-bar label margin={"l": 80, "r": 20, "t": 50, "b": 70},
+        xaxis={
+            "title": {"text": "token"},
+            "tickmode": "array",
+            "tickvals": tickvals,
+            "ticktext": [visible_token(tokens[i], max_label_chars) for i in tickvals],
+            "tickangle": -45 if n_tokens > 12 else 0,
+            "showgrid": False,
+            "zeroline": False,
+        },
+        yaxis={
+            "tickmode": "array",
+            "tickvals": list(range(len(slots))),
+            "ticktext": [_slot_label(s) for s in slots],
+            "autorange": "reversed",
+            "showgrid": False,
+            "zeroline": False,
+        },
     )
     return fig
 
 
-def expert_load(trace: Mapping[str, Any], colors: Mapping[str, str] | None = None,
-                title: str = "Expert load per routed slot", max_cols: int = 4) -> go.Figure:
+def expert_load(
+    trace: Mapping[str, Any],
+    colors: Mapping[str, str] | None = None,
+    title: str = "Expert load per routed slot",
+    max_cols: int = 4,
+) -> go.Figure:
     """One small bar chart per routed slot: the fraction of tokens each expert received (top-k choices all
     count, as in `SlotTrace.load`)."""
     slots = list(trace.get("slots") or [])
@@ -215,8 +280,14 @@ def expert_load(trace: Mapping[str, Any], colors: Mapping[str, str] | None = Non
     palette = expert_colors(experts, colors)
     cols = min(len(slots), max_cols)
     rows = math.ceil(len(slots) / cols)
-    fig = make_subplots(rows=rows, cols=cols, shared_yaxes=True, subplot_titles=[_slot_label(s) for s in slots],
-                        horizontal_spacing=0.04, vertical_spacing=min(0.3, 0.5 / rows))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        shared_yaxes=True,
+        subplot_titles=[_slot_label(s) for s in slots],
+        horizontal_spacing=0.04,
+        vertical_spacing=min(0.3, 0.5 / rows),
+    )
     for k, s in enumerate(slots):
         names = list(s.get("experts") or [])
         load = list(s.get("load") or [])
@@ -229,15 +300,31 @@ def expert_load(trace: Mapping[str, Any], colors: Mapping[str, str] | None = Non
             total = sum(counts) or 1
             load = [c / total for c in counts]
         load = [float(x) for x in load[: len(names)]] + [0.0] * (len(names) - len(load))
-        fig.add_trace(go.Bar(
-            x=[html.escape(n) for n in names], y=load, marker={"color": [palette[n] for n in names]},
-            text=[f"{x:.0%}" for x in load], textposition="outside", cliponaxis=False, showlegend=False,
-            name=_slot_label(s), hovertemplate=f"{_slot_label(s)}<br>%{{x}}: %{{y:.1%}} of tokens<extra></extra>",
-        ), row=k // cols + 1, col=k % cols + 1)
+        fig.add_trace(
+            go.Bar(
+                x=[html.escape(n) for n in names],
+                y=load,
+                marker={"color": [palette[n] for n in names]},
+                text=[f"{x:.0%}" for x in load],
+                textposition="outside",
+                cliponaxis=False,
+                showlegend=False,
+                name=_slot_label(s),
+                hovertemplate=f"{_slot_label(s)}<br>%{{x}}: %{{y:.1%}} of tokens<extra></extra>",
+            ),
+            row=k // cols + 1,
+            col=k % cols + 1,
+        )
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", showgrid=True)
     fig.update_yaxes(title={"text": "share of tokens"}, col=1)
-    fig.update_layout(title={"text": title}, font=_FONT, template="plotly_white", bargap=0.25,
-                      height=max(260, 230 * rows), margin={"l": 60, "r": 20, "t": 70, "b": 50})
+    fig.update_layout(
+        title={"text": title},
+        font=_FONT,
+        template="plotly_white",
+        bargap=0.25,
+        height=max(260, 230 * rows),
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+    )
     return fig
 
 
@@ -258,25 +345,55 @@ def loss_curve(points: Sequence[Mapping[str, Any]], title: str = "Training loss"
     losses = [finite(p.get("loss")) for p in rows]
     has_lr = any(p.get("lr") is not None for p in rows)
     fig = make_subplots(specs=[[{"secondary_y": has_lr}]])
-    fig.add_trace(go.Scatter(
-        x=steps, y=losses, name="loss", mode="lines+markers" if len(rows) <= 60 else "lines",
-        line={"color": PALETTE[0], "width": 2}, marker={"size": 5},
-        hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>",
-    ), secondary_y=False)
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=losses,
+            name="loss",
+            mode="lines+markers" if len(rows) <= 60 else "lines",
+            line={"color": PALETTE[0], "width": 2},
+            marker={"size": 5},
+            hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>",
+        ),
+        secondary_y=False,
+    )
     if has_lr:
-        fig.add_trace(go.Scatter(
-            x=steps, y=[finite(p.get("lr")) for p in rows], name="learning rate", mode="lines",
-            line={"color": PALETTE[1], "width": 1.5, "dash": "dot"},
-            hovertemplate="step %{x}<br>lr %{y:.3g}<extra></extra>",
-        ), secondary_y=True)
-        fig.update_yaxes(title={"text": "learning rate"}, exponentformat="e", showgrid=False, secondary_y=True)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[finite(p.get("lr")) for p in rows],
+                name="learning rate",
+                mode="lines",
+                line={"color": PALETTE[1], "width": 1.5, "dash": "dot"},
+                hovertemplate="step %{x}<br>lr %{y:.3g}<extra></extra>",
+            ),
+            secondary_y=True,
+        )
+        fig.update_yaxes(
+            title={"text": "learning rate"}, exponentformat="e", showgrid=False, secondary_y=True
+        )
     fig.update_yaxes(title={"text": "loss"}, secondary_y=False)
     fig.update_xaxes(title={"text": "step"})
-    fig.update_layout(title={"text": title}, font=_FONT, template="plotly_white", height=320,
-                      hovermode="x unified", margin={"l": 60, "r": 60 if has_lr else 20, "t": 50, "b": 50},
-                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1})
+    fig.update_layout(
+        title={"text": title},
+        font=_FONT,
+        template="plotly_white",
+        height=320,
+        hovermode="x unified",
+        margin={"l": 60, "r": 60 if has_lr else 20, "t": 50, "b": 50},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
+    )
     return fig
 
 
-__all__ = ["PALETTE", "alias_of", "expert_colors", "expert_load", "format_prob", "loss_curve", "model_colors",
-           "router_heatmap", "visible_token"]
+__all__ = [
+    "PALETTE",
+    "alias_of",
+    "expert_colors",
+    "expert_load",
+    "format_prob",
+    "loss_curve",
+    "model_colors",
+    "router_heatmap",
+    "visible_token",
+]

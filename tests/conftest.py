@@ -30,8 +30,12 @@ def tiny(tiny_dir, tokenizer_dir):
     def factory(family: str, width: int = 64, layers: int = 4, seed: int = 0, **overrides):
         key = (family, width, layers, seed, tuple(sorted(overrides.items())))
         if key not in made:
-            name = f"{family}-w{width}-l{layers}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
-            made[key] = make_model(tiny_dir / name, family, width, layers, tokenizer_dir, seed=seed, **overrides)
+            name = f"{family}-w{width}-l{layers}-s{seed}" + "".join(
+                f"-{k}{v}" for k, v in sorted(overrides.items())
+            )
+            made[key] = make_model(
+                tiny_dir / name, family, width, layers, tokenizer_dir, seed=seed, **overrides
+            )
         return made[key]
 
     return factory

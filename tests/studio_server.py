@@ -13,7 +13,11 @@ from pathlib import Path
 from studio.engine import StudioConfig, StudioEngine
 
 # The shipped demo family's names and families, at test size; one tokenizer for all three.
-DEMO_LIKE = {"mango-bard": ("llama", 64, 4), "mango-coder": ("gpt_neox", 48, 3), "mango-base": ("gpt2", 64, 2)}
+DEMO_LIKE = {
+    "mango-bard": ("llama", 64, 4),
+    "mango-coder": ("gpt_neox", 48, 3),
+    "mango-base": ("gpt2", 64, 2),
+}
 
 
 def make_models_dir(folder: Path, tiny) -> Path:
@@ -53,8 +57,11 @@ def start_studio(models_dir: Path, db_path: Path, **config) -> RunningStudio:
 @contextmanager
 def serving_studio(tmp_path_factory, tiny, name: str, **config) -> Iterator[RunningStudio]:
     """A studio on fresh test-size demo models and its own database (folders named after `name`), closed on exit."""
-    running = start_studio(make_models_dir(tmp_path_factory.mktemp(f"{name}-models"), tiny),
-                           tmp_path_factory.mktemp(f"{name}-db") / "studio.db", **config)
+    running = start_studio(
+        make_models_dir(tmp_path_factory.mktemp(f"{name}-models"), tiny),
+        tmp_path_factory.mktemp(f"{name}-db") / "studio.db",
+        **config,
+    )
     try:
         yield running
     finally:

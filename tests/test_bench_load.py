@@ -15,11 +15,23 @@ def test_two_users_for_two_seconds(tmp_path, tiny):
         from gradio_client import Client
 
         models = studio.engine.embedded_models()
-        text = yaml.safe_dump({"name": "load", "base": "bard", "models": {a: models[a] for a in ("bard", "coder")},
-                               "slots": ["bard:0", ["bard:1", "coder:1"], "bard:2"]})
+        text = yaml.safe_dump(
+            {
+                "name": "load",
+                "base": "bard",
+                "models": {a: models[a] for a in ("bard", "coder")},
+                "slots": ["bard:0", ["bard:1", "coder:1"], "bard:2"],
+            }
+        )
         version = Client(studio.url, verbose=False).predict(text, "", api_name="/save_recipe")
-        result = run_load(studio.url, version["id"], users=2, seconds=2, new_tokens=4,
-                          prompt_tokens=prompt_lengths(models_dir / "mango-bard"))
+        result = run_load(
+            studio.url,
+            version["id"],
+            users=2,
+            seconds=2,
+            new_tokens=4,
+            prompt_tokens=prompt_lengths(models_dir / "mango-bard"),
+        )
         status = server_status(studio.url)
     finally:
         studio.close()

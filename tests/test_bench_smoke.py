@@ -11,7 +11,17 @@ def test_smoke_suite_writes_every_section(tmp_path):
     out = run(smoke=True, out_dir=tmp_path, budget=600)
     r = json.loads(out.read_text())
     assert r["errors"] == {}
-    for key in ("env", "sizes", "ceilings", "prefill", "decode", "routed_slot", "training", "build", "placement"):
+    for key in (
+        "env",
+        "sizes",
+        "ceilings",
+        "prefill",
+        "decode",
+        "routed_slot",
+        "training",
+        "build",
+        "placement",
+    ):
         assert key in r, key
     for key in ("card", "torch", "transformers", "date"):
         assert key in r["env"]
@@ -19,7 +29,9 @@ def test_smoke_suite_writes_every_section(tmp_path):
         for bsz in ("1", "2"):
             row = r["decode"]["recipes"][name]["batches"][bsz]
             assert {"plain", "fast_graph", "floor_tokens_per_s"} <= set(row)
-            assert row["fast_graph"]["tokens_vs_plain"]["equal"]  # the fast path's greedy tokens are the plain's
+            assert row["fast_graph"]["tokens_vs_plain"][
+                "equal"
+            ]  # the fast path's greedy tokens are the plain's
     assert "transformers" in r["decode"]["recipes"]["identity"]["batches"]["1"]
     assert all(v["graph_replayed"]["equal"] for v in r["decode"]["correctness_fp32"].values())
     assert r["prefill"]["identity"]["logits_max_abs_diff_vs_transformers"] <= 1e-4

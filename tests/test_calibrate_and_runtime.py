@@ -8,8 +8,14 @@ from tests.tiny_models import CORPUS
 
 def test_calibration_fits_better_than_truncated_identity(tiny):
     a, b = tiny("llama", width=64), tiny("gpt2", width=96)
-    recipe = mol.Recipe.from_dict({"name": "c", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", "b:1", {"experts": ["a:1", "b:2"]}, "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "c",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": ["a:0", "b:1", {"experts": ["a:1", "b:2"]}, "a:2"],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     ids = model.tokenizer(CORPUS[:400], return_tensors="pt")["input_ids"]
     before = model(ids, labels=ids).loss.item()
@@ -22,8 +28,10 @@ def test_calibration_fits_better_than_truncated_identity(tiny):
 
 
 def test_calibration_is_a_no_op_without_foreign_experts(tiny):
-    model = mol.build(mol.Recipe.from_dict({"name": "i", "models": {"a": str(tiny("llama"))}, "slots": ["a:0-3"]}),
-                      device="cpu")
+    model = mol.build(
+        mol.Recipe.from_dict({"name": "i", "models": {"a": str(tiny("llama"))}, "slots": ["a:0-3"]}),
+        device="cpu",
+    )
     assert mol.calibrate(model, CORPUS) == {}
 
 
@@ -31,8 +39,11 @@ def test_seed_quick_start(tiny):
     from mol import LinearAdapter, MoLRuntime, SimpleRouter
 
     assert LinearAdapter and SimpleRouter
-    runtime = MoLRuntime(models=[str(tiny("llama", layers=4)), str(tiny("gpt2", width=96, layers=6))],
-                         adapter_type="linear", router_type="simple")
+    runtime = MoLRuntime(
+        models=[str(tiny("llama", layers=4)), str(tiny("gpt2", width=96, layers=6))],
+        adapter_type="linear",
+        router_type="simple",
+    )
     runtime.load_models()
     ids = torch.randint(1, 380, (2, 9))
     out = runtime.forward(ids, torch.ones_like(ids))

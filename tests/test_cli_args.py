@@ -16,8 +16,10 @@ NO_GPU = pytest.mark.skipif(GPUS > 0, reason="a GPU is visible here")
 @pytest.fixture(scope="module")
 def files(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-args")
-    (d / "r.yaml").write_text(f"name: r\nmodels: {{a: {tiny('llama')}, b: {tiny('gpt2', width=96)}}}\n"
-                              "slots: [a:0, {experts: [a:1, b:1]}, a:2]\n")
+    (d / "r.yaml").write_text(
+        f"name: r\nmodels: {{a: {tiny('llama')}, b: {tiny('gpt2', width=96)}}}\n"
+        "slots: [a:0, {experts: [a:1, b:1]}, a:2]\n"
+    )
     (d / "text.txt").write_text(CORPUS)
     (d / "random.bin").write_bytes(os.urandom(4096) + b"\xff\xfe")  # not UTF-8
     (d / "nul.txt").write_bytes(b"abc\x00def" * 200)  # valid UTF-8, but binary
@@ -31,12 +33,50 @@ def files(tiny, tmp_path_factory):
 def base(cmd, d, out):
     return {
         "run": ["run", f"{d}/r.yaml", "--prompt", "To be", "-n", "2", "--device", "cpu"],
-        "train": ["train", f"{d}/r.yaml", "--data", f"p={d}/text.txt", "--steps", "1", "--batch-size", "1",
-                  "--seq-len", "8", "--no-progress", "--out", f"{out}/w.safetensors", "--device", "cpu"],
-        "eval": ["eval", f"{d}/r.yaml", "--data", f"p={d}/text.txt", "--no-sources", "--seq-len", "8",
-                 "--max-tokens", "64", "--out", f"{out}/e", "--device", "cpu"],
-        "calibrate": ["calibrate", f"{d}/r.yaml", "--text", f"{d}/text.txt", "--tokens", "64",
-                      "--out", f"{out}/c.safetensors", "--device", "cpu"],
+        "train": [
+            "train",
+            f"{d}/r.yaml",
+            "--data",
+            f"p={d}/text.txt",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "8",
+            "--no-progress",
+            "--out",
+            f"{out}/w.safetensors",
+            "--device",
+            "cpu",
+        ],
+        "eval": [
+            "eval",
+            f"{d}/r.yaml",
+            "--data",
+            f"p={d}/text.txt",
+            "--no-sources",
+            "--seq-len",
+            "8",
+            "--max-tokens",
+            "64",
+            "--out",
+            f"{out}/e",
+            "--device",
+            "cpu",
+        ],
+        "calibrate": [
+            "calibrate",
+            f"{d}/r.yaml",
+            "--text",
+            f"{d}/text.txt",
+            "--tokens",
+            "64",
+            "--out",
+            f"{out}/c.safetensors",
+            "--device",
+            "cpu",
+        ],
         "export": ["export", f"{d}/r.yaml", f"{out}/x"],
     }[cmd]
 
@@ -47,39 +87,114 @@ def with_options(argv, extra):
     for i, opt in enumerate(extra):
         if opt.startswith("-") and opt in argv and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             j = argv.index(opt)
-            del argv[j:j + 2]
+            del argv[j : j + 2]
     return argv + extra
 
 
-DEVICES = [["--device", "nonsense"], ["--device", "meta"], ["--device", ""], ["--device", f"cuda:{GPUS}"],
-           ["--device", "cuda:-1"], pytest.param(["--device", "cuda"], marks=NO_GPU)]
+DEVICES = [
+    ["--device", "nonsense"],
+    ["--device", "meta"],
+    ["--device", ""],
+    ["--device", f"cuda:{GPUS}"],
+    ["--device", "cuda:-1"],
+    pytest.param(["--device", "cuda"], marks=NO_GPU),
+]
 if GPUS <= 7:
     DEVICES.append(["--device", "cuda:7"])
-DATA = [["--data", "p={d}/missing.txt"], ["--data", "p={d}/random.bin"], ["--data", "p={d}/nul.txt"],
-        ["--data", "p={d}/empty"], ["--data", "p={d}/binary-only"], ["--data", "p={d}"], ["--data", "=oops"]]
+DATA = [
+    ["--data", "p={d}/missing.txt"],
+    ["--data", "p={d}/random.bin"],
+    ["--data", "p={d}/nul.txt"],
+    ["--data", "p={d}/empty"],
+    ["--data", "p={d}/binary-only"],
+    ["--data", "p={d}"],
+    ["--data", "=oops"],
+]
 OUTPUTS = [["--out", "{d}/plain-file/w.safetensors"], ["--out", "{d}/empty"]]
 
 CASES = {
-    "run": [["--prompt", ""], *DEVICES, ["--seed", str(2**64)], ["--seed", "-1"], ["--seed", "abc"],
-            ["--sample", "--temperature", "nan"], ["--sample", "--temperature", "inf"],
-            ["--sample", "--temperature", "-1"], ["--sample", "--temperature", "0"], ["--sample", "--top-p", "0"],
-            ["--sample", "--top-p", "1.5"], ["--sample", "--top-p", "nan"], ["-n", str(10**30)], ["-n", "0"],
-            ["-n", "1e3"], ["--prompt", "to be " * 2000], ["--prompt", "hi", "-n", "4096"],
-            ["--weights", "{d}/random.bin"], ["--weights", "{d}/empty"], ["--weights", "{d}/missing"]],
-    "train": [["--batch-size", "0"], ["--batch-size", str(2**40)], ["--steps", "-1"], ["--lr", "nan"],
-              ["--lr", "inf"], ["--lr", "-1"], ["--lr", "0"], ["--router-lr", "nan"], ["--seq-len", "0"],
-              ["--seq-len", "1"], ["--seq-len", "100000"], ["--grad-accum", "0"], ["--seed", "-1"],
-              ["--seed", str(2**64)], ["--warmup", "-5"], ["--weight-decay", "nan"], ["--mixed-share", "2"],
-              ["--aux-loss-weight", "-1"], ["--max-seconds", "nan"], ["--max-seconds", "0"], ["--max-tokens", "0"],
-              ["--save-every", "-1"], ["--init-tokens", "0"], *DEVICES, *DATA, *OUTPUTS],
-    "eval": [["--batch-size", "0"], ["--seq-len", "0"], ["--seq-len", "100000"], ["--max-tokens", "-1"],
-             ["--weights", "{d}/random.bin"], *DEVICES, *DATA, ["--out", "{d}/plain-file/e"], ["--out", "{d}/empty"]],
-    "calibrate": [["--tokens", "0"], ["--tokens", "-5"], ["--text", "{d}/missing.txt"], ["--text", "{d}/random.bin"],
-                  ["--text", "{d}/nul.txt"], ["--text", "{d}/empty"], ["--text", "{d}/binary-only"], *DEVICES,
-                  *OUTPUTS],
-    "export": [["--shard-size", "inf"], ["--shard-size", "0"], ["--max-size", "nan"], ["--max-size", "-1"],
-               ["--dtype", "float8"], ["--format", "gguf"], ["--eval-json", "{d}/random.bin"],
-               ["--weights", "{d}/nul.txt"]],
+    "run": [
+        ["--prompt", ""],
+        *DEVICES,
+        ["--seed", str(2**64)],
+        ["--seed", "-1"],
+        ["--seed", "abc"],
+        ["--sample", "--temperature", "nan"],
+        ["--sample", "--temperature", "inf"],
+        ["--sample", "--temperature", "-1"],
+        ["--sample", "--temperature", "0"],
+        ["--sample", "--top-p", "0"],
+        ["--sample", "--top-p", "1.5"],
+        ["--sample", "--top-p", "nan"],
+        ["-n", str(10**30)],
+        ["-n", "0"],
+        ["-n", "1e3"],
+        ["--prompt", "to be " * 2000],
+        ["--prompt", "hi", "-n", "4096"],
+        ["--weights", "{d}/random.bin"],
+        ["--weights", "{d}/empty"],
+        ["--weights", "{d}/missing"],
+    ],
+    "train": [
+        ["--batch-size", "0"],
+        ["--batch-size", str(2**40)],
+        ["--steps", "-1"],
+        ["--lr", "nan"],
+        ["--lr", "inf"],
+        ["--lr", "-1"],
+        ["--lr", "0"],
+        ["--router-lr", "nan"],
+        ["--seq-len", "0"],
+        ["--seq-len", "1"],
+        ["--seq-len", "100000"],
+        ["--grad-accum", "0"],
+        ["--seed", "-1"],
+        ["--seed", str(2**64)],
+        ["--warmup", "-5"],
+        ["--weight-decay", "nan"],
+        ["--mixed-share", "2"],
+        ["--aux-loss-weight", "-1"],
+        ["--max-seconds", "nan"],
+        ["--max-seconds", "0"],
+        ["--max-tokens", "0"],
+        ["--save-every", "-1"],
+        ["--init-tokens", "0"],
+        *DEVICES,
+        *DATA,
+        *OUTPUTS,
+    ],
+    "eval": [
+        ["--batch-size", "0"],
+        ["--seq-len", "0"],
+        ["--seq-len", "100000"],
+        ["--max-tokens", "-1"],
+        ["--weights", "{d}/random.bin"],
+        *DEVICES,
+        *DATA,
+        ["--out", "{d}/plain-file/e"],
+        ["--out", "{d}/empty"],
+    ],
+    "calibrate": [
+        ["--tokens", "0"],
+        ["--tokens", "-5"],
+        ["--text", "{d}/missing.txt"],
+        ["--text", "{d}/random.bin"],
+        ["--text", "{d}/nul.txt"],
+        ["--text", "{d}/empty"],
+        ["--text", "{d}/binary-only"],
+        *DEVICES,
+        *OUTPUTS,
+    ],
+    "export": [
+        ["--shard-size", "inf"],
+        ["--shard-size", "0"],
+        ["--max-size", "nan"],
+        ["--max-size", "-1"],
+        ["--dtype", "float8"],
+        ["--format", "gguf"],
+        ["--eval-json", "{d}/random.bin"],
+        ["--weights", "{d}/nul.txt"],
+    ],
 }
 PARAMS = []
 for cmd, cases in CASES.items():

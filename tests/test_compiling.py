@@ -9,14 +9,23 @@ from mol.fused import _rows_by_expert
 
 
 def _routed(tiny):
-    recipe = mol.Recipe.from_dict({
-        "name": "cross", "base": "l",
-        "models": {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=96)),
-                   "n": str(tiny("gpt_neox", width=48, layers=2))},
-        "slots": ["l:0", {"experts": ["l:1", "g:1"]},
-                  {"experts": ["l:2", "n:0", "g:2"], "router": {"type": "token", "top_k": 2}},
-                  {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}}],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "cross",
+            "base": "l",
+            "models": {
+                "l": str(tiny("llama", width=64)),
+                "g": str(tiny("gpt2", width=96)),
+                "n": str(tiny("gpt_neox", width=48, layers=2)),
+            },
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"]},
+                {"experts": ["l:2", "n:0", "g:2"], "router": {"type": "token", "top_k": 2}},
+                {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
+            ],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.manual_seed(0)
     for slot in model.routed_slots:
@@ -42,7 +51,9 @@ def test_compiled_blocks_match_eager_logits_and_gradients(tiny):
     compile_blocks(model, backend="aot_eager", routers=True)  # idempotent for the blocks; routers now too
     assert all(getattr(b.layer, "_mol_compiled", False) for s in model.slots for b in s.experts)
     assert all(getattr(s.router, "_mol_compiled", False) for s in model.routed_slots)
-    for ids, (logits, grads) in zip(batches, eager, strict=True):  # routed MLPs see other token counts in every batch
+    for ids, (logits, grads) in zip(
+        batches, eager, strict=True
+    ):  # routed MLPs see other token counts in every batch
         c_logits, c_grads = _loss_and_grads(model, ids)
         torch.testing.assert_close(c_logits, logits, rtol=1e-5, atol=1e-5)
         assert c_grads.keys() == grads.keys() and grads
@@ -67,7 +78,9 @@ def test_compiled_network_matches_eager_and_breaks_only_at_routing(tiny):
 
     model = _routed(tiny)
     model.keep_trace = False  # as in training: no host copies of the routing
-    batches = [torch.randint(1, 380, (2, 9 + s), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    batches = [
+        torch.randint(1, 380, (2, 9 + s), generator=torch.Generator().manual_seed(s)) for s in range(3)
+    ]
     eager = [_loss_and_grads(model, ids) for ids in batches]
     dynamo_utils.counters.clear()
     compile_network(model, backend="aot_eager")

@@ -29,17 +29,26 @@ for m in pkgutil.walk_packages(mol.__path__, "mol."):
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "", "PYTHONPATH": str(RECIPE.parents[2])})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "", "PYTHONPATH": str(RECIPE.parents[2])},
+    )
 
 
 def test_without_the_studio_extra_every_library_command_works_and_db_names_the_extra():
-    proc = python(CORE_ONLY + IMPORT_ALL + f"""
+    proc = python(
+        CORE_ONLY
+        + IMPORT_ALL
+        + f"""
 from mol.cli import main
 print("plan", main(["plan", {str(RECIPE)!r}]), flush=True)
 print("db", main(["db", "check"]), flush=True)
 print("help", main(["--help"]), flush=True)
-""")
+"""
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plan 0" in proc.stdout and "OK: the recipe is valid." in proc.stdout, proc.stdout + proc.stderr
     assert "db 2" in proc.stdout
@@ -52,12 +61,15 @@ print("help", main(["--help"]), flush=True)
 def test_library_commands_import_nothing_from_the_studio():
     """Even where the studio is installed: `import mol`, every mol module and `mol plan` leave it unimported
     (the `mol db` plug-in is loaded only when asked for)."""
-    proc = python(IMPORT_ALL + f"""
+    proc = python(
+        IMPORT_ALL
+        + f"""
 import sys
 from mol.cli import main
 assert main(["plan", {str(RECIPE)!r}]) == 0
 assert main(["run", "--help"]) == 0
 print(sorted({{m.split(".")[0] for m in sys.modules}} & set({STUDIO_PACKAGES!r}) | {{"studio"}} & set(sys.modules)))
-""")
+"""
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -11,7 +11,9 @@ from studio.db import Repository
 
 def mol(*args, url):
     env = {**os.environ, "MANGO_DB_URL": url, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "mol.cli", "db", *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mol.cli", "db", *args], capture_output=True, text=True, env=env
+    )
 
 
 @pytest.fixture

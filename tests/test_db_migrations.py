@@ -39,8 +39,10 @@ def test_url_resolution(tmp_path, monkeypatch):
 def test_connection_settings(tmp_path):
     repo = Repository(f"sqlite:///{tmp_path / 'm.db'}")
     with repo.engine.connect() as conn:
-        pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-                  for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")}
+        pragma = {
+            name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+        }
     assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000, "synchronous": 2}
     assert repo.schema_revision() == head_revision() == "0002"
     repo.close()
@@ -62,18 +64,29 @@ def test_upgrade_older_database_keeps_data(tmp_path):
     assert current_revision(engine) == "0001"
     assert "evaluations" not in inspect(engine).get_table_names()
     with engine.begin() as conn:  # data written by the first release, in its own SQL
-        conn.execute(text("INSERT INTO recipes (id, name, created_at) VALUES (1, 'old', '2024-05-01 10:00:00')"))
-        conn.execute(text(
-            "INSERT INTO recipe_versions (id, recipe_id, number, note, yaml_text, parent_id, created_at) VALUES "
-            "(1, 1, 1, 'v1', 'slots: [bard:0]', NULL, '2024-05-01 10:00:00'), "
-            "(2, 1, 2, 'v2', 'slots: [bard:0, bard:1]', 1, '2024-05-02 10:00:00')"))
-        conn.execute(text(
-            "INSERT INTO runs (version_id, prompt, settings, output_text, trace, created_at) VALUES "
-            "(2, 'hello', '{\"seed\": 3}', 'world', '{\"tokens\": [\"hello\"]}', '2024-05-03 10:00:00')"))
-        conn.execute(text(
-            "INSERT INTO training_runs (id, version_id, status, config, metrics, loss_curve, created_at, updated_at) "
-            "VALUES (1, 2, 'completed', '{}', '{}', '[{\"step\": 1, \"loss\": 2.0}]', '2024-05-04 10:00:00', "
-            "'2024-05-04 10:00:00')"))
+        conn.execute(
+            text("INSERT INTO recipes (id, name, created_at) VALUES (1, 'old', '2024-05-01 10:00:00')")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO recipe_versions (id, recipe_id, number, note, yaml_text, parent_id, created_at) VALUES "
+                "(1, 1, 1, 'v1', 'slots: [bard:0]', NULL, '2024-05-01 10:00:00'), "
+                "(2, 1, 2, 'v2', 'slots: [bard:0, bard:1]', 1, '2024-05-02 10:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO runs (version_id, prompt, settings, output_text, trace, created_at) VALUES "
+                "(2, 'hello', '{\"seed\": 3}', 'world', '{\"tokens\": [\"hello\"]}', '2024-05-03 10:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO training_runs (id, version_id, status, config, metrics, loss_curve, created_at, updated_at) "
+                "VALUES (1, 2, 'completed', '{}', '{}', '[{\"step\": 1, \"loss\": 2.0}]', '2024-05-04 10:00:00', "
+                "'2024-05-04 10:00:00')"
+            )
+        )
     engine.dispose()
 
     repo = Repository(url)  # upgrades to head on open
@@ -82,7 +95,9 @@ def test_upgrade_older_database_keeps_data(tmp_path):
     assert (recipe.name, recipe.latest_version, recipe.created_at.year) == ("old", 2, 2024)
     versions = repo.list_versions(recipe.id)
     assert [(v.number, v.note, v.yaml_text, v.parent_id) for v in versions] == [
-        (1, "v1", "slots: [bard:0]", None), (2, "v2", "slots: [bard:0, bard:1]", 1)]
+        (1, "v1", "slots: [bard:0]", None),
+        (2, "v2", "slots: [bard:0, bard:1]", 1),
+    ]
     [run] = repo.list_runs()
     assert repo.get_run(run.id).trace == {"tokens": ["hello"]} and run.settings == {"seed": 3}
     [training] = repo.list_training_runs()
@@ -117,7 +132,11 @@ def test_upgrade_is_idempotent_and_downgrade_works(tmp_path):
 def test_migrations_run_from_any_working_folder(tmp_path, how):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MANGO_DB_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
     if how == "code":
-        cmd = [sys.executable, "-c", "from studio.db import Repository; print(Repository().schema_revision())"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from studio.db import Repository; print(Repository().schema_revision())",
+        ]
     else:
         cmd = [sys.executable, "-m", "alembic", "-c", str(ROOT / "studio" / "alembic.ini"), "upgrade", "head"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -36,8 +36,12 @@ def _process_writer(url: str, writer: int, saves: int, queue, start) -> None:
             assert found is not None
             recipe_id = found.id
         start.wait(120)
-        nums = [repo.save_version(recipe_id, f"slots: [bard:{writer}]\n# save {i}\n", note=f"w{writer} s{i}").number
-                for i in range(saves)]
+        nums = [
+            repo.save_version(
+                recipe_id, f"slots: [bard:{writer}]\n# save {i}\n", note=f"w{writer} s{i}"
+            ).number
+            for i in range(saves)
+        ]
         repo.close()
         queue.put((writer, nums, None))
     except BaseException as e:  # reported to the parent, which fails the test
@@ -82,8 +86,10 @@ def test_concurrent_saves_from_threads(tmp_path):
     def writer(w: int) -> None:
         try:
             barrier.wait()
-            returned[w] = [repo.save_version(ids[w % len(ids)], f"slots: [bard:{w}]\n# {i}\n",
-                                             note=f"w{w} s{i}").number for i in range(SAVES)]
+            returned[w] = [
+                repo.save_version(ids[w % len(ids)], f"slots: [bard:{w}]\n# {i}\n", note=f"w{w} s{i}").number
+                for i in range(SAVES)
+            ]
         except BaseException as e:
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -108,8 +114,10 @@ def test_concurrent_first_saves_of_one_name(tmp_path):
     def writer(w: int) -> None:
         try:
             barrier.wait(30)
-            returned[w] = [repo.save_by_name("fresh", f"slots: [bard:{w}]\n# {i}\n", note=f"w{w} s{i}").number
-                           for i in range(SAVES)]
+            returned[w] = [
+                repo.save_by_name("fresh", f"slots: [bard:{w}]\n# {i}\n", note=f"w{w} s{i}").number
+                for i in range(SAVES)
+            ]
         except BaseException as e:
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -151,7 +159,9 @@ def test_live_names_are_unique_in_the_schema(tmp_path):
     repo = Repository(f"sqlite:///{tmp_path / 'mango.db'}")
     repo.close()
     with sqlite3.connect(tmp_path / "mango.db") as conn:
-        conn.execute("INSERT INTO recipes (name, created_at, deleted_at) VALUES ('n', '2024-01-01', '2024-01-02')")
+        conn.execute(
+            "INSERT INTO recipes (name, created_at, deleted_at) VALUES ('n', '2024-01-01', '2024-01-02')"
+        )
         conn.execute("INSERT INTO recipes (name, created_at) VALUES ('n', '2024-01-01')")
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
             conn.execute("INSERT INTO recipes (name, created_at) VALUES ('n', '2024-01-03')")
@@ -181,7 +191,9 @@ def test_stale_edits_keep_both_versions(tmp_path):
     assert (a.number, info.value.version, info.value.latest) == (2, 3, 2)
     versions = tab_a.list_versions(rid)
     assert [(v.number, v.note, v.yaml_text) for v in versions[1:]] == [
-        (2, "tab A", "slots: [bard:0]\n"), (3, "tab B", "slots: [coder:0]\n")]
+        (2, "tab A", "slots: [bard:0]\n"),
+        (3, "tab B", "slots: [coder:0]\n"),
+    ]
     assert versions[1].parent_id == versions[2].parent_id == versions[0].id
     tab_a.close()
     tab_b.close()
@@ -234,8 +246,14 @@ def test_killed_writer_loses_nothing_that_returned(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     acknowledged: list[int] = []
     for round_ in range(3):
-        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, url, str(rid)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, url, str(rid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert child.stdout is not None
         target = 20 + 7 * round_  # kill at a different point each round
         got = []

@@ -60,7 +60,12 @@ def test_create_recipe_makes_version_one(repo):
     assert v1.created_at.tzinfo is not None
     [info] = repo.list_recipes()
     assert (info.id, info.name, info.latest_version, info.latest_note, info.deleted) == (
-        v1.recipe_id, "prose-code", 1, "first try", False)
+        v1.recipe_id,
+        "prose-code",
+        1,
+        "first try",
+        False,
+    )
     assert repo.find_recipe("prose-code") == info
     assert repo.find_recipe("nope") is None
 
@@ -188,7 +193,11 @@ def test_duplicate_copies_a_version(repo):
     v2 = repo.save_version(v1.recipe_id, RECIPE_V2)
     copy = repo.duplicate_recipe(v1.id)
     assert (copy.recipe_name, copy.number, copy.yaml_text, copy.parent_id) == (
-        "prose-code (copy)", 1, RECIPE_V1, v1.id)
+        "prose-code (copy)",
+        1,
+        RECIPE_V1,
+        v1.id,
+    )
     assert "prose-code" in copy.note and "version 1" in copy.note
     assert repo.duplicate_recipe(v2.id).recipe_name == "prose-code (copy 2)"
     named = repo.duplicate_recipe(v2.id, "experiment", note="try top-2")
@@ -239,17 +248,29 @@ def test_diff_slot_shorthands_and_lists():
 # ---------------------------------------------------------------------------------------------- runs etc.
 
 
-TRACE = {"tokens": ["Hi", " there"], "token_ids": [5, 6], "slots": [
-    {"slot": 1, "router": "token", "experts": ["bard:1", "coder:1"], "probs": [[0.7, 0.3], [0.2, 0.8]],
-     "chosen": [[0], [1]], "load": [0.5, 0.5]}]}
+TRACE = {
+    "tokens": ["Hi", " there"],
+    "token_ids": [5, 6],
+    "slots": [
+        {
+            "slot": 1,
+            "router": "token",
+            "experts": ["bard:1", "coder:1"],
+            "probs": [[0.7, 0.3], [0.2, 0.8]],
+            "chosen": [[0], [1]],
+            "load": [0.5, 0.5],
+        }
+    ],
+}
 
 
 def test_runs_are_listed_and_opened(repo):
     a1 = repo.create_recipe("a", RECIPE_V1)
     a2 = repo.save_version(a1.recipe_id, RECIPE_V2)
     b1 = repo.create_recipe("b", RECIPE_V1)
-    r1 = repo.add_run(a1.id, "Once upon", "a time", settings={"max_new_tokens": 8, "temperature": 0.0},
-                      trace=TRACE)
+    r1 = repo.add_run(
+        a1.id, "Once upon", "a time", settings={"max_new_tokens": 8, "temperature": 0.0}, trace=TRACE
+    )
     r2 = repo.add_run(a2.id, "Prompt ✓ ünïcode", "out")
     r3 = repo.add_run(b1.id, "other")
     assert [r.id for r in repo.list_runs()] == [r3.id, r2.id, r1.id]  # newest first
@@ -276,9 +297,12 @@ def test_training_runs_and_evaluations(repo):
     t = repo.create_training_run(v2.id, {"steps": 100, "lr": 1e-3})
     assert (t.status, t.loss_curve, t.finished_at, t.version_number) == ("pending", [], None, 2)
     t = repo.update_training_run(t.id, status="running", append_loss=[{"step": 1, "loss": 3.2}])
-    t = repo.update_training_run(t.id, append_loss=[{"step": 2, "loss": 2.9, "lr": 1e-3}], metrics={"tok_s": 10})
-    t = repo.update_training_run(t.id, status="completed", weights_path="runs/r/router.safetensors",
-                                 metrics={"final_loss": 2.9})
+    t = repo.update_training_run(
+        t.id, append_loss=[{"step": 2, "loss": 2.9, "lr": 1e-3}], metrics={"tok_s": 10}
+    )
+    t = repo.update_training_run(
+        t.id, status="completed", weights_path="runs/r/router.safetensors", metrics={"final_loss": 2.9}
+    )
     assert t.loss_curve == [{"step": 1, "loss": 3.2}, {"step": 2, "loss": 2.9, "lr": 1e-3}]
     assert t.metrics == {"tok_s": 10, "final_loss": 2.9} and t.finished_at is not None
     assert t.weights_path == "runs/r/router.safetensors" and t.config == {"steps": 100, "lr": 1e-3}
@@ -360,8 +384,13 @@ def _fill(repo):
 
 def _snapshot(repo):
     recipes = repo.list_recipes(deleted=None)
-    return (recipes, [repo.list_versions(r.id) for r in recipes], [repo.get_run(r.id) for r in repo.list_runs()],
-            repo.list_training_runs(), repo.list_evaluations())
+    return (
+        recipes,
+        [repo.list_versions(r.id) for r in recipes],
+        [repo.get_run(r.id) for r in repo.list_runs()],
+        repo.list_training_runs(),
+        repo.list_evaluations(),
+    )
 
 
 def test_backup_and_restore_sqlite(repo, tmp_path):

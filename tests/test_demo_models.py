@@ -96,8 +96,11 @@ def test_total_weights_within_budget():
 def test_specialists_differ_in_family_and_width():
     configs = {n: json.loads((MODELS / n / "config.json").read_text()) for n in NAMES}
     assert [configs[n]["model_type"] for n in NAMES] == ["llama", "gpt_neox", "gpt2"]
-    widths = {configs["mango-bard"]["hidden_size"], configs["mango-coder"]["hidden_size"],
-              configs["mango-base"]["n_embd"]}
+    widths = {
+        configs["mango-bard"]["hidden_size"],
+        configs["mango-coder"]["hidden_size"],
+        configs["mango-base"]["n_embd"],
+    }
     assert len(widths) == 3
 
 
@@ -193,7 +196,11 @@ def test_training_script_smoke_run(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "mol.demo.train", "--smoke", "--out", str(tmp_path), "--no-timing"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for name in NAMES:

@@ -20,13 +20,41 @@ from mol.cli import main
 from tests.studio_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-PROSE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
-CODE = "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n" * 30
+PROSE = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
+)
+CODE = (
+    "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n"
+    * 30
+)
 # Every loss term on (Switch load balancing, z-loss, distillation), mixed rows, gradient accumulation: each one
 # must add up over the processes exactly as over one batch. Random routers, so the experts' loads differ by row.
-TRAIN = ["--steps", "3", "--grad-accum", "2", "--seq-len", "32", "--warmup", "2", "--device", "cpu",
-         "--router-init", "random", "--aux-loss-weight", "0.5", "--z-loss-weight", "0.1", "--mixed-share", "0.5",
-         "--distill-weight", "0.5", "--expert", "prose=a", "--expert", "code=b"]
+TRAIN = [
+    "--steps",
+    "3",
+    "--grad-accum",
+    "2",
+    "--seq-len",
+    "32",
+    "--warmup",
+    "2",
+    "--device",
+    "cpu",
+    "--router-init",
+    "random",
+    "--aux-loss-weight",
+    "0.5",
+    "--z-loss-weight",
+    "0.1",
+    "--mixed-share",
+    "0.5",
+    "--distill-weight",
+    "0.5",
+    "--expert",
+    "prose=a",
+    "--expert",
+    "code=b",
+]
 TIMEOUT = 240  # seconds for one launch (a few when idle)
 # Measured 6e-8 (float reassociation of the sums); a rank's Switch loss from its own rows only gives 5e-3.
 ATOL = 1e-5
@@ -37,10 +65,19 @@ def work(tmp_path_factory, tiny):
     d = tmp_path_factory.mktemp("dp")
     (d / "prose.txt").write_text(PROSE)
     (d / "code.py").write_text(CODE)
-    recipe = mol.Recipe.from_dict({
-        "name": "tiny-dp", "base": "a", "models": {"a": str(tiny("llama")), "b": str(tiny("gpt_neox", width=48))},
-        "slots": ["a:0", {"experts": ["a:1", "b:1"]}, {"experts": ["a:2", "b:2"], "router": "pooled"}, "a:3"],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "tiny-dp",
+            "base": "a",
+            "models": {"a": str(tiny("llama")), "b": str(tiny("gpt_neox", width=48))},
+            "slots": [
+                "a:0",
+                {"experts": ["a:1", "b:1"]},
+                {"experts": ["a:2", "b:2"], "router": "pooled"},
+                "a:3",
+            ],
+        }
+    )
     (d / "r.yaml").write_text(recipe.to_yaml())
     return d
 
@@ -50,15 +87,30 @@ def data(d: Path) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def launch(*commands: list[str], cwd: Path) -> list[tuple[str, str]]:
     """Run launcher commands side by side (each in its own process group, killed whole on timeout); returns
     each one's (stdout, stderr) once all succeeded."""
-    procs = [subprocess.Popen(c, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) for c in commands]
+    procs = [
+        subprocess.Popen(
+            c,
+            cwd=cwd,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for c in commands
+    ]
     outputs = []
     try:
         for p in procs:
@@ -74,9 +126,31 @@ def launch(*commands: list[str], cwd: Path) -> list[tuple[str, str]]:
 
 
 def torchrun(*args: str, nproc: int = 2, nodes: int = 1, port: int | None = None) -> list[str]:
-    where = (["--master-addr", "127.0.0.1", "--master-port", str(port or free_port())] if nodes == 1 else
-             ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"])
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where, "-m", "mol", *args]
+    where = (
+        ["--master-addr", "127.0.0.1", "--master-port", str(port or free_port())]
+        if nodes == 1
+        else [
+            "--nnodes",
+            str(nodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "t",
+        ]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *where,
+        "-m",
+        "mol",
+        *args,
+    ]
 
 
 def trainable(path: Path) -> dict[str, torch.Tensor]:
@@ -92,36 +166,80 @@ def max_diff(a: dict, b: dict) -> float:
 def alone(work):
     """One process, batch 4: the run two processes of batch 2 must reproduce."""
     out = work / "one.safetensors"
-    assert main(["train", str(work / "r.yaml"), *data(work), *TRAIN, "--batch-size", "4", "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work / "r.yaml"),
+                *data(work),
+                *TRAIN,
+                "--batch-size",
+                "4",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_two_processes_train_the_weights_of_one_with_twice_the_batch(work, alone):
     out = work / "two.safetensors"
-    [(stdout, stderr)] = launch(torchrun("train", str(work / "r.yaml"), *data(work), *TRAIN, "--batch-size", "2",
-                                         "--out", str(out)), cwd=work)
+    [(stdout, stderr)] = launch(
+        torchrun("train", str(work / "r.yaml"), *data(work), *TRAIN, "--batch-size", "2", "--out", str(out)),
+        cwd=work,
+    )
     assert max_diff(trainable(out), trainable(alone)) < ATOL
     run, one = (json.loads(p.with_name(p.stem + ".train.json").read_text()) for p in (out, alone))
     assert run["world_size"] == 2 and run["metrics"]["tokens"] == one["metrics"]["tokens"] == 3 * 2 * 4 * 32
     for a, b in zip(run["curve"], one["curve"], strict=True):  # the global batch's losses, on every step
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["aux_loss"] == pytest.approx(b["aux_loss"], abs=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["aux_loss"] == pytest.approx(
+            b["aux_loss"], abs=1e-4
+        )
     assert stdout.count("trained 3 steps") == 1  # rank 0 prints; and shows the only progress bar
     assert stderr.count("?step/s]") == 1, stderr  # a bar's first line (before any step)
 
     # The comparison can fail: the same two processes are not one process with their own batch of 2.
     small = work / "small.safetensors"
-    assert main(["train", str(work / "r.yaml"), *data(work), *TRAIN, "--batch-size", "2", "--no-progress",
-                 "--out", str(small)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work / "r.yaml"),
+                *data(work),
+                *TRAIN,
+                "--batch-size",
+                "2",
+                "--no-progress",
+                "--out",
+                str(small),
+            ]
+        )
+        == 0
+    )
     assert max_diff(trainable(small), trainable(out)) > 100 * ATOL
 
 
 def test_two_nodes_then_a_resume_on_one_node_give_the_weights_of_one_process(work, alone):
     out = work / "nodes.safetensors"
-    args = ["train", str(work / "r.yaml"), *data(work), *TRAIN, "--batch-size", "2", "--no-progress", "--out", str(out)]
+    args = [
+        "train",
+        str(work / "r.yaml"),
+        *data(work),
+        *TRAIN,
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     args[args.index("--steps") + 1] = "2"
     port = free_port()
-    launch(*[torchrun(*args, nproc=1, nodes=2, port=port) for _ in range(2)], cwd=work)  # two agents, one rendezvous
+    launch(
+        *[torchrun(*args, nproc=1, nodes=2, port=port) for _ in range(2)], cwd=work
+    )  # two agents, one rendezvous
     assert json.loads(out.with_name("nodes.train.json").read_text())["step"] == 2
     args[args.index("--steps") + 1] = "3"
     launch(torchrun(*args, "--resume"), cwd=work)
@@ -140,8 +258,22 @@ def _flat(value, key=()):
 
 def test_evaluation_on_two_processes_writes_the_report_of_one(work, alone):
     # 150 tokens: 7 windows of 24 (the last one padded), 3 batches of 3 windows: two on rank 0, one on rank 1
-    args = ["eval", str(work / "r.yaml"), *data(work), "--weights", str(alone), "--seq-len", "24", "--batch-size", "3",
-            "--max-tokens", "150", "--device", "cpu", "--oracle"]
+    args = [
+        "eval",
+        str(work / "r.yaml"),
+        *data(work),
+        "--weights",
+        str(alone),
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "3",
+        "--max-tokens",
+        "150",
+        "--device",
+        "cpu",
+        "--oracle",
+    ]
     assert main([*args, "--out", str(work / "eval1")]) == 0
     [(stdout, _)] = launch(torchrun(*args, "--out", str(work / "eval2")), cwd=work)
     assert stdout.count("| tiny-dp (fused) |") == 1
@@ -154,10 +286,36 @@ def test_evaluation_on_two_processes_writes_the_report_of_one(work, alone):
 def test_accelerate_launch_trains_the_same_weights(work, alone):
     """accelerate's multi-process launcher is torchrun underneath (`--cpu` alone starts one process)."""
     out = work / "accelerate.safetensors"
-    launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "mol", "train", str(work / "r.yaml"), *data(work), *TRAIN,
-            "--batch-size", "2", "--no-progress", "--out", str(out)], cwd=work)
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "mol",
+            "train",
+            str(work / "r.yaml"),
+            *data(work),
+            *TRAIN,
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        cwd=work,
+    )
     assert max_diff(trainable(out), trainable(alone)) < ATOL
 
 
@@ -194,7 +352,9 @@ def test_split_loss_terms_add_up_to_the_whole_batch(work, monkeypatch):
     parts = [loss_shares(h) for h in halves]
     for k, v in ref.items():
         assert (parts[0][k] + parts[1][k]).item() == pytest.approx(v.item(), rel=1e-5), k
-    torch.testing.assert_close(grads(sum(parts[0][k] + parts[1][k] for k in ref)), ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        grads(sum(parts[0][k] + parts[1][k] for k in ref)), ref_grad, rtol=1e-4, atol=1e-7
+    )
     naive = (halves[0].aux_loss + halves[1].aux_loss).item() / 2
     assert abs(naive - whole.aux_loss.item()) > 1e-2  # what a plain average of per-rank losses trains on
 

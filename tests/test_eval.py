@@ -16,8 +16,13 @@ from mol.cli import main
 from mol.data import load_domains, tokenize_domains, windows
 from mol.evaluate import evaluate, match_domains, route_by_label, score
 
-PROSE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 12
-CODE = "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n" * 12
+PROSE = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 12
+)
+CODE = (
+    "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n"
+    * 12
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +39,19 @@ def files(tmp_path_factory):
 @pytest.fixture
 def recipe(tiny):
     a, b = tiny("llama"), tiny("gpt_neox", width=48)
-    return mol.Recipe.from_dict({
-        "name": "tiny-eval", "base": "a", "models": {"a": str(a), "b": str(b)},
-        "slots": ["a:0", {"experts": ["a:1", "b:1"]}, {"experts": ["a:2", "b:2"], "router": "pooled"}, "a:3"],
-    })
+    return mol.Recipe.from_dict(
+        {
+            "name": "tiny-eval",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": [
+                "a:0",
+                {"experts": ["a:1", "b:1"]},
+                {"experts": ["a:2", "b:2"], "router": "pooled"},
+                "a:3",
+            ],
+        }
+    )
 
 
 def data(files):
@@ -53,19 +67,29 @@ def test_source_rows_equal_the_source_models_own_perplexity(recipe, files):
     with torch.no_grad():
         logits = ref(w.input_ids, attention_mask=w.attention_mask).logits[:, :-1]
     keep = (w.attention_mask[:, 1:] * w.attention_mask[:, :-1]).bool()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w.input_ids[:, 1:], reduction="none")[keep]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w.input_ids[:, 1:], reduction="none")[
+        keep
+    ]
     row = report.row("b alone").domains["prose"]
     assert row.tokens == int(keep.sum())
     assert row.perplexity == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
     assert [r.kind for r in report.rows] == ["fused", "source", "source"]
-    assert report.rows[0].trainable_parameters == sum(p.numel() for p in model.trainable_parameters().values()
-                                                      if p.requires_grad)
+    assert report.rows[0].trainable_parameters == sum(
+        p.numel() for p in model.trainable_parameters().values() if p.requires_grad
+    )
 
 
 def test_oracle_routes_every_labelled_token_to_its_domain_model(recipe, files):
     progress = []
-    report = evaluate(recipe, data(files), seq_len=48, oracle=True, domain_experts={"prose": "a", "code": "b"},
-                      device="cpu", on_progress=lambda *a: progress.append(a))
+    report = evaluate(
+        recipe,
+        data(files),
+        seq_len=48,
+        oracle=True,
+        domain_experts={"prose": "a", "code": "b"},
+        device="cpu",
+        on_progress=lambda *a: progress.append(a),
+    )
     # Every model (the sources alone, the recipe, its oracle) on every dataset, counted up to the total.
     assert [p[:2] for p in progress] == [(i, len(progress)) for i in range(1, len(progress) + 1)]
     assert len(progress) == 3 * (len(report.rows)) and progress[-1][2] == "tiny-eval oracle on mixed"
@@ -76,7 +100,10 @@ def test_oracle_routes_every_labelled_token_to_its_domain_model(recipe, files):
         assert oracle.domains[dom].agreement == {"1": 1.0, "2": 1.0}
     # Uniform routers (zero init) pick the first expert everywhere: agreement is exactly the prose share.
     fused = report.row("tiny-eval").domains
-    assert fused["prose"].agreement == {"1": 1.0, "2": 1.0} and fused["code"].agreement == {"1": 0.0, "2": 0.0}
+    assert fused["prose"].agreement == {"1": 1.0, "2": 1.0} and fused["code"].agreement == {
+        "1": 0.0,
+        "2": 0.0,
+    }
     assert 0.3 < fused["mixed"].agreement["1"] < 0.7
 
 
@@ -118,8 +145,21 @@ def test_score_counts_load_over_real_tokens_only(recipe, files):
 def test_cli_eval_writes_json_and_csv(recipe, files, tmp_path, capsys):
     path = tmp_path / "fusion.yaml"
     path.write_text(recipe.to_yaml())
-    args = ["eval", str(path), "--seq-len", "48", "--device", "cpu", "--oracle", "--expert", "prose=a",
-            "--expert", "code=b", "--out", str(tmp_path / "report")]
+    args = [
+        "eval",
+        str(path),
+        "--seq-len",
+        "48",
+        "--device",
+        "cpu",
+        "--oracle",
+        "--expert",
+        "prose=a",
+        "--expert",
+        "code=b",
+        "--out",
+        str(tmp_path / "report"),
+    ]
     for d in data(files):
         args += ["--data", d]
     assert main(args) == 0
@@ -137,15 +177,55 @@ def test_cli_eval_writes_json_and_csv(recipe, files, tmp_path, capsys):
 def test_cli_train_then_run_and_eval_with_the_weights(recipe, files, tmp_path, capsys):
     path = tmp_path / "fusion.yaml"
     path.write_text(recipe.to_yaml())
-    assert main(["train", str(path), "--data", f"prose={files / 'prose.txt'}", "--data", f"code={files / 'code.py'}",
-                 "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--no-progress",
-                 "--router-init", "ridge"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(path),
+                "--data",
+                f"prose={files / 'prose.txt'}",
+                "--data",
+                f"code={files / 'code.py'}",
+                "--steps",
+                "3",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--router-init",
+                "ridge",
+            ]
+        )
+        == 0
+    )
     weights = tmp_path / "fusion.safetensors"
     assert weights.is_file() and (tmp_path / "fusion.train.json").is_file()
     assert "trained 3 steps" in capsys.readouterr().out
-    assert main(["run", str(path), "--weights", str(weights), "-p", "def main", "-n", "4", "--device", "cpu"]) == 0
-    assert main(["eval", str(path), "--weights", str(weights), "--data", f"code={files / 'code.py'}",
-                 "--seq-len", "48", "--device", "cpu", "--no-sources"]) == 0
+    assert (
+        main(["run", str(path), "--weights", str(weights), "-p", "def main", "-n", "4", "--device", "cpu"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(path),
+                "--weights",
+                str(weights),
+                "--data",
+                f"code={files / 'code.py'}",
+                "--seq-len",
+                "48",
+                "--device",
+                "cpu",
+                "--no-sources",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "fusion.eval.json").is_file() and (tmp_path / "fusion.eval.csv").is_file()
     assert main(["train", str(path), "--data", f"code={tmp_path / 'nope.txt'}", "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err

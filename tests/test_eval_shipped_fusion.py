@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "assets" / "recipes" / "fused-token.yaml"
 WEIGHTS = ROOT / "assets" / "weights" / "fused-token.safetensors"
 
-pytestmark = pytest.mark.skipif(not (RECIPE.is_file() and WEIGHTS.is_file()
-                                     and (ROOT / "assets" / "models" / "mango-base").is_dir()),
-                                reason="demo models or shipped fusion weights not present")
+pytestmark = pytest.mark.skipif(
+    not (RECIPE.is_file() and WEIGHTS.is_file() and (ROOT / "assets" / "models" / "mango-base").is_dir()),
+    reason="demo models or shipped fusion weights not present",
+)
 
 CODE = "def read_config(path):\n    with open(path) as fh:\n        return json.load(fh)\n"
 PROSE = "KING HENRY. Good morrow, my lord. What news from France, and how fares the king?\n"
@@ -48,5 +49,7 @@ def test_shipped_weights_are_trained_not_the_closed_form(fused):
     fresh = mol.build(RECIPE, device="cpu", dtype=torch.float32)
     trained = fused.trainable_state_dict()
     outs = [k for k in trained if k.endswith("out_of_block.weight")]
-    assert outs and all(trained[k].abs().sum() > 0 for k in outs)  # the zero-initialised maps out were trained
+    assert outs and all(
+        trained[k].abs().sum() > 0 for k in outs
+    )  # the zero-initialised maps out were trained
     assert any(not torch.equal(trained[k], v) for k, v in fresh.trainable_state_dict().items())

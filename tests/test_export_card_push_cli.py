@@ -30,9 +30,14 @@ def write_recipe(tmp_path, data, name="recipe.yaml"):
 
 
 def test_card_lists_recipe_sources_licences_and_evaluation(licensed, tiny, tmp_path):
-    recipe = mol.Recipe.from_dict({"name": "carded", "base": "a", "models": {"a": str(licensed),
-                                                                            "g": str(tiny("gpt2", width=48))},
-                                   "slots": ["a:0", {"experts": ["a:1", "g:1"]}, "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "carded",
+            "base": "a",
+            "models": {"a": str(licensed), "g": str(tiny("gpt2", width=48))},
+            "slots": ["a:0", {"experts": ["a:1", "g:1"]}, "a:2"],
+        }
+    )
     result = export(recipe, tmp_path / "out", evaluation={"perplexity/prose": 31.25, "agreement": 0.5})
     card = (result.path / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
@@ -83,7 +88,9 @@ def test_push_without_token_fails_before_writing_anything(tiny, tmp_path, monkey
 
 
 def test_cli_export_standard_and_mol(tiny, tmp_path, capsys):
-    plain = write_recipe(tmp_path, {"name": "plain", "models": {"m": str(tiny("phi"))}, "slots": ["m:0-3", "m:3"]})
+    plain = write_recipe(
+        tmp_path, {"name": "plain", "models": {"m": str(tiny("phi"))}, "slots": ["m:0-3", "m:3"]}
+    )
     assert main(["export", str(plain), str(tmp_path / "std"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "standard" and out["layers"] == 5
@@ -91,11 +98,32 @@ def test_cli_export_standard_and_mol(tiny, tmp_path, capsys):
 
     evals = tmp_path / "eval.json"
     evals.write_text(json.dumps({"perplexity": 12.5}))
-    routed = write_recipe(tmp_path, {"name": "routed", "base": "m",
-                                     "models": {"m": str(tiny("phi")), "o": str(tiny("opt", width=32))},
-                                     "slots": ["m:0", {"experts": ["m:1", "o:1"]}]}, "routed.yaml")
-    assert main(["export", str(routed), str(tmp_path / "mol"), "--dtype", "bfloat16", "--shard-size", "100KB",
-                 "--eval-json", str(evals)]) == 0
+    routed = write_recipe(
+        tmp_path,
+        {
+            "name": "routed",
+            "base": "m",
+            "models": {"m": str(tiny("phi")), "o": str(tiny("opt", width=32))},
+            "slots": ["m:0", {"experts": ["m:1", "o:1"]}],
+        },
+        "routed.yaml",
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(routed),
+                str(tmp_path / "mol"),
+                "--dtype",
+                "bfloat16",
+                "--shard-size",
+                "100KB",
+                "--eval-json",
+                str(evals),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "MoLForCausalLM" in text and "not standard: slot 1 routes" in text
     assert (tmp_path / "mol" / "model.safetensors.index.json").is_file()
@@ -112,9 +140,18 @@ def test_cli_export_standard_and_mol(tiny, tmp_path, capsys):
 def test_cli_mergekit_both_ways(tiny, tmp_path, capsys):
     folder = tiny("mistral")
     config = tmp_path / "mk.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
-        {"sources": [{"model": str(folder), "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(folder), "layer_range": [1, 4]}]}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "passthrough",
+                "dtype": "bfloat16",
+                "slices": [
+                    {"sources": [{"model": str(folder), "layer_range": [0, 2]}]},
+                    {"sources": [{"model": str(folder), "layer_range": [1, 4]}]},
+                ],
+            }
+        )
+    )
     recipe_path = tmp_path / "imported.yaml"
     assert main(["import-mergekit", str(config), "--name", "dus", "-o", str(recipe_path)]) == 0
     assert "--dtype bfloat16" in capsys.readouterr().err
@@ -126,8 +163,16 @@ def test_cli_mergekit_both_ways(tiny, tmp_path, capsys):
     assert [s["sources"][0]["layer_range"] for s in back["slices"]] == [[0, 2], [1, 4]]
     assert back["merge_method"] == "passthrough" and back["dtype"] == "bfloat16"
 
-    routed = write_recipe(tmp_path, {"name": "r", "base": "m", "models": {"m": str(folder), "g": str(tiny("gpt2"))},
-                                     "slots": ["m:0", {"experts": ["m:1", "g:1"]}, "m:2"]}, "r.yaml")
+    routed = write_recipe(
+        tmp_path,
+        {
+            "name": "r",
+            "base": "m",
+            "models": {"m": str(folder), "g": str(tiny("gpt2"))},
+            "slots": ["m:0", {"experts": ["m:1", "g:1"]}, "m:2"],
+        },
+        "r.yaml",
+    )
     assert main(["export-mergekit", str(routed)]) == 2
     assert "no mergekit passthrough equivalent" in capsys.readouterr().err
     bad = tmp_path / "slerp.yml"

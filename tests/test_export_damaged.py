@@ -36,6 +36,7 @@ def damaged(tiny, tmp_path, family, config=None, tensors=None, name="src"):
 def edit(name, fn):
     def apply(sd):
         sd[name] = fn(sd[name])
+
     return apply
 
 
@@ -72,8 +73,13 @@ CASES = [
     ("routed-missing-tensor", "gpt2", None, drop("transformer.h.1.ln_2.bias"), "routed"),
     # Damage that from_pretrained itself tolerates: the export must then load as the source does.
     ("tie-lie", "llama", {"tie_word_embeddings": True}, None, "m:0-2"),
-    ("extra-tensor", "llama", None, lambda sd: sd.__setitem__("model.layers.1.extra.weight", sd[LLAMA_UP].clone()),
-     "m:0-2"),
+    (
+        "extra-tensor",
+        "llama",
+        None,
+        lambda sd: sd.__setitem__("model.layers.1.extra.weight", sd[LLAMA_UP].clone()),
+        "m:0-2",
+    ),
     ("dtype-lie", "llama", {"torch_dtype": "float16", "dtype": "float16"}, None, "m:0-2"),
 ]
 
@@ -101,7 +107,9 @@ def test_damaged_source_is_refused_or_exports_a_folder_that_loads(tiny, tmp_path
         assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
         assert not out.exists()
         return
-    model, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         logits = model.eval()(IDS).logits
@@ -115,8 +123,11 @@ def test_the_load_check_names_the_wrong_tensor(tiny, tmp_path):
     check_loadable(folder)  # a good folder passes
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.\w+\.weight' is \[\d+, \d+\] in the "
-                                              r"shards, but its config makes it .*\(and 8 more\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model\.layers\.0\.mlp\.\w+\.weight' is \[\d+, \d+\] in the "
+        r"shards, but its config makes it .*\(and 8 more\)",
+    ):
         check_loadable(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
     with pytest.raises(CheckpointError, match=r"model.layers.3.* is missing"):
@@ -124,16 +135,21 @@ def test_the_load_check_names_the_wrong_tensor(tiny, tmp_path):
 
 
 def test_the_load_check_of_a_routed_export_uses_its_own_modelling_code(tiny, tmp_path):
-    recipe = (f"name: r\nmodels: {{a: {tiny('llama')}, b: {tiny('gpt2', width=96)}}}\n"
-              "slots: [a:0, {experts: [a:1, b:1]}, a:2]\n")
+    recipe = (
+        f"name: r\nmodels: {{a: {tiny('llama')}, b: {tiny('gpt2', width=96)}}}\n"
+        "slots: [a:0, {experts: [a:1, b:1]}, a:2]\n"
+    )
     folder = export(recipe, tmp_path / "out").path
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architectures"] == ["MoLForCausalLM"]
     check_loadable(folder)
     cfg["sources"]["b"]["config"]["n_inner"] = 200  # the expert block's MLP, as MoLForCausalLM builds it
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'slots\.1\.experts\.1\.layer\.mlp\.c_fc\.bias' is \[384\] "
-                                              r"in the shards, but its config makes it \[200\] \(and 2 more\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'slots\.1\.experts\.1\.layer\.mlp\.c_fc\.bias' is \[384\] "
+        r"in the shards, but its config makes it \[200\] \(and 2 more\)",
+    ):
         check_loadable(folder)
 
 

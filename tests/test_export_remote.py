@@ -45,26 +45,34 @@ def assert_same_model(runtime, loaded, seed=0):
         diff = (runtime(ids, attention_mask=mask).logits - loaded(ids, attention_mask=mask).logits)[real]
     assert diff.abs().max().item() <= 1e-5
     ours = runtime.generate(ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=6, eos_token_id=[])
-    theirs = loaded.generate(ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=6, min_new_tokens=6,
-                             do_sample=False)
+    theirs = loaded.generate(
+        ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=6, min_new_tokens=6, do_sample=False
+    )
     assert ours.tolist() == theirs.tolist()
 
 
 @pytest.fixture(scope="module")
 def cross(tiny):
-    recipe = mol.Recipe.from_dict({
-        "name": "cross", "base": "l",
-        "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=96)),
-                   "n": str(tiny("gpt_neox", width=48, layers=2)), "o": str(tiny("opt", width=32, layers=2))},
-        "slots": [
-            "l:0",
-            {"experts": ["l:1", "g:1"], "router": {"type": "token", "top_k": 1}},
-            "g:2",
-            {"experts": ["l:2", "n:0", "g:0"], "router": {"type": "token", "top_k": 2}},
-            {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
-            "o:1",
-        ],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "cross",
+            "base": "l",
+            "models": {
+                "l": str(tiny("llama")),
+                "g": str(tiny("gpt2", width=96)),
+                "n": str(tiny("gpt_neox", width=48, layers=2)),
+                "o": str(tiny("opt", width=32, layers=2)),
+            },
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"], "router": {"type": "token", "top_k": 1}},
+                "g:2",
+                {"experts": ["l:2", "n:0", "g:0"], "router": {"type": "token", "top_k": 2}},
+                {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
+                "o:1",
+            ],
+        }
+    )
     return recipe, randomise(mol.build(recipe, device="cpu", dtype=torch.float32))
 
 
@@ -79,8 +87,12 @@ def test_cross_family_export_reloads_as_the_same_model(cross, tmp_path):
     assert cfg["model_type"] == "mol" and cfg["architectures"] == ["MoLForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_mol.MoLForCausalLM"
     assert cfg["num_hidden_layers"] == 10  # one KV-cache layer per slot-expert
-    assert {a: s["config"]["model_type"] for a, s in cfg["sources"].items()} == \
-        {"l": "llama", "g": "gpt2", "n": "gpt_neox", "o": "opt"}
+    assert {a: s["config"]["model_type"] for a, s in cfg["sources"].items()} == {
+        "l": "llama",
+        "g": "gpt2",
+        "n": "gpt_neox",
+        "o": "opt",
+    }
     assert cfg["recipe"]["slots"][3]["router"] == {"type": "token", "top_k": 2}
 
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path)).eval()
@@ -131,10 +143,19 @@ def test_weights_file_exports_like_the_trained_model(cross, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_as_base_of_a_routed_recipe(tiny, tmp_path, family):
     other = tiny("gpt2", width=48) if family == "llama" else tiny("llama", width=48)
-    recipe = mol.Recipe.from_dict({
-        "name": f"{family}-routed", "base": "b", "models": {"b": str(tiny(family)), "x": str(other)},
-        "slots": ["b:0", {"experts": ["b:1", "x:1"]}, "b:2", {"experts": ["b:3", "x:2"], "router": "pooled"}],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": f"{family}-routed",
+            "base": "b",
+            "models": {"b": str(tiny(family)), "x": str(other)},
+            "slots": [
+                "b:0",
+                {"experts": ["b:1", "x:1"]},
+                "b:2",
+                {"experts": ["b:3", "x:2"], "router": "pooled"},
+            ],
+        }
+    )
     model = randomise(mol.build(recipe, device="cpu", dtype=torch.float32), seed=1)
     loaded = AutoModelForCausalLM.from_pretrained(str(export(model, tmp_path / "out").path)).eval()
     assert_same_model(model, loaded, seed=2)
@@ -154,16 +175,21 @@ def test_bf16_export_keeps_routers_in_float32(cross, tmp_path):
     mol.load_trainable(runtime, mol.save_trainable(model, tmp_path / "w.safetensors"))
     ids, mask = padded_batch(5)
     with torch.no_grad():
-        diff = (runtime(ids, attention_mask=mask).logits.float() - loaded(ids, attention_mask=mask).logits.float())
+        diff = (
+            runtime(ids, attention_mask=mask).logits.float() - loaded(ids, attention_mask=mask).logits.float()
+        )
     assert diff[mask.bool()].abs().max().item() == 0.0
 
 
 def test_tied_base_head_is_not_duplicated(tiny, tmp_path):
-    recipe = mol.Recipe.from_dict({
-        "name": "tied", "base": "b", "models": {"b": str(tiny("llama", tie_word_embeddings=True)),
-                                                "x": str(tiny("gpt2", width=48))},
-        "slots": ["b:0", {"experts": ["b:1", "x:1"]}, "b:2"],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "tied",
+            "base": "b",
+            "models": {"b": str(tiny("llama", tie_word_embeddings=True)), "x": str(tiny("gpt2", width=48))},
+            "slots": ["b:0", {"experts": ["b:1", "x:1"]}, "b:2"],
+        }
+    )
     model = randomise(mol.build(recipe, device="cpu", dtype=torch.float32))
     result = export(model, tmp_path / "out")
     with safe_open(str(result.path / "model.safetensors"), "pt") as fh:
@@ -173,12 +199,16 @@ def test_tied_base_head_is_not_duplicated(tiny, tmp_path):
     assert_same_model(model, loaded)
 
 
-@pytest.mark.parametrize("family, overrides", [(f, {}) for f in FAMILIES] + [("opt", {"word_embed_proj_dim": 32})])
+@pytest.mark.parametrize(
+    "family, overrides", [(f, {}) for f in FAMILIES] + [("opt", {"word_embed_proj_dim": 32})]
+)
 def test_identity_mol_export_reproduces_the_source_model(tiny, tmp_path, family, overrides):
     """Independent of the runtime: a one-model identity recipe written as MoLForCausalLM is the source model."""
     folder = tiny(family, **overrides)
     recipe = mol.Recipe.from_dict({"name": "id", "models": {"m": str(folder)}, "slots": ["m:0-3"]})
-    loaded = AutoModelForCausalLM.from_pretrained(str(export(recipe, tmp_path / "out", format="mol").path)).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(export(recipe, tmp_path / "out", format="mol").path)
+    ).eval()
     source = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     ids, mask = padded_batch(7)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens, as in Mango

@@ -47,8 +47,14 @@ def test_standard_export_reloads_with_runtime_logits(tiny, tmp_path, family):
     with torch.no_grad():
         diff = (runtime(IDS).logits - loaded(IDS).logits).abs().max().item()
     assert diff <= 1e-5
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md",
-                 "mergekit_config.yml", "mol_recipe.yaml"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "mergekit_config.yml",
+        "mol_recipe.yaml",
+    ):
         assert (result.path / name).is_file(), name
 
 
@@ -63,7 +69,7 @@ def test_tensors_are_the_mergekit_passthrough_layout(tiny, tmp_path):
     expected = {}
     for name, t in source.items():
         if name.startswith("model.layers."):
-            layer, rest = name[len("model.layers."):].split(".", 1)
+            layer, rest = name[len("model.layers.") :].split(".", 1)
             for i, src_layer in enumerate(order):
                 if src_layer == int(layer):
                     expected[f"model.layers.{i}.{rest}"] = t
@@ -78,17 +84,27 @@ def test_tensors_are_the_mergekit_passthrough_layout(tiny, tmp_path):
 
 def test_two_finetunes_of_one_architecture_export_standard(tiny, tmp_path):
     a, b = tiny("llama", seed=0), tiny("llama", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "two", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", "b:1", "b:2", "a:3"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "two",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": ["a:0", "b:1", "b:2", "a:3"],
+        }
+    )
     result = export(recipe, tmp_path / "out")
     assert result.format == "standard"
     runtime = mol.build(recipe, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         assert (runtime(IDS).logits - reload(result.path)(IDS).logits).abs().max().item() <= 1e-5
-    with safe_open(str(result.path / "model.safetensors"), "pt") as out, \
-            safe_open(str(b / "model.safetensors"), "pt") as src_b:
-        assert torch.equal(out.get_tensor("model.layers.1.mlp.up_proj.weight"),
-                           src_b.get_tensor("model.layers.1.mlp.up_proj.weight"))
+    with (
+        safe_open(str(result.path / "model.safetensors"), "pt") as out,
+        safe_open(str(b / "model.safetensors"), "pt") as src_b,
+    ):
+        assert torch.equal(
+            out.get_tensor("model.layers.1.mlp.up_proj.weight"),
+            src_b.get_tensor("model.layers.1.mlp.up_proj.weight"),
+        )
 
 
 def test_tokenizer_and_generation_config_come_with_the_export(tiny, tmp_path):
@@ -134,8 +150,9 @@ def test_small_shards_and_bf16(tiny, tmp_path):
 def test_foreign_absolute_position_blocks_are_not_standard(tiny, tmp_path):
     """A foreign GPT-2 block gets its own position embedding added in the runtime: no standard equivalent."""
     a, b = tiny("gpt2", seed=0), tiny("gpt2", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "g", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", "b:1", "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {"name": "g", "base": "a", "models": {"a": str(a), "b": str(b)}, "slots": ["a:0", "b:1", "a:2"]}
+    )
     with pytest.raises(RecipeError, match="position embedding"):
         export(recipe, tmp_path / "std", format="standard")
     assert not (tmp_path / "std").exists()
@@ -145,8 +162,9 @@ def test_foreign_absolute_position_blocks_are_not_standard(tiny, tmp_path):
 
 def test_trained_adapter_makes_it_a_mol_export(tiny, tmp_path):
     a, b = tiny("llama", seed=0), tiny("llama", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "t", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", "b:1", "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {"name": "t", "base": "a", "models": {"a": str(a), "b": str(b)}, "slots": ["a:0", "b:1", "a:2"]}
+    )
     model = mol.build(recipe, device="cpu")
     with torch.no_grad():
         model.slots[1].experts[0].adapter.into_block.bias.fill_(0.01)

@@ -16,7 +16,7 @@ from mol.export import export
 
 REPO = Path(__file__).resolve().parents[1]
 
-LOADER = r'''
+LOADER = r"""
 import importlib.abc, json, sys
 
 class NoMol(importlib.abc.MetaPathFinder):
@@ -40,7 +40,7 @@ prompt, pmask = data["ids"][:, :7], data["mask"][:, :7]
 generated = model.generate(prompt, attention_mask=pmask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
 print(json.dumps({"diff": diff, "generated": generated.tolist(), "class": type(model).__module__,
                   "mol_imported": any(k == "mol" or k.startswith("mol.") for k in sys.modules)}))
-'''
+"""
 
 
 def run_without_mol(tmp_path, folder, remote, ids, mask, logits):
@@ -50,8 +50,14 @@ def run_without_mol(tmp_path, folder, remote, ids, mask, logits):
     script.write_text(LOADER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(script), str(folder), str(inputs), "1" if remote else "0"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(folder), str(inputs), "1" if remote else "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -64,7 +70,9 @@ def batch():
 
 
 def test_standard_export_loads_without_mol(tiny, tmp_path):
-    recipe = mol.Recipe.from_dict({"name": "s", "models": {"m": str(tiny("qwen2"))}, "slots": ["m:0-3", "m:2-3"]})
+    recipe = mol.Recipe.from_dict(
+        {"name": "s", "models": {"m": str(tiny("qwen2"))}, "slots": ["m:0-3", "m:2-3"]}
+    )
     model = mol.build(recipe, device="cpu", dtype=torch.float32)
     folder = export(recipe, tmp_path / "standard").path
     ids, mask = batch()
@@ -79,11 +87,23 @@ def test_standard_export_loads_without_mol(tiny, tmp_path):
 
 
 def test_mol_export_loads_with_remote_code_without_mol(tiny, tmp_path):
-    recipe = mol.Recipe.from_dict({
-        "name": "r", "base": "l",
-        "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=96)), "n": str(tiny("gpt_neox", width=48))},
-        "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "n:2", {"experts": ["l:3", "n:3"], "router": "pooled"}],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "r",
+            "base": "l",
+            "models": {
+                "l": str(tiny("llama")),
+                "g": str(tiny("gpt2", width=96)),
+                "n": str(tiny("gpt_neox", width=48)),
+            },
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"]},
+                "n:2",
+                {"experts": ["l:3", "n:3"], "router": "pooled"},
+            ],
+        }
+    )
     model = mol.build(recipe, device="cpu", dtype=torch.float32)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -104,9 +124,14 @@ def test_mol_export_loads_with_remote_code_without_mol(tiny, tmp_path):
 def test_lazy_registration_loads_mol_exports_without_remote_code(tiny, tmp_path):
     """Registering costs `import mol` nothing: transformers' auto modules and the modelling code are imported
     only when used, and then a MoL folder loads with no trust_remote_code."""
-    recipe = mol.Recipe.from_dict({"name": "r", "base": "l", "models": {"l": str(tiny("llama")),
-                                                                        "g": str(tiny("gpt2", width=48))},
-                                   "slots": ["l:0", {"experts": ["l:1", "g:1"]}]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "r",
+            "base": "l",
+            "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=48))},
+            "slots": ["l:0", {"experts": ["l:1", "g:1"]}],
+        }
+    )
     folder = export(recipe, tmp_path / "out").path
     code = f"""
 import sys
@@ -117,8 +142,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 print(type(AutoConfig.from_pretrained({str(folder)!r})).__module__)
 print(type(AutoModelForCausalLM.from_pretrained({str(folder)!r})).__module__)
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()[-3:]
     assert lines == ["False False", "mol.export.configuration_mol", "mol.export.modeling_mol"]

@@ -13,21 +13,36 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def identity(folder, layers=4):
-    return mol.Recipe(name="identity", base="m", models={"m": str(folder)},
-                      slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)])
+    return mol.Recipe(
+        name="identity",
+        base="m",
+        models={"m": str(folder)},
+        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
+    )
 
 
 @pytest.fixture(scope="module")
 def routed(tiny):
     """Cross-family, cross-width: token routers (top-1 and top-2), a pooled router, foreign absolute positions."""
-    recipe = mol.Recipe.from_dict({
-        "name": "cross", "base": "l",
-        "models": {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=96)),
-                   "n": str(tiny("gpt_neox", width=48, layers=2)), "o": str(tiny("opt", width=32, layers=2))},
-        "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "g:2",
-                  {"experts": ["l:2", "n:0", "o:0"], "router": {"type": "token", "top_k": 2}},
-                  {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}}],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "cross",
+            "base": "l",
+            "models": {
+                "l": str(tiny("llama", width=64)),
+                "g": str(tiny("gpt2", width=96)),
+                "n": str(tiny("gpt_neox", width=48, layers=2)),
+                "o": str(tiny("opt", width=32, layers=2)),
+            },
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"]},
+                "g:2",
+                {"experts": ["l:2", "n:0", "o:0"], "router": {"type": "token", "top_k": 2}},
+                {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
+            ],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.manual_seed(0)
     for slot in model.routed_slots:  # routing that really varies by token
@@ -67,23 +82,30 @@ def test_fast_routed_recipe_tokens_and_trace_equal_plain(routed):
         assert (a.probs - b.probs).abs().max() <= 1e-5
     # The decoder is cached and reused: a second prompt of the same shape gives the plain tokens too.
     ids2, mask2 = _prompt(3, 6, 3)
-    assert routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=True).tolist() == \
-        routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=False).tolist()
+    assert (
+        routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=True).tolist()
+        == routed.generate(ids2, attention_mask=mask2, max_new_tokens=9, eos_token_id=[], fast=False).tolist()
+    )
 
 
 def test_fast_stops_at_end_of_sequence_like_plain(routed):
     ids, mask = _prompt(2, 5, 4)
     free = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     eos = [int(free[0, 7]), int(free[1, 9])]  # tokens that will come up: one sequence finishes early
-    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0,
-                            fast=False)
-    fast = routed.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, fast=True)
+    plain = routed.generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, fast=False
+    )
+    fast = routed.generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0, fast=True
+    )
     assert fast.tolist() == plain.tolist()
 
 
 def test_fast_sampling_matches_plain_with_the_same_generator(routed):
     ids, mask = _prompt(2, 5, 5)
-    kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=20, temperature=0.8)
+    kw = dict(
+        attention_mask=mask, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=20, temperature=0.8
+    )
     plain = routed.generate(ids, generator=torch.Generator().manual_seed(9), fast=False, **kw)
     fast = routed.generate(ids, generator=torch.Generator().manual_seed(9), fast=True, **kw)
     assert fast.tolist() == plain.tolist()
@@ -93,8 +115,14 @@ def test_streamer_and_stop(tiny):
     model = mol.build(identity(tiny("llama")), device="cpu")
     ids, _ = _prompt(1, 4, 6)
     seen = []
-    out = model.generate(ids, max_new_tokens=10, eos_token_id=[], fast=True, streamer=lambda t: seen.append(int(t[0])),
-                         stop=lambda: len(seen) >= 5)
+    out = model.generate(
+        ids,
+        max_new_tokens=10,
+        eos_token_id=[],
+        fast=True,
+        streamer=lambda t: seen.append(int(t[0])),
+        stop=lambda: len(seen) >= 5,
+    )
     assert out.shape == (1, 9)
     assert out[0, 4:].tolist() == seen
 
@@ -134,13 +162,21 @@ def test_decoders_are_cached_per_shape(tiny):
 def test_routed_slot_runs_the_mlp_only_for_chosen_tokens(tiny):
     """Same output as running every expert's MLP on every token, and the MLP really sees fewer rows."""
     a, b = tiny("llama", seed=0), tiny("llama", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "r", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", {"experts": ["a:1", "b:1"]}, "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "r",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": ["a:0", {"experts": ["a:1", "b:1"]}, "a:2"],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.nn.init.normal_(model.slots[1].router.proj.weight, std=2.0)
     rows_seen = []
     for e in model.slots[1].experts:
-        e.layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: rows_seen.append(args[0].shape[:-1].numel()))
+        e.layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, args: rows_seen.append(args[0].shape[:-1].numel())
+        )
     ids = torch.randint(1, 380, (2, 16), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         subset = model(ids).logits
@@ -157,8 +193,14 @@ def test_routed_slot_runs_the_mlp_only_for_chosen_tokens(tiny):
 
 def test_routed_slot_gradients_match_dense(tiny):
     a, b = tiny("llama", seed=0), tiny("llama", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "r", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["a:0", {"experts": ["a:1", "b:1"]}, "a:2"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "r",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": ["a:0", {"experts": ["a:1", "b:1"]}, "a:2"],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.nn.init.normal_(model.slots[1].router.proj.weight, std=2.0)
     ids = torch.randint(1, 380, (2, 12), generator=torch.Generator().manual_seed(9))

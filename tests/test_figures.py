@@ -25,14 +25,30 @@ TRACE = {
     "tokens": ["The", " cat", " the", "\n", " the", "<s>"],
     "token_ids": [10, 11, 12, 13, 12, 1],
     "slots": [
-        {"slot": 1, "router": "token", "experts": ["bard:1", "coder:1"],
-         "probs": [[0.7, 0.3], [0.2, 0.8], [0.55, 0.45], [0.1, 0.9], [0.61, 0.39], [0.5, 0.5]],
-         "chosen": [[0], [1], [0], [1], [0], [1]], "load": [0.5, 0.5]},
-        {"slot": 4, "router": "pooled", "experts": ["bard:4", "coder:4", "coder:7"],
-         "probs": [[0.2, 0.3, 0.5]] * 6, "chosen": [[2]] * 6, "load": [0.0, 0.0, 1.0]},
-        {"slot": 6, "router": "token", "experts": ["coder:6", "bard:6"],
-         "probs": [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]],
-         "chosen": [[0, 1], [0, 1], [1, 0], [1, 0], [1, 0], [0, 1]], "load": [0.5, 0.5]},
+        {
+            "slot": 1,
+            "router": "token",
+            "experts": ["bard:1", "coder:1"],
+            "probs": [[0.7, 0.3], [0.2, 0.8], [0.55, 0.45], [0.1, 0.9], [0.61, 0.39], [0.5, 0.5]],
+            "chosen": [[0], [1], [0], [1], [0], [1]],
+            "load": [0.5, 0.5],
+        },
+        {
+            "slot": 4,
+            "router": "pooled",
+            "experts": ["bard:4", "coder:4", "coder:7"],
+            "probs": [[0.2, 0.3, 0.5]] * 6,
+            "chosen": [[2]] * 6,
+            "load": [0.0, 0.0, 1.0],
+        },
+        {
+            "slot": 6,
+            "router": "token",
+            "experts": ["coder:6", "bard:6"],
+            "probs": [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]],
+            "chosen": [[0, 1], [0, 1], [1, 0], [1, 0], [1, 0], [0, 1]],
+            "load": [0.5, 0.5],
+        },
     ],
 }
 
@@ -101,7 +117,10 @@ def test_model_colors_are_stable_and_distinct():
     colors = model_colors(aliases)
     assert list(colors) == aliases and len(set(colors.values())) == 25
     assert list(colors.values())[:10] == list(PALETTE)
-    assert model_colors(aliases) == colors and model_colors(["a", "a", "b"]) == {"a": PALETTE[0], "b": PALETTE[1]}
+    assert model_colors(aliases) == colors and model_colors(["a", "a", "b"]) == {
+        "a": PALETTE[0],
+        "b": PALETTE[1],
+    }
     assert all(len(c) == 7 and c.startswith("#") for c in colors.values())
 
 
@@ -111,17 +130,34 @@ def test_empty_traces_give_a_message_not_an_error():
         assert not fig.data and "No routed slots" in fig.layout.annotations[0].text
         json.loads(fig.to_json())
         assert "No routed slots" in expert_load(empty).layout.annotations[0].text
-    no_tokens = router_heatmap({"tokens": [], "slots": [{"slot": 0, "router": "token", "experts": ["a:0"],
-                                                          "probs": [], "chosen": [], "load": [0.0]}]})
+    no_tokens = router_heatmap(
+        {
+            "tokens": [],
+            "slots": [
+                {"slot": 0, "router": "token", "experts": ["a:0"], "probs": [], "chosen": [], "load": [0.0]}
+            ],
+        }
+    )
     assert "No tokens" in no_tokens.layout.annotations[0].text
 
 
 def test_long_and_odd_tokens():
     tokens = ["word"] * 150 + ["a very long token that goes on", "\t", "", " \n "]
     n = len(tokens)
-    trace = {"tokens": tokens, "token_ids": list(range(n)), "slots": [
-        {"slot": 2, "router": "token", "experts": ["x:2", "y:2"], "probs": [[0.25, 0.75]] * n,
-         "chosen": [[1]] * n, "load": [0.0, 1.0]}]}
+    trace = {
+        "tokens": tokens,
+        "token_ids": list(range(n)),
+        "slots": [
+            {
+                "slot": 2,
+                "router": "token",
+                "experts": ["x:2", "y:2"],
+                "probs": [[0.25, 0.75]] * n,
+                "chosen": [[1]] * n,
+                "load": [0.0, 1.0],
+            }
+        ],
+    }
     fig = router_heatmap(trace)
     assert np.array(_heat(fig).z, dtype=float).shape == (1, n)
     xa = fig.layout.xaxis
@@ -132,9 +168,18 @@ def test_long_and_odd_tokens():
 
 
 def test_trace_shorter_than_tokens_is_right_aligned():
-    trace = {"tokens": ["a", "b", "c"], "slots": [
-        {"slot": 0, "router": "token", "experts": ["m:0", "n:0"], "probs": [[0.9, 0.1], [0.2, 0.8]],
-         "chosen": [[0], [1]]}]}
+    trace = {
+        "tokens": ["a", "b", "c"],
+        "slots": [
+            {
+                "slot": 0,
+                "router": "token",
+                "experts": ["m:0", "n:0"],
+                "probs": [[0.9, 0.1], [0.2, 0.8]],
+                "chosen": [[0], [1]],
+            }
+        ],
+    }
     h = _heat(router_heatmap(trace))
     assert h.z[0][0] is None and list(h.z[0][1:]) == [0, 1]
     assert "m:0: –" in h.customdata[0][0][3]
@@ -156,8 +201,11 @@ def test_expert_load_bars():
 
 
 def test_loss_curve():
-    points = [{"step": 3, "loss": 2.0, "lr": 1e-3}, {"step": 1, "loss": 3.0, "lr": 1e-3},
-              {"step": 2, "loss": float("nan"), "lr": 5e-4}]
+    points = [
+        {"step": 3, "loss": 2.0, "lr": 1e-3},
+        {"step": 1, "loss": 3.0, "lr": 1e-3},
+        {"step": 2, "loss": float("nan"), "lr": 5e-4},
+    ]
     fig = loss_curve(points)
     loss, lr = fig.data
     assert list(loss.x) == [1, 2, 3] and list(loss.y) == [3.0, None, 2.0]  # sorted; NaN is a gap
@@ -175,8 +223,11 @@ def test_no_deprecated_layout_properties():
         assert isinstance(json.loads(text)["layout"]["title"], dict)
 
 
-probability_rows = st.integers(2, 4).flatmap(lambda n: st.tuples(
-    st.just(n), st.lists(st.lists(st.floats(0, 1), min_size=n, max_size=n), min_size=1, max_size=30)))
+probability_rows = st.integers(2, 4).flatmap(
+    lambda n: st.tuples(
+        st.just(n), st.lists(st.lists(st.floats(0, 1), min_size=n, max_size=n), min_size=1, max_size=30)
+    )
+)
 
 
 @settings(max_examples=25, deadline=None)
@@ -185,10 +236,21 @@ def test_any_trace_renders(data, n_slots, tokens):
     n_exp, probs = data
     t = len(probs)
     tokens = (tokens + ["x"] * t)[:t]
-    trace = {"tokens": tokens, "token_ids": list(range(t)), "slots": [
-        {"slot": s, "router": "token", "experts": [f"m{e % 2}:{s}{e}" for e in range(n_exp)], "probs": probs,
-         "chosen": [[int(np.argmax(row))] for row in probs], "load": [1 / n_exp] * n_exp}
-        for s in range(n_slots)]}
+    trace = {
+        "tokens": tokens,
+        "token_ids": list(range(t)),
+        "slots": [
+            {
+                "slot": s,
+                "router": "token",
+                "experts": [f"m{e % 2}:{s}{e}" for e in range(n_exp)],
+                "probs": probs,
+                "chosen": [[int(np.argmax(row))] for row in probs],
+                "load": [1 / n_exp] * n_exp,
+            }
+            for s in range(n_slots)
+        ],
+    }
     fig = router_heatmap(trace)
     assert np.array(_heat(fig).z, dtype=float).shape == (n_slots, t)
     json.loads(fig.to_json())

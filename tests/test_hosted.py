@@ -73,7 +73,9 @@ def test_hub_is_refused_unless_allowed(hosted_env):
 
 
 def test_recipe_and_generation_limits():
-    policy = AccessPolicy(allowed_dirs=[], limits=Limits(slots=2, new_tokens=10, prompt_chars=5), enforce_limits=True)
+    policy = AccessPolicy(
+        allowed_dirs=[], limits=Limits(slots=2, new_tokens=10, prompt_chars=5), enforce_limits=True
+    )
     with pytest.raises(ResourceError, match="at most 2"):
         policy.check_recipe(recipe("x", ["a:0", "a:1", "a:2"]))
     with pytest.raises(ResourceError, match="allows 10"):

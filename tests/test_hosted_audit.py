@@ -106,9 +106,16 @@ class World:
         shutil.copytree(tiny("llama", width=64, layers=4, seed=77), model)
         shutil.copy(model / "model.safetensors", self.outside / "model.safetensors")
         self.secret = self.outside / "secret.yaml"  # a valid recipe: read as a file, it would be accepted
-        self.secret.write_text(yaml.safe_dump({"name": self.marker, "base": "bard",
-                                               "models": {"bard": str(self.demo / "mango-bard")},
-                                               "slots": ["bard:0"]}))
+        self.secret.write_text(
+            yaml.safe_dump(
+                {
+                    "name": self.marker,
+                    "base": "bard",
+                    "models": {"bard": str(self.demo / "mango-bard")},
+                    "slots": ["bard:0"],
+                }
+            )
+        )
         (self.outside / "notes.txt").write_text(self.marker + "\n")
         # inside the allowed folder, ways out of it
         (self.allowed / "link-folder").symlink_to(model, target_is_directory=True)
@@ -119,10 +126,14 @@ class World:
 
         with safe_open(str(model / "model.safetensors"), "pt") as f:
             names = list(f.keys())
-        for folder, target in (("index-escape", "../../outside/model.safetensors"), ("index-passwd", "/etc/passwd")):
+        for folder, target in (
+            ("index-escape", "../../outside/model.safetensors"),
+            ("index-passwd", "/etc/passwd"),
+        ):
             shutil.copytree(model, self.allowed / folder, ignore=shutil.ignore_patterns("*.safetensors"))
             (self.allowed / folder / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": {n: target for n in names}}))
+                json.dumps({"metadata": {}, "weight_map": {n: target for n in names}})
+            )
         self.home = base / "app-home"  # the child's working folder: "../outside" from there is real
         self.tmp = base / "app-tmp"
         self.data = base / "app-data"
@@ -136,16 +147,30 @@ class World:
     # ---- the server ----
     def start(self) -> None:
         port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MANGO_HOSTED": "1", "MANGO_MODEL_DIRS": str(self.allowed),
-               "MANGO_MODELS_DIR": str(self.demo), "MANGO_DB_URL": f"sqlite:///{self.db_dir / 'studio.db'}",
-               "MANGO_DATA_DIR": str(self.data), "TMPDIR": str(self.tmp), "GRADIO_TEMP_DIR": str(self.tmp / "gradio"),
-               "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONPATH": str(REPO),
-               "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "MANGO_HOSTED": "1",
+            "MANGO_MODEL_DIRS": str(self.allowed),
+            "MANGO_MODELS_DIR": str(self.demo),
+            "MANGO_DB_URL": f"sqlite:///{self.db_dir / 'studio.db'}",
+            "MANGO_DATA_DIR": str(self.data),
+            "TMPDIR": str(self.tmp),
+            "GRADIO_TEMP_DIR": str(self.tmp / "gradio"),
+            "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "PYTHONPATH": str(REPO),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        }
         env.pop("SPACE_ID", None)
         self.server_log = (self.base / "server.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(self.log), str(LIFETIME_S),
-                                      str(REPO / "app.py")], cwd=self.home, env=env, stdout=self.server_log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(self.log), str(LIFETIME_S), str(REPO / "app.py")],
+            cwd=self.home,
+            env=env,
+            stdout=self.server_log,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 180
         while True:
@@ -155,7 +180,9 @@ class World:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise AssertionError(f"the hosted studio did not start:\n{self.server_output()}") from None
+                    raise AssertionError(
+                        f"the hosted studio did not start:\n{self.server_output()}"
+                    ) from None
                 time.sleep(0.5)
         from gradio_client import Client
 
@@ -185,8 +212,10 @@ class World:
             out = Outcome(endpoint, case, False, json.dumps(result, default=str))
             if isinstance(result, dict) and result.get("ok") is False:  # validate_recipe's report
                 out = Outcome(endpoint, case, True, str(result.get("error")))
-            elif isinstance(result, list | tuple) and any('mango-status error' in str(r) for r in result):
-                out = Outcome(endpoint, case, True, " ".join(str(r) for r in result if "mango-status" in str(r)))
+            elif isinstance(result, list | tuple) and any("mango-status error" in str(r) for r in result):
+                out = Outcome(
+                    endpoint, case, True, " ".join(str(r) for r in result if "mango-status" in str(r))
+                )
         self.outcomes.append(out)
         return out
 
@@ -194,8 +223,14 @@ class World:
         return yaml.safe_dump({"name": name, "base": "x", "models": {"x": ref}, "slots": ["x:0"]})
 
     def benign(self, name: str = "benign") -> str:
-        return yaml.safe_dump({"name": name, "base": "bard", "models": {"bard": str(self.demo / "mango-bard")},
-                               "slots": ["bard:0", "bard:1"]})
+        return yaml.safe_dump(
+            {
+                "name": name,
+                "base": "bard",
+                "models": {"bard": str(self.demo / "mango-bard")},
+                "slots": ["bard:0", "bard:1"],
+            }
+        )
 
     # ---- what the hook saw ----
     def opened(self) -> list[tuple[str, str]]:
@@ -205,23 +240,57 @@ class World:
         """Where the child may open files: the allowed model folder, the app's own code and assets, its
         database, temp, data and working folders, Python itself, and the few system files libraries read."""
         paths = sysconfig.get_paths()
-        python = {sys.prefix, sys.exec_prefix, paths["stdlib"], paths["platstdlib"], paths["purelib"],
-                  paths["platlib"], os.path.join(sys.base_prefix, "lib", "python{}{}.zip".format(*sys.version_info[:2]))}
-        roots = [self.allowed, REPO / "mol", REPO / "studio", REPO / "assets", REPO / "app.py",
-                 *REPO.glob("*.egg-info"),  # the project's own package metadata (importlib.metadata)
-                 self.db_dir, self.tmp, self.data, self.home, self.log, *map(Path, python)]
-        system = ["/dev/null", "/dev/urandom", "/etc/localtime", "/usr/share/zoneinfo", "/etc/mime.types",
-                  "/etc/ssl/certs", "/usr/lib/ssl", "/proc/self", "/proc/stat", "/proc/sys/kernel/random/boot_id",
-                  "/sys/devices/system/cpu", "/sys/fs/cgroup", f"/proc/{self.proc.pid}" if self.proc else "/proc/self"]
+        python = {
+            sys.prefix,
+            sys.exec_prefix,
+            paths["stdlib"],
+            paths["platstdlib"],
+            paths["purelib"],
+            paths["platlib"],
+            os.path.join(sys.base_prefix, "lib", "python{}{}.zip".format(*sys.version_info[:2])),
+        }
+        roots = [
+            self.allowed,
+            REPO / "mol",
+            REPO / "studio",
+            REPO / "assets",
+            REPO / "app.py",
+            *REPO.glob("*.egg-info"),  # the project's own package metadata (importlib.metadata)
+            self.db_dir,
+            self.tmp,
+            self.data,
+            self.home,
+            self.log,
+            *map(Path, python),
+        ]
+        system = [
+            "/dev/null",
+            "/dev/urandom",
+            "/etc/localtime",
+            "/usr/share/zoneinfo",
+            "/etc/mime.types",
+            "/etc/ssl/certs",
+            "/usr/lib/ssl",
+            "/proc/self",
+            "/proc/stat",
+            "/proc/sys/kernel/random/boot_id",
+            "/sys/devices/system/cpu",
+            "/sys/fs/cgroup",
+            f"/proc/{self.proc.pid}" if self.proc else "/proc/self",
+        ]
         return [Path(os.path.realpath(p)) for p in [*roots, *system]]
 
     def outside_opens(self) -> list[tuple[str, str, str]]:
         roots = self.allowed_roots()
-        listed_only = {REPO}  # on sys.path: the import system lists it, and opens nothing under it but the above
+        listed_only = {
+            REPO
+        }  # on sys.path: the import system lists it, and opens nothing under it but the above
         out = []
         for event, path in self.opened():
             real = Path(os.path.realpath(path))
-            if any(real == r or r in real.parents for r in roots) or (event != "open" and real in listed_only):
+            if any(real == r or r in real.parents for r in roots) or (
+                event != "open" and real in listed_only
+            ):
                 continue
             out.append((event, path, str(real)))
         return out
@@ -247,18 +316,30 @@ def text_attacks(w: World) -> dict[str, str]:
         "JSON null": "null",
         "JSON true": "true",
         "empty list": "[]",
-        "huge int, 5000 digits": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: [1" + "0" * 5000 + "]\n",
-        "huge int as a layer": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:" + "9" * 40 + "']\n",
-        "huge int as a rank": ("name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:0']\n"
-                               "adapter: {type: bottleneck, rank: " + "9" * 400 + "}\n"),
-        "huge float": ("name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:0']\n"
-                       "adapter: {type: bottleneck, rank: 1.0e+99999}\n"),
-        "huge top_k": ("name: x\nbase: bard\nmodels: {bard: mango-bard}\n"
-                       "slots: [{experts: ['bard:0', 'bard:1'], router: {type: token, top_k: " + "9" * 30 + "}}]\n"),
+        "huge int, 5000 digits": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: [1"
+        + "0" * 5000
+        + "]\n",
+        "huge int as a layer": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:"
+        + "9" * 40
+        + "']\n",
+        "huge int as a rank": (
+            "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:0']\n"
+            "adapter: {type: bottleneck, rank: " + "9" * 400 + "}\n"
+        ),
+        "huge float": (
+            "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: ['bard:0']\n"
+            "adapter: {type: bottleneck, rank: 1.0e+99999}\n"
+        ),
+        "huge top_k": (
+            "name: x\nbase: bard\nmodels: {bard: mango-bard}\n"
+            "slots: [{experts: ['bard:0', 'bard:1'], router: {type: token, top_k: " + "9" * 30 + "}}]\n"
+        ),
         "deep flow nesting": "[" * 20_000 + "]" * 20_000,
         "deep block nesting": "".join(" " * i + "a:\n" for i in range(300)) + " " * 300 + "b\n",
         "deep JSON nesting": '{"a":' * 10_000 + "1" + "}" * 10_000,
-        "deep nesting in slots": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: " + "[" * 900 + "]" * 900,
+        "deep nesting in slots": "name: x\nbase: bard\nmodels: {bard: mango-bard}\nslots: "
+        + "[" * 900
+        + "]" * 900,
         "longer than allowed": "name: x\n#" + "a" * limit,
     }
 
@@ -290,11 +371,16 @@ def board_attacks(w: World) -> dict[str, object]:
     for _ in range(400):
         nested = [nested]
     return {
-        "a list": [1, 2], "a path": str(w.secret), "slots a path": {"slots": "/etc/passwd"},
-        "slots of numbers": {"slots": [1, 2]}, "expert a path": {"slots": [{"experts": ["/etc/passwd"]}]},
+        "a list": [1, 2],
+        "a path": str(w.secret),
+        "slots a path": {"slots": "/etc/passwd"},
+        "slots of numbers": {"slots": [1, 2]},
+        "expert a path": {"slots": [{"experts": ["/etc/passwd"]}]},
         "expert the secret": {"slots": [{"experts": [f"{w.secret}:0"]}]},
         "huge layer": {"slots": [{"experts": ["bard:" + "9" * 5000]}]},
-        "huge top_k": {"slots": [{"experts": ["bard:0", "bard:1"], "router": {"type": "token", "top_k": 10**30}}]},
+        "huge top_k": {
+            "slots": [{"experts": ["bard:0", "bard:1"], "router": {"type": "token", "top_k": 10**30}}]
+        },
         "router a path": {"slots": [{"experts": ["bard:0", "bard:1"], "router": "/etc/passwd"}]},
         "deep nesting": {"slots": [{"experts": nested}]},
         "too many slots": {"slots": [{"experts": ["bard:0"]}] * 10_001},
@@ -334,8 +420,11 @@ def attack(w: World) -> None:
         w.call("/validate_recipe", case, w.recipe(ref))
         # a recipe naming the model is only text until something plans or builds it: converting and saving it
         # may succeed, the rest must not
-        w.call("/import_recipe", f"{case} (text only)",
-               f"slices:\n  - sources: [{{model: {json.dumps(ref)}, layer_range: [0, 1]}}]\nmerge_method: passthrough\n")
+        w.call(
+            "/import_recipe",
+            f"{case} (text only)",
+            f"slices:\n  - sources: [{{model: {json.dumps(ref)}, layer_range: [0, 1]}}]\nmerge_method: passthrough\n",
+        )
         w.call("/export_mergekit", f"{case} (text only)", w.recipe(ref))
         w.call("/add_slot", f"{case} (text only)", w.recipe(ref), "x:1", -1)
         saved = w.call("/save_recipe", f"{case} (text only)", w.recipe(ref, f"attack {len(w.outcomes)}"), "")
@@ -354,10 +443,15 @@ def attack(w: World) -> None:
         w.call("/ui_export_yaml", f"board {case}", "board", "bard", "linear", 64, board)
         w.call("/ui_export_mergekit", f"board {case}", "board", "bard", "linear", 64, board)
     for case, text in texts.items():  # a recipe name is text, never a path: it may be saved as what it is
-        w.call("/ui_save_recipe", f"name: {case} (text only)", text, "bard", "linear", 64, "", good_board, False)
-    for case, path in {"secret": str(w.secret), "/etc/passwd": "/etc/passwd",
-                       "relative secret": os.path.relpath(w.secret, w.home),
-                       "corpus folder by ..": "../" * 3 + "outside"}.items():
+        w.call(
+            "/ui_save_recipe", f"name: {case} (text only)", text, "bard", "linear", 64, "", good_board, False
+        )
+    for case, path in {
+        "secret": str(w.secret),
+        "/etc/passwd": "/etc/passwd",
+        "relative secret": os.path.relpath(w.secret, w.home),
+        "corpus folder by ..": "../" * 3 + "outside",
+    }.items():
         w.call("/train", f"corpus {case}", benign_version, [path], 1, 1, 16, 0)
         w.call("/evaluate", f"corpus {case}", benign_version, [path], 0, 32, 64, False)
 
@@ -386,7 +480,8 @@ def test_no_file_opened_outside_the_allowed_folders(world, record_property):
     for event, _path, real in outside:
         by_path[real].append(event)
     assert not outside, "opened outside the allowed folders:\n" + "\n".join(
-        f"{real} ({', '.join(sorted(set(ev)))})" for real, ev in sorted(by_path.items()))
+        f"{real} ({', '.join(sorted(set(ev)))})" for real, ev in sorted(by_path.items())
+    )
 
 
 def test_no_answer_carries_a_secret(world):
@@ -405,4 +500,5 @@ def test_every_hostile_request_gets_a_user_error(world, record_property):
     accepted = [o for o in world.outcomes if not o.refused and not o.case.endswith(MAY_SUCCEED)]
     assert not generic and not accepted, "\n".join(
         [f"generic error: {o.endpoint} [{o.case}]: {o.message[:160]}" for o in generic]
-        + [f"not refused: {o.endpoint} [{o.case}]: {o.message[:160]}" for o in accepted])
+        + [f"not refused: {o.endpoint} [{o.case}]: {o.message[:160]}" for o in accepted]
+    )

@@ -27,12 +27,16 @@ def test_cached_hub_id_resolves_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     fake_hub_cache(tmp_path / "hub", "mango-test/tiny-llama", tiny("llama"))
-    recipe = mol.Recipe.from_dict({"name": "hub", "models": {"m": "mango-test/tiny-llama"}, "slots": ["m:0-3"]})
+    recipe = mol.Recipe.from_dict(
+        {"name": "hub", "models": {"m": "mango-test/tiny-llama"}, "slots": ["m:0-3"]}
+    )
     p = mol.plan(recipe)
     assert p.base.hub_id == "mango-test/tiny-llama"
     model = mol.build(p, device="cpu")
-    local = mol.build(mol.Recipe.from_dict({"name": "l", "models": {"m": str(tiny("llama"))}, "slots": ["m:0-3"]}),
-                      device="cpu")
+    local = mol.build(
+        mol.Recipe.from_dict({"name": "l", "models": {"m": str(tiny("llama"))}, "slots": ["m:0-3"]}),
+        device="cpu",
+    )
     ids = torch.randint(1, 300, (1, 5))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, local(ids).logits)

@@ -51,6 +51,7 @@ def edit_header(model: Path, edit) -> None:
 
 def header_is(value):
     """model.safetensors whose whole header is the JSON `value`, data kept."""
+
     def damage(m, ctx):
         f = m / "model.safetensors"
         raw = f.read_bytes()
@@ -86,7 +87,8 @@ NORM = "model.layers.0.input_layernorm.weight"  # [64] F32
 
 def _overlap(h):
     h[NORM]["data_offsets"] = list(h["model.embed_tokens.weight"]["data_offsets"][:1]) + [
-        h["model.embed_tokens.weight"]["data_offsets"][0] + 256]
+        h["model.embed_tokens.weight"]["data_offsets"][0] + 256
+    ]
 
 
 def _short_range(h):
@@ -143,6 +145,7 @@ def _drop(name):
 
 def _index_names(target):
     """An index entry naming `target` (a string, or a callable of the context giving one)."""
+
     def damage(m, ctx):
         name = target(ctx) if callable(target) else target
         with_index(m, lambda i: i["weight_map"].update({Q: name}))
@@ -198,8 +201,11 @@ CASES = [
     ("header-array", header_is([]), "not a safetensors file"),
     ("header-null", header_is(None), "not a safetensors file"),
     ("header-string", header_is("x"), "not a safetensors file"),
-    ("header-metadata-list", lambda m, ctx: edit_header(m, lambda h: h.update({"__metadata__": []})),
-     "not a safetensors file"),
+    (
+        "header-metadata-list",
+        lambda m, ctx: edit_header(m, lambda h: h.update({"__metadata__": []})),
+        "not a safetensors file",
+    ),
     ("entry-not-object", lambda m, ctx: edit_header(m, lambda h: h.update({NORM: 5})), "malformed"),
     ("shape-string", header_entry(Q, shape="abc"), "shape"),
     ("shape-minus-one", header_entry(Q, shape=[-1, 64]), "shape"),
@@ -225,7 +231,11 @@ CASES = [
     # model.safetensors.index.json
     ("index-array", lambda m, ctx: write_json(m / "model.safetensors.index.json", []), "not a JSON object"),
     ("index-bad-json", lambda m, ctx: (m / "model.safetensors.index.json").write_text("{"), "not JSON"),
-    ("weight-map-list", lambda m, ctx: with_index(m, lambda i: {"weight_map": ["model.safetensors"]}), "weight_map"),
+    (
+        "weight-map-list",
+        lambda m, ctx: with_index(m, lambda i: {"weight_map": ["model.safetensors"]}),
+        "weight_map",
+    ),
     ("weight-map-missing", lambda m, ctx: with_index(m, lambda i: {"metadata": {}}), "weight_map"),
     ("weight-map-number", _index_names(5), "weight_map"),
     ("index-dotdot", _index_names("../elsewhere/model.safetensors"), "inside the model folder"),
@@ -233,29 +243,61 @@ CASES = [
     ("index-foreign-file", _index_names("config.json"), "inside the model folder"),
     ("index-link-out", _index_link_out, "inside the model folder"),
     ("index-shard-missing", _index_names("model-00009-of-00009.safetensors"), "missing"),
-    ("index-shard-directory", lambda m, ctx: ((m / "sub.safetensors").mkdir(), _index_names("sub.safetensors")(m, ctx)),
-     "not a regular file"),
+    (
+        "index-shard-directory",
+        lambda m, ctx: ((m / "sub.safetensors").mkdir(), _index_names("sub.safetensors")(m, ctx)),
+        "not a regular file",
+    ),
     ("index-nul", _index_names("model\u0000.safetensors"), "inside the model folder"),
     ("index-name-too-long", _index_names("x" * 300 + ".safetensors"), "cannot be read"),
     # tokenizer and generation files
     ("tokenizer-array", lambda m, ctx: write_json(m / "tokenizer.json", []), "not a JSON object"),
-    ("tokenizer-corrupt", lambda m, ctx: edit_json(m / "tokenizer.json", lambda t: t.update({"model": 5})),
-     "tokenizer"),
+    (
+        "tokenizer-corrupt",
+        lambda m, ctx: edit_json(m / "tokenizer.json", lambda t: t.update({"model": 5})),
+        "tokenizer",
+    ),
     ("tokenizer-bad-json", lambda m, ctx: (m / "tokenizer.json").write_text('{"model": {'), "not JSON"),
     ("tokenizer-foreign-file", _secret_as("tokenizer.json"), "not JSON"),
     ("tokenizer-fifo", _fifo("tokenizer.json"), "not a regular file"),
-    ("tokenizer-config-array", lambda m, ctx: write_json(m / "tokenizer_config.json", []), "not a JSON object"),
-    ("tokenizer-class-list", lambda m, ctx: edit_json(m / "tokenizer_config.json",
-                                                       lambda t: t.update({"tokenizer_class": ["x"]})), "tokenizer"),
-    ("tokenizer-eos-number", lambda m, ctx: edit_json(m / "tokenizer_config.json", lambda t: t.update({"eos_token": 5})),
-     "tokenizer"),
-    ("tokenizer-added-tokens-list", lambda m, ctx: edit_json(m / "tokenizer_config.json",
-                                                              lambda t: t.update({"added_tokens_decoder": []})),
-     "tokenizer"),
-    ("special-tokens-string", lambda m, ctx: write_json(m / "special_tokens_map.json", "x"), "not a JSON object"),
+    (
+        "tokenizer-config-array",
+        lambda m, ctx: write_json(m / "tokenizer_config.json", []),
+        "not a JSON object",
+    ),
+    (
+        "tokenizer-class-list",
+        lambda m, ctx: edit_json(m / "tokenizer_config.json", lambda t: t.update({"tokenizer_class": ["x"]})),
+        "tokenizer",
+    ),
+    (
+        "tokenizer-eos-number",
+        lambda m, ctx: edit_json(m / "tokenizer_config.json", lambda t: t.update({"eos_token": 5})),
+        "tokenizer",
+    ),
+    (
+        "tokenizer-added-tokens-list",
+        lambda m, ctx: edit_json(
+            m / "tokenizer_config.json", lambda t: t.update({"added_tokens_decoder": []})
+        ),
+        "tokenizer",
+    ),
+    (
+        "special-tokens-string",
+        lambda m, ctx: write_json(m / "special_tokens_map.json", "x"),
+        "not a JSON object",
+    ),
     ("vocab-array", _no_tokenizer_json(lambda m, ctx: write_json(m / "vocab.json", [])), "not a JSON object"),
-    ("vocab-ids-strings", _no_tokenizer_json(lambda m, ctx: write_json(m / "vocab.json", {"a": "x"})), "vocab"),
-    ("generation-config-array", lambda m, ctx: write_json(m / "generation_config.json", []), "not a JSON object"),
+    (
+        "vocab-ids-strings",
+        _no_tokenizer_json(lambda m, ctx: write_json(m / "vocab.json", {"a": "x"})),
+        "vocab",
+    ),
+    (
+        "generation-config-array",
+        lambda m, ctx: write_json(m / "generation_config.json", []),
+        "not a JSON object",
+    ),
     ("generation-config-directory", _folder("generation_config.json"), "not a regular file"),
 ]
 
@@ -280,6 +322,7 @@ def damaged(tiny, tmp_path):
 @pytest.fixture
 def deadline():
     """A read that blocks (a FIFO) fails the test instead of hanging it."""
+
     def expire(*_):
         raise TimeoutError("blocked reading a model file")
 
@@ -317,8 +360,11 @@ def test_hostile_folder_gives_a_typed_one_line_error(damaged, damage, words, dea
 
 
 @pytest.mark.parametrize("hosted", [True, False], ids=["hosted", "local"])
-@pytest.mark.parametrize("ref", ["x" * 300, "{tmp}/" + "x" * 300, "{tmp}/a\u0000b", "a\nb", "~no-such-user-here/m"],
-                         ids=["long-name", "long-absolute", "nul", "newline", "no-such-user"])
+@pytest.mark.parametrize(
+    "ref",
+    ["x" * 300, "{tmp}/" + "x" * 300, "{tmp}/a\u0000b", "a\nb", "~no-such-user-here/m"],
+    ids=["long-name", "long-absolute", "nul", "newline", "no-such-user"],
+)
 def test_odd_model_paths_are_one_line_errors(tmp_path, monkeypatch, ref, hosted):
     if hosted:
         monkeypatch.setenv("MANGO_HOSTED", "1")
@@ -423,7 +469,10 @@ HOSTED_CASES = [
     ("weights-linked-out", _link("model.safetensors", lambda w: w["outside"] / "model.safetensors")),
     ("config-linked-to-foreign-file", _link("config.json", lambda w: w["secret"])),
     ("tokenizer-linked-out", _link("tokenizer.json", lambda w: w["outside"] / "tokenizer.json")),
-    ("tokenizer-config-linked-out", _link("tokenizer_config.json", lambda w: w["outside"] / "tokenizer_config.json")),
+    (
+        "tokenizer-config-linked-out",
+        _link("tokenizer_config.json", lambda w: w["outside"] / "tokenizer_config.json"),
+    ),
     ("generation-config-linked-out", _link("generation_config.json", lambda w: w["secret"])),
     ("readme-linked-out", _link("README.md", lambda w: w["secret"])),
     ("subfolder-linked-out", _link("original", lambda w: w["outside"])),
@@ -494,7 +543,9 @@ def test_hosted_links_inside_the_allowed_folders_are_fine(world, monkeypatch, au
         p = mol.plan(recipe(str(model)))
         fused = mol.build(p, device="cpu", dtype="float32")
     assert fused.tokenizer is not None
-    assert any(os.path.realpath(o).startswith(str(world["allowed"])) for o in opened)  # the hook does see opens
+    assert any(
+        os.path.realpath(o).startswith(str(world["allowed"])) for o in opened
+    )  # the hook does see opens
     assert _outside(opened, world["allowed"], world["root"]) == []
 
 

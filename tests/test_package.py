@@ -18,6 +18,9 @@ def test_functions_named_like_their_modules_stay_callable():
 
 
 def test_importing_errors_does_not_import_torch():
-    proc = subprocess.run([sys.executable, "-c", "import sys, mol.errors, mol.recipe; print('torch' in sys.modules)"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, mol.errors, mol.recipe; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.stdout.strip() == "False", proc.stderr

@@ -13,11 +13,20 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 
 def recipe(tiny):
-    return mol.Recipe.from_dict({
-        "name": "placed", "base": "l",
-        "models": {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=96))},
-        "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "g:2", {"experts": ["l:2", "g:0"], "router": "pooled"}, "l:3"],
-    })
+    return mol.Recipe.from_dict(
+        {
+            "name": "placed",
+            "base": "l",
+            "models": {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=96))},
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"]},
+                "g:2",
+                {"experts": ["l:2", "g:0"], "router": "pooled"},
+                "l:3",
+            ],
+        }
+    )
 
 
 def _logits(model, ids):
@@ -89,8 +98,10 @@ def test_two_gpus_give_the_one_device_logits(tiny):
     two = mol.build(recipe(tiny), device_map={"slots.0-1": 0, "slots.2-4": 1}, dtype=torch.float32)
     assert two.slots[3].experts[0].layer.mlp.up_proj.weight.device == torch.device("cuda", 1)
     assert torch.allclose(_logits(one, ids), _logits(two, ids), atol=1e-4)
-    assert two.generate(ids, max_new_tokens=8, eos_token_id=[]).tolist() == \
-        one.generate(ids, max_new_tokens=8, eos_token_id=[]).tolist()
+    assert (
+        two.generate(ids, max_new_tokens=8, eos_token_id=[]).tolist()
+        == one.generate(ids, max_new_tokens=8, eos_token_id=[]).tolist()
+    )
     off = mol.build(recipe(tiny), device_map={"slots.2-4": "cpu"}, dtype=torch.float32)
     assert off.placement.offload == {2, 3, 4}
     assert torch.allclose(_logits(one, ids), _logits(off, ids), atol=1e-4)

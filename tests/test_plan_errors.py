@@ -16,7 +16,9 @@ from mol.errors import (
 
 
 def recipe(models, slots, base=None):
-    return mol.Recipe.from_dict({"name": "t", "base": base or next(iter(models)), "models": models, "slots": slots})
+    return mol.Recipe.from_dict(
+        {"name": "t", "base": base or next(iter(models)), "models": models, "slots": slots}
+    )
 
 
 def copy_model(src, dst):
@@ -136,4 +138,6 @@ def test_pickle_checkpoint_loads_when_the_user_opts_in(tiny, tmp_path):
 def test_the_plan_records_each_layers_sliding_window(tiny):
     p = mol.plan(recipe({"a": str(tiny("mistral", sliding_window=64))}, ["a:0"]))
     assert [e.window for s in p.slots for e in s.experts] == [64] and not p.warnings
-    assert [e.window for s in mol.plan(recipe({"a": str(tiny("llama"))}, ["a:0"])).slots for e in s.experts] == [None]
+    assert [
+        e.window for s in mol.plan(recipe({"a": str(tiny("llama"))}, ["a:0"])).slots for e in s.experts
+    ] == [None]

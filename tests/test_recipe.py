@@ -61,23 +61,35 @@ def test_a_layer_may_be_used_twice():
     assert [str(s.experts[0]) for s in r.slots] == ["a:0", "a:1", "a:0"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\nmodels: {a: p}\nslots: [a:0]\n  bad: [", "line"),
-    ("models: {a: p}\nslots: [a:0]", "needs 'name'"),
-    ("name: x\nmodels: {a: p}\nslots: []", "needs 'slots'"),
-    ("name: x\nmodels: {a: p}\nslots: [c:0]", "unknown model alias 'c'"),
-    ("name: x\nbase: z\nmodels: {a: p}\nslots: [a:0]", "base 'z'"),
-    ("name: x\nmodels: {a: p}\nslots: [a:-1]", "negative"),
-    ("name: x\nmodels: {a: p}\nslots: [a]", "alias:layer"),
-    ("name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: 3}}]", "between 1 and 2"),
-    ("name: x\nmodels: {a: p}\nslots: [{experts: []}]", "non-empty"),
-    ("name: x\nmodels: {a: p}\nslots: [a:0]\ncolour: red", "Unknown recipe key"),
-    ("name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {type: magic}}]", "router.type"),
-    ("name: x\nmodels: {a: p}\nadapter: {type: linear, rank: 4}\nslots: [a:0]", "bottleneck adapter only"),
-    ("name: x\nmodels: {a: p}\nslots: [{experts: [a:0, a:0]}]", "same expert twice"),
-    ("- just\n- a list", "mapping"),
-    ("name: x\nmodels: {'bad alias!': p}\nslots: ['bad alias!:0']", "not allowed"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nmodels: {a: p}\nslots: [a:0]\n  bad: [", "line"),
+        ("models: {a: p}\nslots: [a:0]", "needs 'name'"),
+        ("name: x\nmodels: {a: p}\nslots: []", "needs 'slots'"),
+        ("name: x\nmodels: {a: p}\nslots: [c:0]", "unknown model alias 'c'"),
+        ("name: x\nbase: z\nmodels: {a: p}\nslots: [a:0]", "base 'z'"),
+        ("name: x\nmodels: {a: p}\nslots: [a:-1]", "negative"),
+        ("name: x\nmodels: {a: p}\nslots: [a]", "alias:layer"),
+        (
+            "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: 3}}]",
+            "between 1 and 2",
+        ),
+        ("name: x\nmodels: {a: p}\nslots: [{experts: []}]", "non-empty"),
+        ("name: x\nmodels: {a: p}\nslots: [a:0]\ncolour: red", "Unknown recipe key"),
+        (
+            "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {type: magic}}]",
+            "router.type",
+        ),
+        (
+            "name: x\nmodels: {a: p}\nadapter: {type: linear, rank: 4}\nslots: [a:0]",
+            "bottleneck adapter only",
+        ),
+        ("name: x\nmodels: {a: p}\nslots: [{experts: [a:0, a:0]}]", "same expert twice"),
+        ("- just\n- a list", "mapping"),
+        ("name: x\nmodels: {'bad alias!': p}\nslots: ['bad alias!:0']", "not allowed"),
+    ],
+)
 def test_malformed_recipes_fail_clearly(text, message):
     with pytest.raises(RecipeError) as info:
         mol.Recipe.from_yaml(text)
@@ -90,9 +102,14 @@ def test_yaml_error_names_the_line():
 
 
 def test_yaml_alias_bomb_is_refused_quickly():
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "name: x\nmodels: {m: p}\nslots: *i\n"
+    bomb = (
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+        + "name: x\nmodels: {m: p}\nslots: *i\n"
+    )
     with pytest.raises(RecipeError, match="too large"):
         mol.Recipe.from_yaml(bomb)
 
@@ -115,7 +132,9 @@ HOSTILE = {
     "huge sexagesimal": ROUTED % ("1" + ":00" * 3000),
     "finite huge top_k": ROUTED % (10**50),
     "sexagesimal top_k": ROUTED % ("1" + ":00" * 16),
-    "huge rank": "name: x\nmodels: {a: p}\nadapter: {type: bottleneck, rank: " + "9" * 5000 + "}\nslots: [a:0]",
+    "huge rank": "name: x\nmodels: {a: p}\nadapter: {type: bottleneck, rank: "
+    + "9" * 5000
+    + "}\nslots: [a:0]",
     "layer digits": PLAIN % ("'a:" + "9" * 5000 + "'"),
     "layer 10**21": PLAIN % "'a:1000000000000000000000'",
     "negative layer digits": PLAIN % ("'a:-" + "9" * 5000 + "'"),
@@ -179,29 +198,44 @@ def test_hostile_recipe_text_gives_one_short_typed_line(name):
     assert_one_short_line(info.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    (HOSTILE["finite huge top_k"], "between 1 and 2"),
-    (HOSTILE["layer 10**21"], "below 100,000"),
-    (HOSTILE["range end huge"], "below 100,000"),
-    (HOSTILE["deep flow list"], "nested more than"),
-    (HOSTILE["bare huge number"], "a number of 5,000 characters"),
-    (HOSTILE["bare path"], "A recipe is a mapping"),
-    (HOSTILE["relative yaml path"], "A recipe is a mapping"),
-    (HOSTILE["over the size limit"], "the limit is"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (HOSTILE["finite huge top_k"], "between 1 and 2"),
+        (HOSTILE["layer 10**21"], "below 100,000"),
+        (HOSTILE["range end huge"], "below 100,000"),
+        (HOSTILE["deep flow list"], "nested more than"),
+        (HOSTILE["bare huge number"], "a number of 5,000 characters"),
+        (HOSTILE["bare path"], "A recipe is a mapping"),
+        (HOSTILE["relative yaml path"], "A recipe is a mapping"),
+        (HOSTILE["over the size limit"], "the limit is"),
+    ],
+)
 def test_hostile_recipe_text_says_what_is_wrong(text, message):
     with pytest.raises(RecipeError, match=message):
         mol.Recipe.from_yaml(text)
 
 
-@pytest.mark.parametrize("data", [
-    {"name": "x", "models": {"a": "p", "b": "q"}, "slots": [{"experts": ["a:0", "b:0"], "router": {"top_k": 10**5000}}]},
-    {"name": "x", "models": {"a": "p"}, "slots": [{"experts": [{"model": "a", "layer": 10**5000}]}]},
-    {"name": "x", "models": {"a": "p"}, "slots": [{"experts": [{"model": "a", "layer": -(10**5000)}]}]},
-    {"name": "x", "models": {"a": "p"}, "adapter": {"type": "bottleneck", "rank": 10**5000}, "slots": ["a:0"]},
-    {"name": 10**5000, "models": {"a": "p"}, "slots": ["a:0"]},
-    {"name": "x", "models": {"a": "p"}, "slots": ["a:0"], 10**5000: 1},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {
+            "name": "x",
+            "models": {"a": "p", "b": "q"},
+            "slots": [{"experts": ["a:0", "b:0"], "router": {"top_k": 10**5000}}],
+        },
+        {"name": "x", "models": {"a": "p"}, "slots": [{"experts": [{"model": "a", "layer": 10**5000}]}]},
+        {"name": "x", "models": {"a": "p"}, "slots": [{"experts": [{"model": "a", "layer": -(10**5000)}]}]},
+        {
+            "name": "x",
+            "models": {"a": "p"},
+            "adapter": {"type": "bottleneck", "rank": 10**5000},
+            "slots": ["a:0"],
+        },
+        {"name": 10**5000, "models": {"a": "p"}, "slots": ["a:0"]},
+        {"name": "x", "models": {"a": "p"}, "slots": ["a:0"], 10**5000: 1},
+    ],
+)
 def test_python_ints_too_long_to_print_are_refused_in_one_line(data):
     with pytest.raises(RecipeError) as info:
         mol.Recipe.from_dict(data)
@@ -240,7 +274,9 @@ def no_file_access(_audit_hook, monkeypatch, tmp_path):
     import os
 
     real_stat = os.stat
-    mol.Recipe.from_yaml("name: warm\nmodels: {a: p}\nslots: [a:0]")  # any lazy import happens before watching
+    mol.Recipe.from_yaml(
+        "name: warm\nmodels: {a: p}\nslots: [a:0]"
+    )  # any lazy import happens before watching
 
     def call(fn, arg):
         touched: list[str] = []
@@ -276,8 +312,13 @@ def valid_recipe_file(folder, name="x.yaml"):
 def test_a_string_naming_a_real_recipe_file_is_text_not_a_path(tmp_path, monkeypatch, no_file_access, form):
     path = valid_recipe_file(tmp_path)
     monkeypatch.chdir(tmp_path)
-    text = {"absolute": str(path), "relative": "x.yaml", "dot": "./x.yaml", "spaces": f"  {path}  ",
-            "windows": ".\\x.yaml"}[form]
+    text = {
+        "absolute": str(path),
+        "relative": "x.yaml",
+        "dot": "./x.yaml",
+        "spaces": f"  {path}  ",
+        "windows": ".\\x.yaml",
+    }[form]
     raised = no_file_access(mol.Recipe.from_yaml, text)
     assert isinstance(raised, RecipeError) and "A recipe is a mapping" in str(raised), raised
     assert "from-the-file" not in str(raised)
@@ -295,7 +336,9 @@ def test_no_parser_of_text_opens_a_file(tmp_path, no_file_access):
     for parse, arg in ((to_recipe, path), (parse_recipe_text, path), (import_mergekit, str(mk))):
         raised = no_file_access(parse, arg)
         assert isinstance(raised, RecipeError) and "mapping" in str(raised), (parse, raised)
-    assert no_file_access(lambda p: recipe_text(p, 10_000), path) is None  # checked as text, handed on as text
+    assert (
+        no_file_access(lambda p: recipe_text(p, 10_000), path) is None
+    )  # checked as text, handed on as text
 
 
 def test_a_path_object_is_refused_by_from_yaml(tmp_path):
@@ -314,13 +357,16 @@ def test_from_file_round_trip_and_source_dir(tmp_path):
     assert mol.Recipe.from_yaml(path.read_text()).source_dir is None
 
 
-@pytest.mark.parametrize("case, message", [
-    ("folder", "is a folder, not a recipe file"),
-    ("missing", "does not exist"),
-    ("latin-1", "not UTF-8"),
-    ("too large", "larger than"),
-    ("huge number", "a number of"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("folder", "is a folder, not a recipe file"),
+        ("missing", "does not exist"),
+        ("latin-1", "not UTF-8"),
+        ("too large", "larger than"),
+        ("huge number", "a number of"),
+    ],
+)
 def test_from_file_errors_are_one_line(tmp_path, case, message):
     path = tmp_path / "r.yaml"
     if case == "folder":

@@ -9,9 +9,15 @@ import mol
 from mol.errors import MolError
 
 ALIASES = ["a", "b", "c", "zz", "ünï", "", "x" * 300, "bad alias!", "0num"]
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(allow_nan=True),
-                 st.text(max_size=40), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
-                                                                                             st.integers(), max_size=2))
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +32,33 @@ def model_paths(tiny):
 def expert_strings():
     return st.one_of(
         st.builds(lambda a, i: f"{a}:{i}", st.sampled_from(ALIASES), st.integers(-3, 12)),
-        st.builds(lambda a, i, j: f"{a}:{i}-{j}", st.sampled_from(ALIASES), st.integers(0, 6), st.integers(0, 6)),
+        st.builds(
+            lambda a, i, j: f"{a}:{i}-{j}", st.sampled_from(ALIASES), st.integers(0, 6), st.integers(0, 6)
+        ),
         st.text(max_size=30),
         JUNK,
     )
 
 
 def slots():
-    router = st.one_of(st.none(), st.sampled_from(["token", "pooled", "magic"]),
-                       st.fixed_dictionaries({"type": st.sampled_from(["token", "pooled", "x"]),
-                                              "top_k": st.one_of(st.integers(-1, 10**9), JUNK)}), JUNK)
+    router = st.one_of(
+        st.none(),
+        st.sampled_from(["token", "pooled", "magic"]),
+        st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["token", "pooled", "x"]),
+                "top_k": st.one_of(st.integers(-1, 10**9), JUNK),
+            }
+        ),
+        JUNK,
+    )
     slot = st.one_of(
         expert_strings(),
         st.lists(expert_strings(), max_size=4),
-        st.fixed_dictionaries({"experts": st.one_of(st.lists(expert_strings(), max_size=4), JUNK)},
-                              optional={"router": router, "extra": JUNK}),
+        st.fixed_dictionaries(
+            {"experts": st.one_of(st.lists(expert_strings(), max_size=4), JUNK)},
+            optional={"router": router, "extra": JUNK},
+        ),
     )
     return st.one_of(st.lists(slot, max_size=6), JUNK)
 
@@ -48,8 +66,9 @@ def slots():
 @st.composite
 def recipes(draw, paths):
     aliases = draw(st.lists(st.sampled_from(ALIASES), min_size=0, max_size=3, unique=True))
-    refs = st.one_of(st.sampled_from(list(paths.values())), st.sampled_from(["no/such", "nowhere-at-all", "/etc"]),
-                     JUNK)
+    refs = st.one_of(
+        st.sampled_from(list(paths.values())), st.sampled_from(["no/such", "nowhere-at-all", "/etc"]), JUNK
+    )
     data = {
         "name": draw(st.one_of(st.text(max_size=20), st.just("r" * 5000), JUNK)),
         "models": draw(st.one_of(st.fixed_dictionaries({a: refs for a in aliases}), JUNK)),
@@ -58,10 +77,18 @@ def recipes(draw, paths):
     if draw(st.booleans()):
         data["base"] = draw(st.one_of(st.sampled_from(ALIASES), JUNK))
     if draw(st.booleans()):
-        data["adapter"] = draw(st.one_of(st.sampled_from(["linear", "bottleneck", "nope"]),
-                                         st.fixed_dictionaries({"type": st.sampled_from(["linear", "bottleneck"]),
-                                                                "rank": st.one_of(st.integers(-2, 10**6), JUNK)}),
-                                         JUNK))
+        data["adapter"] = draw(
+            st.one_of(
+                st.sampled_from(["linear", "bottleneck", "nope"]),
+                st.fixed_dictionaries(
+                    {
+                        "type": st.sampled_from(["linear", "bottleneck"]),
+                        "rank": st.one_of(st.integers(-2, 10**6), JUNK),
+                    }
+                ),
+                JUNK,
+            )
+        )
     if draw(st.integers(0, 9)) == 0:
         data[draw(st.text(max_size=8))] = draw(JUNK)
     return data
@@ -78,15 +105,24 @@ def valid_recipes(draw, paths):
     slot = st.one_of(
         expert,
         st.lists(expert, min_size=2, max_size=3, unique=True).flatmap(
-            lambda ex: st.fixed_dictionaries({"experts": st.just(ex), "router": st.one_of(
-                st.just({"type": "pooled"}),
-                st.integers(1, len(ex)).map(lambda k: {"type": "token", "top_k": k}))})),
+            lambda ex: st.fixed_dictionaries(
+                {
+                    "experts": st.just(ex),
+                    "router": st.one_of(
+                        st.just({"type": "pooled"}),
+                        st.integers(1, len(ex)).map(lambda k: {"type": "token", "top_k": k}),
+                    ),
+                }
+            )
+        ),
     )
-    return {"name": draw(st.text(min_size=1, max_size=30).filter(str.strip)),
-            "base": draw(st.sampled_from(sorted(aliases))),
-            "models": {a: paths[k] for a, k in aliases.items()},
-            "adapter": draw(st.sampled_from([{"type": "linear"}, {"type": "bottleneck", "rank": 8}])),
-            "slots": draw(st.lists(slot, min_size=1, max_size=6))}
+    return {
+        "name": draw(st.text(min_size=1, max_size=30).filter(str.strip)),
+        "base": draw(st.sampled_from(sorted(aliases))),
+        "models": {a: paths[k] for a, k in aliases.items()},
+        "adapter": draw(st.sampled_from([{"type": "linear"}, {"type": "bottleneck", "rank": 8}])),
+        "slots": draw(st.lists(slot, min_size=1, max_size=6)),
+    }
 
 
 @st.composite
@@ -121,8 +157,13 @@ def test_every_recipe_plans_or_fails_with_a_typed_error(model_paths, data):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(text=st.one_of(st.text(max_size=300), st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-                      st.builds(lambda d: yaml.safe_dump(d), st.dictionaries(st.text(max_size=6), JUNK, max_size=4))))
+@given(
+    text=st.one_of(
+        st.text(max_size=300),
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+        st.builds(lambda d: yaml.safe_dump(d), st.dictionaries(st.text(max_size=6), JUNK, max_size=4)),
+    )
+)
 def test_any_yaml_text_parses_or_fails_with_a_typed_error(text):
     try:
         mol.Recipe.from_yaml(text)  # text is text: even a one-line "x.yaml" is parsed, never opened
@@ -142,30 +183,61 @@ HOSTILE_VALUES = st.one_of(
     st.integers(65, 3000).map(lambda d: "[" * d + "]" * d),
     st.integers(65, 3000).map(lambda d: "{a: " * d + "1" + "}" * d),
     st.integers(65, 3000).map(lambda d: "[" * d),
-    st.sampled_from(["!!binary aGVsbG8=", "!!binary '%%'", "!!python/object/apply:os.system ['id']",
-                     "!!python/name:os.system", "!!python/object/new:str []", "!!set {a}", "2024-13-45",
-                     "2024-02-30 25:61:00", "\x00", "'\x00'", "\ud800", "&a [*a]", "1" + ":00" * 40,
-                     "0x" + "f" * 6000, "0b" + "1" * 20_000, "0o" + "7" * 6000, "-" + "9" * 5000]),
-    st.builds(lambda tag: f"!<{tag}> x", st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1,
-                                                 max_size=5000)),
-    st.sampled_from(["/etc/passwd", "../../x.yaml", "C:\\x.yml", "~/.ssh/id_rsa", "/proc/self/environ",
-                     "assets/recipes/prose-code-token.yaml", "file:///etc/passwd", "\\\\server\\share\\x.yml"]),
+    st.sampled_from(
+        [
+            "!!binary aGVsbG8=",
+            "!!binary '%%'",
+            "!!python/object/apply:os.system ['id']",
+            "!!python/name:os.system",
+            "!!python/object/new:str []",
+            "!!set {a}",
+            "2024-13-45",
+            "2024-02-30 25:61:00",
+            "\x00",
+            "'\x00'",
+            "\ud800",
+            "&a [*a]",
+            "1" + ":00" * 40,
+            "0x" + "f" * 6000,
+            "0b" + "1" * 20_000,
+            "0o" + "7" * 6000,
+            "-" + "9" * 5000,
+        ]
+    ),
+    st.builds(
+        lambda tag: f"!<{tag}> x",
+        st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=5000),
+    ),
+    st.sampled_from(
+        [
+            "/etc/passwd",
+            "../../x.yaml",
+            "C:\\x.yml",
+            "~/.ssh/id_rsa",
+            "/proc/self/environ",
+            "assets/recipes/prose-code-token.yaml",
+            "file:///etc/passwd",
+            "\\\\server\\share\\x.yml",
+        ]
+    ),
     st.integers(1000, 200_000).map(lambda n: "x" * n),
     st.text(max_size=40),
 )
-HOSTILE_PLACES = st.sampled_from([
-    "{}",
-    "name: {}\nmodels: {a: p}\nslots: [a:0]",
-    "name: x\nmodels: {a: {}}\nslots: [a:0]",
-    "name: x\nmodels: {a: p}\nslots: [{}]",
-    "name: x\nmodels: {a: p}\nslots: ['a:{}']",
-    "name: x\nmodels: {a: p}\nslots: ['a:0-{}']",
-    "name: x\nmodels: {a: p}\nslots: [{experts: [{model: a, layer: {}}]}]",
-    "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: {}}}]",
-    "name: x\nmodels: {a: p}\nadapter: {type: bottleneck, rank: {}}\nslots: [a:0]",
-    "{}: 1\nname: x\nmodels: {a: p}\nslots: [a:0]",
-    "name: x\nmodels: {{}: p}\nslots: [a:0]",
-])
+HOSTILE_PLACES = st.sampled_from(
+    [
+        "{}",
+        "name: {}\nmodels: {a: p}\nslots: [a:0]",
+        "name: x\nmodels: {a: {}}\nslots: [a:0]",
+        "name: x\nmodels: {a: p}\nslots: [{}]",
+        "name: x\nmodels: {a: p}\nslots: ['a:{}']",
+        "name: x\nmodels: {a: p}\nslots: ['a:0-{}']",
+        "name: x\nmodels: {a: p}\nslots: [{experts: [{model: a, layer: {}}]}]",
+        "name: x\nmodels: {a: p, b: q}\nslots: [{experts: [a:0, b:0], router: {top_k: {}}}]",
+        "name: x\nmodels: {a: p}\nadapter: {type: bottleneck, rank: {}}\nslots: [a:0]",
+        "{}: 1\nname: x\nmodels: {a: p}\nslots: [a:0]",
+        "name: x\nmodels: {{}: p}\nslots: [a:0]",
+    ]
+)
 HOSTILE_SEEN = {"cases": 0}
 
 

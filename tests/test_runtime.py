@@ -11,12 +11,18 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "opt", "ph
 
 
 def identity_recipe(folder, layers=4):
-    return mol.Recipe(name="identity", base="m", models={"m": str(folder)},
-                      slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)])
+    return mol.Recipe(
+        name="identity",
+        base="m",
+        models={"m": str(folder)},
+        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
+    )
 
 
 def reference(folder):
-    return AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,8 +43,9 @@ def test_identity_recipe_generates_like_the_source(tiny, family):
     model = mol.build(identity_recipe(folder), device="cpu")
     ids = torch.randint(1, 380, (1, 8), generator=torch.Generator().manual_seed(2))
     ours = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
-    theirs = reference(folder).generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                                        attention_mask=torch.ones_like(ids))
+    theirs = reference(folder).generate(
+        ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, attention_mask=torch.ones_like(ids)
+    )
     assert ours.tolist() == theirs.tolist()
 
 
@@ -51,8 +58,8 @@ def _incremental_vs_full(model, ids, mask=None):
         m1 = None if mask is None else mask[:, :split]
         parts = [model(ids[:, :split], attention_mask=m1, cache=cache).logits]
         for t in range(split, ids.shape[1]):
-            mt = None if mask is None else mask[:, t:t + 1]
-            parts.append(model(ids[:, t:t + 1], attention_mask=mt, cache=cache).logits)
+            mt = None if mask is None else mask[:, t : t + 1]
+            parts.append(model(ids[:, t : t + 1], attention_mask=mt, cache=cache).logits)
         inc = torch.cat(parts, 1)
     return full, inc, cache
 
@@ -69,22 +76,27 @@ def test_cache_matches_full_forward(tiny, family):
 
 
 def cross_recipe(llama, gpt2, neox):
-    return mol.Recipe.from_dict({
-        "name": "cross", "base": "l",
-        "models": {"l": str(llama), "g": str(gpt2), "n": str(neox)},
-        "slots": [
-            {"experts": ["l:0"]},
-            {"experts": ["l:1", "g:1"], "router": {"type": "token", "top_k": 1}},
-            {"experts": ["g:2"]},
-            {"experts": ["l:2", "n:0", "g:0"], "router": {"type": "token", "top_k": 2}},
-            {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
-        ],
-    })
+    return mol.Recipe.from_dict(
+        {
+            "name": "cross",
+            "base": "l",
+            "models": {"l": str(llama), "g": str(gpt2), "n": str(neox)},
+            "slots": [
+                {"experts": ["l:0"]},
+                {"experts": ["l:1", "g:1"], "router": {"type": "token", "top_k": 1}},
+                {"experts": ["g:2"]},
+                {"experts": ["l:2", "n:0", "g:0"], "router": {"type": "token", "top_k": 2}},
+                {"experts": ["l:3", "n:1"], "router": {"type": "pooled"}},
+            ],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def cross_model(tiny):
-    recipe = cross_recipe(tiny("llama", width=64), tiny("gpt2", width=96), tiny("gpt_neox", width=48, layers=2))
+    recipe = cross_recipe(
+        tiny("llama", width=64), tiny("gpt2", width=96), tiny("gpt_neox", width=48, layers=2)
+    )
     model = mol.build(recipe, device="cpu")
     torch.manual_seed(0)
     for slot in model.routed_slots:  # non-uniform routers so that routing really varies by token
@@ -99,7 +111,10 @@ def test_cross_family_cross_width_cache_consistent(cross_model):
     with torch.no_grad():
         cache = cross_model.new_cache()
         a = cross_model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits
-        rest = [cross_model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache).logits for t in range(6, 12)]
+        rest = [
+            cross_model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], cache=cache).logits
+            for t in range(6, 12)
+        ]
     inc = torch.cat([a, *rest], 1)
     assert torch.isfinite(inc).all()
     # Every expert of a token-routed or plain slot holds every token; of the pooled slot (cache indices 7, 8)
@@ -121,13 +136,25 @@ def test_cross_family_cross_width_cache_consistent(cross_model):
 
 
 def test_cross_family_token_routed_cache_equals_full(tiny):
-    recipe = mol.Recipe.from_dict({
-        "name": "cross-token", "base": "l",
-        "models": {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=96)),
-                   "o": str(tiny("opt", width=32, layers=2))},
-        "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "g:2", {"experts": ["l:2", "o:0", "g:0"], "router": {"top_k": 2}},
-                  "o:1", "l:3"],
-    })
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "cross-token",
+            "base": "l",
+            "models": {
+                "l": str(tiny("llama", width=64)),
+                "g": str(tiny("gpt2", width=96)),
+                "o": str(tiny("opt", width=32, layers=2)),
+            },
+            "slots": [
+                "l:0",
+                {"experts": ["l:1", "g:1"]},
+                "g:2",
+                {"experts": ["l:2", "o:0", "g:0"], "router": {"top_k": 2}},
+                "o:1",
+                "l:3",
+            ],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.manual_seed(0)
     for slot in model.routed_slots:
@@ -178,8 +205,14 @@ def test_generation_with_pooled_cache_matches_recomputation(cross_model):
 
 def test_same_width_foreign_expert_starts_as_identity_adapter(tiny):
     a, b = tiny("llama", seed=0), tiny("llama", seed=1)
-    recipe = mol.Recipe.from_dict({"name": "two", "base": "a", "models": {"a": str(a), "b": str(b)},
-                                   "slots": ["b:0", "b:1", "b:2", "b:3"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "two",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": ["b:0", "b:1", "b:2", "b:3"],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     # b's layers inside a's stream with identity adapters equal b's layers applied to a's embeddings.
     ref_b = reference(b)
@@ -189,7 +222,12 @@ def test_same_width_foreign_expert_starts_as_identity_adapter(tiny):
         pos = torch.arange(9).unsqueeze(0)
         pe = ref_b.model.rotary_emb(h, pos)
         for layer in ref_b.model.layers:
-            h = layer(h, attention_mask=model._mask4d(torch.ones_like(ids), 9), position_ids=pos, position_embeddings=pe)
+            h = layer(
+                h,
+                attention_mask=model._mask4d(torch.ones_like(ids), 9),
+                position_ids=pos,
+                position_embeddings=pe,
+            )
         expected = model.head(model.final_norm(h))
         got = model(ids).logits
     assert (got - expected).abs().max() < 1e-4
@@ -197,13 +235,17 @@ def test_same_width_foreign_expert_starts_as_identity_adapter(tiny):
 
 def test_layer_used_twice_gets_two_cache_slots(tiny):
     folder = tiny("llama")
-    recipe = mol.Recipe.from_dict({"name": "repeat", "models": {"m": str(folder)}, "slots": ["m:0-2", "m:1-3"]})
+    recipe = mol.Recipe.from_dict(
+        {"name": "repeat", "models": {"m": str(folder)}, "slots": ["m:0-2", "m:1-3"]}
+    )
     model = mol.build(recipe, device="cpu")
     indices = [blk.layer.self_attn.layer_idx for s in model.slots for blk in s.experts]
     assert indices == list(range(6))
     # The repeated layer shares its weights rather than holding a second copy.
-    assert model.slots[1].experts[0].layer.mlp.up_proj.weight.data_ptr() == \
-        model.slots[3].experts[0].layer.mlp.up_proj.weight.data_ptr()
+    assert (
+        model.slots[1].experts[0].layer.mlp.up_proj.weight.data_ptr()
+        == model.slots[3].experts[0].layer.mlp.up_proj.weight.data_ptr()
+    )
     full, inc, _ = _incremental_vs_full(model, torch.randint(1, 380, (1, 10)))
     assert (full - inc).abs().max() <= 1e-4
 

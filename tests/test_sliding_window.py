@@ -15,12 +15,16 @@ QWEN_TYPES = ("full_attention", "sliding_attention", "sliding_attention", "full_
 
 @pytest.fixture(scope="module")
 def sources(tiny):
-    return {"mistral": tiny("mistral", sliding_window=WINDOW),
-            "qwen2": tiny("qwen2", sliding_window=WINDOW, use_sliding_window=True, layer_types=QWEN_TYPES)}
+    return {
+        "mistral": tiny("mistral", sliding_window=WINDOW),
+        "qwen2": tiny("qwen2", sliding_window=WINDOW, use_sliding_window=True, layer_types=QWEN_TYPES),
+    }
 
 
 def identity(folder, layers=4):
-    return mol.Recipe.from_dict({"name": "identity", "models": {"m": str(folder)}, "slots": [f"m:0-{layers - 1}"]})
+    return mol.Recipe.from_dict(
+        {"name": "identity", "models": {"m": str(folder)}, "slots": [f"m:0-{layers - 1}"]}
+    )
 
 
 def batch():
@@ -47,17 +51,23 @@ def test_identity_recipe_matches_transformers_beyond_the_window(sources, family)
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
     assert (full - ours[:1]).abs().max() > 1e-2  # the window matters at this length: the check has teeth
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], fast=False)
-    reference = hf.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                            pad_token_id=0)
+    reference = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+    )
     assert plain.tolist() == reference.tolist()  # through the KV cache, past the window
     fast = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], fast=True)
     assert fast.tolist() == plain.tolist()
 
 
 def test_routed_recipe_with_a_windowed_source_exports_the_same_model(sources, tiny, tmp_path):
-    recipe = mol.Recipe.from_dict({
-        "name": "windowed", "base": "q", "models": {"q": str(sources["qwen2"]), "m": str(sources["mistral"])},
-        "slots": ["q:0", {"experts": ["q:1", "m:1"]}, "q:2-3"]})
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "windowed",
+            "base": "q",
+            "models": {"q": str(sources["qwen2"]), "m": str(sources["mistral"])},
+            "slots": ["q:0", {"experts": ["q:1", "m:1"]}, "q:2-3"],
+        }
+    )
     model = mol.build(recipe, device="cpu")
     torch.nn.init.normal_(model.routed_slots[0].router.proj.weight, std=2.0)
     loaded = AutoModelForCausalLM.from_pretrained(str(export(model, tmp_path / "out").path)).eval()

@@ -7,11 +7,36 @@ import yaml
 
 from tests.studio_server import serving_studio
 
-ENDPOINTS = {"/list_models", "/inspect_model", "/validate_recipe", "/save_recipe", "/list_recipes", "/list_versions",
-             "/get_version", "/duplicate_version", "/compare_versions", "/delete_recipe", "/restore_recipe",
-             "/import_recipe", "/export_mergekit", "/add_slot", "/add_expert", "/remove_slot", "/remove_expert", "/move_slot",
-             "/set_router", "/generate", "/generate_source", "/list_runs", "/get_run",
-             "/train", "/list_training_runs", "/evaluate", "/generate_stream", "/server_status"}
+ENDPOINTS = {
+    "/list_models",
+    "/inspect_model",
+    "/validate_recipe",
+    "/save_recipe",
+    "/list_recipes",
+    "/list_versions",
+    "/get_version",
+    "/duplicate_version",
+    "/compare_versions",
+    "/delete_recipe",
+    "/restore_recipe",
+    "/import_recipe",
+    "/export_mergekit",
+    "/add_slot",
+    "/add_expert",
+    "/remove_slot",
+    "/remove_expert",
+    "/move_slot",
+    "/set_router",
+    "/generate",
+    "/generate_source",
+    "/list_runs",
+    "/get_run",
+    "/train",
+    "/list_training_runs",
+    "/evaluate",
+    "/generate_stream",
+    "/server_status",
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +54,14 @@ def client(studio):
 
 def recipe_yaml(studio, name="api-recipe", slots=("bard:0",)) -> str:
     models = studio.engine.embedded_models()
-    return yaml.safe_dump({"name": name, "base": "bard", "models": {a: models[a] for a in ("bard", "coder")},
-                           "slots": list(slots)})
+    return yaml.safe_dump(
+        {
+            "name": name,
+            "base": "bard",
+            "models": {a: models[a] for a in ("bard", "coder")},
+            "slots": list(slots),
+        }
+    )
 
 
 def test_every_action_is_a_named_endpoint(client):
@@ -73,7 +104,9 @@ def test_edit_validate_save_version_compare_duplicate_delete_restore(client, stu
 
     v1 = client.predict(text, "three slots", api_name="/save_recipe")
     assert v1["number"] == 1 and v1["warning"] is None
-    text2 = client.predict(client.predict(text, 1, "coder:1", api_name="/remove_expert"), 2, api_name="/remove_slot")
+    text2 = client.predict(
+        client.predict(text, 1, "coder:1", api_name="/remove_expert"), 2, api_name="/remove_slot"
+    )
     v2 = client.predict(text2, "plain", api_name="/save_recipe")
     assert (v2["recipe_id"], v2["number"]) == (v1["recipe_id"], 2)
     versions = client.predict(v1["recipe_id"], api_name="/list_versions")
@@ -95,28 +128,39 @@ def test_edit_validate_save_version_compare_duplicate_delete_restore(client, stu
 
 
 def test_import_mergekit(client):
-    text = ("slices:\n  - sources: [{model: assets/models/mango-bard, layer_range: [0, 2]}]\n"
-            "  - sources: [{model: assets/models/mango-coder, layer_range: [1, 2]}]\nmerge_method: passthrough\n")
+    text = (
+        "slices:\n  - sources: [{model: assets/models/mango-bard, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: assets/models/mango-coder, layer_range: [1, 2]}]\nmerge_method: passthrough\n"
+    )
     recipe = yaml.safe_load(client.predict(text, api_name="/import_recipe"))
-    assert recipe["models"] == {"mango-bard": "assets/models/mango-bard", "mango-coder": "assets/models/mango-coder"}
+    assert recipe["models"] == {
+        "mango-bard": "assets/models/mango-bard",
+        "mango-coder": "assets/models/mango-coder",
+    }
     assert [s["experts"] for s in recipe["slots"]] == [["mango-bard:0"], ["mango-bard:1"], ["mango-coder:1"]]
 
 
 def test_export_mergekit(client, studio):
     from gradio_client.exceptions import AppError
 
-    text = client.predict(recipe_yaml(studio, "stack", ["bard:0", "bard:1", "bard:1", "bard:3"]),
-                          api_name="/export_mergekit")
+    text = client.predict(
+        recipe_yaml(studio, "stack", ["bard:0", "bard:1", "bard:1", "bard:3"]), api_name="/export_mergekit"
+    )
     data = yaml.safe_load(text)
     assert data["merge_method"] == "passthrough"
     assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 2], [3, 4]]
     with pytest.raises(AppError, match="no mergekit passthrough equivalent"):
-        client.predict(recipe_yaml(studio, "routed", ["bard:0", ["bard:1", "coder:1"]]), api_name="/export_mergekit")
+        client.predict(
+            recipe_yaml(studio, "routed", ["bard:0", ["bard:1", "coder:1"]]), api_name="/export_mergekit"
+        )
 
 
 def test_generate_stores_the_run(client, studio):
-    v = client.predict(recipe_yaml(studio, "api-run", ["bard:0", ["bard:1", "coder:1"], "bard:2"]), "",
-                       api_name="/save_recipe")
+    v = client.predict(
+        recipe_yaml(studio, "api-run", ["bard:0", ["bard:1", "coder:1"], "bard:2"]),
+        "",
+        api_name="/save_recipe",
+    )
     out = client.predict(v["id"], "To be", 5, False, 1.0, 0, 1.0, 0, api_name="/generate")
     run = client.predict(out["run_id"], api_name="/get_run")
     assert run["output"] == out["text"] and run["version_id"] == v["id"]

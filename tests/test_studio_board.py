@@ -15,7 +15,9 @@ MODELS = {"bard": "assets/models/mango-bard", "coder": "assets/models/mango-code
 
 
 def slots(*groups):
-    return [{"experts": list(g), "router": {"type": "token", "top_k": 1} if len(g) > 1 else None} for g in groups]
+    return [
+        {"experts": list(g), "router": {"type": "token", "top_k": 1} if len(g) > 1 else None} for g in groups
+    ]
 
 
 def test_add_slot_appends_and_inserts():
@@ -65,8 +67,11 @@ def test_set_router_checks_its_arguments():
         rb.set_router(slots(["bard:0"]), 0, "token", 1)
 
 
-@given(st.lists(st.sampled_from(["bard:0", "bard:1", "coder:0", "coder:2"]), min_size=1, max_size=8),
-       st.integers(0, 10), st.integers(0, 10))
+@given(
+    st.lists(st.sampled_from(["bard:0", "bard:1", "coder:0", "coder:2"]), min_size=1, max_size=8),
+    st.integers(0, 10),
+    st.integers(0, 10),
+)
 def test_move_slot_is_a_permutation(experts, i, j):
     s = [{"experts": [e], "router": None} for e in experts]
     i %= len(s)
@@ -76,8 +81,14 @@ def test_move_slot_is_a_permutation(experts, i, j):
 
 
 def test_draft_lists_only_used_models_and_round_trips_through_recipe():
-    draft = rb.draft_recipe("d", "bard", "bottleneck", 16, {**MODELS, "base": "assets/models/mango-base"},
-                            slots(["bard:0"], ["bard:1", "coder:1"]))
+    draft = rb.draft_recipe(
+        "d",
+        "bard",
+        "bottleneck",
+        16,
+        {**MODELS, "base": "assets/models/mango-base"},
+        slots(["bard:0"], ["bard:1", "coder:1"]),
+    )
     assert draft["models"] == MODELS
     assert draft["adapter"] == {"type": "bottleneck", "rank": 16}
     recipe = Recipe.from_dict(yaml.safe_load(rb.draft_yaml(draft)))
@@ -107,17 +118,33 @@ dtype: bfloat16
     assert recipe.models == {"Mango-7B": "org/Mango-7B", "other": "./models/other"}
     assert recipe.base == "Mango-7B"
     assert [str(s.experts[0]) for s in recipe.slots] == [
-        "Mango-7B:0", "Mango-7B:1", "Mango-7B:2", "other:1", "other:2", "Mango-7B:2", "Mango-7B:3"]
+        "Mango-7B:0",
+        "Mango-7B:1",
+        "Mango-7B:2",
+        "other:1",
+        "other:2",
+        "Mango-7B:2",
+        "Mango-7B:3",
+    ]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("slices: []\nmerge_method: passthrough", "non-empty"),
-    ("slices:\n  - sources: [{model: a/b, layer_range: [3, 1]}]\nmerge_method: passthrough", "layer_range"),
-    ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}, {model: c/d, layer_range: [0, 1]}]\n"
-     "merge_method: passthrough", "exactly one source"),
-    ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}]\nmerge_method: slerp", "passthrough"),
-    ("name: x\nslots: [bard:0\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("slices: []\nmerge_method: passthrough", "non-empty"),
+        (
+            "slices:\n  - sources: [{model: a/b, layer_range: [3, 1]}]\nmerge_method: passthrough",
+            "layer_range",
+        ),
+        (
+            "slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}, {model: c/d, layer_range: [0, 1]}]\n"
+            "merge_method: passthrough",
+            "exactly one source",
+        ),
+        ("slices:\n  - sources: [{model: a/b, layer_range: [0, 1]}]\nmerge_method: slerp", "passthrough"),
+        ("name: x\nslots: [bard:0\n", "not valid YAML"),
+    ],
+)
 def test_bad_imports_say_what_is_wrong(text, message):
     with pytest.raises(RecipeError, match=message):
         rb.parse_recipe_text(text)

@@ -28,8 +28,9 @@ def test_busy_says_how_busy_and_when_to_retry():
     held = gate.acquire()
     msg = refusal(gate)
     # No generation has finished yet: a default guess of one round.
-    assert msg == ("The server is busy: 1 generation running, as many as it can take. "
-                   "Try again in about 30 seconds.")
+    assert msg == (
+        "The server is busy: 1 generation running, as many as it can take. Try again in about 30 seconds."
+    )
     held.release()
     time.sleep(0.01)
     gate.acquire()  # quick generations: the estimate follows them (rounded up to 5 s)

@@ -16,12 +16,19 @@ from studio.tabs.recipe_board import draft_recipe, draft_yaml
 
 def routed_draft(engine, name="fused"):
     models = engine.embedded_models()
-    return draft_recipe(name, "bard", "linear", None, models, [
-        {"experts": ["bard:0"]},
-        {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
-        {"experts": ["bard:2", "base:1"], "router": {"type": "token", "top_k": 2}},
-        {"experts": ["bard:3"]},
-    ])
+    return draft_recipe(
+        name,
+        "bard",
+        "linear",
+        None,
+        models,
+        [
+            {"experts": ["bard:0"]},
+            {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
+            {"experts": ["bard:2", "base:1"], "router": {"type": "token", "top_k": 2}},
+            {"experts": ["bard:3"]},
+        ],
+    )
 
 
 def test_embedded_models_and_cards(engine):
@@ -61,6 +68,7 @@ def test_model_cache_is_lru_and_builds_each_key_once():
             builds.append(key)
             time.sleep(0.05)
             return object()
+
         return make
 
     threads = [threading.Thread(target=cache.get, args=("a", build("a"))) for _ in range(4)]
@@ -99,8 +107,12 @@ def test_run_prompt_streams_stores_the_run_and_caches_the_model(engine):
 
 
 def test_stopping_ends_generation_early(engine):
-    version = engine.repo.create_recipe("plain", draft_yaml(draft_recipe(
-        "plain", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}])))
+    version = engine.repo.create_recipe(
+        "plain",
+        draft_yaml(
+            draft_recipe("plain", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}])
+        ),
+    )
     model, _ = engine.fused_for_version(version.id)
     unstopped = sum(1 for _ in engine.stream(model, "def main", {"max_new_tokens": 30}))
     assert unstopped > 10  # this prompt does not hit end-of-text early, so a short run means the stop worked
@@ -114,8 +126,14 @@ def test_stopping_ends_generation_early(engine):
 
 
 def test_a_stopped_run_is_shown_not_stored_and_the_next_one_is_whole(engine):
-    version = engine.repo.create_recipe("stoppable", draft_yaml(draft_recipe(
-        "stoppable", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}])))
+    version = engine.repo.create_recipe(
+        "stoppable",
+        draft_yaml(
+            draft_recipe(
+                "stoppable", "bard", "linear", None, engine.embedded_models(), [{"experts": ["bard:0"]}]
+            )
+        ),
+    )
     stop = threading.Event()
     updates = []
     for update in engine.run_prompt(version.id, "def main", {"max_new_tokens": 30}, stop):
@@ -141,12 +159,23 @@ def test_source_model_alone_and_limits(engine):
     assert ("source", "coder", models["coder"]) in engine.cache.keys()
     engine.config.max_prompt_tokens = 4
     with pytest.raises(ResourceError, match="at most 4"):
-        list(engine.stream(engine.fused_for_source("coder", models["coder"]), "one two three four five six", {}))
+        list(
+            engine.stream(
+                engine.fused_for_source("coder", models["coder"]), "one two three four five six", {}
+            )
+        )
 
 
 def test_clamp_settings():
     s = clamp_settings({"max_new_tokens": 10_000, "temperature": 0, "top_p": 3, "top_k": -5}, 64)
-    assert s == {"max_new_tokens": 64, "do_sample": False, "temperature": 0.05, "top_k": 0, "top_p": 1.0, "seed": 0}
+    assert s == {
+        "max_new_tokens": 64,
+        "do_sample": False,
+        "temperature": 0.05,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 0,
+    }
 
 
 def test_hosted_mode_only_opens_allowed_models(engine, models_dir, tiny, monkeypatch):
@@ -176,8 +205,11 @@ def test_train_then_generate_and_evaluate_with_the_trained_weights(engine, tmp_p
     data = {"prose": [prose], "code": [code]}
     version = engine.repo.create_recipe("to-train", draft_yaml(routed_draft(engine, "to-train")))
 
-    progress = list(engine.train_version(version.id, data, {"steps": 6, "batch_size": 2, "seq_len": 32},
-                                         poll_seconds=0.05))
+    progress = list(
+        engine.train_version(
+            version.id, data, {"steps": 6, "batch_size": 2, "seq_len": 32}, poll_seconds=0.05
+        )
+    )
     final = progress[-1]
     assert (final.status, final.step, len(final.curve)) == ("completed", 6, 6)
     stored = engine.repo.get_training_run(final.training_run_id)
@@ -189,7 +221,9 @@ def test_train_then_generate_and_evaluate_with_the_trained_weights(engine, tmp_p
     untrained = list(engine.run_prompt(version.id, "To be", {"max_new_tokens": 3}))[-1]
     trained = list(engine.run_prompt(version.id, "To be", {"max_new_tokens": 3}, None, stored.id))[-1]
     assert engine.repo.get_run(trained.run_id).settings["training_run_id"] == stored.id
-    assert untrained.trace["slots"][0]["probs"] != trained.trace["slots"][0]["probs"]  # routers learned something
+    assert (
+        untrained.trace["slots"][0]["probs"] != trained.trace["slots"][0]["probs"]
+    )  # routers learned something
 
     info = engine.evaluate_version(version.id, data, stored.id, sources=True, seq_len=32, max_tokens=400)
     assert info.training_run_id == stored.id
@@ -222,9 +256,13 @@ def test_recipe_files_keep_working_once_stored(engine, models_dir, tmp_path):
     folder = tmp_path / "recipes"
     folder.mkdir()
     relative = os.path.relpath(models_dir / "mango-bard", folder)  # as the shipped examples: "../models/..."
-    (folder / "example.yaml").write_text(f"name: example\nbase: bard\nmodels: {{bard: {relative}}}\nslots: [bard:0-1]\n")
+    (folder / "example.yaml").write_text(
+        f"name: example\nbase: bard\nmodels: {{bard: {relative}}}\nslots: [bard:0-1]\n"
+    )
     recipe = engine.recipe_from_file(folder / "example.yaml")
-    assert recipe.models["bard"] == str((models_dir / "mango-bard").resolve())  # no longer relative to the file
+    assert recipe.models["bard"] == str(
+        (models_dir / "mango-bard").resolve()
+    )  # no longer relative to the file
     assert engine.check(recipe.to_dict()).ok
 
 

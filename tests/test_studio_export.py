@@ -34,8 +34,11 @@ def test_plain_stack_exports_as_its_own_architecture(engine, tmp_path):
 
 
 def test_routed_recipe_exports_as_mol_folder(engine):
-    v = save(engine, [{"experts": ["bard:0"]}, {"experts": ["bard:1", "coder:1"], "router": {"type": "token"}}],
-             "routed")
+    v = save(
+        engine,
+        [{"experts": ["bard:0"]}, {"experts": ["bard:1", "coder:1"], "router": {"type": "token"}}],
+        "routed",
+    )
     with zipfile.ZipFile(engine.export_version(v.id)) as z:
         names = z.namelist()
     assert any(n.endswith("modeling_mol.py") for n in names)

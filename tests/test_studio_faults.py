@@ -36,7 +36,9 @@ def client(studio):
     return Client(studio.url, verbose=False)
 
 
-def save(client, studio, name: str, models: dict | None = None, slots=("bard:0", ["bard:1", "coder:1"])) -> dict:
+def save(
+    client, studio, name: str, models: dict | None = None, slots=("bard:0", ["bard:1", "coder:1"])
+) -> dict:
     refs = models or {a: studio.engine.embedded_models()[a] for a in ("bard", "coder")}
     text = yaml.safe_dump({"name": name, "base": "bard", "models": refs, "slots": list(slots)})
     return client.predict(text, "", api_name="/save_recipe")
@@ -89,7 +91,9 @@ def ui_run(studio, version_id: int, prompt: str = "To be", max_new: int = 4) -> 
 
 
 @pytest.mark.parametrize("damage", ["folder deleted", "weights truncated"])
-def test_a_model_that_fails_to_load_leaves_nothing_behind_and_says_why(client, studio, tiny, tmp_path, damage):
+def test_a_model_that_fails_to_load_leaves_nothing_behind_and_says_why(
+    client, studio, tiny, tmp_path, damage
+):
     from gradio_client.exceptions import AppError
 
     folder = tmp_path / "victim"
@@ -124,8 +128,9 @@ def test_a_model_that_fails_to_load_leaves_nothing_behind_and_says_why(client, s
 # ---- (b) a stopped generation frees what it held -----------------------------------------------------------
 
 
-def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(client, studio, slow_steps,
-                                                                            monkeypatch):
+def test_cancelling_a_streamed_generation_stops_its_worker_and_frees_its_slot(
+    client, studio, slow_steps, monkeypatch
+):
     version = save(client, studio, "to-stop")
     job = client.submit(version["id"], "To be, or not to be", 200, api_name="/generate_stream")
     wait_until(lambda: len(job.outputs()) >= 3, "the first streamed tokens")
@@ -211,8 +216,9 @@ def test_out_of_memory_while_generating_is_a_message_and_the_app_keeps_serving(c
 # ---- (d) the generation limit, uploads ---------------------------------------------------------------------
 
 
-def test_over_the_generation_limit_a_request_is_told_busy_not_queued_forever(client, studio, slow_steps,
-                                                                            monkeypatch):
+def test_over_the_generation_limit_a_request_is_told_busy_not_queued_forever(
+    client, studio, slow_steps, monkeypatch
+):
     from gradio_client.exceptions import AppError
 
     version = save(client, studio, "busy")
@@ -296,13 +302,22 @@ def test_uploads_are_size_limited_and_read_as_text_only(studio, tmp_path, monkey
             engine.datasets([], [str(text)], "train")
 
     # the Recipe tab's "Import file…": the same checks, shown inline
-    on_upload = next(f.fn for f in studio.demo.fns.values()
-                     if f.fn is not None and f.fn.__name__ == "on_upload")
+    on_upload = next(
+        f.fn for f in studio.demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload"
+    )
     status = on_upload(str(binary), [], None)[-1]
     assert 'role="alert"' in status and "not a text file" in status
     good = tmp_path / "recipe.yaml"
-    good.write_text(yaml.safe_dump({"name": "uploaded", "base": "bard", "slots": ["bard:0"],
-                                    "models": {"bard": engine.embedded_models()["bard"]}}))
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "name": "uploaded",
+                "base": "bard",
+                "slots": ["bard:0"],
+                "models": {"bard": engine.embedded_models()["bard"]},
+            }
+        )
+    )
     assert "Imported &#x27;uploaded&#x27;" in on_upload(str(good), [], None)[-1]
 
 
@@ -329,12 +344,19 @@ def test_an_unexpected_error_shows_an_error_id_and_logs_the_traceback(client, st
 
 
 def test_an_engine_without_a_database_folder_still_reports_plan_bugs_with_an_id(tmp_path, tiny, monkeypatch):
-    engine = StudioEngine(StudioConfig(models_dir=make_models_dir(tmp_path / "m", tiny),
-                                       db_url=f"sqlite:///{tmp_path / 'e.db'}"))
+    engine = StudioEngine(
+        StudioConfig(
+            models_dir=make_models_dir(tmp_path / "m", tiny), db_url=f"sqlite:///{tmp_path / 'e.db'}"
+        )
+    )
 
     def crash(*args, **kwargs):
         raise KeyError("internal")
 
     monkeypatch.setattr("mol.plan", crash)
-    report = engine.check({"name": "x", "base": "bard", "models": engine.embedded_models(), "slots": ["bard:0"]})
-    assert not report.ok and re.search(r"error id [0-9a-f]{8}", report.error) and "KeyError" not in report.error
+    report = engine.check(
+        {"name": "x", "base": "bard", "models": engine.embedded_models(), "slots": ["bard:0"]}
+    )
+    assert (
+        not report.ok and re.search(r"error id [0-9a-f]{8}", report.error) and "KeyError" not in report.error
+    )

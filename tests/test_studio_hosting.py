@@ -21,8 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[<>=!~\[; ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements
-            if r.strip() and not r.strip().startswith("#")}
+    return {
+        re.split(r"[<>=!~\[; ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        for r in requirements
+        if r.strip() and not r.strip().startswith("#")
+    }
 
 
 def test_requirements_match_the_package():
@@ -48,9 +51,7 @@ def test_space_front_matter_matches_gradio():
 def test_gpu_decorator_when_spaces_is_installed(tmp_path, with_spaces):
     if with_spaces:
         (tmp_path / "spaces.py").write_text("def GPU(fn):\n    fn.on_gpu = True\n    return fn\n")
-    code = ("import studio.engine as e\n"
-            "f = e.gpu_task(lambda: 1)\n"
-            "print(getattr(f, 'on_gpu', False))\n")
+    code = "import studio.engine as e\nf = e.gpu_task(lambda: 1)\nprint(getattr(f, 'on_gpu', False))\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -59,11 +60,21 @@ def test_gpu_decorator_when_spaces_is_installed(tmp_path, with_spaces):
 
 def test_python_app_py_serves_the_studio_offline(tmp_path, tiny):
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port),
-           "MANGO_DB_URL": f"sqlite:///{tmp_path / 'app.db'}",
-           "MANGO_MODELS_DIR": str(make_models_dir(tmp_path / "models", tiny))}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_SERVER_PORT": str(port),
+        "MANGO_DB_URL": f"sqlite:///{tmp_path / 'app.db'}",
+        "MANGO_MODELS_DIR": str(make_models_dir(tmp_path / "models", tiny)),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -73,11 +84,25 @@ def test_python_app_py_serves_the_studio_offline(tmp_path, tiny):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"app.py did not start:\n{proc.stdout.read() if proc.stdout else ''}") from None
+                    raise AssertionError(
+                        f"app.py did not start:\n{proc.stdout.read() if proc.stdout else ''}"
+                    ) from None
                 time.sleep(0.5)
-        for elem_id in ("model-list", "layer-palette", "recipe-board", "recipe-name", "save-recipe",
-                        "recipe-versions", "plan-status", "prompt", "run-prompt", "output-text", "router-heatmap",
-                        "expert-load", "runs-list"):
+        for elem_id in (
+            "model-list",
+            "layer-palette",
+            "recipe-board",
+            "recipe-name",
+            "save-recipe",
+            "recipe-versions",
+            "plan-status",
+            "prompt",
+            "run-prompt",
+            "output-text",
+            "router-heatmap",
+            "expert-load",
+            "runs-list",
+        ):
             assert f'"elem_id": "{elem_id}"' in config or f'"elem_id":"{elem_id}"' in config, elem_id
         assert "mango-bard" in config  # opens on the embedded models
         assert (tmp_path / "app.db").is_file()  # migrations ran at start

@@ -22,8 +22,9 @@ CLIENTS, ROUNDS = 8, 12
 
 
 def recipe_yaml(models: dict, name: str, i: int) -> str:
-    return yaml.safe_dump({"name": name, "base": "bard", "models": {"bard": models["bard"]},
-                           "slots": [f"bard:{i % 4}"]})
+    return yaml.safe_dump(
+        {"name": name, "base": "bard", "models": {"bard": models["bard"]}, "slots": [f"bard:{i % 4}"]}
+    )
 
 
 def test_parallel_first_saves_of_a_new_name_all_land(tmp_path_factory, tiny):
@@ -42,7 +43,9 @@ def test_parallel_first_saves_of_a_new_name_all_land(tmp_path_factory, tiny):
             try:
                 for r in range(ROUNDS):
                     barrier.wait(60)  # the first saves of name r at once: none of them finds the recipe yet
-                    job = clients[c].submit(recipe_yaml(models, f"burst-{r}", c), f"c{c}", api_name="/save_recipe")
+                    job = clients[c].submit(
+                        recipe_yaml(models, f"burst-{r}", c), f"c{c}", api_name="/save_recipe"
+                    )
                     returned.append(job.result(timeout=60))
             except BaseException as e:
                 errors.append(f"client {c}: {type(e).__name__}: {e}")
@@ -61,7 +64,9 @@ def test_parallel_first_saves_of_a_new_name_all_land(tmp_path_factory, tiny):
             stored = studio.engine.repo.list_versions(recipe.id)
             assert [v.number for v in stored] == list(range(1, CLIENTS + 1))
             assert sorted(v.note for v in stored) == sorted(f"c{c}" for c in range(CLIENTS))
-            assert sorted(r["number"] for r in returned if r["recipe_id"] == recipe.id) == list(range(1, CLIENTS + 1))
+            assert sorted(r["number"] for r in returned if r["recipe_id"] == recipe.id) == list(
+                range(1, CLIENTS + 1)
+            )
 
 
 # ---- a studio process killed mid-burst --------------------------------------------------------------------
@@ -81,11 +86,22 @@ class StudioProcess:
     """The studio served by a child process on 127.0.0.1 (a free port), over the database file `db`."""
 
     def __init__(self, models_dir: Path, db: Path, log: Path) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        }
         env.pop("MANGO_HOSTED", None)
         self.log = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(models_dir), str(db), str(SERVER_LIFETIME_S)],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(models_dir), str(db), str(SERVER_LIFETIME_S)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         deadline = time.monotonic() + 180
@@ -129,16 +145,19 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_save(tmp_path, tiny):
                 with lock:
                     tried += 1
                 try:
-                    saved = client.submit(recipe_yaml(models, "killed", c + i), note,
-                                          api_name="/save_recipe").result(timeout=30)
+                    saved = client.submit(
+                        recipe_yaml(models, "killed", c + i), note, api_name="/save_recipe"
+                    ).result(timeout=30)
                 except Exception:  # the server died under this request: it was never acknowledged
                     return
                 with lock:
                     acknowledged.append({**saved, "note": note})
                 i += 1
 
-        threads = [threading.Thread(target=client_saves, args=(c, server.url, round_, stop), daemon=True)
-                   for c in range(4)]
+        threads = [
+            threading.Thread(target=client_saves, args=(c, server.url, round_, stop), daemon=True)
+            for c in range(4)
+        ]
         try:
             for t in threads:
                 t.start()
@@ -162,18 +181,21 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_save(tmp_path, tiny):
         stored = {v["id"]: v for v in client.predict(recipe["id"], api_name="/list_versions")}
         missing = [a for a in acknowledged if a["id"] not in stored]
         assert not missing, missing[:3]
-        assert all((stored[a["id"]]["number"], stored[a["id"]]["note"]) == (a["number"], a["note"])
-                   for a in acknowledged)
+        assert all(
+            (stored[a["id"]]["number"], stored[a["id"]]["note"]) == (a["number"], a["note"])
+            for a in acknowledged
+        )
         assert sorted(v["number"] for v in stored.values()) == list(range(1, len(stored) + 1))
         after = client.predict(recipe_yaml(models, "killed", 0), "after restart", api_name="/save_recipe")
         assert after["number"] == len(stored) + 1
-        print(f"saves tried {tried}, acknowledged {len(acknowledged)}, found after the kills "
-              f"{sum(a['id'] in stored for a in acknowledged)} (stored {len(stored)})")
+        print(
+            f"saves tried {tried}, acknowledged {len(acknowledged)}, found after the kills "
+            f"{sum(a['id'] in stored for a in acknowledged)} (stored {len(stored)})"
+        )
     finally:
         server.kill()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
 
 
 def test_a_save_from_a_stale_board_is_kept_and_warned_about(engine):

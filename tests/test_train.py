@@ -15,8 +15,13 @@ from mol.evaluate import score
 from mol.routers import load_balancing_loss
 from mol.train import TrainConfig, companion_paths, lr_factor, train
 
-PROSE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
-CODE = "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n" * 30
+PROSE = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
+)
+CODE = (
+    "def main(argv):\n    return sorted(argv, key=len)\nimport os\nfor line in open(path):\n    print(line)\n"
+    * 30
+)
 FAST = dict(seq_len=32, batch_size=4, warmup=2, progress=False)
 
 
@@ -33,10 +38,19 @@ def data(tmp_path_factory):
 @pytest.fixture
 def recipe(tiny):
     a, b = tiny("llama"), tiny("gpt_neox", width=48)
-    return mol.Recipe.from_dict({
-        "name": "tiny-fusion", "base": "a", "models": {"a": str(a), "b": str(b)},
-        "slots": ["a:0", {"experts": ["a:1", "b:1"]}, {"experts": ["a:2", "b:2"], "router": "pooled"}, "a:3"],
-    })
+    return mol.Recipe.from_dict(
+        {
+            "name": "tiny-fusion",
+            "base": "a",
+            "models": {"a": str(a), "b": str(b)},
+            "slots": [
+                "a:0",
+                {"experts": ["a:1", "b:1"]},
+                {"experts": ["a:2", "b:2"], "router": "pooled"},
+                "a:3",
+            ],
+        }
+    )
 
 
 def config(**kw) -> TrainConfig:
@@ -67,7 +81,9 @@ def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe,
     changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, before_trainable[k])]
     assert any(".adapter." in k for k in changed) and any(".router." in k for k in changed)
     assert len(result.curve) == 15 and result.metrics["steps"] == 15
-    assert reported == result.curve and [p["step"] for p in reported] == list(range(1, 16))  # live, step by step
+    assert reported == result.curve and [p["step"] for p in reported] == list(
+        range(1, 16)
+    )  # live, step by step
     assert model.keep_trace and model(tokens["prose"].ids[None, :8]).trace is not None  # tracing is back on
 
 
@@ -118,7 +134,9 @@ def test_load_balancing_loss_known_values():
     assert load_balancing_loss(uniform, even).item() == pytest.approx(1.0, abs=1e-6)
     collapsed = torch.zeros(1, tokens, n)
     collapsed[..., 0] = 1.0
-    assert load_balancing_loss(collapsed, torch.zeros(1, tokens, 1, dtype=torch.long)).item() == pytest.approx(n)
+    assert load_balancing_loss(
+        collapsed, torch.zeros(1, tokens, 1, dtype=torch.long)
+    ).item() == pytest.approx(n)
 
 
 def test_closed_form_router_follows_the_domain_labels(recipe, data):
@@ -178,18 +196,34 @@ def test_zero_out_adapters_start_as_the_base_path_and_keep_leaves_routers(recipe
 
     model = mol.build(recipe, device="cpu", dtype=torch.float32)
     tokens = tokenize_domains(model.tokenizer, load_domains(data))
-    plain = mol.build(mol.Recipe.from_dict({"name": "a", "base": "a", "models": {"a": recipe.models["a"]},
-                                            "slots": ["a:0", "a:1", "a:2", "a:3"]}), device="cpu", dtype=torch.float32)
-    report = initialise(model, tokens, config(adapter_init="lstsq-zero-out", router_init="ridge"),
-                        {"prose": "a", "code": "b"})
+    plain = mol.build(
+        mol.Recipe.from_dict(
+            {
+                "name": "a",
+                "base": "a",
+                "models": {"a": recipe.models["a"]},
+                "slots": ["a:0", "a:1", "a:2", "a:3"],
+            }
+        ),
+        device="cpu",
+        dtype=torch.float32,
+    )
+    report = initialise(
+        model, tokens, config(adapter_init="lstsq-zero-out", router_init="ridge"), {"prose": "a", "code": "b"}
+    )
     assert report["adapter_fit"] and set(report["router_fit"]) == {"slot 1", "slot 2"}
     with torch.no_grad():  # route everything to the foreign (silent) blocks
         for slot in model.routed_slots:
             slot.router.proj.weight.zero_()
             slot.router.proj.bias.copy_(torch.tensor([0.0, 10.0]))
     # The model is then the base's own layers without slots 1 and 2.
-    skip = mol.build(mol.Recipe.from_dict({"name": "a", "base": "a", "models": {"a": recipe.models["a"]},
-                                           "slots": ["a:0", "a:3"]}), device="cpu", dtype=torch.float32)
+    skip = mol.build(
+        mol.Recipe.from_dict(
+            {"name": "a", "base": "a", "models": {"a": recipe.models["a"]}, "slots": ["a:0", "a:3"]}
+        ),
+        device="cpu",
+        dtype=torch.float32,
+    )
     ids = torch.randint(1, 380, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, skip(ids).logits, atol=1e-5)
@@ -214,8 +248,13 @@ def test_distillation_pulls_the_fused_model_towards_the_label_teacher(recipe, da
         return float((p.exp() * (p - q)).sum(-1).mean())
 
     before = gap()
-    result = train(model, tokens, config(steps=12, lr=1e-2, distill_weight=1.0), progress=False,
-                   domain_experts={"prose": "b", "code": "b"})
+    result = train(
+        model,
+        tokens,
+        config(steps=12, lr=1e-2, distill_weight=1.0),
+        progress=False,
+        domain_experts={"prose": "b", "code": "b"},
+    )
     assert gap() < before
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]
 
@@ -226,8 +265,11 @@ def test_compiled_training_gives_the_eager_weights_and_leaves_the_model_uncompil
     import mol.compiling
 
     # The fallback compiler backend: the same graph capture, no C++ compiler needed on the test machine.
-    monkeypatch.setattr(mol.compiling, "compile_network",
-                        functools.partial(mol.compiling.compile_network, backend="aot_eager"))
+    monkeypatch.setattr(
+        mol.compiling,
+        "compile_network",
+        functools.partial(mol.compiling.compile_network, backend="aot_eager"),
+    )
     eager = mol.build(recipe, device="cpu", dtype=torch.float32)
     compiled = mol.build(recipe, device="cpu", dtype=torch.float32)
     tokens = tokenize_domains(eager.tokenizer, load_domains(data))

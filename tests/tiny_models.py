@@ -22,11 +22,16 @@ def make_tokenizer(folder: Path, vocab_size: int = VOCAB) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.save_pretrained(str(folder))
     return folder
 
@@ -46,22 +51,52 @@ def config_for(family: str, width: int, layers: int, **overrides):
     heads = max(2, width // 16)
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family in ("llama", "mistral", "qwen2", "qwen3"):
-        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-        cfg = cls(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, tie_word_embeddings=False,
-                  **common)
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[
+            family
+        ]
+        cfg = cls(
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif family == "gpt2":
         cfg = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=256, **common)
     elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
-                            num_attention_heads=heads, max_position_embeddings=256, rotary_pct=0.5,
-                            tie_word_embeddings=False, **common)
+        cfg = GPTNeoXConfig(
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            rotary_pct=0.5,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif family == "opt":
-        cfg = OPTConfig(hidden_size=width, ffn_dim=width * 2, num_hidden_layers=layers, num_attention_heads=heads,
-                        max_position_embeddings=256, word_embed_proj_dim=width, **common)
+        cfg = OPTConfig(
+            hidden_size=width,
+            ffn_dim=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            word_embed_proj_dim=width,
+            **common,
+        )
     elif family == "phi":
-        cfg = PhiConfig(hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
-                        num_attention_heads=heads, max_position_embeddings=256, partial_rotary_factor=0.5, **common)
+        cfg = PhiConfig(
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            partial_rotary_factor=0.5,
+            **common,
+        )
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -69,7 +104,9 @@ def config_for(family: str, width: int, layers: int, **overrides):
     return cfg
 
 
-def make_model(folder: Path, family: str, width: int, layers: int, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+def make_model(
+    folder: Path, family: str, width: int, layers: int, tokenizer_dir: Path, seed: int = 0, **overrides
+) -> Path:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)

@@ -21,15 +21,29 @@ def _windows(tokenizer, path, n_tokens: int, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _final_states(model, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch], output_hidden_states=True).hidden_states[-1] for i in range(0, len(x), batch)])
+    return torch.cat(
+        [
+            model(x[i : i + batch], output_hidden_states=True).hidden_states[-1]
+            for i in range(0, len(x), batch)
+        ]
+    )
 
 
 def _nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
-def readout_ceiling(specialist: str, head_model: str, train_path: str, test_path: str, train_tokens: int = 65536,
-                    test_tokens: int = 8192, epochs: int = 6, seq_len: int = 256, seed: int = 0) -> dict:
+def readout_ceiling(
+    specialist: str,
+    head_model: str,
+    train_path: str,
+    test_path: str,
+    train_tokens: int = 65536,
+    test_tokens: int = 8192,
+    epochs: int = 6,
+    seq_len: int = 256,
+    seed: int = 0,
+) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -38,12 +52,18 @@ def readout_ceiling(specialist: str, head_model: str, train_path: str, test_path
     src, other = load(specialist), load(head_model)
     w_src = src.get_output_embeddings().weight.detach()
     w_head = other.get_output_embeddings().weight.detach()
-    x_train, x_test = _windows(tok, train_path, train_tokens, seq_len), _windows(tok, test_path, test_tokens, seq_len)
+    x_train, x_test = (
+        _windows(tok, train_path, train_tokens, seq_len),
+        _windows(tok, test_path, test_tokens, seq_len),
+    )
     z_train, z_test = _final_states(src, x_train), _final_states(src, x_test)
     with torch.no_grad():
         own = math.exp(float(_nll(z_test @ w_src.T, x_test)))
-        head_alone = math.exp(float(_nll(torch.cat([other(x_test[i:i + 16]).logits for i in range(0, len(x_test), 16)]),
-                                          x_test)))
+        head_alone = math.exp(
+            float(
+                _nll(torch.cat([other(x_test[i : i + 16]).logits for i in range(0, len(x_test), 16)]), x_test)
+            )
+        )
     # Start from the logit-matching least-squares map, then minimise cross-entropy.
     m = nn.Parameter(torch.linalg.pinv(w_head) @ w_src)
     b = nn.Parameter(torch.zeros(w_head.shape[1]))
@@ -56,6 +76,12 @@ def readout_ceiling(specialist: str, head_model: str, train_path: str, test_path
             opt.step()
     with torch.no_grad():
         mapped = math.exp(float(_nll((z_test @ m.T + b) @ w_head.T, x_test)))
-    return {"specialist": specialist, "head": head_model, "test_tokens": int(x_test.numel()),
-            "train_tokens": int(x_train.numel()), "specialist_ppl": own, "head_model_alone_ppl": head_alone,
-            "best_linear_readout_ppl": mapped}
+    return {
+        "specialist": specialist,
+        "head": head_model,
+        "test_tokens": int(x_test.numel()),
+        "train_tokens": int(x_train.numel()),
+        "specialist_ppl": own,
+        "head_model_alone_ppl": head_alone,
+        "best_linear_readout_ppl": mapped,
+    }

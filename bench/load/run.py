@@ -30,9 +30,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "assets" / "recipes" / "prose-code-token.yaml"
-PROMPTS = ["To be, or not to be, that is the question:", "def main(argv):", "Now is the winter of our discontent",
-           "import os\nfor name in os.listdir(path):", "O Romeo, Romeo, wherefore art thou", "class Parser:\n    def",
-           "All the world's a stage,", "    return sorted(items, key="]
+PROMPTS = [
+    "To be, or not to be, that is the question:",
+    "def main(argv):",
+    "Now is the winter of our discontent",
+    "import os\nfor name in os.listdir(path):",
+    "O Romeo, Romeo, wherefore art thou",
+    "class Parser:\n    def",
+    "All the world's a stage,",
+    "    return sorted(items, key=",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,8 +66,9 @@ def prompt_lengths(tokenizer_dir: Path) -> dict[str, int]:
     return {p: len(tok(p)["input_ids"]) for p in PROMPTS}
 
 
-def run_load(url: str, version_id: int, users: int, seconds: float, new_tokens: int,
-             prompt_tokens: dict[str, int]) -> dict:
+def run_load(
+    url: str, version_id: int, users: int, seconds: float, new_tokens: int, prompt_tokens: dict[str, int]
+) -> dict:
     """`users` threads, each with its own client, calling /generate until `seconds` have passed."""
     from gradio_client import Client
 
@@ -100,13 +108,25 @@ def run_load(url: str, version_id: int, users: int, seconds: float, new_tokens: 
     lat = [r["latency_s"] for r in ok]
     tokens = sum(r["new_tokens"] for r in ok)
     return {
-        "users": users, "seconds": seconds, "new_tokens": new_tokens, "elapsed_s": round(elapsed, 2),
-        "requests": len(records), "completed": len(ok), "errors": len(records) - len(ok),
+        "users": users,
+        "seconds": seconds,
+        "new_tokens": new_tokens,
+        "elapsed_s": round(elapsed, 2),
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": len(records) - len(ok),
         "error_messages": sorted({r["error"] for r in records if not r["ok"]})[:10],
-        "latency_s": {"p50": round(percentile(lat, 50), 3), "p95": round(percentile(lat, 95), 3),
-                      "max": round(max(lat), 3) if lat else None, "mean": round(statistics.fmean(lat), 3) if lat else None},
-        "throughput": {"requests_per_s": round(len(ok) / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
-                       "new_tokens_total": tokens},
+        "latency_s": {
+            "p50": round(percentile(lat, 50), 3),
+            "p95": round(percentile(lat, 95), 3),
+            "max": round(max(lat), 3) if lat else None,
+            "mean": round(statistics.fmean(lat), 3) if lat else None,
+        },
+        "throughput": {
+            "requests_per_s": round(len(ok) / elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed, 1),
+            "new_tokens_total": tokens,
+        },
         "requests_per_user": [sum(1 for r in records if r["user"] == i) for i in range(users)],
     }
 
@@ -132,7 +152,9 @@ def free_port() -> int:
 def machine_cpu_seconds() -> float:
     """CPU time all processes of the machine spent, in seconds (Linux /proc/stat: every state but idle and
     iowait)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split()[1:9]
+    )
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -142,12 +164,18 @@ def own_cpu_seconds() -> float:
 
 
 def serve(port: int, db: Path, log: Path, concurrency: int | None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "MANGO_DB_URL": f"sqlite:///{db}",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_SERVER_PORT": str(port),
+        "MANGO_DB_URL": f"sqlite:///{db}",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     if concurrency:
         env["MANGO_GENERATION_CONCURRENCY"] = str(concurrency)
-    return subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "app.py"], cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
@@ -167,13 +195,21 @@ def environment() -> dict:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gradio": gradio.__version__,
-            "date": date.today().isoformat(), "commit": commit}
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gradio": gradio.__version__,
+        "date": date.today().isoformat(),
+        "commit": commit,
+    }
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -181,8 +217,12 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=None,
-                    help="MANGO_GENERATION_CONCURRENCY for the server (default: the studio's own, 1)")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="MANGO_GENERATION_CONCURRENCY for the server (default: the studio's own, 1)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--table", type=Path, help="print a results file as the README's table and exit")
     args = ap.parse_args(argv)
@@ -210,21 +250,30 @@ def main(argv: list[str] | None = None) -> Path | None:
         cpu1, machine1, own1 = cpu_seconds(proc.pid), machine_cpu_seconds(), own_cpu_seconds()
         elapsed = result["elapsed_s"]
         status = server_status(url)
-        result.update({
-            "recipe": DEMO_RECIPE.relative_to(REPO).as_posix(),
-            "first_request_s": round(first, 2),
-            "server": {"generation_gate": status["generation"], "cached_models": status["cached_models"],
-                       "cpu_seconds": round(cpu1 - cpu0, 1), "cpu_cores_busy": round((cpu1 - cpu0) / elapsed, 2)},
-            "clients_cpu_cores_busy": round((own1 - own0) / elapsed, 2),
-            # what else ran on the machine meanwhile (another job's training, say), in cores
-            "other_processes_cpu_cores_busy": round(((machine1 - machine0) - (cpu1 - cpu0) - (own1 - own0)) / elapsed, 2),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "env": environment(),
-            "command": "python -m bench.load.run" + (f" --users {args.users}" if args.users != 20 else "")
-                       + (f" --seconds {args.seconds:g}" if args.seconds != 60 else "")
-                       + (f" --concurrency {args.concurrency}" if args.concurrency else ""),
-        })
+        result.update(
+            {
+                "recipe": DEMO_RECIPE.relative_to(REPO).as_posix(),
+                "first_request_s": round(first, 2),
+                "server": {
+                    "generation_gate": status["generation"],
+                    "cached_models": status["cached_models"],
+                    "cpu_seconds": round(cpu1 - cpu0, 1),
+                    "cpu_cores_busy": round((cpu1 - cpu0) / elapsed, 2),
+                },
+                "clients_cpu_cores_busy": round((own1 - own0) / elapsed, 2),
+                # what else ran on the machine meanwhile (another job's training, say), in cores
+                "other_processes_cpu_cores_busy": round(
+                    ((machine1 - machine0) - (cpu1 - cpu0) - (own1 - own0)) / elapsed, 2
+                ),
+                "load_average_before": [round(x, 2) for x in load_before],
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                "env": environment(),
+                "command": "python -m bench.load.run"
+                + (f" --users {args.users}" if args.users != 20 else "")
+                + (f" --seconds {args.seconds:g}" if args.seconds != 60 else "")
+                + (f" --concurrency {args.concurrency}" if args.concurrency else ""),
+            }
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -239,16 +288,20 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| users | concurrency limit | requests | errors | p50 latency | p95 latency | requests/s | tokens/s "
-             "| waited for a turn (peak waiting) | server CPU (cores) | other processes (cores) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| users | concurrency limit | requests | errors | p50 latency | p95 latency | requests/s | tokens/s "
+        "| waited for a turn (peak waiting) | server CPU (cores) | other processes (cores) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in results["runs"]:
         g = r["server"]["generation_gate"]
-        lines.append(f"| {r['users']} | {g['capacity']} | {r['completed']} | {r['errors']} | "
-                     f"{r['latency_s']['p50']:.2f} s | {r['latency_s']['p95']:.2f} s | "
-                     f"{r['throughput']['requests_per_s']:.2f} | {r['throughput']['tokens_per_s']:.0f} | "
-                     f"{g['queued']} ({g['peak_waiting']}) | {r['server']['cpu_cores_busy']:.2f} | "
-                     f"{r.get('other_processes_cpu_cores_busy', float('nan')):.2f} |")
+        lines.append(
+            f"| {r['users']} | {g['capacity']} | {r['completed']} | {r['errors']} | "
+            f"{r['latency_s']['p50']:.2f} s | {r['latency_s']['p95']:.2f} s | "
+            f"{r['throughput']['requests_per_s']:.2f} | {r['throughput']['tokens_per_s']:.0f} | "
+            f"{g['queued']} ({g['peak_waiting']}) | {r['server']['cpu_cores_busy']:.2f} | "
+            f"{r.get('other_processes_cpu_cores_busy', float('nan')):.2f} |"
+        )
     return "\n".join(lines)
 
 

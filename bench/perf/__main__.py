@@ -30,8 +30,10 @@ from bench.perf.common import environment
 from bench.perf.sections import SECTIONS, repo_root
 
 # Seconds a step needs, to decide whether it still fits the budget.
-ESTIMATES = {"full": {"decode_batch": 45, "compile": 60, "correctness": 40, "placement": 30},
-             "smoke": {"decode_batch": 0, "compile": 0, "correctness": 0, "placement": 0}}
+ESTIMATES = {
+    "full": {"decode_batch": 45, "compile": 60, "correctness": 40, "placement": 30},
+    "smoke": {"decode_batch": 0, "compile": 0, "correctness": 0, "placement": 0},
+}
 
 
 class Bench:
@@ -56,10 +58,22 @@ class Bench:
         slug = re.sub(r"[^a-z0-9]+", "-", self.env["card"].lower()).strip("-")
         name = "smoke-cpu.json" if smoke else f"{slug}-{self.env['date'][:10]}.json"
         self.out = Path(out_dir) / name
-        self.results: dict = {"suite": "bench.perf", "smoke": smoke, "command": _command(), "env": self.env, "sizes": {
-            "base": self.shapes["base"], "other": self.shapes["other"], "prompt": self.prompt,
-            "new_tokens": self.new_tokens, "batches": list(self.batches), "prefill": list(self.prefill_shape),
-            "dtype": str(self.dtype)}, "errors": {}}
+        self.results: dict = {
+            "suite": "bench.perf",
+            "smoke": smoke,
+            "command": _command(),
+            "env": self.env,
+            "sizes": {
+                "base": self.shapes["base"],
+                "other": self.shapes["other"],
+                "prompt": self.prompt,
+                "new_tokens": self.new_tokens,
+                "batches": list(self.batches),
+                "prefill": list(self.prefill_shape),
+                "dtype": str(self.dtype),
+            },
+            "errors": {},
+        }
         self.plain_tokens: dict = {}
         self._models: dict = {}
         self._hf = None
@@ -134,8 +148,14 @@ def _jsonable(x):
     return str(x)
 
 
-def run(smoke: bool = False, out_dir: str | Path | None = None, sections: list[str] | None = None,
-        budget: float = 540.0, compile: bool = True, work: str | Path | None = None) -> Path:
+def run(
+    smoke: bool = False,
+    out_dir: str | Path | None = None,
+    sections: list[str] | None = None,
+    budget: float = 540.0,
+    compile: bool = True,
+    work: str | Path | None = None,
+) -> Path:
     b = Bench(smoke, Path(out_dir or repo_root() / "bench" / "results"), budget, compile, work)
     try:
         b.prepare()

@@ -70,6 +70,7 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
 
     import mol.loading  # noqa: F401
     import mol.plan  # noqa: F401
+
     evicted = _evict(files)
     peak_reset = _reset_peak_rss()
     baseline = _status("VmRSS")
@@ -88,9 +89,12 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
         from transformers import AutoModelForCausalLM
 
         torch_dtype = getattr(torch, dtype)
-        models = [AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype,
-                                                       device_map=device if device == "cuda" else None)
-                  for d in folders]
+        models = [
+            AutoModelForCausalLM.from_pretrained(
+                str(d), dtype=torch_dtype, device_map=device if device == "cuda" else None
+            )
+            for d in folders
+        ]
         out["logical_read_bytes"] = sum(f.stat().st_size for f in files)
         out["models"] = len(models)
     if device == "cuda":

@@ -13,20 +13,58 @@ import mol
 # biases on q/k/v). Both use one 32000-id vocabulary so that they can be fused.
 SHAPES = {
     "full": {
-        "base": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
-                     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
-        "other": dict(model_type="qwen2", hidden_size=1280, intermediate_size=3456, num_hidden_layers=24,
-                      num_attention_heads=20, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
-                      rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False),
+        "base": dict(
+            model_type="llama",
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        ),
+        "other": dict(
+            model_type="qwen2",
+            hidden_size=1280,
+            intermediate_size=3456,
+            num_hidden_layers=24,
+            num_attention_heads=20,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
     },
     "smoke": {
-        "base": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=384, max_position_embeddings=512,
-                     tie_word_embeddings=False),
-        "other": dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=384, max_position_embeddings=512,
-                      tie_word_embeddings=False, use_sliding_window=False),
+        "base": dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=384,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+        "other": dict(
+            model_type="qwen2",
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=384,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
     },
 }
 
@@ -66,7 +104,9 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 
 def identity_recipe(base: Path, layers: int) -> mol.Recipe:
-    return mol.Recipe.from_dict({"name": "identity", "models": {"base": str(base)}, "slots": [f"base:0-{layers - 1}"]})
+    return mol.Recipe.from_dict(
+        {"name": "identity", "models": {"base": str(base)}, "slots": [f"base:0-{layers - 1}"]}
+    )
 
 
 def routed_layers(layers: int) -> list[int]:
@@ -84,8 +124,15 @@ def two_source_recipe(base: Path, other: Path, base_layers: int, other_layers: i
             slots.append({"experts": [f"base:{i}", f"other:{j}"], "router": {"type": "token", "top_k": 1}})
         else:
             slots.append(f"base:{i}")
-    return mol.Recipe.from_dict({"name": "two-source", "base": "base", "models": {"base": str(base), "other": str(other)},
-                                 "adapter": "linear", "slots": slots})
+    return mol.Recipe.from_dict(
+        {
+            "name": "two-source",
+            "base": "base",
+            "models": {"base": str(base), "other": str(other)},
+            "adapter": "linear",
+            "slots": slots,
+        }
+    )
 
 
 def quarter_recipe(base: Path, other: Path, base_layers: int, other_layers: int) -> mol.Recipe:
@@ -98,15 +145,27 @@ def quarter_recipe(base: Path, other: Path, base_layers: int, other_layers: int)
             slots.append(f"base:{b[k]}")
         if k < len(o):
             slots.append(f"other:{o[k]}")
-    return mol.Recipe.from_dict({"name": "quarter", "base": "base", "models": {"base": str(base), "other": str(other)},
-                                 "adapter": "linear", "slots": slots})
+    return mol.Recipe.from_dict(
+        {
+            "name": "quarter",
+            "base": "base",
+            "models": {"base": str(base), "other": str(other)},
+            "adapter": "linear",
+            "slots": slots,
+        }
+    )
 
 
 def routed_slot_recipe(base: Path) -> tuple[mol.Recipe, mol.Recipe]:
     """One plain slot of one block, and one slot of two equal-size experts with top-1 token routing."""
     one = mol.Recipe.from_dict({"name": "one-block", "models": {"base": str(base)}, "slots": ["base:0"]})
-    two = mol.Recipe.from_dict({"name": "routed-slot", "models": {"base": str(base)},
-                                "slots": [{"experts": ["base:0", "base:1"], "router": {"type": "token", "top_k": 1}}]})
+    two = mol.Recipe.from_dict(
+        {
+            "name": "routed-slot",
+            "models": {"base": str(base)},
+            "slots": [{"experts": ["base:0", "base:1"], "router": {"type": "token", "top_k": 1}}],
+        }
+    )
     return one, two
 
 

@@ -31,10 +31,16 @@ from mol.fused import StepContext
 # ---- ceilings ------------------------------------------------------------------------------------------------
 def ceilings(b) -> dict:
     if b.cuda:
-        return {"copy_bandwidth_Bps": copy_bandwidth(2**31, "cuda"), "matmul_bf16_flops": matmul_rate(8192, "cuda"),
-                "note": "copy: 2 GiB device-to-device, bytes read + written; matmul: 8192^3 bf16 on random data"}
-    return {"copy_bandwidth_Bps": copy_bandwidth(2**24, "cpu"), "matmul_bf16_flops": matmul_rate(256, "cpu"),
-            "note": "CPU smoke sizes; not a ceiling"}
+        return {
+            "copy_bandwidth_Bps": copy_bandwidth(2**31, "cuda"),
+            "matmul_bf16_flops": matmul_rate(8192, "cuda"),
+            "note": "copy: 2 GiB device-to-device, bytes read + written; matmul: 8192^3 bf16 on random data",
+        }
+    return {
+        "copy_bandwidth_Bps": copy_bandwidth(2**24, "cpu"),
+        "matmul_bf16_flops": matmul_rate(256, "cpu"),
+        "note": "CPU smoke sizes; not a ceiling",
+    }
 
 
 # ---- decode ----------------------------------------------------------------------------------------------------
@@ -47,7 +53,11 @@ def _agreement(a: torch.Tensor, c: torch.Tensor, prompt: int) -> dict:
     a, c = a[:, prompt:].cpu(), c[:, prompt:].cpu()
     same = a == c
     first = [int((~row).nonzero()[0]) if (~row).any() else None for row in same]
-    return {"equal": bool(same.all()), "token_agreement": float(same.float().mean()), "first_divergence": first}
+    return {
+        "equal": bool(same.all()),
+        "token_agreement": float(same.float().mean()),
+        "first_divergence": first,
+    }
 
 
 def decode(b, compiled: bool = False) -> dict:
@@ -70,8 +80,11 @@ def decode(b, compiled: bool = False) -> dict:
             ids = _prompt(b, bsz)
             if not compiled:
                 _plain_and_transformers(b, name, model, ids, row)
-            variants = [("fast_compiled", dict(cuda_graph=True, compile=True))] if compiled else \
-                [("fast_graph", dict(cuda_graph=b.cuda, compile=False))]
+            variants = (
+                [("fast_compiled", dict(cuda_graph=True, compile=True))]
+                if compiled
+                else [("fast_graph", dict(cuda_graph=b.cuda, compile=False))]
+            )
             for label, opts in variants:
                 dec = FastDecoder(model, bsz, b.prompt + new, **opts)
                 t0 = time.perf_counter()
@@ -91,8 +104,14 @@ def decode(b, compiled: bool = False) -> dict:
                 dec = None
             floor = bsz * bw / step_bytes if bw else None  # tokens/s if a step only read the weights once
             row["floor_tokens_per_s"] = floor
-            hf_rate = out["recipes"].get("identity", {}).get("batches", {}).get(str(bsz), {}).get(
-                "transformers", {}).get("tokens_per_s")
+            hf_rate = (
+                out["recipes"]
+                .get("identity", {})
+                .get("batches", {})
+                .get(str(bsz), {})
+                .get("transformers", {})
+                .get("tokens_per_s")
+            )
             for label in ("plain", "fast_graph", "fast_compiled", "transformers"):
                 if "tokens_per_s" in row.get(label, {}):
                     if floor:
@@ -154,9 +173,14 @@ def decode_correctness_fp32(b) -> dict:
         mask[1, :5] = 0
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], fast=False)
         dec = FastDecoder(model, 2, b.prompt + new, cuda_graph=b.cuda)
-        fast = [dec.generate(ids, mask, max_new_tokens=new) for _ in range(2)]  # second: graph replay from step 0
-        res[name] = {"graph_first_call": _agreement(fast[0], plain, b.prompt),
-                     "graph_replayed": _agreement(fast[1], plain, b.prompt), "new_tokens": new}
+        fast = [
+            dec.generate(ids, mask, max_new_tokens=new) for _ in range(2)
+        ]  # second: graph replay from step 0
+        res[name] = {
+            "graph_first_call": _agreement(fast[0], plain, b.prompt),
+            "graph_replayed": _agreement(fast[1], plain, b.prompt),
+            "new_tokens": new,
+        }
         del model, dec
         b.free()
     return res
@@ -210,19 +234,35 @@ def routed_slot(b) -> dict:
         share = ctx.routings[0][1].chosen[..., 0].float().mean().item()  # fraction routed to expert 1
         y_sub, _ = run(two)
         y_dense, _ = run(two, static=True)
-        flops = {k: _count_flops(lambda m=m, st=st: run(m, st)) for k, (m, st) in
-                 {"one_block": (one, False), "routed_slot": (two, False), "routed_slot_dense": (two, True)}.items()}
+        flops = {
+            k: _count_flops(lambda m=m, st=st: run(m, st))
+            for k, (m, st) in {
+                "one_block": (one, False),
+                "routed_slot": (two, False),
+                "routed_slot_dense": (two, True),
+            }.items()
+        }
     out["flops"] = flops
     if flops["one_block"]:
         out["routed_over_one_block_flops"] = flops["routed_slot"] / flops["one_block"]
         out["dense_over_one_block_flops"] = flops["routed_slot_dense"] / flops["one_block"]
-    out.update({"one_block_s": t_one, "routed_slot_s": t_two, "routed_slot_dense_s": t_dense,
-                "routed_over_one_block": t_two / t_one, "dense_over_one_block": t_dense / t_one,
-                "tokens_to_expert_1": share,
-                "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max())})
+    out.update(
+        {
+            "one_block_s": t_one,
+            "routed_slot_s": t_two,
+            "routed_slot_dense_s": t_dense,
+            "routed_over_one_block": t_two / t_one,
+            "dense_over_one_block": t_dense / t_one,
+            "tokens_to_expert_1": share,
+            "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max()),
+        }
+    )
     if b.cuda:
         with torch.no_grad():
-            out["profiles"] = {"one_block": profile_top(lambda: run(one)), "routed_slot": profile_top(lambda: run(two))}
+            out["profiles"] = {
+                "one_block": profile_top(lambda: run(one)),
+                "routed_slot": profile_top(lambda: run(two)),
+            }
     if b.cuda and b.compile:  # both sides compiled block by block (mol.compiling), as training runs them
         compile_blocks(one, routers=True)
         compile_blocks(two, routers=True)
@@ -230,11 +270,17 @@ def routed_slot(b) -> dict:
             t_one_c = timeit(lambda: run(one), repeat=b.repeat, warmup=3)["median_s"]
             t_two_c = timeit(lambda: run(two), repeat=b.repeat, warmup=3)["median_s"]
             y_c, _ = run(two)
-            profiles = {"one_block": profile_top(lambda: run(one)), "routed_slot": profile_top(lambda: run(two))}
-        out["compiled"] = {"one_block_s": t_one_c, "routed_slot_s": t_two_c,
-                           "routed_over_one_block": t_two_c / t_one_c,
-                           "vs_eager_max_abs_diff": float((y_c.float() - y_sub.float()).abs().max()),
-                           "profiles": profiles}
+            profiles = {
+                "one_block": profile_top(lambda: run(one)),
+                "routed_slot": profile_top(lambda: run(two)),
+            }
+        out["compiled"] = {
+            "one_block_s": t_one_c,
+            "routed_slot_s": t_two_c,
+            "routed_over_one_block": t_two_c / t_one_c,
+            "vs_eager_max_abs_diff": float((y_c.float() - y_sub.float()).abs().max()),
+            "profiles": profiles,
+        }
     return out
 
 
@@ -254,10 +300,15 @@ def profile_top(fn, rows: int = 12) -> dict:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return {"wall_ms": 1000 * wall, "kernels": len(kernels),
-            "device_busy_ms": sum(e.device_time_total for e in kernels) / 1000,
-            "top": [{"op": e.key[:80], "calls": e.count, "self_device_ms": e.self_device_time_total / 1000}
-                    for e in events[:rows]]}
+    return {
+        "wall_ms": 1000 * wall,
+        "kernels": len(kernels),
+        "device_busy_ms": sum(e.device_time_total for e in kernels) / 1000,
+        "top": [
+            {"op": e.key[:80], "calls": e.count, "self_device_ms": e.self_device_time_total / 1000}
+            for e in events[:rows]
+        ],
+    }
 
 
 def _count_flops(fn) -> int | None:
@@ -282,11 +333,15 @@ def training(b) -> dict:
     out = _training(b, "eager")
     if b.cuda and b.compile:
         out["compiled"] = _training(b, "blocks", flops=out["flops_per_step"])
-        out["compiled_network"] = _training(b, "network", flops=out["flops_per_step"])  # as `mol train --compile`
+        out["compiled_network"] = _training(
+            b, "network", flops=out["flops_per_step"]
+        )  # as `mol train --compile`
         variants = {"eager": out, "compiled": out["compiled"], "compiled_network": out["compiled_network"]}
         name = max(variants, key=lambda k: variants[k]["tokens_per_s"])
-        out["best"] = {"variant": name, **{k: variants[name].get(k) for k in (
-            "tokens_per_s", "mfu", "fraction_of_measured_matmul_rate")}}
+        out["best"] = {
+            "variant": name,
+            **{k: variants[name].get(k) for k in ("tokens_per_s", "mfu", "fraction_of_measured_matmul_rate")},
+        }
     return out
 
 
@@ -339,9 +394,17 @@ def _training(b, mode: str, flops: int | None = None) -> dict:
         flops = _training_flops_by_hand(model, bsz, length)
     tokens = bsz * length
     n_params = sum(p.numel() for p in model.parameters())
-    out = {"batch": bsz, "length": length, **t, "tokens_per_s": tokens / t["median_s"],
-           "flops_per_step": flops, "achieved_flops": flops / t["median_s"], "trainable_parameters": sum(
-               p.numel() for p in params), "parameters": n_params, "peak_gpu_bytes": peak_mem}
+    out = {
+        "batch": bsz,
+        "length": length,
+        **t,
+        "tokens_per_s": tokens / t["median_s"],
+        "flops_per_step": flops,
+        "achieved_flops": flops / t["median_s"],
+        "trainable_parameters": sum(p.numel() for p in params),
+        "parameters": n_params,
+        "peak_gpu_bytes": peak_mem,
+    }
     peak = peak_bf16(b.env.get("card", ""))
     if peak:
         out["mfu"] = out["achieved_flops"] / peak
@@ -363,8 +426,12 @@ def _training_flops_by_hand(model, bsz: int, length: int) -> int:
     only: the blocks are frozen), attention 4·T·S·d forward and twice that backward (causal: half)."""
     n = sum(p.numel() for p in model.parameters() if p.dim() == 2) - model.embed.weight.numel()
     tokens = bsz * length
-    attn = sum(4 * tokens * length * b.layer.self_attn.config.hidden_size // 2
-               for s in model.slots for b in s.experts if hasattr(b.layer, "self_attn"))
+    attn = sum(
+        4 * tokens * length * b.layer.self_attn.config.hidden_size // 2
+        for s in model.slots
+        for b in s.experts
+        if hasattr(b.layer, "self_attn")
+    )
     return 4 * n * tokens + 3 * attn
 
 
@@ -375,16 +442,27 @@ def build(b) -> dict:
     out = {}
     recipe_yaml = b.recipe("quarter").to_yaml()
     for mode in ("mol", "transformers"):
-        args = [sys.executable, "-m", "bench.perf.build_probe", mode, b.device, str(b.dtype).split(".")[-1],
-                str(b.base_dir), str(b.other_dir)]
+        args = [
+            sys.executable,
+            "-m",
+            "bench.perf.build_probe",
+            mode,
+            b.device,
+            str(b.dtype).split(".")[-1],
+            str(b.base_dir),
+            str(b.other_dir),
+        ]
         if b.smoke:
             from bench.perf.build_probe import probe
 
-            out[mode] = probe(mode, b.device, str(b.dtype).split(".")[-1], b.base_dir, b.other_dir, recipe_yaml)
+            out[mode] = probe(
+                mode, b.device, str(b.dtype).split(".")[-1], b.base_dir, b.other_dir, recipe_yaml
+            )
             continue
         env = dict(os.environ, PYTHONPATH=str(b.repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        res = subprocess.run(args, input=recipe_yaml, capture_output=True, text=True, cwd=str(b.repo), env=env,
-                             timeout=600)
+        res = subprocess.run(
+            args, input=recipe_yaml, capture_output=True, text=True, cwd=str(b.repo), env=env, timeout=600
+        )
         if res.returncode != 0:
             out[mode] = {"error": res.stderr[-2000:]}
             continue
@@ -437,10 +515,18 @@ def placement(b) -> dict:
         sync()
         secs = time.perf_counter() - t0
         devices = sorted({str(s.device or model.device) for s in model.slots})
-        out[label] = {"device_map": model.placement.device_map(), "devices": devices, "logits_max_abs_diff": diff,
-                      "logits_rel_diff": rel, "logits_match_bf16": rel < 2e-2, "tokens_per_s": new / secs,
-                      "new_tokens": new, "tokens_vs_one_device": _agreement(toks[:, :ref_tokens.shape[1]],
-                                                                             ref_tokens[:, :toks.shape[1]], b.prompt)}
+        out[label] = {
+            "device_map": model.placement.device_map(),
+            "devices": devices,
+            "logits_max_abs_diff": diff,
+            "logits_rel_diff": rel,
+            "logits_match_bf16": rel < 2e-2,
+            "tokens_per_s": new / secs,
+            "new_tokens": new,
+            "tokens_vs_one_device": _agreement(
+                toks[:, : ref_tokens.shape[1]], ref_tokens[:, : toks.shape[1]], b.prompt
+            ),
+        }
         del model
         b.free()
     if "two_gpus" not in out:
@@ -448,8 +534,16 @@ def placement(b) -> dict:
     return out
 
 
-SECTIONS = {"ceilings": ceilings, "prefill": prefill, "decode": decode, "routed_slot": routed_slot,
-            "training": training, "build": build, "placement": placement, "decode_compiled": decode_compiled}
+SECTIONS = {
+    "ceilings": ceilings,
+    "prefill": prefill,
+    "decode": decode,
+    "routed_slot": routed_slot,
+    "training": training,
+    "build": build,
+    "placement": placement,
+    "decode_compiled": decode_compiled,
+}
 
 
 def repo_root() -> Path:

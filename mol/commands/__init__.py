@@ -18,8 +18,11 @@ def load_recipe(arg: str) -> Recipe:
 
 
 def add_allow_bin(parser) -> None:
-    parser.add_argument("--allow-bin", action="store_true",
-                        help="also load PyTorch pickle (.bin) weights; only for files you trust")
+    parser.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="also load PyTorch pickle (.bin) weights; only for files you trust",
+    )
 
 
 def print_json(data) -> None:

@@ -90,7 +90,9 @@ def check_context(the_plan, tokens: int, what: str) -> None:
     limits = [getattr(s.config, "max_position_embeddings", None) for s in the_plan.sources.values()]
     limit = min((n for n in limits if isinstance(n, int) and n > 0), default=None)
     if limit is not None and tokens > limit:
-        raise ResourceError(f"{what} is {tokens} tokens, more than the {limit} positions the recipe's models know.")
+        raise ResourceError(
+            f"{what} is {tokens} tokens, more than the {limit} positions the recipe's models know."
+        )
 
 
 def output_file(value: str) -> str:

@@ -13,8 +13,12 @@ def register(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--text", action="append", required=True, help="text file(s) or folder(s) to calibrate on")
     p.add_argument("--tokens", type=argtypes.integer(1), default=512, help="calibration tokens (default 512)")
-    p.add_argument("--out", required=True, type=argtypes.output_file,
-                   help="where to write the adapter weights (.safetensors)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=argtypes.output_file,
+        help="where to write the adapter weights (.safetensors)",
+    )
     p.add_argument("--device", type=argtypes.device, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.set_defaults(func=run)
 

@@ -7,7 +7,9 @@ from mol.sources import load_source
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="show a model's architecture card (family, layers, width, heads, params)")
+    p = sub.add_parser(
+        "inspect", help="show a model's architecture card (family, layers, width, heads, params)"
+    )
     p.add_argument("model", help="local model folder or Hub id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -20,7 +22,17 @@ def run(args) -> int:
         print_json(card)
         return 0
     print(f"{args.model}")
-    for key in ("family", "model_type", "layers", "width", "heads", "kv_heads", "vocab_size", "parameters", "tokenizer"):
+    for key in (
+        "family",
+        "model_type",
+        "layers",
+        "width",
+        "heads",
+        "kv_heads",
+        "vocab_size",
+        "parameters",
+        "tokenizer",
+    ):
         value = card[key]
         if key == "parameters":
             value = f"{value:,} ({value / 1e6:.1f}M)"

@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", help="write the recipe YAML here instead of printing it")
     p.set_defaults(func=run_import)
 
-    p = sub.add_parser("export-mergekit", help="write a recipe as a mergekit passthrough config, or say why not")
+    p = sub.add_parser(
+        "export-mergekit", help="write a recipe as a mergekit passthrough config, or say why not"
+    )
     p.add_argument("recipe", help="recipe YAML file ('-' for stdin)")
     p.add_argument("--weights", help="trained adapters/routers; trained adapters have no mergekit equivalent")
     p.add_argument("--dtype", help="dtype line of the config (e.g. bfloat16)")
@@ -45,5 +47,8 @@ def run_import(args) -> int:
 def run_export(args) -> int:
     from mol.export.mergekit import export_mergekit
 
-    _emit(export_mergekit(load_recipe(args.recipe), dtype=args.dtype, weights=args.weights, public=False), args.output)
+    _emit(
+        export_mergekit(load_recipe(args.recipe), dtype=args.dtype, weights=args.weights, public=False),
+        args.output,
+    )
     return 0

@@ -12,8 +12,11 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="validate a recipe: tensors to read, bytes, memory estimate, warnings")
     p.add_argument("recipe", help="recipe YAML file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--world-size", type=argtypes.integer(1), help="data-parallel processes (default: $WORLD_SIZE when set): "
-                   "also say what each one holds")
+    p.add_argument(
+        "--world-size",
+        type=argtypes.integer(1),
+        help="data-parallel processes (default: $WORLD_SIZE when set): also say what each one holds",
+    )
     add_allow_bin(p)
     p.set_defaults(func=run)
 
@@ -24,7 +27,9 @@ def run(args) -> int:
     the_plan = plan(load_recipe(args.recipe), allow_bin=args.allow_bin)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "0"))
     if args.json:
-        print_json({**the_plan.to_dict(), **({"per_rank": memory_per_rank(the_plan, world)} if world else {})})
+        print_json(
+            {**the_plan.to_dict(), **({"per_rank": memory_per_rank(the_plan, world)} if world else {})}
+        )
     else:
         print(the_plan.summary())
         if world:

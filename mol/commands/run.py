@@ -29,7 +29,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from mol.loading import build
 
-    model = build(load_recipe(args.recipe), device=args.device, weights=args.weights, allow_bin=args.allow_bin)
+    model = build(
+        load_recipe(args.recipe), device=args.device, weights=args.weights, allow_bin=args.allow_bin
+    )
     tok = model.tokenizer
     if tok is None:
         raise ResourceError("The base model has no tokenizer files; `mol run` needs them to read the prompt.")
@@ -37,7 +39,9 @@ def run(args) -> int:
     n = enc["input_ids"].shape[1]
     if n == 0:
         raise ResourceError("The prompt gives no tokens; give some text.")
-    argtypes.check_context(model.plan, n + args.max_new_tokens, f"The prompt ({n} tokens) plus --max-new-tokens")
+    argtypes.check_context(
+        model.plan, n + args.max_new_tokens, f"The prompt ({n} tokens) plus --max-new-tokens"
+    )
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     streamed: list[int] = []
 
@@ -49,10 +53,17 @@ def run(args) -> int:
 
     if not args.json:
         sys.stdout.write(args.prompt)
-    out = model.generate(enc["input_ids"], attention_mask=enc.get("attention_mask"), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, generator=gen,
-                         streamer=stream)
-    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        enc["input_ids"],
+        attention_mask=enc.get("attention_mask"),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=gen,
+        streamer=stream,
+    )
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     trace = model.last_trace
     tokens = [tok.decode([i]) for i in trace.token_ids[0].tolist()]
     if args.json:

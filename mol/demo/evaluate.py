@@ -223,9 +223,7 @@ def model_card(name: str, folder: Path, result: dict) -> str:
     }
     trained_on = "; ".join(f"{d}: {domains_text[d]}" for d in spec.domains)
     train_tokens = " + ".join(f"{training['corpora']['train_tokens'][d]:,} {d}" for d in spec.domains)
-    cands = ", ".join(
-        f"{c['epochs']} epochs: {c['valid_loss']:.4f}" for c in training["candidates"]
-    )
+    cands = ", ".join(f"{c['epochs']} epochs: {c['valid_loss']:.4f}" for c in training["candidates"])
     lines = [
         "---",
         "license: apache-2.0",
@@ -302,7 +300,9 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tok = AutoTokenizer.from_pretrained("assets/models/{name}")',
         f'model = AutoModelForCausalLM.from_pretrained("assets/models/{name}")',
-        'ids = tok("' + ("def read_config(path):" if spec.domains == ("code",) else "To be, or not") + '", return_tensors="pt")',
+        'ids = tok("'
+        + ("def read_config(path):" if spec.domains == ("code",) else "To be, or not")
+        + '", return_tensors="pt")',
         "print(tok.decode(model.generate(**ids, max_new_tokens=64)[0]))",
         "```",
         "",

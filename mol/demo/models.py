@@ -19,7 +19,9 @@ class ModelSpec:
 
 
 SPECS = {
-    "mango-bard": ModelSpec("mango-bard", "llama", ("prose",), "Llama-family prose specialist (Shakespeare only)"),
+    "mango-bard": ModelSpec(
+        "mango-bard", "llama", ("prose",), "Llama-family prose specialist (Shakespeare only)"
+    ),
     "mango-coder": ModelSpec(
         "mango-coder", "gpt_neox", ("code",), "GPT-NeoX code specialist (CPython standard library only)"
     ),
@@ -93,14 +95,20 @@ def describe(config: PretrainedConfig) -> str:
     """One line: family, width, depth, heads."""
     c = config
     if c.model_type == "llama":
-        return (f"Llama, d_model {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
-                f"({c.num_key_value_heads} KV heads, head dim {c.head_dim}), SwiGLU {c.intermediate_size}, "
-                "RoPE, RMSNorm, tied embeddings")
+        return (
+            f"Llama, d_model {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
+            f"({c.num_key_value_heads} KV heads, head dim {c.head_dim}), SwiGLU {c.intermediate_size}, "
+            "RoPE, RMSNorm, tied embeddings"
+        )
     if c.model_type == "gpt_neox":
         rot = c.rope_parameters.get("partial_rotary_factor", 0.25)
-        return (f"GPT-NeoX, d_model {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
-                f"MLP {c.intermediate_size}, partial rotary {rot}, parallel residual, untied embeddings")
+        return (
+            f"GPT-NeoX, d_model {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
+            f"MLP {c.intermediate_size}, partial rotary {rot}, parallel residual, untied embeddings"
+        )
     if c.model_type == "gpt2":
-        return (f"GPT-2, d_model {c.n_embd}, {c.n_layer} layers, {c.n_head} heads, MLP {4 * c.n_embd}, "
-                f"learned absolute positions ({c.n_positions}), tied embeddings")
+        return (
+            f"GPT-2, d_model {c.n_embd}, {c.n_layer} layers, {c.n_head} heads, MLP {4 * c.n_embd}, "
+            f"learned absolute positions ({c.n_positions}), tied embeddings"
+        )
     return c.model_type

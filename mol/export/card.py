@@ -64,8 +64,17 @@ def _evaluation_rows(evaluation) -> list[tuple[str, str]]:
     return rows
 
 
-def model_card(the_plan: Plan, fmt: str, recipe_yaml: str, *, dtype: str, shards: int, trained: bool,
-               evaluation=None, blockers: list[str] | None = None) -> str:
+def model_card(
+    the_plan: Plan,
+    fmt: str,
+    recipe_yaml: str,
+    *,
+    dtype: str,
+    shards: int,
+    trained: bool,
+    evaluation=None,
+    blockers: list[str] | None = None,
+) -> str:
     recipe = the_plan.recipe
     licences = {a: source_licence(s) for a, s in the_plan.sources.items()}
     hub_ids = sorted({s.hub_id or s.ref for s in the_plan.sources.values() if s.hub_id})
@@ -79,8 +88,10 @@ def model_card(the_plan: Plan, fmt: str, recipe_yaml: str, *, dtype: str, shards
         meta["base_model"] = hub_ids
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {recipe.name}", ""]
     routed = sum(s.routed for s in the_plan.slots)
-    lines.append(f"A model fused with Mango (MoL Studio) from {len(the_plan.sources)} source model(s): "
-                 f"{len(the_plan.slots)} slots, {routed} routed, base `{recipe.base}`.")
+    lines.append(
+        f"A model fused with Mango (MoL Studio) from {len(the_plan.sources)} source model(s): "
+        f"{len(the_plan.slots)} slots, {routed} routed, base `{recipe.base}`."
+    )
     lines.append("")
     lines.append("## Loading")
     lines.append("")
@@ -91,22 +102,29 @@ def model_card(the_plan: Plan, fmt: str, recipe_yaml: str, *, dtype: str, shards
     else:
         lines.append("# the modelling code is part of this repository; with Mango installed (`import mol`),")
         lines.append("# trust_remote_code is not needed")
-        lines.append('model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)')
+        lines.append(
+            'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)'
+        )
     lines.append('tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")')
     lines.append("```")
     lines.append("")
     if fmt == "standard":
-        lines.append(f"Format: the base's own architecture (`{the_plan.base.model_type}`) with "
-                     f"{len(the_plan.slots)} layers, as mergekit's `passthrough` method writes it.")
+        lines.append(
+            f"Format: the base's own architecture (`{the_plan.base.model_type}`) with "
+            f"{len(the_plan.slots)} layers, as mergekit's `passthrough` method writes it."
+        )
     else:
-        lines.append("Format: `MoLForCausalLM` (custom code: `modeling_mol.py`, `configuration_mol.py`). "
-                     "Each block runs as its source architecture's own decoder layer.")
+        lines.append(
+            "Format: `MoLForCausalLM` (custom code: `modeling_mol.py`, `configuration_mol.py`). "
+            "Each block runs as its source architecture's own decoder layer."
+        )
         for reason in blockers or []:
             lines.append(f"- not a standard checkpoint because {reason}")
     weights = f"Weights: {dtype}, {shards} safetensors shard(s)"
     if fmt == "mol":
-        weights += ("; adapters and routers " + ("trained or calibrated" if trained else
-                                                  "at their starting values (identity, uniform)"))
+        weights += "; adapters and routers " + (
+            "trained or calibrated" if trained else "at their starting values (identity, uniform)"
+        )
     lines.append(weights + ".")
     lines.append("")
     lines.append("## Sources")
@@ -114,8 +132,10 @@ def model_card(the_plan: Plan, fmt: str, recipe_yaml: str, *, dtype: str, shards
     lines.append("| alias | model | architecture | layers | width | licence |")
     lines.append("|---|---|---|---|---|---|")
     for alias, src in the_plan.sources.items():
-        lines.append(f"| {alias} | {public_ref(src)} | {src.model_type} | {src.num_layers} | {src.width} | "
-                     f"{licences[alias] or 'unknown'} |")
+        lines.append(
+            f"| {alias} | {public_ref(src)} | {src.model_type} | {src.num_layers} | {src.width} | "
+            f"{licences[alias] or 'unknown'} |"
+        )
     lines.append("")
     lines.append("The result inherits the terms of every source; check each licence before use.")
     lines.append("")

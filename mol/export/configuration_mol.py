@@ -12,10 +12,20 @@ class MoLConfig(PretrainedConfig):
 
     model_type = "mol"
 
-    def __init__(self, base: str = "", sources: dict | None = None, slots: list | None = None,
-                 recipe: dict | None = None, adapter_rank: int | None = None, hidden_size: int = 0,
-                 vocab_size: int = 0, num_hidden_layers: int = 0, tie_word_embeddings: bool = False,
-                 use_cache: bool = True, **kwargs):
+    def __init__(
+        self,
+        base: str = "",
+        sources: dict | None = None,
+        slots: list | None = None,
+        recipe: dict | None = None,
+        adapter_rank: int | None = None,
+        hidden_size: int = 0,
+        vocab_size: int = 0,
+        num_hidden_layers: int = 0,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        **kwargs,
+    ):
         self.base = base
         self.sources = sources or {}
         self.slots = slots or []

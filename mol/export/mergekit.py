@@ -57,7 +57,9 @@ def _load(config: Any) -> tuple[Any, Path | None]:
     if isinstance(config, dict):
         return config, None
     if isinstance(config, Path):
-        return parse_yaml(read_text_file(config, "mergekit config"), "mergekit config"), config.resolve().parent
+        return parse_yaml(
+            read_text_file(config, "mergekit config"), "mergekit config"
+        ), config.resolve().parent
     if isinstance(config, str):
         return parse_yaml(config, "mergekit config"), None
     raise TypeError(f"import_mergekit takes YAML text, a Path or a dict, not {type(config).__name__}.")
@@ -78,7 +80,9 @@ def _model_ref(raw: Any, where: str, notes: list[str] | None = None) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise RecipeError(f"{where}: 'model' must be a model path or Hub id, got {_short(raw)}.")
     if "+" in raw:
-        raise RecipeError(f"{where}: '{_short(raw)}' applies a LoRA ('+'); merge the LoRA into the model first.")
+        raise RecipeError(
+            f"{where}: '{_short(raw)}' applies a LoRA ('+'); merge the LoRA into the model first."
+        )
     ref = raw.strip()
     if "@" in ref and "/" in ref.split("@", 1)[0]:
         ref, revision = ref.split("@", 1)
@@ -109,8 +113,10 @@ def _no_scaling(params: Any, where: str) -> None:
     for key, value in params.items():
         if key == "scale" and value in (1, 1.0):
             continue
-        raise RecipeError(f"{where}: parameter '{_short(key)}' ({_short(value)}) changes the weights; a Mango recipe stacks "
-                          "blocks unchanged, so only plain passthrough slices can be imported.")
+        raise RecipeError(
+            f"{where}: parameter '{_short(key)}' ({_short(value)}) changes the weights; a Mango recipe stacks "
+            "blocks unchanged, so only plain passthrough slices can be imported."
+        )
 
 
 def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
@@ -121,11 +127,15 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
         raise RecipeError("A mergekit config is a mapping with 'slices' and 'merge_method'.")
     method = data.get("merge_method")
     if method != "passthrough":
-        raise RecipeError(f"merge_method is {_short(method)}: only mergekit's 'passthrough' stacks layers unchanged, "
-                          "which is what a Mango recipe expresses; averaging methods (linear, slerp, ties, ...) "
-                          "cannot be imported.")
+        raise RecipeError(
+            f"merge_method is {_short(method)}: only mergekit's 'passthrough' stacks layers unchanged, "
+            "which is what a Mango recipe expresses; averaging methods (linear, slerp, ties, ...) "
+            "cannot be imported."
+        )
     if data.get("models") or data.get("modules"):
-        raise RecipeError("Only 'slices:' configs can be imported ('models:' and 'modules:' are not layer stacks).")
+        raise RecipeError(
+            "Only 'slices:' configs can be imported ('models:' and 'modules:' are not layer stacks)."
+        )
     slices = data.get("slices")
     if not isinstance(slices, list) or not slices:
         raise RecipeError("The mergekit config needs a non-empty 'slices:' list.")
@@ -138,9 +148,13 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
         if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
-            raise RecipeError(f"{where}: a slice is {{sources: [{{model: ..., layer_range: [start, end]}}]}}.")
+            raise RecipeError(
+                f"{where}: a slice is {{sources: [{{model: ..., layer_range: [start, end]}}]}}."
+            )
         if len(sl["sources"]) != 1:
-            raise RecipeError(f"{where}: passthrough takes exactly one source per slice, found {len(sl['sources'])}.")
+            raise RecipeError(
+                f"{where}: passthrough takes exactly one source per slice, found {len(sl['sources'])}."
+            )
         _no_scaling(sl.get("parameters"), f"{where}.parameters")
         src = sl["sources"][0]
         if not isinstance(src, dict):
@@ -148,16 +162,25 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
         _no_scaling(src.get("parameters"), f"{where}.sources[0].parameters")
         ref = _model_ref(src.get("model"), f"{where}.sources[0]", notes)
         lr = src.get("layer_range")
-        if (not isinstance(lr, list | tuple) or len(lr) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise RecipeError(f"{where}.sources[0].layer_range must be [start, end] (end exclusive), got {_short(lr)}.")
+        if (
+            not isinstance(lr, list | tuple)
+            or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+        ):
+            raise RecipeError(
+                f"{where}.sources[0].layer_range must be [start, end] (end exclusive), got {_short(lr)}."
+            )
         start, end = lr
         if start < 0 or end <= start:
-            raise RecipeError(f"{where}: layer_range [{_short(start)}, {_short(end)}] is empty or negative; the end "
-                              "is exclusive, so [n, n + 1] is the single layer n.")
+            raise RecipeError(
+                f"{where}: layer_range [{_short(start)}, {_short(end)}] is empty or negative; the end "
+                "is exclusive, so [n, n + 1] is the single layer n."
+            )
         if end > MAX_LAYER or len(layers) + end - start > MAX_SLOTS:  # before range() builds the list
-            raise RecipeError(f"{where}: layer_range ends past layer {MAX_LAYER:,}, or the import has more than "
-                              f"{MAX_SLOTS} layers.")
+            raise RecipeError(
+                f"{where}: layer_range ends past layer {MAX_LAYER:,}, or the import has more than "
+                f"{MAX_SLOTS} layers."
+            )
         if ref not in aliases:
             aliases[ref] = _alias_for(ref, taken)
         layers.extend((aliases[ref], layer) for layer in range(start, end))
@@ -168,18 +191,24 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
     if base_model is not None:
         base_ref = _model_ref(base_model, "base_model")
         if base_ref != first_ref:
-            notes.append(f"base_model '{base_ref}' is not the first slice's model; the recipe's base is "
-                         f"'{first_ref}' (embeddings, final norm, head and tokenizer all come from it).")
+            notes.append(
+                f"base_model '{base_ref}' is not the first slice's model; the recipe's base is "
+                f"'{first_ref}' (embeddings, final norm, head and tokenizer all come from it)."
+            )
     if last_ref != first_ref:
-        notes.append(f"mergekit takes the final norm and head from the last slice's model ('{last_ref}'); the "
-                     f"recipe takes them from its base '{first_ref}'.")
+        notes.append(
+            f"mergekit takes the final norm and head from the last slice's model ('{last_ref}'); the "
+            f"recipe takes them from its base '{first_ref}'."
+        )
     for key, why in _IGNORED_WITH_NOTE.items():
         if data.get(key) is not None:
             notes.append(f"'{key}' is ignored: {why}.")
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
-        notes.append(f"dtype {_short(dtype)}: pass --dtype {_short(dtype)} to `mol export` to write the same "
-                     "precision.")
+        notes.append(
+            f"dtype {_short(dtype)}: pass --dtype {_short(dtype)} to `mol export` to write the same "
+            "precision."
+        )
     known = {"slices", "merge_method", "base_model", "dtype", "out_dtype", "parameters", *_IGNORED_WITH_NOTE}
     unknown = sorted(_short(k) for k in data if k not in known)  # keys may be any YAML value
     if unknown:
@@ -209,11 +238,15 @@ def mergekit_blockers(the_plan, weights=None) -> list[str]:
     base = the_plan.recipe.base
     first, last = the_plan.slots[0].experts[0], the_plan.slots[-1].experts[0]
     if first.alias != base:
-        reasons.append(f"mergekit takes the embeddings from the first slice's model, but the first slot is "
-                       f"'{first.name}' and the recipe's embeddings come from its base '{base}'.")
+        reasons.append(
+            f"mergekit takes the embeddings from the first slice's model, but the first slot is "
+            f"'{first.name}' and the recipe's embeddings come from its base '{base}'."
+        )
     if last.alias != base:
-        reasons.append(f"mergekit takes the final norm and head from the last slice's model, but the last slot is "
-                       f"'{last.name}' and the recipe's come from its base '{base}'.")
+        reasons.append(
+            f"mergekit takes the final norm and head from the last slice's model, but the last slot is "
+            f"'{last.name}' and the recipe's come from its base '{base}'."
+        )
     return reasons
 
 
@@ -246,7 +279,11 @@ def export_mergekit(recipe_or_plan: Any, dtype: Any = None, weights=None, public
             slices.append({"sources": [{"model": ref(run_alias), "layer_range": [run_start, run_end]}]})
         run_alias, run_start, run_end = e.alias, e.layer, e.layer + 1
     slices.append({"sources": [{"model": ref(run_alias), "layer_range": [run_start, run_end]}]})
-    data: dict[str, Any] = {"slices": slices, "merge_method": "passthrough", "base_model": ref(the_plan.recipe.base)}
+    data: dict[str, Any] = {
+        "slices": slices,
+        "merge_method": "passthrough",
+        "base_model": ref(the_plan.recipe.base),
+    }
     if dtype is not None:
         data["dtype"] = str(dtype).removeprefix("torch.")
     return yaml.dump(data, Dumper=_FlowListDumper, sort_keys=False, allow_unicode=True, width=120)

@@ -35,7 +35,9 @@ def cache_keyword(layer: nn.Module) -> str:
     for name in CACHE_KEYWORDS:
         if name in params:
             return name
-    raise TypeError(f"{type(layer).__name__}.forward takes none of {CACHE_KEYWORDS}; unsupported transformers release.")
+    raise TypeError(
+        f"{type(layer).__name__}.forward takes none of {CACHE_KEYWORDS}; unsupported transformers release."
+    )
 
 
 def source_config(entry: dict, attn_implementation: str):
@@ -145,8 +147,16 @@ class Step:
 class Expert(nn.Module):
     """One source layer, called with its own family's keywords, rotary module, positions and adapter."""
 
-    def __init__(self, alias: str, layer: nn.Module, takes: list, adapter=None, positions=None, position_offset=0,
-                 window=None):
+    def __init__(
+        self,
+        alias: str,
+        layer: nn.Module,
+        takes: list,
+        adapter=None,
+        positions=None,
+        position_offset=0,
+        window=None,
+    ):
         super().__init__()
         self.alias, self.layer, self.takes = alias, layer, tuple(takes)
         self.window = window  # its source's sliding window for this layer (None: the whole context)
@@ -212,7 +222,9 @@ class MoLPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         # A scaled embedding (Gemma) keeps its scale in a buffer that no checkpoint holds.
-        if hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+        if hasattr(module, "scalar_embed_scale") and isinstance(
+            getattr(module, "embed_scale", None), torch.Tensor
+        ):
             with torch.no_grad():
                 module.embed_scale.fill_(module.scalar_embed_scale)
 
@@ -226,8 +238,10 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         configs = {alias: source_config(entry, attn) for alias, entry in config.sources.items()}
         # Each source's own model class with one layer shows which classes build its parts.
         # (Built in the dtype being loaded, not the dtype each source was saved in.)
-        shells = {alias: AutoModelForCausalLM.from_config(_one_layer(cfg), dtype=torch.get_default_dtype())
-                  for alias, cfg in configs.items()}
+        shells = {
+            alias: AutoModelForCausalLM.from_config(_one_layer(cfg), dtype=torch.get_default_dtype())
+            for alias, cfg in configs.items()
+        }
         base, where = shells[config.base], config.sources[config.base]["modules"]
 
         def part(shell, path):
@@ -241,7 +255,9 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
 
         self.embed = part(base, where["embed"])
         base_config = config.sources[config.base]["config"]  # scalars the base applies around its layers
-        self.embedding_multiplier = float(base_config.get(where.get("embedding_multiplier") or "", None) or 1.0)
+        self.embedding_multiplier = float(
+            base_config.get(where.get("embedding_multiplier") or "", None) or 1.0
+        )
         self.logits_divisor = float(base_config.get(where.get("logits_divisor") or "", None) or 1.0)
         self.positions = part(base, where.get("positions"))
         self.position_offset = where.get("position_offset", 0)
@@ -249,8 +265,13 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         self.project_out = part(base, where.get("project_out"))
         self.final_norm = part(base, where.get("final_norm"))
         self.head = next(m for m in (part(base, h) for h in where["head_names"]) if m is not None)
-        self.rotary = nn.ModuleDict({a: shells[a].get_submodule(s["modules"]["rotary"])
-                                     for a, s in config.sources.items() if s["modules"].get("rotary")})
+        self.rotary = nn.ModuleDict(
+            {
+                a: shells[a].get_submodule(s["modules"]["rotary"])
+                for a, s in config.sources.items()
+                if s["modules"].get("rotary")
+            }
+        )
 
         slots = []
         for index, slot in enumerate(config.slots):
@@ -264,17 +285,33 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
                         m.layer_idx = e["cache_index"]
                 adapter = None
                 if e["adapter"] == "bottleneck":
-                    adapter = BottleneckAdapter(config.hidden_size, cfg.hidden_size, config.adapter_rank or 64)
+                    adapter = BottleneckAdapter(
+                        config.hidden_size, cfg.hidden_size, config.adapter_rank or 64
+                    )
                 elif e["adapter"] is not None:
                     adapter = LinearAdapter(config.hidden_size, cfg.hidden_size)
-                positions = part(shells[e["alias"]], src["modules"].get("positions")) if e["add_positions"] else None
-                experts.append(Expert(e["alias"], layer, src["modules"]["layer_takes"], adapter, positions,
-                                      src["modules"].get("position_offset", 0), e.get("window")))
+                positions = (
+                    part(shells[e["alias"]], src["modules"].get("positions")) if e["add_positions"] else None
+                )
+                experts.append(
+                    Expert(
+                        e["alias"],
+                        layer,
+                        src["modules"]["layer_takes"],
+                        adapter,
+                        positions,
+                        src["modules"].get("position_offset", 0),
+                        e.get("window"),
+                    )
+                )
             router = None
             if slot.get("router"):
                 r = slot["router"]
-                router = PooledRouter(config.hidden_size, len(experts)) if r["type"] == "pooled" else \
-                    TokenRouter(config.hidden_size, len(experts), r.get("top_k", 1))
+                router = (
+                    PooledRouter(config.hidden_size, len(experts))
+                    if r["type"] == "pooled"
+                    else TokenRouter(config.hidden_size, len(experts), r.get("top_k", 1))
+                )
             slots.append(Slot(index, experts, router))
         self.slots = nn.ModuleList(slots)
         del shells
@@ -292,8 +329,18 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.head = value
 
-    def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, labels=None,
-                use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        return_dict=None,
+        **kwargs,
+    ):
         """`attention_mask` covers the cached tokens and the new ones (or only the new ones); positions come
         from it, as in the fused runtime. As there, a cache is made only when asked for (`use_cache=True` or one
         passed in): with one, a pooled router decides once from the whole prompt; without, per token from a
@@ -316,9 +363,15 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         step_mask = full_mask[:, past:]
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         windows = sorted({e.window for s in self.slots for e in s.experts if e.window is not None})
-        step = Step(self._mask4d(full_mask, q), step_mask, position_ids, cache,
-                    state["pooled"] if state is not None else {}, self.rotary,
-                    {w: self._mask4d(full_mask, q, w) for w in windows})
+        step = Step(
+            self._mask4d(full_mask, q),
+            step_mask,
+            position_ids,
+            cache,
+            state["pooled"] if state is not None else {},
+            self.rotary,
+            {w: self._mask4d(full_mask, q, w) for w in windows},
+        )
 
         h = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
@@ -345,7 +398,9 @@ class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift = logits[:, :-1].float()
             target = labels[:, 1:].to(device)
-            loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100)
+            loss = nn.functional.cross_entropy(
+                shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
     def _mask4d(self, full_mask, q: int, window=None):

@@ -15,23 +15,35 @@ from mol.plan import Plan
 from mol.sources import ModelSource
 
 CODE_FILES = ("configuration_mol.py", "modeling_mol.py")
-AUTO_MAP = {"AutoConfig": "configuration_mol.MoLConfig", "AutoModelForCausalLM": "modeling_mol.MoLForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_mol.MoLConfig",
+    "AutoModelForCausalLM": "modeling_mol.MoLForCausalLM",
+}
 _BASE_ROLES = ("embed", "positions", "project_in", "project_out", "final_norm")
 
 
 def _modules(src: ModelSource) -> dict:
     fam = src.family
     return {
-        "layers": fam.layers, "embed": fam.embed, "head_names": list(fam.head_names()),
-        "final_norm": fam.final_norm, "rotary": fam.rotary, "positions": fam.positions,
-        "position_offset": fam.position_offset, "project_in": fam.project_in, "project_out": fam.project_out,
+        "layers": fam.layers,
+        "embed": fam.embed,
+        "head_names": list(fam.head_names()),
+        "final_norm": fam.final_norm,
+        "rotary": fam.rotary,
+        "positions": fam.positions,
+        "position_offset": fam.position_offset,
+        "project_in": fam.project_in,
+        "project_out": fam.project_out,
         "layer_takes": list(fam.layer_takes),
-        "embedding_multiplier": fam.embedding_multiplier, "logits_divisor": fam.logits_divisor,
+        "embedding_multiplier": fam.embedding_multiplier,
+        "logits_divisor": fam.logits_divisor,
     }
 
 
 def _config_dict(src: ModelSource) -> dict:
-    return {k: v for k, v in src.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return {
+        k: v for k, v in src.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+    }
 
 
 def remote_config(the_plan: Plan, dtype: torch.dtype, recipe_dict: dict):
@@ -41,20 +53,37 @@ def remote_config(the_plan: Plan, dtype: torch.dtype, recipe_dict: dict):
     slots = []
     for sp in the_plan.slots:
         r = sp.slot.router
-        slots.append({
-            "experts": [{"name": e.name, "alias": e.alias, "layer": e.layer, "cache_index": e.cache_index,
-                         "adapter": e.adapter, "add_positions": e.add_positions, "window": e.window}
-                        for e in sp.experts],
-            "router": None if r is None else r.to_dict(),
-        })
+        slots.append(
+            {
+                "experts": [
+                    {
+                        "name": e.name,
+                        "alias": e.alias,
+                        "layer": e.layer,
+                        "cache_index": e.cache_index,
+                        "adapter": e.adapter,
+                        "add_positions": e.add_positions,
+                        "window": e.window,
+                    }
+                    for e in sp.experts
+                ],
+                "router": None if r is None else r.to_dict(),
+            }
+        )
     ids = {k: getattr(base.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     cfg = MoLConfig(
         base=base.alias,
         sources={a: {"config": _config_dict(s), "modules": _modules(s)} for a, s in the_plan.sources.items()},
-        slots=slots, recipe=recipe_dict, adapter_rank=the_plan.recipe.adapter.rank,
-        hidden_size=base.width, vocab_size=base.vocab_size, num_hidden_layers=the_plan.cache_layers,
+        slots=slots,
+        recipe=recipe_dict,
+        adapter_rank=the_plan.recipe.adapter.rank,
+        hidden_size=base.width,
+        vocab_size=base.vocab_size,
+        num_hidden_layers=the_plan.cache_layers,
         tie_word_embeddings=base.family.head_in_files(base.tensors) is None,
-        architectures=["MoLForCausalLM"], auto_map=dict(AUTO_MAP), **{k: v for k, v in ids.items() if v is not None},
+        architectures=["MoLForCausalLM"],
+        auto_map=dict(AUTO_MAP),
+        **{k: v for k, v in ids.items() if v is not None},
     )
     cfg.dtype = str(dtype).removeprefix("torch.")
     return cfg
@@ -93,7 +122,9 @@ def remote_entries(the_plan: Plan, parts: TrainableParts, dtype: torch.dtype | N
         head = next(m for m in (part(base.alias, h) for h in base.family.head_names()) if m is not None)
         add(base, head, head_file, "head")
 
-    layer_classes = {a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()}
+    layer_classes = {
+        a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()
+    }
     configs = {a: layout.source_config(s) for a, s in the_plan.sources.items()}
     for sp in the_plan.slots:
         for j, e in enumerate(sp.experts):
@@ -102,8 +133,12 @@ def remote_entries(the_plan: Plan, parts: TrainableParts, dtype: torch.dtype | N
                 layer = layer_classes[e.alias](configs[e.alias], e.layer)
             add(src, layer, f"{src.family.layers}.{e.layer}", f"slots.{sp.index}.experts.{j}.layer")
             if e.add_positions:
-                add(src, part(e.alias, src.family.positions), src.family.positions,
-                    f"slots.{sp.index}.experts.{j}.positions")
+                add(
+                    src,
+                    part(e.alias, src.family.positions),
+                    src.family.positions,
+                    f"slots.{sp.index}.experts.{j}.positions",
+                )
     for name, tensor in parts.trainable_state_dict().items():
         # Routers run in float32 whatever the model's dtype (as in the runtime); adapters follow the model.
         entries.append(entry_from_tensor(name, tensor, None if ".router." in name else dtype))

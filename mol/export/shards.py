@@ -17,8 +17,15 @@ from mol.errors import CheckpointError
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
@@ -57,8 +64,14 @@ def output_dtype(source: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted if wanted is not None and source.is_floating_point else source
 
 
-def entry_from_file(name: str, file: Path, source_name: str, st_dtype: str, shape: tuple[int, ...],
-                    dtype: torch.dtype | None = None) -> TensorEntry:
+def entry_from_file(
+    name: str,
+    file: Path,
+    source_name: str,
+    st_dtype: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype | None = None,
+) -> TensorEntry:
     src = ST_DTYPES.get(st_dtype)
     if src is None:
         src = _pickle_dtype(st_dtype)
@@ -84,8 +97,17 @@ def parse_size(value: int | str, zero_ok: bool = False) -> int:
         size = value
     else:
         text = str(value).strip().upper().replace(" ", "")
-        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-                 "TB": 10**12, "B": 1}
+        units = {
+            "KIB": 2**10,
+            "MIB": 2**20,
+            "GIB": 2**30,
+            "TIB": 2**40,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "B": 1,
+        }
         unit = next((u for u in units if text.endswith(u)), "")
         number, scale = (text[: -len(unit)], units[unit]) if unit else (text, 1)
         try:
@@ -173,7 +195,9 @@ class SourceReader:
 
     def _pickle_tensor(self, entry: TensorEntry) -> torch.Tensor:
         if entry.file not in self._pickles:
-            self._pickles[entry.file] = torch.load(str(entry.file), map_location="cpu", weights_only=True, mmap=True)
+            self._pickles[entry.file] = torch.load(
+                str(entry.file), map_location="cpu", weights_only=True, mmap=True
+            )
         return self._pickles[entry.file][entry.source_name]
 
 
@@ -188,7 +212,11 @@ def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) ->
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": TORCH_TO_ST[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": TORCH_TO_ST[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors itself writes it
@@ -207,7 +235,9 @@ def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) ->
     return offset
 
 
-def write_shards(folder: Path, entries: list[TensorEntry], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[dict]:
+def write_shards(
+    folder: Path, entries: list[TensorEntry], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[dict]:
     """Write `entries` as one or more shards into `folder` (+ the index when there are several); returns
     [{file, tensors, bytes}] per shard."""
     names = [e.name for e in entries]

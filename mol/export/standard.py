@@ -16,9 +16,23 @@ from mol.plan import Plan
 # Config keys that may differ between two sources whose layers are interchangeable: counts, bookkeeping,
 # token ids and the tie (the base's embeddings, norm and head are used in both cases).
 _LAYER_NEUTRAL_KEYS = {
-    "num_hidden_layers", "n_layer", "num_layers", "layer_types", "max_window_layers", "architectures",
-    "transformers_version", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
-    "tie_word_embeddings", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "layer_types",
+    "max_window_layers",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
 }
 
 
@@ -30,32 +44,42 @@ def standard_blockers(the_plan: Plan, parts: TrainableParts) -> list[str]:
     base_layer_config = _layer_config(base.config)
     for sp in the_plan.slots:
         if sp.routed:
-            reasons.append(f"slot {sp.index} routes between {len(sp.experts)} experts "
-                           f"({', '.join(e.name for e in sp.experts)}); standard architectures have no routers.")
+            reasons.append(
+                f"slot {sp.index} routes between {len(sp.experts)} experts "
+                f"({', '.join(e.name for e in sp.experts)}); standard architectures have no routers."
+            )
             continue
         e = sp.experts[0]
         src = the_plan.sources[e.alias]
         if src.model_type != base.model_type:
-            reasons.append(f"slot {sp.index}: block '{e.name}' is {src.model_type}, the base '{base.alias}' is "
-                           f"{base.model_type}.")
+            reasons.append(
+                f"slot {sp.index}: block '{e.name}' is {src.model_type}, the base '{base.alias}' is "
+                f"{base.model_type}."
+            )
             continue
         if e.alias != base.alias:
             diff = _config_difference(base_layer_config, _layer_config(src.config))
             if diff:
-                reasons.append(f"slot {sp.index}: '{e.alias}' configures its layers differently from the base "
-                               f"({diff}).")
+                reasons.append(
+                    f"slot {sp.index}: '{e.alias}' configures its layers differently from the base ({diff})."
+                )
             if e.add_positions:
-                reasons.append(f"slot {sp.index}: block '{e.name}' adds its own model's position embedding when it "
-                               "runs in the base's stream.")
+                reasons.append(
+                    f"slot {sp.index}: block '{e.name}' adds its own model's position embedding when it "
+                    "runs in the base's stream."
+                )
             adapter = adapters.get(f"slots.{sp.index}.experts.0")
             if adapter is not None and not is_identity(adapter):
-                reasons.append(f"slot {sp.index}: the adapter of '{e.name}' is calibrated or trained (not the "
-                               "identity).")
+                reasons.append(
+                    f"slot {sp.index}: the adapter of '{e.name}' is calibrated or trained (not the identity)."
+                )
     return reasons
 
 
 def _layer_config(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in _LAYER_NEUTRAL_KEYS and not k.startswith("_")}
+    return {
+        k: v for k, v in config.to_dict().items() if k not in _LAYER_NEUTRAL_KEYS and not k.startswith("_")
+    }
 
 
 def _config_difference(a: dict, b: dict) -> str:
@@ -99,7 +123,7 @@ def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEn
         prefix = src.family.layer_prefix(e.layer)
         for name in sorted(n for n in src.tensors if n.startswith(prefix)):
             t = src.tensors[name]
-            out = base.family.layer_prefix(sp.index) + name[len(prefix):]
+            out = base.family.layer_prefix(sp.index) + name[len(prefix) :]
             entries.append(entry_from_file(out, t.file, name, t.dtype, t.shape, dtype))
     entries.extend(from_base(n) for n in post)
     return entries

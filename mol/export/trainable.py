@@ -37,8 +37,12 @@ class TrainableParts(nn.Module):
 
     def adapters(self) -> dict[str, nn.Module]:
         """Expert name-path -> adapter, for every expert that has one."""
-        return {f"slots.{i}.experts.{j}": h.adapter for i, s in enumerate(self.slots)
-                for j, h in enumerate(s.experts) if h.adapter is not None}
+        return {
+            f"slots.{i}.experts.{j}": h.adapter
+            for i, s in enumerate(self.slots)
+            for j, h in enumerate(s.experts)
+            if h.adapter is not None
+        }
 
 
 @torch.no_grad()
@@ -49,6 +53,8 @@ def is_identity(adapter: nn.Module) -> bool:
         return False
     dtype = next(adapter.parameters()).dtype
     eye = torch.eye(base, dtype=dtype)
-    return (torch.equal(adapter.into(eye), eye) and torch.equal(adapter.into(torch.zeros(1, base, dtype=dtype)),
-                                                                 torch.zeros(1, base, dtype=dtype))
-            and torch.equal(adapter.out(eye), eye))
+    return (
+        torch.equal(adapter.into(eye), eye)
+        and torch.equal(adapter.into(torch.zeros(1, base, dtype=dtype)), torch.zeros(1, base, dtype=dtype))
+        and torch.equal(adapter.out(eye), eye)
+    )

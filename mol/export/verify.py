@@ -20,20 +20,29 @@ def check_loadable(folder: Path) -> None:
     hf_logging.set_verbosity_error()  # transformers' load report is a table and a progress bar; ours is one line
     hf_logging.disable_progress_bar()
     try:
-        _, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map="meta", output_loading_info=True,
-                                                       ignore_mismatched_sizes=True)  # reported, not raised
+        _, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True
+        )  # reported, not raised
     except Exception as exc:  # whatever transformers raises for a config or checkpoint it cannot load
-        raise CheckpointError(f"The exported folder would not load ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); "
-                              "nothing was written.") from None
+        raise CheckpointError(
+            f"The exported folder would not load ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); "
+            "nothing was written."
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    problems = [f"tensor '{name}' is {list(found)} in the shards, but its config makes it {list(wanted)}"
-                for name, found, wanted in sorted(info["mismatched_keys"])]
+    problems = [
+        f"tensor '{name}' is {list(found)} in the shards, but its config makes it {list(wanted)}"
+        for name, found, wanted in sorted(info["mismatched_keys"])
+    ]
     problems += [f"tensor '{name}' is missing from the shards" for name in sorted(info["missing_keys"])]
     problems += list(info.get("error_msgs") or [])
-    if problems:  # extra tensors are fine: from_pretrained ignores them (old checkpoints carry rotary buffers)
+    if (
+        problems
+    ):  # extra tensors are fine: from_pretrained ignores them (old checkpoints carry rotary buffers)
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"The exported folder would not load: {problems[0]}{more}; nothing was written.")
+        raise CheckpointError(
+            f"The exported folder would not load: {problems[0]}{more}; nothing was written."
+        )

@@ -48,8 +48,10 @@ class Family:
 
     def scalars(self, config) -> tuple[float, float]:
         """(embedding multiplier, logits divisor) of a model of this family, 1.0 where it has none."""
+
         def value(name):
             return float(getattr(config, name, None) or 1.0) if name else 1.0
+
         return value(self.embedding_multiplier), value(self.logits_divisor)
 
     def layer_prefix(self, index: int) -> str:
@@ -87,7 +89,15 @@ def _registry() -> dict[str, Family]:
     from mol.families import gemma, gpt2, gpt_neox, granite, llama, opt, phi
 
     reg: dict[str, Family] = {}
-    for fam in (llama.FAMILY, gemma.FAMILY, granite.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, opt.FAMILY, phi.FAMILY):
+    for fam in (
+        llama.FAMILY,
+        gemma.FAMILY,
+        granite.FAMILY,
+        gpt2.FAMILY,
+        gpt_neox.FAMILY,
+        opt.FAMILY,
+        phi.FAMILY,
+    ):
         for mt in fam.model_types:
             reg[mt] = fam
     return reg

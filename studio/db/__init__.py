@@ -1,8 +1,8 @@
 """Persistence of the studio: SQLAlchemy 2 over SQLite, schema by Alembic migrations, one session per call.
 
-    repo = Repository()            # MANGO_DB_URL, or mango.db in the data folder; migrates to head
-    v1 = repo.create_recipe("demo", yaml_text, note="first")
-    v2 = repo.save_version(v1.recipe_id, new_text, note="more slots", parent_version=1)
+repo = Repository()            # MANGO_DB_URL, or mango.db in the data folder; migrates to head
+v1 = repo.create_recipe("demo", yaml_text, note="first")
+v2 = repo.save_version(v1.recipe_id, new_text, note="more slots", parent_version=1)
 """
 
 from .diff import KeyChange, SlotChange, YamlDiff, diff_yaml
@@ -27,8 +27,28 @@ from .repository import (
 )
 
 __all__ = [
-    "ConflictError", "DuplicateNameError", "EvaluationInfo", "InputTooLongError", "KeyChange", "NotFoundError",
-    "RecipeInfo", "Repository", "RunInfo", "SlotChange", "StorageError", "TrainingRunInfo", "VersionConflictError",
-    "VersionDiff", "VersionInfo", "YamlDiff", "create_db_engine", "default_data_dir", "diff_yaml", "get_repository",
-    "head_revision", "init_db", "resolve_url", "upgrade",
+    "ConflictError",
+    "DuplicateNameError",
+    "EvaluationInfo",
+    "InputTooLongError",
+    "KeyChange",
+    "NotFoundError",
+    "RecipeInfo",
+    "Repository",
+    "RunInfo",
+    "SlotChange",
+    "StorageError",
+    "TrainingRunInfo",
+    "VersionConflictError",
+    "VersionDiff",
+    "VersionInfo",
+    "YamlDiff",
+    "create_db_engine",
+    "default_data_dir",
+    "diff_yaml",
+    "get_repository",
+    "head_revision",
+    "init_db",
+    "resolve_url",
+    "upgrade",
 ]

@@ -9,9 +9,11 @@ def register(sub) -> None:
     p.add_argument("--url", help="database URL (default: MANGO_DB_URL, else mango.db in the data folder)")
     actions = p.add_subparsers(dest="db_action", metavar="ACTION")
     actions.required = True
-    for name, help_text in (("backup", "copy the whole database into one SQLite file"),
-                            ("export", "write every row as JSON"),
-                            ("restore", "replace the database with a backup or JSON export (the current one is kept aside)")):
+    for name, help_text in (
+        ("backup", "copy the whole database into one SQLite file"),
+        ("export", "write every row as JSON"),
+        ("restore", "replace the database with a backup or JSON export (the current one is kept aside)"),
+    ):
         a = actions.add_parser(name, help=help_text)
         a.add_argument("path")
         if name != "restore":
@@ -31,7 +33,9 @@ def run(args) -> int:
             print(f"exported to {repo.export_json(args.path, overwrite=args.overwrite)}")
         elif args.db_action == "restore":
             kept = repo.restore(args.path)
-            print(f"restored from {args.path}" + (f"; the previous database is kept at {kept}" if kept else ""))
+            print(
+                f"restored from {args.path}" + (f"; the previous database is kept at {kept}" if kept else "")
+            )
         else:
             recipes = repo.list_recipes(deleted=None)
             print(f"schema revision: {repo.schema_revision()}")

@@ -88,8 +88,11 @@ def _align(a: list[str], b: list[str]) -> list[tuple[int | None, int | None]]:
     substitution), so a changed slot pairs with its edited self rather than with whatever sits at its index."""
     if len(a) * len(b) > 40_000:  # huge rewrites: pair by position
         n = min(len(a), len(b))
-        return [(i, i) for i in range(n)] + [(i, None) for i in range(n, len(a))] + [(None, j) for j in
-                                                                                   range(n, len(b))]
+        return (
+            [(i, i) for i in range(n)]
+            + [(i, None) for i in range(n, len(a))]
+            + [(None, j) for j in range(n, len(b))]
+        )
     inf = float("inf")
     cost = [[inf] * (len(b) + 1) for _ in range(len(a) + 1)]
     step: list[list[tuple[int, int]]] = [[(0, 0)] * (len(b) + 1) for _ in range(len(a) + 1)]
@@ -134,10 +137,14 @@ def slot_changes(old: list[Any], new: list[Any]) -> list[SlotChange]:
 
 
 def diff_yaml(old_text: str, new_text: str, old_label: str = "old", new_label: str = "new") -> YamlDiff:
-    text_diff = "".join(difflib.unified_diff(
-        old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-        fromfile=old_label, tofile=new_label,
-    ))
+    text_diff = "".join(
+        difflib.unified_diff(
+            old_text.splitlines(keepends=True),
+            new_text.splitlines(keepends=True),
+            fromfile=old_label,
+            tofile=new_label,
+        )
+    )
     if text_diff and not text_diff.endswith("\n"):
         text_diff += "\n"
     try:
@@ -156,4 +163,6 @@ def diff_yaml(old_text: str, new_text: str, old_label: str = "old", new_label: s
     top = {c.path.split(".")[0].split("[")[0] for c in changes}
     if slots:
         top.add("slots")
-    return YamlDiff(changes=tuple(changes), slots=tuple(slots), text_diff=text_diff, changed_keys=tuple(sorted(top)))
+    return YamlDiff(
+        changes=tuple(changes), slots=tuple(slots), text_diff=text_diff, changed_keys=tuple(sorted(top))
+    )

@@ -49,7 +49,11 @@ def resolve_url(url: str | None = None) -> str:
 def sqlite_path(url: str) -> Path | None:
     """The database file of a SQLite URL; None for in-memory databases and other backends."""
     u = make_url(url)
-    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
+    if (
+        u.get_backend_name() != "sqlite"
+        or u.database in (None, "", ":memory:")
+        or u.database.startswith("file:")
+    ):
         return None
     return Path(u.database).expanduser()
 
@@ -177,6 +181,17 @@ def init_db(url: str | None = None) -> Engine:
 
 
 __all__ = [
-    "MIGRATIONS_DIR", "alembic_config", "copy_sqlite", "create_db_engine", "current_revision", "default_data_dir", "downgrade",
-    "head_revision", "init_db", "known_revisions", "resolve_url", "sqlite_path", "upgrade",
+    "MIGRATIONS_DIR",
+    "alembic_config",
+    "copy_sqlite",
+    "create_db_engine",
+    "current_revision",
+    "default_data_dir",
+    "downgrade",
+    "head_revision",
+    "init_db",
+    "known_revisions",
+    "resolve_url",
+    "sqlite_path",
+    "upgrade",
 ]

@@ -5,7 +5,11 @@ from __future__ import annotations
 from mol.errors import ConflictError, StorageError
 
 __all__ = [
-    "ConflictError", "DuplicateNameError", "InputTooLongError", "NotFoundError", "StorageError",
+    "ConflictError",
+    "DuplicateNameError",
+    "InputTooLongError",
+    "NotFoundError",
+    "StorageError",
     "VersionConflictError",
 ]
 

@@ -175,7 +175,9 @@ def _check_yaml(text: str) -> str:
         raise StorageError("A recipe must be saved as YAML text.")
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > YAML_MAX_BYTES:
-        raise InputTooLongError(f"Recipe YAML is at most {YAML_MAX_BYTES} bytes (1 MiB); this one has {size}.")
+        raise InputTooLongError(
+            f"Recipe YAML is at most {YAML_MAX_BYTES} bytes (1 MiB); this one has {size}."
+        )
     return text
 
 
@@ -197,7 +199,10 @@ def _is_busy(e: OperationalError) -> bool:
 
 def _is_version_number_clash(e: IntegrityError) -> bool:
     msg = str(e.orig)
-    return "recipe_versions.recipe_id, recipe_versions.number" in msg or "uq_recipe_versions_recipe_number" in msg
+    return (
+        "recipe_versions.recipe_id, recipe_versions.number" in msg
+        or "uq_recipe_versions_recipe_number" in msg
+    )
 
 
 def _is_name_clash(e: IntegrityError) -> bool:
@@ -206,13 +211,26 @@ def _is_name_clash(e: IntegrityError) -> bool:
 
 
 def _version_info(v: RecipeVersion, recipe_name: str) -> VersionInfo:
-    return VersionInfo(v.id, v.recipe_id, recipe_name, v.number, v.note, v.yaml_text, v.parent_id, v.created_at)
+    return VersionInfo(
+        v.id, v.recipe_id, recipe_name, v.number, v.note, v.yaml_text, v.parent_id, v.created_at
+    )
 
 
 def _training_info(t: TrainingRun, recipe_id: int, number: int) -> TrainingRunInfo:
     return TrainingRunInfo(
-        t.id, t.version_id, recipe_id, number, t.status, dict(t.config or {}), dict(t.metrics or {}),
-        list(t.loss_curve or []), t.weights_path, t.error, t.created_at, t.updated_at, t.finished_at,
+        t.id,
+        t.version_id,
+        recipe_id,
+        number,
+        t.status,
+        dict(t.config or {}),
+        dict(t.metrics or {}),
+        list(t.loss_curve or []),
+        t.weights_path,
+        t.error,
+        t.created_at,
+        t.updated_at,
+        t.finished_at,
     )
 
 
@@ -241,8 +259,14 @@ class Repository:
 
     Opening a repository upgrades the schema to the newest migration (see `studio.db.engine.upgrade`)."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, busy_timeout_s: float = BUSY_TIMEOUT_S,
-                 retry_for_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        migrate: bool = True,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+        retry_for_s: float = 60.0,
+    ) -> None:
         """`busy_timeout_s`: how long SQLite itself waits for a lock; `retry_for_s`: how long a call keeps
         retrying (with backoff) on "database is locked" before giving up with a `StorageError`."""
         self.url = resolve_url(url)
@@ -251,7 +275,9 @@ class Repository:
         if migrate:
             self._call(lambda: upgrade(self.engine))
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(self.engine.execution_options(mango_begin="IMMEDIATE"), expire_on_commit=False)
+        self._writer = sessionmaker(
+            self.engine.execution_options(mango_begin="IMMEDIATE"), expire_on_commit=False
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -321,14 +347,24 @@ class Repository:
 
     @staticmethod
     def _latest_number(session: Session, recipe_id: int) -> int:
-        return session.scalar(select(func.max(RecipeVersion.number)).where(RecipeVersion.recipe_id == recipe_id)) or 0
+        return (
+            session.scalar(select(func.max(RecipeVersion.number)).where(RecipeVersion.recipe_id == recipe_id))
+            or 0
+        )
 
     @staticmethod
-    def _append_version(session: Session, recipe: Recipe, yaml_text: str, note: str,
-                        parent_id: int | None) -> RecipeVersion:
+    def _append_version(
+        session: Session, recipe: Recipe, yaml_text: str, note: str, parent_id: int | None
+    ) -> RecipeVersion:
         number = Repository._latest_number(session, recipe.id) + 1
-        version = RecipeVersion(recipe_id=recipe.id, number=number, note=note, yaml_text=yaml_text,
-                                parent_id=parent_id, created_at=utcnow())
+        version = RecipeVersion(
+            recipe_id=recipe.id,
+            number=number,
+            note=note,
+            yaml_text=yaml_text,
+            parent_id=parent_id,
+            created_at=utcnow(),
+        )
         session.add(version)
         session.flush()
         return version
@@ -346,8 +382,9 @@ class Repository:
 
         return self._write(fn)
 
-    def save_version(self, recipe_id: int, yaml_text: str, note: str = "",
-                     parent_version: int | None = None) -> VersionInfo:
+    def save_version(
+        self, recipe_id: int, yaml_text: str, note: str = "", parent_version: int | None = None
+    ) -> VersionInfo:
         """Append a version to a recipe and return it.
 
         `parent_version` is the number of the version the edit started from (None: the latest). If it is not
@@ -355,14 +392,16 @@ class Repository:
         was based on, and then `VersionConflictError` is raised carrying `.version` / `.version_id` (the one
         just saved), `.based_on` and `.latest`."""
         yaml_text, note = _check_yaml(yaml_text), _check_note(note)
-        info, latest = self._write(lambda s: self._append_edit(s, self._recipe(s, recipe_id), yaml_text, note,
-                                                                parent_version))
+        info, latest = self._write(
+            lambda s: self._append_edit(s, self._recipe(s, recipe_id), yaml_text, note, parent_version)
+        )
         if parent_version is not None and parent_version != latest:
             raise VersionConflictError(recipe_id, info.number, info.id, parent_version, latest)
         return info
 
-    def save_by_name(self, name: str, yaml_text: str, note: str = "",
-                     based_on: tuple[int, int] | None = None) -> VersionInfo:
+    def save_by_name(
+        self, name: str, yaml_text: str, note: str = "", based_on: tuple[int, int] | None = None
+    ) -> VersionInfo:
         """Append a version to the live recipe called `name`, creating the recipe (as version 1) if there is
         none: one write transaction, so clients saving a new name at once all get a version of one recipe.
 
@@ -386,16 +425,20 @@ class Repository:
             raise VersionConflictError(info.recipe_id, info.number, info.id, parent, latest)
         return info
 
-    def _append_edit(self, s: Session, recipe: Recipe, yaml_text: str, note: str,
-                     parent_version: int | None) -> tuple[VersionInfo, int]:
+    def _append_edit(
+        self, s: Session, recipe: Recipe, yaml_text: str, note: str, parent_version: int | None
+    ) -> tuple[VersionInfo, int]:
         """Append a version to a live recipe, its parent being version `parent_version` (None: the latest).
         Returns it and the number that was latest before it."""
         if recipe.deleted_at is not None:
             raise StorageError(f"Recipe {recipe.name!r} is deleted; restore it before saving a new version.")
         latest = self._latest_number(s, recipe.id)
         based_on = latest if parent_version is None else parent_version
-        parent = s.scalar(select(RecipeVersion).where(
-            RecipeVersion.recipe_id == recipe.id, RecipeVersion.number == based_on))
+        parent = s.scalar(
+            select(RecipeVersion).where(
+                RecipeVersion.recipe_id == recipe.id, RecipeVersion.number == based_on
+            )
+        )
         if parent is None and latest:
             raise NotFoundError(f"Recipe {recipe.name!r} has no version {based_on}.")
         version = self._append_version(s, recipe, yaml_text, note, parent.id if parent else None)
@@ -415,6 +458,7 @@ class Repository:
 
     def delete_recipe(self, recipe_id: int) -> RecipeInfo:
         """Soft delete: the recipe leaves the list, its versions and runs stay, `restore_recipe` brings it back."""
+
         def fn(s: Session) -> None:
             recipe = self._recipe(s, recipe_id)
             if recipe.deleted_at is None:
@@ -439,7 +483,9 @@ class Repository:
         self._write(fn)
         return self.get_recipe(recipe_id)
 
-    def duplicate_recipe(self, version_id: int, new_name: str | None = None, note: str | None = None) -> VersionInfo:
+    def duplicate_recipe(
+        self, version_id: int, new_name: str | None = None, note: str | None = None
+    ) -> VersionInfo:
         """A new recipe whose version 1 copies version `version_id` (its parent). Default name: "<name> (copy)"."""
         new_name = _check_name(new_name) if new_name is not None else None
         note = _check_note(note) if note is not None else None
@@ -455,7 +501,7 @@ class Repository:
                 name, n = base, 2
                 while s.scalar(select(Recipe.id).where(Recipe.name == name, Recipe.deleted_at.is_(None))):
                     suffix = f" (copy {n})"
-                    name, n = f"{source_name[:NAME_MAX - len(suffix)]}{suffix}", n + 1
+                    name, n = f"{source_name[: NAME_MAX - len(suffix)]}{suffix}", n + 1
             self._ensure_name_free(s, name)
             recipe = Recipe(name=name, created_at=utcnow())
             s.add(recipe)
@@ -467,15 +513,24 @@ class Repository:
         return self._write(fn)
 
     def _recipe_infos(self, s: Session, where: Any) -> list[RecipeInfo]:
-        latest = (select(RecipeVersion.recipe_id, func.max(RecipeVersion.number).label("n"))
-                  .group_by(RecipeVersion.recipe_id).subquery())
-        stmt = (select(Recipe, RecipeVersion)
-                .join(latest, latest.c.recipe_id == Recipe.id)
-                .join(RecipeVersion, and_(RecipeVersion.recipe_id == Recipe.id, RecipeVersion.number == latest.c.n))
-                .where(where)
-                .order_by(RecipeVersion.id.desc()))
-        return [RecipeInfo(r.id, r.name, r.created_at, r.deleted_at, v.number, v.id, v.created_at, v.note)
-                for r, v in s.execute(stmt)]
+        latest = (
+            select(RecipeVersion.recipe_id, func.max(RecipeVersion.number).label("n"))
+            .group_by(RecipeVersion.recipe_id)
+            .subquery()
+        )
+        stmt = (
+            select(Recipe, RecipeVersion)
+            .join(latest, latest.c.recipe_id == Recipe.id)
+            .join(
+                RecipeVersion, and_(RecipeVersion.recipe_id == Recipe.id, RecipeVersion.number == latest.c.n)
+            )
+            .where(where)
+            .order_by(RecipeVersion.id.desc())
+        )
+        return [
+            RecipeInfo(r.id, r.name, r.created_at, r.deleted_at, v.number, v.id, v.created_at, v.note)
+            for r, v in s.execute(stmt)
+        ]
 
     def list_recipes(self, *, deleted: bool | None = False) -> list[RecipeInfo]:
         """Recipes, most recently edited first. `deleted=False`: live ones; True: the deleted ones; None: all."""
@@ -489,6 +544,7 @@ class Repository:
 
     def get_recipe(self, recipe_id: int) -> RecipeInfo:
         """A recipe by id, deleted or not (see `RecipeInfo.deleted`)."""
+
         def fn(s: Session) -> RecipeInfo:
             found = self._recipe_infos(s, Recipe.id == recipe_id)
             if not found:
@@ -500,26 +556,34 @@ class Repository:
     def find_recipe(self, name: str) -> RecipeInfo | None:
         """The live recipe with this name, or None."""
         name = name.strip()
-        found = self._read(lambda s: self._recipe_infos(s, and_(Recipe.name == name, Recipe.deleted_at.is_(None))))
+        found = self._read(
+            lambda s: self._recipe_infos(s, and_(Recipe.name == name, Recipe.deleted_at.is_(None)))
+        )
         return found[0] if found else None
 
     def list_versions(self, recipe_id: int) -> list[VersionInfo]:
         """Every version of a recipe (deleted or not), oldest first."""
+
         def fn(s: Session) -> list[VersionInfo]:
             recipe = self._recipe(s, recipe_id)
-            rows = s.scalars(select(RecipeVersion).where(RecipeVersion.recipe_id == recipe_id)
-                             .order_by(RecipeVersion.number))
+            rows = s.scalars(
+                select(RecipeVersion)
+                .where(RecipeVersion.recipe_id == recipe_id)
+                .order_by(RecipeVersion.number)
+            )
             return [_version_info(v, recipe.name) for v in rows]
 
         return self._read(fn)
 
     def get_version(self, recipe_id: int, number: int | None = None) -> VersionInfo:
         """Version `number` of a recipe; the latest when `number` is None."""
+
         def fn(s: Session) -> VersionInfo:
             recipe = self._recipe(s, recipe_id)
             n = self._latest_number(s, recipe_id) if number is None else number
-            v = s.scalar(select(RecipeVersion).where(RecipeVersion.recipe_id == recipe_id,
-                                                     RecipeVersion.number == n))
+            v = s.scalar(
+                select(RecipeVersion).where(RecipeVersion.recipe_id == recipe_id, RecipeVersion.number == n)
+            )
             if v is None:
                 raise NotFoundError(f"Recipe {recipe.name!r} has no version {n}.")
             return _version_info(v, recipe.name)
@@ -538,8 +602,12 @@ class Repository:
     def compare_versions(self, old_version_id: int, new_version_id: int) -> VersionDiff:
         """Structured diff of two versions' YAML (any two versions, also across recipes)."""
         old, new = self.get_version_by_id(old_version_id), self.get_version_by_id(new_version_id)
-        diff = diff_yaml(old.yaml_text, new.yaml_text, f"{old.recipe_name} v{old.number}",
-                         f"{new.recipe_name} v{new.number}")
+        diff = diff_yaml(
+            old.yaml_text,
+            new.yaml_text,
+            f"{old.recipe_name} v{old.number}",
+            f"{new.recipe_name} v{new.number}",
+        )
         return VersionDiff(old, new, diff)
 
     # -- runs ----------------------------------------------------------------------------------------
@@ -551,30 +619,59 @@ class Repository:
             raise NotFoundError(f"There is no recipe version with id {version_id}.")
         return v
 
-    def add_run(self, version_id: int, prompt: str, output_text: str = "", *,
-                settings: dict[str, Any] | None = None, trace: dict[str, Any] | None = None) -> RunInfo:
+    def add_run(
+        self,
+        version_id: int,
+        prompt: str,
+        output_text: str = "",
+        *,
+        settings: dict[str, Any] | None = None,
+        trace: dict[str, Any] | None = None,
+    ) -> RunInfo:
         """Record one prompt run. `trace` is `mol.trace.Trace.to_dict()`."""
         settings = _check_json(dict(settings or {}), "run settings")
         trace = _check_json(trace, "routing trace")
 
         def fn(s: Session) -> int:
             self._version(s, version_id)
-            run = Run(version_id=version_id, prompt=prompt, output_text=output_text, settings=settings,
-                      trace=trace, created_at=utcnow())
+            run = Run(
+                version_id=version_id,
+                prompt=prompt,
+                output_text=output_text,
+                settings=settings,
+                trace=trace,
+                created_at=utcnow(),
+            )
             s.add(run)
             s.flush()
             return run.id
 
         return self.get_run(self._write(fn))
 
-    def _run_rows(self, s: Session, where: Any, with_trace: bool, limit: int | None = None,
-                  offset: int = 0) -> list[RunInfo]:
-        cols = [Run.id, Run.version_id, Recipe.id, Recipe.name, RecipeVersion.number, Run.prompt, Run.settings,
-                Run.output_text, Run.trace if with_trace else None, Run.created_at]
-        stmt = (select(*[c for c in cols if c is not None])
-                .join(RecipeVersion, RecipeVersion.id == Run.version_id)
-                .join(Recipe, Recipe.id == RecipeVersion.recipe_id)
-                .where(where).order_by(Run.id.desc()).offset(offset).limit(limit))
+    def _run_rows(
+        self, s: Session, where: Any, with_trace: bool, limit: int | None = None, offset: int = 0
+    ) -> list[RunInfo]:
+        cols = [
+            Run.id,
+            Run.version_id,
+            Recipe.id,
+            Recipe.name,
+            RecipeVersion.number,
+            Run.prompt,
+            Run.settings,
+            Run.output_text,
+            Run.trace if with_trace else None,
+            Run.created_at,
+        ]
+        stmt = (
+            select(*[c for c in cols if c is not None])
+            .join(RecipeVersion, RecipeVersion.id == Run.version_id)
+            .join(Recipe, Recipe.id == RecipeVersion.recipe_id)
+            .where(where)
+            .order_by(Run.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
         out = []
         for row in s.execute(stmt):
             vals = list(row)
@@ -584,8 +681,15 @@ class Repository:
             out.append(RunInfo(*vals))
         return out
 
-    def list_runs(self, *, recipe_id: int | None = None, version_id: int | None = None, limit: int | None = 100,
-                  offset: int = 0, include_deleted: bool = False) -> list[RunInfo]:
+    def list_runs(
+        self,
+        *,
+        recipe_id: int | None = None,
+        version_id: int | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+        include_deleted: bool = False,
+    ) -> list[RunInfo]:
         """Runs, newest first, optionally of one recipe or one version. Traces are not loaded (`trace=None`).
         Without a recipe or version filter, runs of deleted recipes are left out unless `include_deleted`."""
         conds: list[Any] = []
@@ -609,39 +713,66 @@ class Repository:
     # -- training runs -------------------------------------------------------------------------------
 
     def _training(self, s: Session, training_run_id: int) -> TrainingRunInfo:
-        row = s.execute(select(TrainingRun, RecipeVersion.recipe_id, RecipeVersion.number)
-                        .join(RecipeVersion, RecipeVersion.id == TrainingRun.version_id)
-                        .where(TrainingRun.id == training_run_id)).first()
+        row = s.execute(
+            select(TrainingRun, RecipeVersion.recipe_id, RecipeVersion.number)
+            .join(RecipeVersion, RecipeVersion.id == TrainingRun.version_id)
+            .where(TrainingRun.id == training_run_id)
+        ).first()
         if row is None:
             raise NotFoundError(f"There is no training run with id {training_run_id}.")
         return _training_info(*row)
 
-    def create_training_run(self, version_id: int, config: dict[str, Any], *, status: str = "pending",
-                            weights_path: str | None = None) -> TrainingRunInfo:
+    def create_training_run(
+        self,
+        version_id: int,
+        config: dict[str, Any],
+        *,
+        status: str = "pending",
+        weights_path: str | None = None,
+    ) -> TrainingRunInfo:
         if status not in TRAINING_STATUSES:
-            raise StorageError(f"Unknown training status {status!r}; use one of {', '.join(TRAINING_STATUSES)}.")
+            raise StorageError(
+                f"Unknown training status {status!r}; use one of {', '.join(TRAINING_STATUSES)}."
+            )
         config = _check_json(dict(config), "training config")
 
         def fn(s: Session) -> TrainingRunInfo:
             self._version(s, version_id)
             now = utcnow()
-            t = TrainingRun(version_id=version_id, status=status, config=config, metrics={}, loss_curve=[],
-                            weights_path=weights_path, created_at=now, updated_at=now,
-                            finished_at=now if status in _FINISHED else None)
+            t = TrainingRun(
+                version_id=version_id,
+                status=status,
+                config=config,
+                metrics={},
+                loss_curve=[],
+                weights_path=weights_path,
+                created_at=now,
+                updated_at=now,
+                finished_at=now if status in _FINISHED else None,
+            )
             s.add(t)
             s.flush()
             return self._training(s, t.id)
 
         return self._write(fn)
 
-    def update_training_run(self, training_run_id: int, *, status: str | None = None,
-                            metrics: dict[str, Any] | None = None, loss_curve: list[dict[str, Any]] | None = None,
-                            append_loss: list[dict[str, Any]] | None = None, weights_path: str | None = None,
-                            error: str | None = None) -> TrainingRunInfo:
+    def update_training_run(
+        self,
+        training_run_id: int,
+        *,
+        status: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        loss_curve: list[dict[str, Any]] | None = None,
+        append_loss: list[dict[str, Any]] | None = None,
+        weights_path: str | None = None,
+        error: str | None = None,
+    ) -> TrainingRunInfo:
         """Progress of a training run (a record of a process, not user content, so it is updated in place).
         `metrics` are merged into the stored ones; `loss_curve` replaces the curve, `append_loss` extends it."""
         if status is not None and status not in TRAINING_STATUSES:
-            raise StorageError(f"Unknown training status {status!r}; use one of {', '.join(TRAINING_STATUSES)}.")
+            raise StorageError(
+                f"Unknown training status {status!r}; use one of {', '.join(TRAINING_STATUSES)}."
+            )
         _check_json([metrics, loss_curve, append_loss], "training progress")
 
         def fn(s: Session) -> TrainingRunInfo:
@@ -671,24 +802,30 @@ class Repository:
     def get_training_run(self, training_run_id: int) -> TrainingRunInfo:
         return self._read(lambda s: self._training(s, training_run_id))
 
-    def list_training_runs(self, *, recipe_id: int | None = None, version_id: int | None = None,
-                           limit: int | None = 100) -> list[TrainingRunInfo]:
+    def list_training_runs(
+        self, *, recipe_id: int | None = None, version_id: int | None = None, limit: int | None = 100
+    ) -> list[TrainingRunInfo]:
         """Training runs, newest first."""
+
         def fn(s: Session) -> list[TrainingRunInfo]:
-            stmt = (select(TrainingRun, RecipeVersion.recipe_id, RecipeVersion.number)
-                    .join(RecipeVersion, RecipeVersion.id == TrainingRun.version_id))
+            stmt = select(TrainingRun, RecipeVersion.recipe_id, RecipeVersion.number).join(
+                RecipeVersion, RecipeVersion.id == TrainingRun.version_id
+            )
             if recipe_id is not None:
                 stmt = stmt.where(RecipeVersion.recipe_id == recipe_id)
             if version_id is not None:
                 stmt = stmt.where(TrainingRun.version_id == version_id)
-            return [_training_info(*row) for row in s.execute(stmt.order_by(TrainingRun.id.desc()).limit(limit))]
+            return [
+                _training_info(*row) for row in s.execute(stmt.order_by(TrainingRun.id.desc()).limit(limit))
+            ]
 
         return self._read(fn)
 
     # -- evaluations ---------------------------------------------------------------------------------
 
-    def add_evaluation(self, version_id: int, results: dict[str, Any], *, training_run_id: int | None = None,
-                       name: str = "") -> EvaluationInfo:
+    def add_evaluation(
+        self, version_id: int, results: dict[str, Any], *, training_run_id: int | None = None, name: str = ""
+    ) -> EvaluationInfo:
         """Store evaluation results of a version, optionally of the weights one of its training runs produced."""
         results = _check_json(dict(results), "evaluation results")
         name = name.strip() if name else ""
@@ -703,8 +840,13 @@ class Repository:
                     raise NotFoundError(f"There is no training run with id {training_run_id}.")
                 if t.version_id != version_id:
                     raise StorageError(f"Training run {training_run_id} belongs to another recipe version.")
-            e = Evaluation(version_id=version_id, training_run_id=training_run_id, name=name, results=results,
-                           created_at=utcnow())
+            e = Evaluation(
+                version_id=version_id,
+                training_run_id=training_run_id,
+                name=name,
+                results=results,
+                created_at=utcnow(),
+            )
             s.add(e)
             s.flush()
             return _evaluation_info(e)
@@ -720,9 +862,16 @@ class Repository:
 
         return self._read(fn)
 
-    def list_evaluations(self, *, recipe_id: int | None = None, version_id: int | None = None,
-                         training_run_id: int | None = None, limit: int | None = 100) -> list[EvaluationInfo]:
+    def list_evaluations(
+        self,
+        *,
+        recipe_id: int | None = None,
+        version_id: int | None = None,
+        training_run_id: int | None = None,
+        limit: int | None = 100,
+    ) -> list[EvaluationInfo]:
         """Evaluations, newest first."""
+
         def fn(s: Session) -> list[EvaluationInfo]:
             stmt = select(Evaluation).join(RecipeVersion, RecipeVersion.id == Evaluation.version_id)
             if recipe_id is not None:
@@ -764,14 +913,21 @@ class Repository:
             for table in Base.metadata.sorted_tables:
                 rows = s.execute(select(table).order_by(*table.primary_key.columns)).mappings()
                 tables[table.name] = [
-                    {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()} for row in rows
+                    {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+                    for row in rows
                 ]
             return tables
 
-        data = {"format": EXPORT_FORMAT, "format_version": 1, "schema_revision": self.schema_revision(),
-                "exported_at": datetime.now(timezone.utc).isoformat(), "tables": self._read(fn)}
-        _atomic_write(dest, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False),
-                                                       encoding="utf-8"))
+        data = {
+            "format": EXPORT_FORMAT,
+            "format_version": 1,
+            "schema_revision": self.schema_revision(),
+            "exported_at": datetime.now(timezone.utc).isoformat(),
+            "tables": self._read(fn),
+        }
+        _atomic_write(
+            dest, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        )
         return dest
 
     def restore(self, path: str | os.PathLike[str]) -> Path | None:
@@ -789,7 +945,7 @@ class Repository:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise StorageError(f"{src} is neither a SQLite backup nor a JSON export: {e}") from e
             if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-                raise StorageError(f"{src} is not a Mango export (no \"format\": \"{EXPORT_FORMAT}\").")
+                raise StorageError(f'{src} is not a Mango export (no "format": "{EXPORT_FORMAT}").')
         else:
             self._check_sqlite_backup(src)
 
@@ -813,7 +969,8 @@ class Repository:
             try:
                 ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
                 has_schema = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone()[0]
+                    "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+                ).fetchone()[0]
             finally:
                 conn.close()
         except sqlite3.DatabaseError as e:
@@ -838,11 +995,15 @@ class Repository:
     def _restore_json(self, data: dict[str, Any]) -> None:
         revision = data.get("schema_revision")
         if revision is not None and revision not in known_revisions():
-            raise StorageError(f"This export comes from a newer Mango (schema {revision}); upgrade Mango first.")
+            raise StorageError(
+                f"This export comes from a newer Mango (schema {revision}); upgrade Mango first."
+            )
         tables = data.get("tables") or {}
         unknown = set(tables) - set(Base.metadata.tables)
         if unknown:
-            raise StorageError(f"This export has tables this Mango does not know: {', '.join(sorted(unknown))}.")
+            raise StorageError(
+                f"This export has tables this Mango does not know: {', '.join(sorted(unknown))}."
+            )
 
         def fn(s: Session) -> None:
             # Versions point at parent versions: check foreign keys at commit, not row by row.
@@ -852,8 +1013,14 @@ class Repository:
             for table in Base.metadata.sorted_tables:
                 rows = tables.get(table.name) or []
                 dt_cols = {c.name for c in table.columns if isinstance(c.type, UTCDateTime)}
-                fixed = [{k: datetime.fromisoformat(v) if k in dt_cols and isinstance(v, str) else v
-                          for k, v in row.items() if k in table.columns} for row in rows]
+                fixed = [
+                    {
+                        k: datetime.fromisoformat(v) if k in dt_cols and isinstance(v, str) else v
+                        for k, v in row.items()
+                        if k in table.columns
+                    }
+                    for row in rows
+                ]
                 if fixed:
                     s.execute(table.insert(), fixed)
 
@@ -869,6 +1036,7 @@ class Repository:
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check`: "ok" when the file is sound."""
+
         def fn(s: Session) -> str:
             return str(s.connection().exec_driver_sql("PRAGMA integrity_check").scalar())
 

@@ -17,8 +17,9 @@ def _run(connection) -> None:
     # so the whole upgrade is one SQLite transaction. render_as_batch: SQLite cannot ALTER most things in
     # place; batch mode copies the table instead (PRAGMA foreign_keys cannot change inside a transaction, so a
     # batch migration must keep foreign keys valid at every step).
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
-                      transactional_ddl=True)
+    context.configure(
+        connection=connection, target_metadata=target_metadata, render_as_batch=True, transactional_ddl=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -26,8 +27,9 @@ def _run(connection) -> None:
 def run_migrations_offline() -> None:
     from studio.db.engine import resolve_url
 
-    context.configure(url=resolve_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(
+        url=resolve_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

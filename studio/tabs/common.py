@@ -33,6 +33,7 @@ __all__ = ["user_message"]  # re-exported: the tabs take the error boundary from
 def api_errors(fn: F) -> F:
     """For API endpoints: every failure becomes `gr.Error` with a message for people (a user error's own, or a
     generic line with an error id whose traceback is in the server log); the client never gets a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -41,7 +42,9 @@ def api_errors(fn: F) -> F:
             raise
         except Exception as exc:
             # the traceback (of a bug) is logged by user_message under the error id; a user error needs none
-            raise gr.Error(user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False) from None
+            raise gr.Error(
+                user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -49,6 +52,7 @@ def api_errors(fn: F) -> F:
 def api_errors_stream(fn: F) -> F:
     """`api_errors` for a generator endpoint (its errors happen while it is iterated). Closing it (a client's
     cancel) closes `fn`'s generator, whose clean-up then runs."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -56,7 +60,9 @@ def api_errors_stream(fn: F) -> F:
         except gr.Error:
             raise
         except Exception as exc:
-            raise gr.Error(user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False) from None
+            raise gr.Error(
+                user_message(exc, f"the API endpoint {fn.__name__}"), print_exception=False
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -118,8 +124,16 @@ def palette_models(workspace: list[dict]) -> list[dict]:
     """What the palette and board draw for each usable model: alias, colour, layers."""
     usable = [c for c in workspace or [] if "error" not in c]
     colors = model_colors([c["alias"] for c in workspace or []])
-    return [{"alias": c["alias"], "color": colors[c["alias"]], "layers": c["layers"], "family": c["family"],
-             "width": c["width"]} for c in usable]
+    return [
+        {
+            "alias": c["alias"],
+            "color": colors[c["alias"]],
+            "layers": c["layers"],
+            "family": c["family"],
+            "width": c["width"],
+        }
+        for c in usable
+    ]
 
 
 def fusable_notes(workspace: list[dict]) -> dict[str, str]:
@@ -130,8 +144,11 @@ def fusable_notes(workspace: list[dict]) -> dict[str, str]:
         if "error" in c:
             notes[c["alias"]] = "no: " + c["error"]
             continue
-        same = [o["alias"] for o in usable if o is not c and o.get("fingerprint") and
-                o.get("fingerprint") == c.get("fingerprint")]
+        same = [
+            o["alias"]
+            for o in usable
+            if o is not c and o.get("fingerprint") and o.get("fingerprint") == c.get("fingerprint")
+        ]
         others = [o["alias"] for o in usable if o is not c]
         if not others:
             notes[c["alias"]] = "only model"

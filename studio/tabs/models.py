@@ -12,8 +12,18 @@ from studio.errors import text
 from studio.tabs.common import api_errors, fmt_count, fusable_notes, message_html, user_message
 from studio.tabs.recipe_board import ALIAS_RE, alias_for
 
-MODEL_COLUMNS = ["Alias", "Family", "Layers", "Width", "Heads", "KV heads", "Parameters", "Tokenizer", "Fusable",
-                 "Source"]
+MODEL_COLUMNS = [
+    "Alias",
+    "Family",
+    "Layers",
+    "Width",
+    "Heads",
+    "KV heads",
+    "Parameters",
+    "Tokenizer",
+    "Fusable",
+    "Source",
+]
 
 
 def model_rows(workspace: list[dict]) -> list[list]:
@@ -23,18 +33,37 @@ def model_rows(workspace: list[dict]) -> list[list]:
         if "error" in c:
             rows.append([c["alias"], "—", "", "", "", "", "", "", notes[c["alias"]], c["ref"]])
             continue
-        rows.append([c["alias"], c["family"], c["layers"], c["width"], c["heads"], c["kv_heads"],
-                     fmt_count(c["parameters"]), c["tokenizer"], notes[c["alias"]], c["ref"]])
+        rows.append(
+            [
+                c["alias"],
+                c["family"],
+                c["layers"],
+                c["width"],
+                c["heads"],
+                c["kv_heads"],
+                fmt_count(c["parameters"]),
+                c["tokenizer"],
+                notes[c["alias"]],
+                c["ref"],
+            ]
+        )
     return rows
 
 
 def card_html(card: dict, note: str = "") -> str:
     if "error" in card:
         return message_html(card["error"], ok=False)
-    rows = [("Family", f"{card['family']} ({card['model_type']})"), ("Layers", card["layers"]),
-            ("Width", card["width"]), ("Heads", f"{card['heads']} ({card['kv_heads']} key/value)"),
-            ("Parameters", f"{card['parameters']:,}"), ("Vocabulary", f"{card['vocab_size']:,}"),
-            ("Tokenizer", card["tokenizer"]), ("Fusable", note), ("Source", card["ref"])]
+    rows = [
+        ("Family", f"{card['family']} ({card['model_type']})"),
+        ("Layers", card["layers"]),
+        ("Width", card["width"]),
+        ("Heads", f"{card['heads']} ({card['kv_heads']} key/value)"),
+        ("Parameters", f"{card['parameters']:,}"),
+        ("Vocabulary", f"{card['vocab_size']:,}"),
+        ("Tokenizer", card["tokenizer"]),
+        ("Fusable", note),
+        ("Source", card["ref"]),
+    ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f'<div class="model-card"><h4>{html.escape(card["alias"])}</h4><table>{body}</table></div>'
 
@@ -48,9 +77,13 @@ def add_model(engine: StudioEngine, workspace: list[dict], ref: str, alias: str)
     workspace = list(workspace or [])
     taken = {c["alias"]: c["ref"] for c in workspace}
     if ref in taken.values():
-        raise RecipeError(f"'{ref}' is already in the list as '{next(a for a, r in taken.items() if r == ref)}'.")
+        raise RecipeError(
+            f"'{ref}' is already in the list as '{next(a for a, r in taken.items() if r == ref)}'."
+        )
     if alias and not ALIAS_RE.match(alias):
-        raise RecipeError(f"Alias '{alias}' is not allowed: use letters, digits, '_', '-', '.', starting with a letter.")
+        raise RecipeError(
+            f"Alias '{alias}' is not allowed: use letters, digits, '_', '-', '.', starting with a letter."
+        )
     if alias in taken:
         raise RecipeError(f"Alias '{alias}' is taken by {taken[alias]}; choose another.")
     alias = alias or alias_for(ref, taken)
@@ -59,16 +92,29 @@ def add_model(engine: StudioEngine, workspace: list[dict], ref: str, alias: str)
 
 
 def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr.components.Component]:
-    gr.Markdown("The models this session can fuse. Blocks fuse only between models with the same tokenizer; "
-                "widths and families may differ (adapters bridge them).")
-    model_list = gr.Dataframe(headers=MODEL_COLUMNS, value=model_rows(workspace.value), interactive=False,
-                              elem_id="model-list", label="Source models", wrap=True,
-                              column_widths=["8%", "9%", "7%", "7%", "7%", "8%", "9%", "15%", "14%", "16%"])
+    gr.Markdown(
+        "The models this session can fuse. Blocks fuse only between models with the same tokenizer; "
+        "widths and families may differ (adapters bridge them)."
+    )
+    model_list = gr.Dataframe(
+        headers=MODEL_COLUMNS,
+        value=model_rows(workspace.value),
+        interactive=False,
+        elem_id="model-list",
+        label="Source models",
+        wrap=True,
+        column_widths=["8%", "9%", "7%", "7%", "7%", "8%", "9%", "15%", "14%", "16%"],
+    )
     with gr.Row():
-        ref = gr.Textbox(label="Hub id or local folder", placeholder="org/name or path/to/model-folder",
-                         elem_id="model-ref", scale=3)
-        alias = gr.Textbox(label="Alias (optional)", placeholder="short name used in recipes", elem_id="model-alias",
-                           scale=1)
+        ref = gr.Textbox(
+            label="Hub id or local folder",
+            placeholder="org/name or path/to/model-folder",
+            elem_id="model-ref",
+            scale=3,
+        )
+        alias = gr.Textbox(
+            label="Alias (optional)", placeholder="short name used in recipes", elem_id="model-alias", scale=1
+        )
     add = gr.Button("Add model", variant="primary", elem_id="add-model")
     status = gr.HTML(elem_id="model-status")
     card = gr.HTML(elem_id="model-card")
@@ -81,9 +127,16 @@ def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr
         note = fusable_notes(ws)[new_card["alias"]]
         return (ws, model_rows(ws), message_html(f"Added '{new_card['alias']}'."), card_html(new_card, note))
 
-    added = add.click(on_add, [workspace, ref, alias], [workspace, model_list, status, card], api_name="ui_add_model",
-                      api_visibility="undocumented")
-    ref.submit(on_add, [workspace, ref, alias], [workspace, model_list, status, card], api_visibility="private")
+    added = add.click(
+        on_add,
+        [workspace, ref, alias],
+        [workspace, model_list, status, card],
+        api_name="ui_add_model",
+        api_visibility="undocumented",
+    )
+    ref.submit(
+        on_add, [workspace, ref, alias], [workspace, model_list, status, card], api_visibility="private"
+    )
 
     @api_errors
     def list_models() -> list[dict]:
@@ -100,5 +153,12 @@ def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr
 
     gr.api(list_models, api_name="list_models")
     gr.api(inspect_model, api_name="inspect_model")
-    return {"model_list": model_list, "model_ref": ref, "model_alias": alias, "add_model": add,
-            "model_status": status, "model_card": card, "added": added}
+    return {
+        "model_list": model_list,
+        "model_ref": ref,
+        "model_alias": alias,
+        "add_model": add,
+        "model_status": status,
+        "model_card": card,
+        "added": added,
+    }

@@ -29,8 +29,17 @@ def _short(text: str, n: int = 60) -> str:
 
 
 def run_rows(engine: StudioEngine, limit: int = 100) -> list[list]:
-    return [[r.id, fmt_time(r.created_at), r.recipe_name, r.version_number, _short(r.prompt), _short(r.output_text)]
-            for r in engine.repo.list_runs(limit=limit)]
+    return [
+        [
+            r.id,
+            fmt_time(r.created_at),
+            r.recipe_name,
+            r.version_number,
+            _short(r.prompt),
+            _short(r.output_text),
+        ]
+        for r in engine.repo.list_runs(limit=limit)
+    ]
 
 
 def run_choices(rows: list[list]) -> list[tuple[str, int]]:
@@ -62,7 +71,9 @@ def figures_for(trace: dict | None, colors: dict[str, str]):
 def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
     cards = "".join(
         f'<div class="source-output" style="--chip:{colors.get(a.split(" ")[0], "#868e96")}" data-source="{html.escape(a)}">'
-        f"<strong>{html.escape(a)}</strong><pre>{html.escape(t)}</pre></div>" for a, t in outputs.items())
+        f"<strong>{html.escape(a)}</strong><pre>{html.escape(t)}</pre></div>"
+        for a, t in outputs.items()
+    )
     return f'<div class="source-outputs">{cards}</div>'
 
 
@@ -76,18 +87,33 @@ def recipe_sources(engine: StudioEngine, version_id: int | None) -> dict[str, st
 def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
     limit = engine.config.max_new_tokens
     with gr.Row():
-        version = gr.Dropdown(choices=[], label="Recipe version", elem_id="run-version", scale=2,
-                              info="save a recipe in the Recipe tab to run it")
-        weights = gr.Dropdown(choices=weight_choices(engine, None), value=0, label="Weights", elem_id="run-weights",
-                              scale=1, info="train in the Train tab")
+        version = gr.Dropdown(
+            choices=[],
+            label="Recipe version",
+            elem_id="run-version",
+            scale=2,
+            info="save a recipe in the Recipe tab to run it",
+        )
+        weights = gr.Dropdown(
+            choices=weight_choices(engine, None),
+            value=0,
+            label="Weights",
+            elem_id="run-weights",
+            scale=1,
+            info="train in the Train tab",
+        )
     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="To be, or not to be")
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
-            max_new = gr.Slider(1, limit, value=min(48, limit), step=1, label="New tokens", elem_id="max-new-tokens")
+            max_new = gr.Slider(
+                1, limit, value=min(48, limit), step=1, label="New tokens", elem_id="max-new-tokens"
+            )
             do_sample = gr.Checkbox(value=False, label="Sample (off: greedy)", elem_id="do-sample")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
         with gr.Row():
-            temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label="Temperature", elem_id="temperature")
+            temperature = gr.Slider(
+                0.05, 2.0, value=0.8, step=0.05, label="Temperature", elem_id="temperature"
+            )
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
     with gr.Row():
@@ -95,16 +121,24 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         stop = gr.Button("Stop", elem_id="stop-run")
     run_status = gr.HTML(elem_id="run-status")
     output = gr.Textbox(label="Output", lines=6, elem_id="output-text", interactive=False)
-    heatmap = gr.Plot(label="Router heatmap (tokens × routed slots; hover a cell for every gate probability)",
-                      elem_id="router-heatmap")
+    heatmap = gr.Plot(
+        label="Router heatmap (tokens × routed slots; hover a cell for every gate probability)",
+        elem_id="router-heatmap",
+    )
     load = gr.Plot(label="Expert load", elem_id="expert-load")
     with gr.Accordion("Side by side: the same prompt through source models alone", open=False):
         sources = gr.CheckboxGroup(choices=[], label="Source models", elem_id="compare-sources")
         run_sources = gr.Button("Run on the chosen sources", elem_id="run-sources")
         source_view = gr.HTML(elem_id="source-outputs")
     with gr.Accordion("Runs", open=True):
-        runs = gr.Dataframe(headers=RUN_COLUMNS, value=[], interactive=False, elem_id="runs-list",
-                            label="Saved runs (newest first)", max_height=320)
+        runs = gr.Dataframe(
+            headers=RUN_COLUMNS,
+            value=[],
+            interactive=False,
+            elem_id="runs-list",
+            label="Saved runs (newest first)",
+            max_height=320,
+        )
         with gr.Row():
             run_pick = gr.Dropdown(choices=[], label="Run", elem_id="run-pick", scale=3)
             open_run = gr.Button("Open run", size="sm", elem_id="open-run", scale=1, min_width=120)
@@ -112,21 +146,43 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     sampling = [max_new, do_sample, temperature, top_k, top_p, seed]
 
     def settings_of(max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v) -> dict:
-        return clamp_settings({"max_new_tokens": max_new_v, "do_sample": do_sample_v, "temperature": temperature_v,
-                               "top_k": top_k_v, "top_p": top_p_v, "seed": seed_v}, limit)
+        return clamp_settings(
+            {
+                "max_new_tokens": max_new_v,
+                "do_sample": do_sample_v,
+                "temperature": temperature_v,
+                "top_k": top_k_v,
+                "top_p": top_p_v,
+                "seed": seed_v,
+            },
+            limit,
+        )
 
     def refresh_runs(keep: int | None = None):
         rows = run_rows(engine)
         ids = [r[0] for r in rows]
-        return rows, gr.update(choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None))
+        return rows, gr.update(
+            choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None)
+        )
 
     # The running generation's stop flag, per browser session. Stop sets it and the generation ends after its
     # current token: a cooperative stop, where cancelling the Gradio job could land late, on the next job.
     stops: dict[str | None, threading.Event] = {}
 
     @gpu_task
-    def on_run(version_id, weights_id, prompt_v, max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v,
-               ws, request: gr.Request = None):
+    def on_run(
+        version_id,
+        weights_id,
+        prompt_v,
+        max_new_v,
+        do_sample_v,
+        temperature_v,
+        top_k_v,
+        top_p_v,
+        seed_v,
+        ws,
+        request: gr.Request = None,
+    ):
         sampling_v = (max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v)
         keep = gr.update()
         stop_event = threading.Event()
@@ -137,11 +193,22 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             gate = engine.gate.snapshot()
             busy = gate["running"] >= gate["capacity"]
-            yield "", keep, keep, message_html(f"Waiting for a turn: {load_text(gate['running'], gate['waiting'])}…"
-                                               if busy else "Loading the model…"), keep, keep
+            yield (
+                "",
+                keep,
+                keep,
+                message_html(
+                    f"Waiting for a turn: {load_text(gate['running'], gate['waiting'])}…"
+                    if busy
+                    else "Loading the model…"
+                ),
+                keep,
+                keep,
+            )
             n, finished = 0, False
-            for update in engine.run_prompt(version_id, prompt_v, settings_of(*sampling_v), stop_event,
-                                            weights_id or None):
+            for update in engine.run_prompt(
+                version_id, prompt_v, settings_of(*sampling_v), stop_event, weights_id or None
+            ):
                 if not update.done:
                     n += 1
                     yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
@@ -150,11 +217,20 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 colors = trace_colors(ws, update.trace)
                 hm, ld = figures_for(update.trace, colors)
                 if update.run_id is None:  # stopped: shown, not stored
-                    yield update.text, hm, ld, message_html(f"Stopped after {n} tokens; not saved."), keep, keep
+                    yield (
+                        update.text,
+                        hm,
+                        ld,
+                        message_html(f"Stopped after {n} tokens; not saved."),
+                        keep,
+                        keep,
+                    )
                     continue
                 routed = len((update.trace or {}).get("slots") or [])
-                msg = (f"Saved as run #{update.run_id}: {len((update.trace or {}).get('tokens') or [])} tokens, "
-                       f"{routed} routed slot{'s' if routed != 1 else ''}.")
+                msg = (
+                    f"Saved as run #{update.run_id}: {len((update.trace or {}).get('tokens') or [])} tokens, "
+                    f"{routed} routed slot{'s' if routed != 1 else ''}."
+                )
                 yield (update.text, hm, ld, message_html(msg), *refresh_runs(update.run_id))
             if not finished:  # stopped while it waited for its turn
                 yield keep, keep, keep, message_html("Stopped before it started; nothing saved."), keep, keep
@@ -172,13 +248,23 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     # Generations pass Gradio's queue unhindered (concurrency_limit=None) and wait in the engine's gate instead,
     # which runs `generation_concurrency` at once, lets a bounded number wait, and tells the rest "busy".
-    run.click(on_run, [version, weights, prompt, *sampling, workspace],
-                          [output, heatmap, load, run_status, runs, run_pick], api_name="ui_run_prompt",
-                          api_visibility="undocumented", concurrency_limit=None,
-                          concurrency_id="generation")
-    prompt.submit(on_run, [version, weights, prompt, *sampling, workspace],
-                                 [output, heatmap, load, run_status, runs, run_pick], api_visibility="private",
-                                 concurrency_limit=None, concurrency_id="generation")
+    run.click(
+        on_run,
+        [version, weights, prompt, *sampling, workspace],
+        [output, heatmap, load, run_status, runs, run_pick],
+        api_name="ui_run_prompt",
+        api_visibility="undocumented",
+        concurrency_limit=None,
+        concurrency_id="generation",
+    )
+    prompt.submit(
+        on_run,
+        [version, weights, prompt, *sampling, workspace],
+        [output, heatmap, load, run_status, runs, run_pick],
+        api_visibility="private",
+        concurrency_limit=None,
+        concurrency_id="generation",
+    )
     stop.click(on_stop, None, None, api_name="ui_stop_run", api_visibility="private", queue=False)
 
     def on_version(version_id):
@@ -199,14 +285,22 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
             if not chosen:
                 raise RecipeError("Tick at least one source model.")
             settings = settings_of(*sampling_v)
-            outputs = {a: engine.run_source(a, refs[a], prompt_v or "", settings) for a in chosen if a in refs}
+            outputs = {
+                a: engine.run_source(a, refs[a], prompt_v or "", settings) for a in chosen if a in refs
+            }
         except Exception as exc:
             return message_html(user_message(exc), ok=False)
         return source_outputs_html(outputs, trace_colors(ws, None))
 
-    run_sources.click(on_sources, [version, sources, prompt, *sampling, workspace], source_view,
-                      api_name="ui_run_sources", api_visibility="undocumented",
-                      concurrency_limit=None, concurrency_id="generation")
+    run_sources.click(
+        on_sources,
+        [version, sources, prompt, *sampling, workspace],
+        source_view,
+        api_name="ui_run_sources",
+        api_visibility="undocumented",
+        concurrency_limit=None,
+        concurrency_id="generation",
+    )
 
     def on_open_run(run_id, ws):
         keep = gr.update()
@@ -218,13 +312,31 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
             return (*[keep] * 12, message_html(user_message(exc), ok=False))
         s = clamp_settings(r.settings, limit)
         hm, ld = figures_for(r.trace, trace_colors(ws, r.trace))
-        return (gr.update(value=r.version_id), gr.update(value=r.settings.get("training_run_id") or 0), r.prompt, s["max_new_tokens"], s["do_sample"], s["temperature"],
-                s["top_k"], s["top_p"], s["seed"], r.output_text, gr.update(value=hm), gr.update(value=ld),
-                message_html(f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."))
+        return (
+            gr.update(value=r.version_id),
+            gr.update(value=r.settings.get("training_run_id") or 0),
+            r.prompt,
+            s["max_new_tokens"],
+            s["do_sample"],
+            s["temperature"],
+            s["top_k"],
+            s["top_p"],
+            s["seed"],
+            r.output_text,
+            gr.update(value=hm),
+            gr.update(value=ld),
+            message_html(
+                f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."
+            ),
+        )
 
-    open_run.click(on_open_run, [run_pick, workspace],
-                   [version, weights, prompt, *sampling, output, heatmap, load, run_status],
-                   api_name="ui_open_run", api_visibility="undocumented")
+    open_run.click(
+        on_open_run,
+        [run_pick, workspace],
+        [version, weights, prompt, *sampling, output, heatmap, load, run_status],
+        api_name="ui_open_run",
+        api_visibility="undocumented",
+    )
 
     def on_select_run(evt: gr.SelectData, rows):
         try:
@@ -234,9 +346,22 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     runs.select(on_select_run, runs, run_pick, api_visibility="private")
     _register_api(engine)
-    return {"version": version, "weights": weights, "prompt": prompt, "run": run, "stop": stop, "output": output, "heatmap": heatmap,
-            "load": load, "run_status": run_status, "sources": sources, "source_view": source_view, "runs": runs,
-            "run_pick": run_pick, "refresh_runs": refresh_runs}
+    return {
+        "version": version,
+        "weights": weights,
+        "prompt": prompt,
+        "run": run,
+        "stop": stop,
+        "output": output,
+        "heatmap": heatmap,
+        "load": load,
+        "run_status": run_status,
+        "sources": sources,
+        "source_view": source_view,
+        "runs": runs,
+        "run_pick": run_pick,
+        "refresh_runs": refresh_runs,
+    }
 
 
 def _register_api(engine: StudioEngine) -> None:
@@ -244,13 +369,30 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     @gpu_task
-    def generate(version_id: int, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 training_run_id: int = 0) -> dict:
+    def generate(
+        version_id: int,
+        prompt: str,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        training_run_id: int = 0,
+    ) -> dict:
         """Run a prompt through a saved recipe version (with a training run's weights, if given); the run is
         stored. Returns {text, run_id, trace}."""
-        settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                   "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
+        settings = clamp_settings(
+            {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": do_sample,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "seed": seed,
+            },
+            limit,
+        )
         training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         # the final update carries the stored run
         *_, last = engine.run_prompt(version_id, prompt, settings, None, training_run_id or None)
@@ -258,13 +400,30 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors_stream
     @gpu_task
-    def generate_stream(version_id: int, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        training_run_id: int = 0) -> Iterator[dict]:
+    def generate_stream(
+        version_id: int,
+        prompt: str,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        training_run_id: int = 0,
+    ) -> Iterator[dict]:
         """`generate`, streamed: {text, done: false} after each new token, then {text, done: true, run_id,
         trace}. Cancelling the job stops the generation (its worker ends and its slot is freed)."""
-        settings = clamp_settings({"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                   "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}, limit)
+        settings = clamp_settings(
+            {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": do_sample,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "seed": seed,
+            },
+            limit,
+        )
         training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         stop = threading.Event()
         try:
@@ -288,22 +447,37 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def list_runs(limit: int = 50) -> list[dict]:
-        return [{"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
-                 "prompt": r.prompt, "output": r.output_text, "settings": r.settings,
-                 "created_at": r.created_at.isoformat()}
-                for r in engine.repo.list_runs(limit=max(1, min(whole(limit, "limit"), 1000)))]
+        return [
+            {
+                "id": r.id,
+                "version_id": r.version_id,
+                "recipe": r.recipe_name,
+                "version": r.version_number,
+                "prompt": r.prompt,
+                "output": r.output_text,
+                "settings": r.settings,
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in engine.repo.list_runs(limit=max(1, min(whole(limit, "limit"), 1000)))
+        ]
 
     @api_errors
     def get_run(run_id: int) -> dict:
         r = engine.repo.get_run(record_id(run_id, "run"))
-        return {"id": r.id, "version_id": r.version_id, "recipe": r.recipe_name, "version": r.version_number,
-                "prompt": r.prompt, "output": r.output_text, "settings": r.settings, "trace": r.trace,
-                "created_at": r.created_at.isoformat()}
+        return {
+            "id": r.id,
+            "version_id": r.version_id,
+            "recipe": r.recipe_name,
+            "version": r.version_number,
+            "prompt": r.prompt,
+            "output": r.output_text,
+            "settings": r.settings,
+            "trace": r.trace,
+            "created_at": r.created_at.isoformat(),
+        }
 
-    gr.api(generate, api_name="generate", concurrency_limit=None,
-           concurrency_id="generation")
+    gr.api(generate, api_name="generate", concurrency_limit=None, concurrency_id="generation")
     gr.api(generate_stream, api_name="generate_stream", concurrency_limit=None, concurrency_id="generation")
-    gr.api(generate_source, api_name="generate_source", concurrency_limit=None,
-           concurrency_id="generation")
+    gr.api(generate_source, api_name="generate_source", concurrency_limit=None, concurrency_id="generation")
     gr.api(list_runs, api_name="list_runs")
     gr.api(get_run, api_name="get_run")

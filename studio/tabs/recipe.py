@@ -41,11 +41,15 @@ VERSION_COLUMNS = ["Recipe", "Version", "Saved (UTC)", "Note", "Id", "State"]
 
 def plan_html(report: PlanReport | None) -> str:
     if report is None:
-        return ('<div class="plan empty" role="status"><div class="plan-head">Empty recipe</div>'
-                "Drag layer chips from the palette onto the board to add slots.</div>")
+        return (
+            '<div class="plan empty" role="status"><div class="plan-head">Empty recipe</div>'
+            "Drag layer chips from the palette onto the board to add slots.</div>"
+        )
     if not report.ok:
-        return (f'<div class="plan error" role="alert"><div class="plan-head">Recipe error</div>'
-                f'<div class="plan-message">{html.escape(report.error or "")}</div></div>')
+        return (
+            f'<div class="plan error" role="alert"><div class="plan-head">Recipe error</div>'
+            f'<div class="plan-message">{html.escape(report.error or "")}</div></div>'
+        )
     s = report.summary
     mem = s["memory"]
     facts = [
@@ -56,8 +60,10 @@ def plan_html(report: PlanReport | None) -> str:
     ]
     items = "".join(f"<li>{html.escape(f)}</li>" for f in facts)
     items += "".join(f'<li class="plan-warning">warning: {html.escape(w)}</li>' for w in report.warnings)
-    head = (f"Valid: {s['slots']} slot{'s' if s['slots'] != 1 else ''} ({s['routed_slots']} routed), "
-            f"base {s['base']}, width {s['width']}")
+    head = (
+        f"Valid: {s['slots']} slot{'s' if s['slots'] != 1 else ''} ({s['routed_slots']} routed), "
+        f"base {s['base']}, width {s['width']}"
+    )
     return f'<div class="plan ok" role="status"><div class="plan-head">{html.escape(head)}</div><ul>{items}</ul></div>'
 
 
@@ -69,18 +75,30 @@ def diff_html(diff: Any) -> str:
         return f'<div class="version-diff"><strong>{html.escape(title)}</strong>: identical.</div>'
     items = []
     for c in d.changes:
-        items.append(f"{c.path}: {c.kind}" + (f" ({c.old!r} → {c.new!r})" if c.kind == "changed" else
-                                              f" ({c.new!r})" if c.kind == "added" else f" ({c.old!r})"))
+        items.append(
+            f"{c.path}: {c.kind}"
+            + (
+                f" ({c.old!r} → {c.new!r})"
+                if c.kind == "changed"
+                else f" ({c.new!r})"
+                if c.kind == "added"
+                else f" ({c.old!r})"
+            )
+        )
     for s in d.slots:
         if s.kind == "added":
             items.append(f"slot {s.new_index} added: {_slot_text(s.new)}")
         elif s.kind == "removed":
             items.append(f"slot {s.old_index} removed: {_slot_text(s.old)}")
         else:
-            items.append(f"slot {s.old_index} → {s.new_index} changed: {_slot_text(s.old)} ⇒ {_slot_text(s.new)}")
+            items.append(
+                f"slot {s.old_index} → {s.new_index} changed: {_slot_text(s.old)} ⇒ {_slot_text(s.new)}"
+            )
     lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
-    return (f'<div class="version-diff"><strong>{html.escape(title)}</strong><ul>{lis}</ul>'
-            f"<details><summary>YAML diff</summary><pre>{html.escape(d.text_diff)}</pre></details></div>")
+    return (
+        f'<div class="version-diff"><strong>{html.escape(title)}</strong><ul>{lis}</ul>'
+        f"<details><summary>YAML diff</summary><pre>{html.escape(d.text_diff)}</pre></details></div>"
+    )
 
 
 def d_label(v: Any) -> str:
@@ -135,20 +153,31 @@ def version_rows(engine: StudioEngine, include_deleted: bool = False) -> list[li
     rows = []
     for r in engine.repo.list_recipes(deleted=None if include_deleted else False):
         for v in reversed(engine.repo.list_versions(r.id)):
-            rows.append([r.name, v.number, fmt_time(v.created_at), v.note, v.id, "deleted" if r.deleted else "saved"])
+            rows.append(
+                [r.name, v.number, fmt_time(v.created_at), v.note, v.id, "deleted" if r.deleted else "saved"]
+            )
     return rows
 
 
 def version_choices(rows: list[list]) -> list[tuple[str, int]]:
-    return [(f"{r[0]} v{r[1]}" + (f" — {r[3][:40]}" if r[3] else "") + (" (deleted)" if r[5] == "deleted" else ""),
-             r[4]) for r in rows]
+    return [
+        (
+            f"{r[0]} v{r[1]}"
+            + (f" — {r[3][:40]}" if r[3] else "")
+            + (" (deleted)" if r[5] == "deleted" else ""),
+            r[4],
+        )
+        for r in rows
+    ]
 
 
 def edit_yaml(yaml_text: str, op, *args) -> str:
     """Apply one board operation to recipe YAML and return the new, validated YAML."""
     recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text))
     slots = op(rb.slots_of(recipe), *args)
-    draft = rb.draft_recipe(recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots)
+    draft = rb.draft_recipe(
+        recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots
+    )
     draft["models"] = dict(recipe.models)  # the API caller listed them: keep the unused ones too
     return rb.Recipe.from_dict(draft).to_yaml()
 
@@ -163,38 +192,67 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             gr.Markdown("**Layer palette** — drag a chip onto the board")
-            palette = gr.HTML(value={"models": models}, html_template='<div class="mango-palette"></div>',
-                              js_on_load=(STATIC / "palette.js").read_text(), elem_id="layer-palette",
-                              apply_default_css=False)
+            palette = gr.HTML(
+                value={"models": models},
+                html_template='<div class="mango-palette"></div>',
+                js_on_load=(STATIC / "palette.js").read_text(),
+                elem_id="layer-palette",
+                apply_default_css=False,
+            )
         with gr.Column(scale=2, min_width=320):
             gr.Markdown("**Recipe board** — one row per slot; several candidates make a routed slot")
-            board = gr.HTML(value={"models": models, "slots": []}, html_template='<div class="mango-board"></div>',
-                            js_on_load=(STATIC / "board.js").read_text(), elem_id="recipe-board",
-                            apply_default_css=False)
+            board = gr.HTML(
+                value={"models": models, "slots": []},
+                html_template='<div class="mango-board"></div>',
+                js_on_load=(STATIC / "board.js").read_text(),
+                elem_id="recipe-board",
+                apply_default_css=False,
+            )
             plan_status = gr.HTML(plan_html(None), elem_id="plan-status")
         with gr.Column(scale=1, min_width=240):
             name = gr.Textbox(label="Recipe name", value="my-recipe", elem_id="recipe-name")
-            base = gr.Dropdown(choices=aliases, value=aliases[0] if aliases else None, label="Base model",
-                               info="embeddings, final norm and head come from it", elem_id="recipe-base")
+            base = gr.Dropdown(
+                choices=aliases,
+                value=aliases[0] if aliases else None,
+                label="Base model",
+                info="embeddings, final norm and head come from it",
+                elem_id="recipe-base",
+            )
             with gr.Row():
-                adapter = gr.Radio(["linear", "bottleneck"], value="linear", label="Adapter", elem_id="recipe-adapter")
-                rank = gr.Number(value=64, precision=0, minimum=1, label="Bottleneck rank", elem_id="recipe-rank")
+                adapter = gr.Radio(
+                    ["linear", "bottleneck"], value="linear", label="Adapter", elem_id="recipe-adapter"
+                )
+                rank = gr.Number(
+                    value=64, precision=0, minimum=1, label="Bottleneck rank", elem_id="recipe-rank"
+                )
             note = gr.Textbox(label="Version note", placeholder="what changed", elem_id="recipe-note")
             save = gr.Button("Save version", variant="primary", elem_id="save-recipe")
             save_status = gr.HTML(elem_id="save-status")
 
     with gr.Accordion("Saved recipes and versions", open=True):
         show_deleted = gr.Checkbox(label="Show deleted recipes", value=False, elem_id="show-deleted")
-        versions = gr.Dataframe(headers=VERSION_COLUMNS, value=[], interactive=False, elem_id="recipe-versions",
-                                label="Versions (newest first)", max_height=320)
+        versions = gr.Dataframe(
+            headers=VERSION_COLUMNS,
+            value=[],
+            interactive=False,
+            elem_id="recipe-versions",
+            label="Versions (newest first)",
+            max_height=320,
+        )
         with gr.Row():
             with gr.Column(scale=2):
                 version_pick = gr.Dropdown(choices=[], label="Version", elem_id="version-pick")
                 with gr.Row():
                     open_btn = gr.Button("Open", size="sm", elem_id="open-version", min_width=90)
-                    duplicate_btn = gr.Button("Duplicate", size="sm", elem_id="duplicate-version", min_width=90)
-                    delete_btn = gr.Button("Delete recipe", size="sm", variant="stop", elem_id="delete-recipe", min_width=90)
-                    restore_btn = gr.Button("Restore recipe", size="sm", elem_id="restore-recipe", min_width=90)
+                    duplicate_btn = gr.Button(
+                        "Duplicate", size="sm", elem_id="duplicate-version", min_width=90
+                    )
+                    delete_btn = gr.Button(
+                        "Delete recipe", size="sm", variant="stop", elem_id="delete-recipe", min_width=90
+                    )
+                    restore_btn = gr.Button(
+                        "Restore recipe", size="sm", elem_id="restore-recipe", min_width=90
+                    )
             with gr.Column(scale=2):
                 compare_with = gr.Dropdown(choices=[], label="Compare with", elem_id="compare-with")
                 compare_btn = gr.Button("Compare the two versions", size="sm", elem_id="compare-versions")
@@ -202,30 +260,47 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         diff_view = gr.HTML(elem_id="version-diff")
 
     with gr.Accordion("YAML: import and export", open=False):
-        yaml_code = gr.Code(language="yaml", label="Recipe YAML (Mango or mergekit passthrough)",
-                            elem_id="recipe-yaml", interactive=True)
+        yaml_code = gr.Code(
+            language="yaml",
+            label="Recipe YAML (Mango or mergekit passthrough)",
+            elem_id="recipe-yaml",
+            interactive=True,
+        )
         with gr.Row():
             import_btn = gr.Button("Import YAML above", elem_id="import-yaml")
             upload = gr.UploadButton("Import file…", file_types=[".yaml", ".yml"], elem_id="upload-yaml")
             export_btn = gr.Button("Export YAML", elem_id="export-yaml")
             export_mk_btn = gr.Button("Export mergekit YAML", elem_id="export-mergekit")
-            examples = gr.Dropdown(choices=sorted(p.name for p in engine.config.recipes_dir.glob("*.y*ml"))
-                                   if engine.config.recipes_dir.is_dir() else [],
-                                   label="Example recipes", elem_id="recipe-examples")
+            examples = gr.Dropdown(
+                choices=sorted(p.name for p in engine.config.recipes_dir.glob("*.y*ml"))
+                if engine.config.recipes_dir.is_dir()
+                else [],
+                label="Example recipes",
+                elem_id="recipe-examples",
+            )
         export_file = gr.File(label="Exported recipe", elem_id="recipe-export", visible=True)
         import_status = gr.HTML(elem_id="import-status")
 
     with gr.Accordion("Export the model", open=False):
-        gr.Markdown("The open version as a Hugging Face folder: a plain same-architecture stack in its own "
-                    "architecture, anything else as `MoLForCausalLM`.")
+        gr.Markdown(
+            "The open version as a Hugging Face folder: a plain same-architecture stack in its own "
+            "architecture, anything else as `MoLForCausalLM`."
+        )
         with gr.Row():
-            export_format = gr.Radio(["auto", "standard", "mol"], value="auto", label="Format",
-                                     elem_id="export-format")
-            export_run = gr.Number(value=None, precision=0, label="Training run id (optional: its trained weights)",
-                                   elem_id="export-training-run")
+            export_format = gr.Radio(
+                ["auto", "standard", "mol"], value="auto", label="Format", elem_id="export-format"
+            )
+            export_run = gr.Number(
+                value=None,
+                precision=0,
+                label="Training run id (optional: its trained weights)",
+                elem_id="export-training-run",
+            )
             export_model_btn = gr.Button("Export model (.zip)", elem_id="export-model")
         with gr.Row():
-            push_repo = gr.Textbox(label="Hub repository", placeholder="user-or-org/name", elem_id="push-repo")
+            push_repo = gr.Textbox(
+                label="Hub repository", placeholder="user-or-org/name", elem_id="push-repo"
+            )
             push_token = gr.Textbox(label="Hugging Face token", type="password", elem_id="push-token")
             push_btn = gr.Button("Push to the Hub", elem_id="push-model")
         model_file = gr.File(label="Exported model", elem_id="model-export")
@@ -244,10 +319,22 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         return plan_html(report), rb.draft_yaml(draft)
 
     for comp in (board, base, adapter, rank):
-        comp.change(validate, [*settings, workspace, board], [plan_status, yaml_code], api_visibility="private",
-                    trigger_mode="always_last", show_progress="hidden")
-    name.change(validate, [*settings, workspace, board], [plan_status, yaml_code], api_visibility="private",
-                trigger_mode="always_last", show_progress="hidden")
+        comp.change(
+            validate,
+            [*settings, workspace, board],
+            [plan_status, yaml_code],
+            api_visibility="private",
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
+    name.change(
+        validate,
+        [*settings, workspace, board],
+        [plan_status, yaml_code],
+        api_visibility="private",
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
 
     # ---- versions list ----
     def refresh_versions(include_deleted: bool, keep: int | None = None):
@@ -262,8 +349,11 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_select_row(evt: gr.SelectData, rows):
         try:
-            return gr.update(value=int(rows.iloc[evt.index[0]]["Id"]) if hasattr(rows, "iloc")
-                             else int(rows[evt.index[0]][4]))
+            return gr.update(
+                value=int(rows.iloc[evt.index[0]]["Id"])
+                if hasattr(rows, "iloc")
+                else int(rows[evt.index[0]][4])
+            )
         except Exception:
             return gr.update()
 
@@ -272,26 +362,45 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     # ---- save ----
     def on_save(name_v, base_v, adapter_v, rank_v, note_v, ws, board_v, loaded_v, include_deleted):
         try:
-            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v))
+            draft = rb.draft_recipe(
+                name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
+            )
             version, warning = save_recipe(engine, rb.draft_yaml(draft), note_v or "", loaded_v)
         except Exception as exc:
             return (message_html("Not saved: " + user_message(exc), ok=False), loaded_v, *[gr.update()] * 4)
         state = {"recipe_id": version.recipe_id, "version": version.number, "version_id": version.id}
         msg = warning or f"Saved '{version.recipe_name}' as version {version.number}."
-        return (message_html(msg, ok=warning is None), state, *refresh_versions(include_deleted, version.id), "")
+        return (
+            message_html(msg, ok=warning is None),
+            state,
+            *refresh_versions(include_deleted, version.id),
+            "",
+        )
 
-    saved = save.click(on_save, [*settings, note, workspace, board, loaded, show_deleted],
-                       [save_status, loaded, *version_outputs, note], api_name="ui_save_recipe",
-                       api_visibility="undocumented")
+    saved = save.click(
+        on_save,
+        [*settings, note, workspace, board, loaded, show_deleted],
+        [save_status, loaded, *version_outputs, note],
+        api_name="ui_save_recipe",
+        api_visibility="undocumented",
+    )
 
     # ---- open / import: a recipe into the board ----
     def load_recipe(recipe, ws, state, status: str):
         ws = merge_models(engine, ws, dict(recipe.models))
         pm = palette_models(ws)
         aliases_now = [c["alias"] for c in ws]
-        return (recipe.name, gr.update(choices=aliases_now, value=recipe.base), recipe.adapter.type,
-                recipe.adapter.rank or 64, ws, {"models": pm}, {"models": pm, "slots": rb.slots_of(recipe)},
-                state, status)
+        return (
+            recipe.name,
+            gr.update(choices=aliases_now, value=recipe.base),
+            recipe.adapter.type,
+            recipe.adapter.rank or 64,
+            ws,
+            {"models": pm},
+            {"models": pm, "slots": rb.slots_of(recipe)},
+            state,
+            status,
+        )
 
     load_outputs = [name, base, adapter, rank, workspace, palette, board, loaded]
 
@@ -302,13 +411,24 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             v = engine.repo.get_version_by_id(int(version_id))
             recipe = engine.recipe_from_yaml(v.yaml_text)
         except Exception as exc:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html(user_message(exc), ok=False))
+            return (
+                *[gr.update()] * 4,
+                ws,
+                gr.update(),
+                gr.update(),
+                loaded_v,
+                message_html(user_message(exc), ok=False),
+            )
         state = {"recipe_id": v.recipe_id, "version": v.number, "version_id": v.id}
         return load_recipe(recipe, ws, state, message_html(f"Opened '{v.recipe_name}' version {v.number}."))
 
-    opened = open_btn.click(on_open, [version_pick, workspace, loaded], [*load_outputs, versions_status],
-                            api_name="ui_open_version", api_visibility="undocumented")
+    opened = open_btn.click(
+        on_open,
+        [version_pick, workspace, loaded],
+        [*load_outputs, versions_status],
+        api_name="ui_open_version",
+        api_visibility="undocumented",
+    )
 
     def on_duplicate(version_id, ws, loaded_v, include_deleted):
         try:
@@ -316,15 +436,29 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                 raise RecipeError("Pick a version to duplicate.")
             copy = engine.repo.duplicate_recipe(int(version_id))
         except Exception as exc:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html(user_message(exc), ok=False), *[gr.update()] * 3)
+            return (
+                *[gr.update()] * 4,
+                ws,
+                gr.update(),
+                gr.update(),
+                loaded_v,
+                message_html(user_message(exc), ok=False),
+                *[gr.update()] * 3,
+            )
         out = on_open(copy.id, ws, loaded_v)
-        return (*out[:-1], message_html(f"Duplicated as '{copy.recipe_name}' (version 1), now open."),
-                *refresh_versions(include_deleted, copy.id))
+        return (
+            *out[:-1],
+            message_html(f"Duplicated as '{copy.recipe_name}' (version 1), now open."),
+            *refresh_versions(include_deleted, copy.id),
+        )
 
-    duplicated = duplicate_btn.click(on_duplicate, [version_pick, workspace, loaded, show_deleted],
-                                     [*load_outputs, versions_status, *version_outputs],
-                                     api_name="ui_duplicate_version", api_visibility="undocumented")
+    duplicated = duplicate_btn.click(
+        on_duplicate,
+        [version_pick, workspace, loaded, show_deleted],
+        [*load_outputs, versions_status, *version_outputs],
+        api_name="ui_duplicate_version",
+        api_visibility="undocumented",
+    )
 
     def on_delete(version_id, include_deleted):
         try:
@@ -334,11 +468,18 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             engine.repo.delete_recipe(v.recipe_id)
         except Exception as exc:
             return message_html(user_message(exc), ok=False), *[gr.update()] * 3
-        return (message_html(f"Deleted '{v.recipe_name}'. Tick 'Show deleted recipes' to restore it."),
-                *refresh_versions(include_deleted))
+        return (
+            message_html(f"Deleted '{v.recipe_name}'. Tick 'Show deleted recipes' to restore it."),
+            *refresh_versions(include_deleted),
+        )
 
-    deleted = delete_btn.click(on_delete, [version_pick, show_deleted], [versions_status, *version_outputs],
-                               api_name="ui_delete_recipe", api_visibility="undocumented")
+    deleted = delete_btn.click(
+        on_delete,
+        [version_pick, show_deleted],
+        [versions_status, *version_outputs],
+        api_name="ui_delete_recipe",
+        api_visibility="undocumented",
+    )
 
     def on_restore(version_id, include_deleted):
         try:
@@ -350,8 +491,13 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             return message_html(user_message(exc), ok=False), *[gr.update()] * 3
         return message_html(f"Restored '{info.name}'."), *refresh_versions(include_deleted, int(version_id))
 
-    restored = restore_btn.click(on_restore, [version_pick, show_deleted], [versions_status, *version_outputs],
-                                 api_name="ui_restore_recipe", api_visibility="undocumented")
+    restored = restore_btn.click(
+        on_restore,
+        [version_pick, show_deleted],
+        [versions_status, *version_outputs],
+        api_name="ui_restore_recipe",
+        api_visibility="undocumented",
+    )
 
     def on_compare(old_id, new_id):
         try:
@@ -361,32 +507,56 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         except Exception as exc:
             return "", message_html(user_message(exc), ok=False)
 
-    compare_btn.click(on_compare, [version_pick, compare_with], [diff_view, versions_status],
-                      api_name="ui_compare_versions", api_visibility="undocumented")
+    compare_btn.click(
+        on_compare,
+        [version_pick, compare_with],
+        [diff_view, versions_status],
+        api_name="ui_compare_versions",
+        api_visibility="undocumented",
+    )
 
     def on_import(text_v, ws, loaded_v):
         try:
             recipe, notes = rb.parse_recipe_text(checked_yaml(text_v or ""))
         except Exception as exc:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html("Not imported: " + user_message(exc), ok=False))
+            return (
+                *[gr.update()] * 4,
+                ws,
+                gr.update(),
+                gr.update(),
+                loaded_v,
+                message_html("Not imported: " + user_message(exc), ok=False),
+            )
         msg = f"Imported '{recipe.name}' ({len(recipe.slots)} slots)." + "".join(f" Note: {n}" for n in notes)
         return load_recipe(recipe, ws, None, message_html(msg))
 
-    imported = import_btn.click(on_import, [yaml_code, workspace, loaded], [*load_outputs, import_status],
-                                api_name="ui_import_yaml", api_visibility="undocumented")
+    imported = import_btn.click(
+        on_import,
+        [yaml_code, workspace, loaded],
+        [*load_outputs, import_status],
+        api_name="ui_import_yaml",
+        api_visibility="undocumented",
+    )
 
     def on_upload(file, ws, loaded_v):
         try:  # read as UTF-8 text only, and no larger than a recipe may be
-            text_v = engine.read_upload(file if isinstance(file, str) else file.name,
-                                        4 * current_policy().limits.recipe_chars)
+            text_v = engine.read_upload(
+                file if isinstance(file, str) else file.name, 4 * current_policy().limits.recipe_chars
+            )
         except Exception as exc:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html("Not imported: " + user_message(exc), ok=False))
+            return (
+                *[gr.update()] * 4,
+                ws,
+                gr.update(),
+                gr.update(),
+                loaded_v,
+                message_html("Not imported: " + user_message(exc), ok=False),
+            )
         return on_import(text_v, ws, loaded_v)
 
-    uploaded = upload.upload(on_upload, [upload, workspace, loaded], [*load_outputs, import_status],
-                             api_visibility="private")
+    uploaded = upload.upload(
+        on_upload, [upload, workspace, loaded], [*load_outputs, import_status], api_visibility="private"
+    )
 
     def on_example(filename, ws, loaded_v):
         try:
@@ -394,16 +564,25 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                 raise RecipeError("Pick an example recipe.")
             recipe = engine.recipe_from_file(engine.config.recipes_dir / Path(filename).name)
         except Exception as exc:
-            return (*[gr.update()] * 4, ws, gr.update(), gr.update(), loaded_v,
-                    message_html(user_message(exc), ok=False))
+            return (
+                *[gr.update()] * 4,
+                ws,
+                gr.update(),
+                gr.update(),
+                loaded_v,
+                message_html(user_message(exc), ok=False),
+            )
         return load_recipe(recipe, ws, None, message_html(f"Loaded the example '{recipe.name}'."))
 
-    example_loaded = examples.change(on_example, [examples, workspace, loaded], [*load_outputs, import_status],
-                                     api_visibility="private")
+    example_loaded = examples.change(
+        on_example, [examples, workspace, loaded], [*load_outputs, import_status], api_visibility="private"
+    )
 
     def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, fmt="mango"):
         try:
-            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v))
+            draft = rb.draft_recipe(
+                name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
+            )
             recipe = engine.recipe_from_dict(draft)
             text = export_mergekit(recipe) if fmt == "mergekit" else recipe.to_yaml()
         except Exception as exc:
@@ -414,10 +593,20 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         path.write_text(text, encoding="utf-8")
         return str(path), message_html(f"Exported {path.name}.")
 
-    export_btn.click(on_export, [*settings, workspace, board], [export_file, import_status],
-                     api_name="ui_export_yaml", api_visibility="undocumented")
-    export_mk_btn.click(lambda *a: on_export(*a, fmt="mergekit"), [*settings, workspace, board],
-                        [export_file, import_status], api_name="ui_export_mergekit", api_visibility="undocumented")
+    export_btn.click(
+        on_export,
+        [*settings, workspace, board],
+        [export_file, import_status],
+        api_name="ui_export_yaml",
+        api_visibility="undocumented",
+    )
+    export_mk_btn.click(
+        lambda *a: on_export(*a, fmt="mergekit"),
+        [*settings, workspace, board],
+        [export_file, import_status],
+        api_name="ui_export_mergekit",
+        api_visibility="undocumented",
+    )
 
     def loaded_version_id(loaded_v) -> int:
         if not loaded_v or not loaded_v.get("version_id"):
@@ -433,25 +622,54 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_push(repo_id, token, run_id, loaded_v):
         try:
-            url = engine.push_version(loaded_version_id(loaded_v), repo_id, token, int(run_id) if run_id else None)
+            url = engine.push_version(
+                loaded_version_id(loaded_v), repo_id, token, int(run_id) if run_id else None
+            )
         except Exception as exc:
             return message_html("Not pushed: " + user_message(exc), ok=False)
         return message_html(f"Pushed: {url}")
 
-    export_model_btn.click(on_export_model, [export_format, export_run, loaded], [model_file, export_status],
-                           api_name="ui_export_model", api_visibility="undocumented")
-    push_btn.click(on_push, [push_repo, push_token, export_run, loaded], export_status,
-                   api_name="ui_push_model", api_visibility="undocumented")
+    export_model_btn.click(
+        on_export_model,
+        [export_format, export_run, loaded],
+        [model_file, export_status],
+        api_name="ui_export_model",
+        api_visibility="undocumented",
+    )
+    push_btn.click(
+        on_push,
+        [push_repo, push_token, export_run, loaded],
+        export_status,
+        api_name="ui_push_model",
+        api_visibility="undocumented",
+    )
 
     _register_api(engine)
     return {
-        "palette": palette, "board": board, "name": name, "base": base, "adapter": adapter, "rank": rank,
-        "note": note, "save": save, "save_status": save_status, "plan_status": plan_status, "loaded": loaded,
-        "versions": versions, "version_pick": version_pick, "compare_with": compare_with,
-        "show_deleted": show_deleted, "versions_status": versions_status, "diff_view": diff_view,
-        "yaml_code": yaml_code, "import_status": import_status, "export_file": export_file,
-        "refresh_versions": refresh_versions, "version_outputs": version_outputs,
-        "recipe_loaded": [opened, duplicated, imported, uploaded, example_loaded], "saved": saved,
+        "palette": palette,
+        "board": board,
+        "name": name,
+        "base": base,
+        "adapter": adapter,
+        "rank": rank,
+        "note": note,
+        "save": save,
+        "save_status": save_status,
+        "plan_status": plan_status,
+        "loaded": loaded,
+        "versions": versions,
+        "version_pick": version_pick,
+        "compare_with": compare_with,
+        "show_deleted": show_deleted,
+        "versions_status": versions_status,
+        "diff_view": diff_view,
+        "yaml_code": yaml_code,
+        "import_status": import_status,
+        "export_file": export_file,
+        "refresh_versions": refresh_versions,
+        "version_outputs": version_outputs,
+        "recipe_loaded": [opened, duplicated, imported, uploaded, example_loaded],
+        "saved": saved,
         "changed_versions": [deleted, restored],
     }
 
@@ -478,7 +696,9 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def list_recipes(include_deleted: bool = False) -> list[dict]:
-        return _jsonable(engine.repo.list_recipes(deleted=None if flag(include_deleted, "include_deleted") else False))
+        return _jsonable(
+            engine.repo.list_recipes(deleted=None if flag(include_deleted, "include_deleted") else False)
+        )
 
     @api_errors
     def list_versions(recipe_id: int) -> list[dict]:
@@ -490,21 +710,39 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def duplicate_version(version_id: int, new_name: str = "") -> dict:
-        return _jsonable(engine.repo.duplicate_recipe(record_id(version_id, "recipe version"),
-                                                      text_arg(new_name, "The new name", 10_000) or None))
+        return _jsonable(
+            engine.repo.duplicate_recipe(
+                record_id(version_id, "recipe version"), text_arg(new_name, "The new name", 10_000) or None
+            )
+        )
 
     @api_errors
     def compare_versions(old_version_id: int, new_version_id: int) -> dict:
-        d = engine.repo.compare_versions(record_id(old_version_id, "recipe version"),
-                                         record_id(new_version_id, "recipe version")).diff
+        d = engine.repo.compare_versions(
+            record_id(old_version_id, "recipe version"), record_id(new_version_id, "recipe version")
+        ).diff
 
         def change(c) -> dict:  # "key", not "path": API clients take a "path" entry for a file to download
             return {"key": c.path, "kind": c.kind, "old": c.old, "new": c.new}
 
-        slots = [{"kind": s.kind, "old_index": s.old_index, "new_index": s.new_index, "old": s.old, "new": s.new,
-                  "fields": [change(f) for f in s.fields]} for s in d.slots]
-        return {"identical": d.identical, "changed_keys": list(d.changed_keys),
-                "changes": [change(c) for c in d.changes], "slots": slots, "text_diff": d.text_diff}
+        slots = [
+            {
+                "kind": s.kind,
+                "old_index": s.old_index,
+                "new_index": s.new_index,
+                "old": s.old,
+                "new": s.new,
+                "fields": [change(f) for f in s.fields],
+            }
+            for s in d.slots
+        ]
+        return {
+            "identical": d.identical,
+            "changed_keys": list(d.changed_keys),
+            "changes": [change(c) for c in d.changes],
+            "slots": slots,
+            "text_diff": d.text_diff,
+        }
 
     @api_errors
     def delete_recipe(recipe_id: int) -> dict:
@@ -512,8 +750,11 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def restore_recipe(recipe_id: int, new_name: str = "") -> dict:
-        return _jsonable(engine.repo.restore_recipe(record_id(recipe_id, "recipe"),
-                                                    text_arg(new_name, "The new name", 10_000) or None))
+        return _jsonable(
+            engine.repo.restore_recipe(
+                record_id(recipe_id, "recipe"), text_arg(new_name, "The new name", 10_000) or None
+            )
+        )
 
     @api_errors
     def export_mergekit_yaml(yaml_text: str) -> str:
@@ -555,14 +796,31 @@ def _register_api(engine: StudioEngine) -> None:
 
     @api_errors
     def set_router(yaml_text: str, slot: int, router_type: str = "token", top_k: int = 1) -> str:
-        return edit_yaml(yaml_text, rb.set_router, slot_arg(slot), text_arg(router_type, "The router type", 100),
-                         whole(top_k, "top_k"))
+        return edit_yaml(
+            yaml_text,
+            rb.set_router,
+            slot_arg(slot),
+            text_arg(router_type, "The router type", 100),
+            whole(top_k, "top_k"),
+        )
 
-    for fn, name in [(validate_recipe, "validate_recipe"), (save_recipe_api, "save_recipe"),
-                     (list_recipes, "list_recipes"), (list_versions, "list_versions"), (get_version, "get_version"),
-                     (duplicate_version, "duplicate_version"), (compare_versions, "compare_versions"),
-                     (delete_recipe, "delete_recipe"), (restore_recipe, "restore_recipe"),
-                     (import_recipe, "import_recipe"), (export_mergekit_yaml, "export_mergekit"), (add_slot, "add_slot"), (add_expert, "add_expert"),
-                     (remove_slot, "remove_slot"), (remove_expert, "remove_expert"), (move_slot, "move_slot"),
-                     (set_router, "set_router")]:
+    for fn, name in [
+        (validate_recipe, "validate_recipe"),
+        (save_recipe_api, "save_recipe"),
+        (list_recipes, "list_recipes"),
+        (list_versions, "list_versions"),
+        (get_version, "get_version"),
+        (duplicate_version, "duplicate_version"),
+        (compare_versions, "compare_versions"),
+        (delete_recipe, "delete_recipe"),
+        (restore_recipe, "restore_recipe"),
+        (import_recipe, "import_recipe"),
+        (export_mergekit_yaml, "export_mergekit"),
+        (add_slot, "add_slot"),
+        (add_expert, "add_expert"),
+        (remove_slot, "remove_slot"),
+        (remove_expert, "remove_expert"),
+        (move_slot, "move_slot"),
+        (set_router, "set_router"),
+    ]:
         gr.api(fn, api_name=name)

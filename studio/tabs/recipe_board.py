@@ -49,7 +49,9 @@ def _normalise(slot: dict) -> dict:
 
 def _check_index(slots: list[dict], index: int, what: str = "slot") -> int:
     if not isinstance(index, int) or not 0 <= index < len(slots):
-        raise RecipeError(f"There is no {what} {index}; the recipe has {len(slots)} slots (0..{len(slots) - 1}).")
+        raise RecipeError(
+            f"There is no {what} {index}; the recipe has {len(slots)} slots (0..{len(slots) - 1})."
+        )
     return index
 
 
@@ -130,14 +132,17 @@ def board_slots(board: Any) -> list[dict]:
         if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
             raise RecipeError(f"Slot {i} of the board has no list of experts ('alias:layer' strings).")
         router = slot.get("router")
-        if router is not None and (not isinstance(router, dict) or not isinstance(router.get("top_k", 1), int | None)):
+        if router is not None and (
+            not isinstance(router, dict) or not isinstance(router.get("top_k", 1), int | None)
+        ):
             raise RecipeError(f"Slot {i} of the board has a router that is not {{type, top_k}}.")
         out.append({"experts": experts, "router": router})
     return out
 
 
-def draft_recipe(name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str],
-                 slots: list[dict]) -> dict:
+def draft_recipe(
+    name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str], slots: list[dict]
+) -> dict:
     """The recipe dict of what the board shows. Only models the slots use (and the base) are listed, so a
     workspace of many models does not fill every recipe with unused ones."""
     used = [e.split(":", 1)[0] for s in slots for e in s.get("experts") or []]
@@ -170,15 +175,23 @@ def draft_yaml(draft: dict) -> str:
 
 def slots_of(recipe: Recipe) -> list[dict]:
     """The board's slot list for a (valid) recipe."""
-    return [_normalise({"experts": [str(e) for e in s.experts],
-                        "router": {"type": s.router.type, "top_k": s.router.top_k} if s.router else None})
-            for s in recipe.slots]
+    return [
+        _normalise(
+            {
+                "experts": [str(e) for e in s.experts],
+                "router": {"type": s.router.type, "top_k": s.router.top_k} if s.router else None,
+            }
+        )
+        for s in recipe.slots
+    ]
 
 
 def parse_recipe_text(text: str) -> tuple[Recipe, list[str]]:
     """A recipe from YAML text: Mango's own format, or mergekit's passthrough format (`slices:` with
     `layer_range`), with notes on what a mergekit import does differently. Raises `RecipeError`."""
-    data = parse_yaml(text)  # text only, never a path; one-line RecipeError for bad YAML, deep nesting, huge numbers
+    data = parse_yaml(
+        text
+    )  # text only, never a path; one-line RecipeError for bad YAML, deep nesting, huge numbers
     if isinstance(data, dict) and "slices" in data:
         imported = import_mergekit(data)
         return imported.recipe, imported.notes

@@ -21,8 +21,16 @@ def training_rows(engine: StudioEngine, limit: int = 50) -> list[list]:
     names = {r.id: r.name for r in engine.repo.list_recipes(deleted=None)}
     for t in engine.repo.list_training_runs(limit=limit):
         final = t.loss_curve[-1]["loss"] if t.loss_curve else None
-        rows.append([t.id, f"{names.get(t.recipe_id, '?')} v{t.version_number}", t.status, len(t.loss_curve),
-                     "" if final is None else f"{final:.4f}", fmt_time(t.created_at)])
+        rows.append(
+            [
+                t.id,
+                f"{names.get(t.recipe_id, '?')} v{t.version_number}",
+                t.status,
+                len(t.loss_curve),
+                "" if final is None else f"{final:.4f}",
+                fmt_time(t.created_at),
+            ]
+        )
     return rows
 
 
@@ -38,20 +46,32 @@ def weight_choices(engine: StudioEngine, version_id: int | None) -> list[tuple[s
     for t in engine.repo.list_training_runs(version_id=version_id):
         if t.status == "completed" and t.weights_path:
             loss = t.metrics.get("final_loss")
-            choices.append((f"training run #{t.id}" + (f" (loss {loss:.3f})" if loss is not None else ""), t.id))
+            choices.append(
+                (f"training run #{t.id}" + (f" (loss {loss:.3f})" if loss is not None else ""), t.id)
+            )
     return choices
 
 
 def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, Any]:
-    gr.Markdown("Train the adapters and routers of a saved recipe version; the source blocks, embeddings and head "
-                "stay frozen. Runs are stored with the version and their weights can be used in the Playground "
-                "and in Evaluate.")
+    gr.Markdown(
+        "Train the adapters and routers of a saved recipe version; the source blocks, embeddings and head "
+        "stay frozen. Runs are stored with the version and their weights can be used in the Playground "
+        "and in Evaluate."
+    )
     version = gr.Dropdown(choices=[], label="Recipe version", elem_id="train-version")
     with gr.Row():
-        corpora = gr.CheckboxGroup(list(BUILTIN_CORPORA), value=list(BUILTIN_CORPORA),
-                                   label="Built-in corpora (training split)", elem_id="train-corpora")
-        uploads = gr.File(label="Or upload text files (each is one domain)", file_count="multiple",
-                          file_types=[".txt", ".py", ".md"], elem_id="train-files")
+        corpora = gr.CheckboxGroup(
+            list(BUILTIN_CORPORA),
+            value=list(BUILTIN_CORPORA),
+            label="Built-in corpora (training split)",
+            elem_id="train-corpora",
+        )
+        uploads = gr.File(
+            label="Or upload text files (each is one domain)",
+            file_count="multiple",
+            file_types=[".txt", ".py", ".md"],
+            elem_id="train-files",
+        )
     with gr.Row():
         steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
         batch_size = gr.Slider(1, 64, value=8, step=1, label="Batch size", elem_id="train-batch")
@@ -63,67 +83,160 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
             router_lr = gr.Number(value=1e-2, label="Router learning rate", elem_id="train-router-lr")
             aux = gr.Number(value=0.01, label="Load-balancing loss weight", elem_id="train-aux")
         with gr.Row():
-            adapter_init = gr.Radio(["identity", "lstsq"], value="identity", label="Adapter start",
-                                    elem_id="train-adapter-init")
-            router_init = gr.Radio(["uniform", "random", "ridge"], value="uniform", label="Router start",
-                                   elem_id="train-router-init")
-            max_tokens = gr.Number(value=200_000, precision=0, label="Tokens per domain (at most)",
-                                   elem_id="train-max-tokens")
-            max_seconds = gr.Number(value=0, precision=0, label="Time limit, seconds (0: none)",
-                                    elem_id="train-max-seconds")
+            adapter_init = gr.Radio(
+                ["identity", "lstsq"], value="identity", label="Adapter start", elem_id="train-adapter-init"
+            )
+            router_init = gr.Radio(
+                ["uniform", "random", "ridge"],
+                value="uniform",
+                label="Router start",
+                elem_id="train-router-init",
+            )
+            max_tokens = gr.Number(
+                value=200_000, precision=0, label="Tokens per domain (at most)", elem_id="train-max-tokens"
+            )
+            max_seconds = gr.Number(
+                value=0, precision=0, label="Time limit, seconds (0: none)", elem_id="train-max-seconds"
+            )
     start = gr.Button("Train", variant="primary", elem_id="train-start")
     status = gr.HTML(elem_id="train-status")
     curve = gr.Plot(label="Loss", elem_id="loss-curve")
     metrics = gr.JSON(label="Result", elem_id="train-metrics")
-    runs = gr.Dataframe(headers=TRAINING_COLUMNS, value=[], interactive=False, elem_id="training-runs",
-                        label="Training runs (newest first)", max_height=280)
+    runs = gr.Dataframe(
+        headers=TRAINING_COLUMNS,
+        value=[],
+        interactive=False,
+        elem_id="training-runs",
+        label="Training runs (newest first)",
+        max_height=280,
+    )
 
-    def on_train(version_id, corpora_v, files, steps_v, batch_v, seq_v, seed_v, lr_v, router_lr_v, aux_v,
-                 adapter_init_v, router_init_v, max_tokens_v, max_seconds_v, progress=gr.Progress()):
+    def on_train(
+        version_id,
+        corpora_v,
+        files,
+        steps_v,
+        batch_v,
+        seq_v,
+        seed_v,
+        lr_v,
+        router_lr_v,
+        aux_v,
+        adapter_init_v,
+        router_init_v,
+        max_tokens_v,
+        max_seconds_v,
+        progress=gr.Progress(),
+    ):
         keep = gr.update()
         try:
             if version_id is None:
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-            data = engine.datasets(corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "train")
-            settings = {"steps": int(steps_v), "batch_size": int(batch_v), "seq_len": int(seq_v),
-                        "seed": int(seed_v or 0), "lr": float(lr_v), "router_lr": float(router_lr_v),
-                        "aux_loss_weight": float(aux_v), "adapter_init": adapter_init_v,
-                        "router_init": router_init_v, "max_tokens": int(max_tokens_v) if max_tokens_v else None,
-                        "max_seconds": float(max_seconds_v) if max_seconds_v else None}
+            data = engine.datasets(
+                corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "train"
+            )
+            settings = {
+                "steps": int(steps_v),
+                "batch_size": int(batch_v),
+                "seq_len": int(seq_v),
+                "seed": int(seed_v or 0),
+                "lr": float(lr_v),
+                "router_lr": float(router_lr_v),
+                "aux_loss_weight": float(aux_v),
+                "adapter_init": adapter_init_v,
+                "router_init": router_init_v,
+                "max_tokens": int(max_tokens_v) if max_tokens_v else None,
+                "max_seconds": float(max_seconds_v) if max_seconds_v else None,
+            }
             yield message_html("Preparing: building the model and reading the data…"), keep, keep, keep
             for p in engine.train_version(version_id, data, settings):
                 progress((p.step, p.steps), desc="training", unit="steps")
                 fig = figures.loss_curve(p.curve, title=f"Training run #{p.training_run_id}")
                 if p.status == "completed":
-                    msg = (f"Training run #{p.training_run_id} finished: {p.step} steps, final loss "
-                           f"{p.metrics.get('final_loss')}. Its weights are available in the Playground and Evaluate.")
+                    msg = (
+                        f"Training run #{p.training_run_id} finished: {p.step} steps, final loss "
+                        f"{p.metrics.get('final_loss')}. Its weights are available in the Playground and Evaluate."
+                    )
                     yield message_html(msg), fig, p.metrics, training_rows(engine)
                 else:
-                    yield message_html(f"Training run #{p.training_run_id}: step {p.step} of {p.steps}"), fig, keep, keep
+                    yield (
+                        message_html(f"Training run #{p.training_run_id}: step {p.step} of {p.steps}"),
+                        fig,
+                        keep,
+                        keep,
+                    )
         except Exception as exc:
             yield message_html(user_message(exc), ok=False), keep, keep, training_rows(engine)
 
-    start.click(on_train, [version, corpora, uploads, steps, batch_size, seq_len, seed, lr, router_lr, aux,
-                           adapter_init, router_init, max_tokens, max_seconds], [status, curve, metrics, runs],
-                api_name="ui_train", api_visibility="undocumented", concurrency_limit=1, concurrency_id="training")
+    start.click(
+        on_train,
+        [
+            version,
+            corpora,
+            uploads,
+            steps,
+            batch_size,
+            seq_len,
+            seed,
+            lr,
+            router_lr,
+            aux,
+            adapter_init,
+            router_init,
+            max_tokens,
+            max_seconds,
+        ],
+        [status, curve, metrics, runs],
+        api_name="ui_train",
+        api_visibility="undocumented",
+        concurrency_limit=1,
+        concurrency_id="training",
+    )
 
     @api_errors
-    def train_recipe(version_id: int, corpora: list[str], steps: int = 50, batch_size: int = 8, seq_len: int = 128,
-                     seed: int = 0) -> dict:
+    def train_recipe(
+        version_id: int,
+        corpora: list[str],
+        steps: int = 50,
+        batch_size: int = 8,
+        seq_len: int = 128,
+        seed: int = 0,
+    ) -> dict:
         """Train a version's adapters and routers on built-in corpora; returns the stored training run."""
-        settings = {"steps": whole(steps, "steps"), "batch_size": whole(batch_size, "batch_size"),
-                    "seq_len": whole(seq_len, "seq_len"), "seed": whole(seed, "seed")}
+        settings = {
+            "steps": whole(steps, "steps"),
+            "batch_size": whole(batch_size, "batch_size"),
+            "seq_len": whole(seq_len, "seq_len"),
+            "seed": whole(seed, "seed"),
+        }
         version_id = record_id(version_id, "recipe version")
-        *_, last = engine.train_version(version_id, engine.datasets(names(corpora, "Corpora"), [], "train"), settings)
+        *_, last = engine.train_version(
+            version_id, engine.datasets(names(corpora, "Corpora"), [], "train"), settings
+        )
         t = engine.repo.get_training_run(last.training_run_id)
-        return {"id": t.id, "version_id": t.version_id, "status": t.status, "metrics": t.metrics,
-                "loss_curve": t.loss_curve}
+        return {
+            "id": t.id,
+            "version_id": t.version_id,
+            "status": t.status,
+            "metrics": t.metrics,
+            "loss_curve": t.loss_curve,
+        }
 
     @api_errors
     def list_training_runs(version_id: int = 0) -> list[dict]:
         runs_ = engine.repo.list_training_runs(version_id=record_id(version_id, "recipe version") or None)
-        return [{"id": t.id, "version_id": t.version_id, "status": t.status, "metrics": t.metrics,
-                 "steps": len(t.loss_curve), "error": t.error, "created_at": t.created_at.isoformat()} for t in runs_]
+        return [
+            {
+                "id": t.id,
+                "version_id": t.version_id,
+                "status": t.status,
+                "metrics": t.metrics,
+                "steps": len(t.loss_curve),
+                "error": t.error,
+                "created_at": t.created_at.isoformat(),
+            }
+            for t in runs_
+        ]
 
     gr.api(train_recipe, api_name="train", concurrency_limit=1, concurrency_id="training")
     gr.api(list_training_runs, api_name="list_training_runs")

@@ -13,13 +13,23 @@ from tests.studio_server import make_models_dir, start_studio
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODELS = REPO / "assets" / "models"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str | None:
-    for candidate in (os.environ.get("MANGO_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
+    for candidate in (
+        os.environ.get("MANGO_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if candidate and Path(candidate).is_file():
             return candidate
     return None
@@ -70,7 +80,10 @@ def page(browser, studio):
     problems: list[str] = []
     pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     local = ("http://127.0.0.1", "data:", "blob:")
-    pg.on("request", lambda r: None if r.url.startswith(local) else problems.append(f"external request: {r.url}"))
+    pg.on(
+        "request",
+        lambda r: None if r.url.startswith(local) else problems.append(f"external request: {r.url}"),
+    )
     pg.set_default_timeout(30_000)
     pg.goto(studio.url)
     pg.wait_for_selector("#layer-palette .layer-chip")

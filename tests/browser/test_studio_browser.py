@@ -78,7 +78,12 @@ def test_build_by_dragging_save_reload_and_find_it_again(page, studio):
 
     saved = studio.engine.repo.find_recipe("drag-built")
     stored = yaml.safe_load(studio.engine.repo.get_version(saved.id).yaml_text)
-    assert [s["experts"] for s in stored["slots"]] == [["bard:0"], ["bard:1", "coder:1"], ["bard:3"], ["base:1"]]
+    assert [s["experts"] for s in stored["slots"]] == [
+        ["bard:0"],
+        ["bard:1", "coder:1"],
+        ["bard:3"],
+        ["base:1"],
+    ]
     assert stored["slots"][1]["router"] == {"type": "token", "top_k": 1}
 
     page.reload()
@@ -87,7 +92,9 @@ def test_build_by_dragging_save_reload_and_find_it_again(page, studio):
     versions = page.locator("#recipe-versions")
     expect(versions).to_contain_text("drag-built")
     expect(versions).to_contain_text("first try")
-    versions.get_by_text("drag-built").filter(visible=True).first.click()  # selecting the row picks the version
+    versions.get_by_text("drag-built").filter(
+        visible=True
+    ).first.click()  # selecting the row picks the version
     expect(textbox(page, "version-pick")).to_have_value(re.compile("drag-built v1"))
     page.click("#open-version")
     expect(page.locator("#versions-status")).to_contain_text("Opened 'drag-built' version 1")
@@ -131,13 +138,19 @@ def test_every_drag_has_a_keyboard_path(page):
 def test_run_a_prompt_and_see_the_routing(page, studio):
     repo = studio.engine.repo
     models = studio.engine.embedded_models()
-    text = yaml.safe_dump({"name": "routed-run", "base": "bard",
-                           "models": {a: models[a] for a in ("bard", "coder", "base")},
-                           "slots": [{"experts": ["bard:0"]},
-                                     {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
-                                     {"experts": ["bard:2", "coder:2", "base:1"],
-                                      "router": {"type": "token", "top_k": 2}},
-                                     {"experts": ["bard:3"]}]})
+    text = yaml.safe_dump(
+        {
+            "name": "routed-run",
+            "base": "bard",
+            "models": {a: models[a] for a in ("bard", "coder", "base")},
+            "slots": [
+                {"experts": ["bard:0"]},
+                {"experts": ["bard:1", "coder:1"], "router": {"type": "token", "top_k": 1}},
+                {"experts": ["bard:2", "coder:2", "base:1"], "router": {"type": "token", "top_k": 2}},
+                {"experts": ["bard:3"]},
+            ],
+        }
+    )
     version = repo.create_recipe("routed-run", text)
     page.reload()
     page.wait_for_selector("#layer-palette .layer-chip")
@@ -242,9 +255,22 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     prose.write_text(CORPUS.split("def main")[0] * 4)
     code.write_text(("def main" + CORPUS.split("def main")[1]) * 4)
     models = studio.engine.embedded_models()
-    studio.engine.repo.create_recipe("to-train", yaml.safe_dump({
-        "name": "to-train", "base": "bard", "models": {a: models[a] for a in ("bard", "coder")},
-        "slots": ["bard:0", {"experts": ["bard:1", "coder:1"]}, {"experts": ["bard:2", "coder:2"]}, "bard:3"]}))
+    studio.engine.repo.create_recipe(
+        "to-train",
+        yaml.safe_dump(
+            {
+                "name": "to-train",
+                "base": "bard",
+                "models": {a: models[a] for a in ("bard", "coder")},
+                "slots": [
+                    "bard:0",
+                    {"experts": ["bard:1", "coder:1"]},
+                    {"experts": ["bard:2", "coder:2"]},
+                    "bard:3",
+                ],
+            }
+        ),
+    )
     page.reload()
     page.wait_for_selector("#layer-palette .layer-chip")
 
@@ -257,7 +283,9 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     set_number(page, "train-batch", 2)
     set_number(page, "train-seq-len", 32)
     page.get_by_text("More settings").click()
-    page.locator("#train-router-init").get_by_label("ridge").check()  # routers fitted to the domain labels first
+    page.locator("#train-router-init").get_by_label(
+        "ridge"
+    ).check()  # routers fitted to the domain labels first
     page.click("#train-start")
     expect(page.locator("#train-status")).to_contain_text("finished: 5 steps", timeout=120_000)
     page.wait_for_selector("#loss-curve .js-plotly-plot")
@@ -276,7 +304,9 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     page.locator("#eval-files input[type=file]").set_input_files([str(prose), str(code)])
     set_number(page, "eval-seq-len", 32)
     page.click("#eval-start")
-    expect(page.locator("#eval-status")).to_contain_text("stored with to-train v1 + training run", timeout=120_000)
+    expect(page.locator("#eval-status")).to_contain_text(
+        "stored with to-train v1 + training run", timeout=120_000
+    )
     results = page.locator("#eval-results")
     expect(results).to_contain_text("prose perplexity")
     expect(results).to_contain_text("bard alone")
@@ -290,7 +320,9 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     open_tab(page, "Playground")
     pick(page, "run-version", "to-train v1")
     pick(page, "run-weights", re.compile(f"training run #{run.id}"))
-    textbox(page, "prompt").fill("To be, or not to be, that is the question.\ndef main(argv):\n    return sorted(argv)")
+    textbox(page, "prompt").fill(
+        "To be, or not to be, that is the question.\ndef main(argv):\n    return sorted(argv)"
+    )
     page.click("#run-prompt")
     expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
     stored = studio.engine.repo.list_runs()[0]
@@ -306,8 +338,9 @@ def test_compare_duplicate_delete_and_restore_versions(page, studio):
     models = studio.engine.embedded_models()
 
     def text(slots):
-        return yaml.safe_dump({"name": "versioned", "base": "bard", "models": {"bard": models["bard"]},
-                               "slots": slots})
+        return yaml.safe_dump(
+            {"name": "versioned", "base": "bard", "models": {"bard": models["bard"]}, "slots": slots}
+        )
 
     v1 = repo.create_recipe("versioned", text(["bard:0", "bard:1"]), note="two")
     repo.save_version(v1.recipe_id, text(["bard:0", "bard:1", "bard:2"]), note="three")
@@ -352,8 +385,12 @@ def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
         return forward(self, *args, **kwargs)
 
     models = studio.engine.embedded_models()
-    studio.engine.repo.create_recipe("to-stop", yaml.safe_dump({
-        "name": "to-stop", "base": "bard", "models": {"bard": models["bard"]}, "slots": ["bard:0-1"]}))
+    studio.engine.repo.create_recipe(
+        "to-stop",
+        yaml.safe_dump(
+            {"name": "to-stop", "base": "bard", "models": {"bard": models["bard"]}, "slots": ["bard:0-1"]}
+        ),
+    )
     page.reload()
     page.wait_for_selector("#layer-palette .layer-chip")
     open_tab(page, "Playground")
@@ -376,9 +413,14 @@ def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
         time.sleep(0.05)
     assert len(steps) < 150  # stopped well before its 200 tokens
     expect(page.locator("#run-status")).to_contain_text(re.compile(r"Stopped after \d+ tokens; not saved"))
-    assert studio.engine.repo.list_runs(version_id=studio.engine.repo.find_recipe("to-stop").latest_version_id) == []
+    assert (
+        studio.engine.repo.list_runs(version_id=studio.engine.repo.find_recipe("to-stop").latest_version_id)
+        == []
+    )
     monkeypatch.undo()
-    page.click("#run-prompt")  # at once: the stop belonged to the previous generation only  # the next generation runs; not stopped, this prompt runs its 200 tokens
+    page.click(
+        "#run-prompt"
+    )  # at once: the stop belonged to the previous generation only  # the next generation runs; not stopped, this prompt runs its 200 tokens
     expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
     run = studio.engine.repo.list_runs(limit=1)[0]
     assert run.settings["max_new_tokens"] == 200  # the setting reached the server

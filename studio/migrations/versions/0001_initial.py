@@ -24,18 +24,22 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("deleted_at", sa.DateTime(), nullable=True),
     )
-    op.create_index("uq_recipes_live_name", "recipes", ["name"], unique=True,
-                    sqlite_where=sa.text("deleted_at IS NULL"))
+    op.create_index(
+        "uq_recipes_live_name", "recipes", ["name"], unique=True, sqlite_where=sa.text("deleted_at IS NULL")
+    )
 
     op.create_table(
         "recipe_versions",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("recipe_id", sa.Integer(), sa.ForeignKey("recipes.id", ondelete="RESTRICT"), nullable=False),
+        sa.Column(
+            "recipe_id", sa.Integer(), sa.ForeignKey("recipes.id", ondelete="RESTRICT"), nullable=False
+        ),
         sa.Column("number", sa.Integer(), nullable=False),
         sa.Column("note", sa.String(2000), nullable=False),
         sa.Column("yaml_text", sa.Text(), nullable=False),
-        sa.Column("parent_id", sa.Integer(), sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
-                  nullable=True),
+        sa.Column(
+            "parent_id", sa.Integer(), sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"), nullable=True
+        ),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.UniqueConstraint("recipe_id", "number", name="uq_recipe_versions_recipe_number"),
     )
@@ -44,8 +48,12 @@ def upgrade() -> None:
     op.create_table(
         "runs",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("version_id", sa.Integer(), sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
-                  nullable=False),
+        sa.Column(
+            "version_id",
+            sa.Integer(),
+            sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
+            nullable=False,
+        ),
         sa.Column("prompt", sa.Text(), nullable=False),
         sa.Column("settings", sa.JSON(), nullable=False),
         sa.Column("output_text", sa.Text(), nullable=False),
@@ -57,8 +65,12 @@ def upgrade() -> None:
     op.create_table(
         "training_runs",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("version_id", sa.Integer(), sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
-                  nullable=False),
+        sa.Column(
+            "version_id",
+            sa.Integer(),
+            sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
+            nullable=False,
+        ),
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("config", sa.JSON(), nullable=False),
         sa.Column("metrics", sa.JSON(), nullable=False),

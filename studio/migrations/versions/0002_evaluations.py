@@ -20,10 +20,18 @@ def upgrade() -> None:
     op.create_table(
         "evaluations",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("version_id", sa.Integer(), sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
-                  nullable=False),
-        sa.Column("training_run_id", sa.Integer(), sa.ForeignKey("training_runs.id", ondelete="RESTRICT"),
-                  nullable=True),
+        sa.Column(
+            "version_id",
+            sa.Integer(),
+            sa.ForeignKey("recipe_versions.id", ondelete="RESTRICT"),
+            nullable=False,
+        ),
+        sa.Column(
+            "training_run_id",
+            sa.Integer(),
+            sa.ForeignKey("training_runs.id", ondelete="RESTRICT"),
+            nullable=True,
+        ),
         sa.Column("name", sa.String(200), nullable=False, server_default=""),
         sa.Column("results", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),

@@ -3,8 +3,8 @@
     import mol
     recipe = mol.Recipe.from_file("assets/recipes/prose-code-token.yaml")
     model = mol.build(recipe)
-    out = model.generate(ids, max_new_tokens=32)
-    model.last_trace
+    out = model.generate(ids, max_new_tokens=32, return_trace=True)
+    out.sequences, out.trace    # the tokens, and the routing trace of the call that made them
 
 Names are imported on first use, so `import mol.errors` or `mol.Recipe` stays cheap (no torch import)."""
 
@@ -17,6 +17,7 @@ import types
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "mol.access": ["AccessPolicy"],
     "mol.adapters": ["BottleneckAdapter", "LinearAdapter"],
     "mol.calibrate": ["calibrate"],
     "mol.errors": ["MolError"],

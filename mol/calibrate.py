@@ -72,7 +72,8 @@ def calibrate(model: FusedModel, texts: list[str] | str, max_tokens: int = 512) 
         return {}
     report: dict[str, float] = {}
 
-    def fit_slot(slot, h):
+    def fit_slot(slot, args):  # a forward pre-hook on each slot: fitted before its experts run
+        h = args[0]
         h_base = h.reshape(-1, h.shape[-1]).float().cpu()
         for e in slot.experts:
             if e.adapter is None:
@@ -88,11 +89,12 @@ def calibrate(model: FusedModel, texts: list[str] | str, max_tokens: int = 512) 
 
     was_training = model.training
     model.eval()
-    model.calibration_hook = fit_slot
+    hooks = [slot.register_forward_pre_hook(fit_slot) for slot in model.slots]
     try:
-        model(input_ids.to(model.device), attention_mask=mask.to(model.device))
+        model(input_ids.to(model.device), attention_mask=mask.to(model.device), trace=False)
     finally:
-        model.calibration_hook = None
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
     log.info("calibrated %d adapters", len(report))
     return report

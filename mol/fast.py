@@ -19,12 +19,10 @@ sit in a graph) and the mixing weights alone select, so the tokens are the same 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from mol.errors import ResourceError
-from mol.fused import FusedCache, FusedModel, StepContext, _pick
+from mol.fused import FusedCache, FusedModel, GenerateOutput, StepContext, next_tokens, sampling_warpers
 from mol.trace import SlotTrace, Trace
 
 _KEEP = 2  # decoders kept per model (each holds its cache buffers and graph)
@@ -212,8 +210,10 @@ class FastDecoder:
         generator: torch.Generator | None = None,
         streamer=None,
         stop=None,
-    ) -> torch.Tensor:
-        """Like FusedModel.generate (same tokens, same `last_trace`); `eos` is the set of end-of-sequence ids."""
+        return_trace: bool = False,
+    ) -> torch.Tensor | GenerateOutput:
+        """Like FusedModel.generate (same tokens, and with `return_trace` the same trace); `eos` is the set of
+        end-of-sequence ids."""
         input_ids = input_ids.to(self.device)
         bsz, q = input_ids.shape
         if bsz != self.batch or q + max_new_tokens > self.capacity:
@@ -232,6 +232,7 @@ class FastDecoder:
             self.eos[: len(eos)] = torch.tensor(eos, device=self.device)
         self.pad.fill_(pad_token_id)
         greedy = not do_sample
+        warpers = None if greedy else sampling_warpers(temperature, top_k, top_p)
         try:
             logits, prompt_routings = self._prefill(input_ids, attention_mask)
             new = 0
@@ -239,12 +240,7 @@ class FastDecoder:
                 if new > 0:
                     logits = self._step(greedy)
                 if not greedy or new == 0:
-                    pick = (
-                        logits.argmax(-1)
-                        if greedy
-                        else _pick(logits, True, temperature, top_k, top_p, generator)
-                    )
-                    self._advance(pick)
+                    self._advance(next_tokens(logits, self.ids, warpers, generator))
                 new += 1
                 if streamer is not None:
                     streamer(self.ids[:, 0].clone())
@@ -258,8 +254,9 @@ class FastDecoder:
                 f"of {bsz}; use a shorter prompt, fewer new tokens or a smaller batch."
             ) from None
         tokens = torch.cat([input_ids, self.out[:, q : q + new]], 1)
-        self.model.last_trace = self._trace(tokens[:, : q + new - 1], prompt_routings, q, new)
-        return tokens
+        if not return_trace:
+            return tokens
+        return GenerateOutput(tokens, self._trace(tokens[:, : q + new - 1], prompt_routings, q, new))
 
     def _trace(self, read_ids: torch.Tensor, prompt_routings: list, q: int, new: int) -> Trace:
         """The routing trace of every token the model read: the prompt, then each fed new token."""
@@ -276,7 +273,7 @@ class FastDecoder:
 def decoder_for(model: FusedModel, batch_size: int, length: int, **options) -> FastDecoder:
     """The model's cached decoder for this batch size and a capacity of at least `length` (rounded up to 128)."""
     capacity = -(-length // 128) * 128
-    cache: OrderedDict = model.__dict__.setdefault("_fast_decoders", OrderedDict())
+    cache = model.fast_decoders
     key = (batch_size, capacity, model.device, tuple(sorted(options.items())))
     if key not in cache:
         cache[key] = FastDecoder(model, batch_size, capacity, **options)
@@ -288,4 +285,4 @@ def decoder_for(model: FusedModel, batch_size: int, length: int, **options) -> F
 
 def reset(model: FusedModel) -> None:
     """Forget the model's cached decoders (after replacing its weights, or to free their memory)."""
-    model.__dict__.pop("_fast_decoders", None)
+    model.fast_decoders.clear()

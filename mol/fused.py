@@ -3,11 +3,18 @@ base's final norm and head. Reads top to bottom: FusedCache, ExpertBlock, FusedS
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mol.errors import ResourceError
 from mol.routers import Routing, load_balancing_loss, z_loss
@@ -42,6 +49,15 @@ class MoLOutput:
 
 
 @dataclass
+class GenerateOutput:
+    """What `generate(..., return_trace=True)` returns: the tokens, [B, T + new], and the routing trace of every
+    token the model read (the prompt and each generated token fed back)."""
+
+    sequences: torch.Tensor
+    trace: Trace
+
+
+@dataclass
 class StepContext:
     """What every block of one forward step shares."""
 
@@ -52,7 +68,6 @@ class StepContext:
     rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rotary_modules: nn.ModuleDict
     routings: list[tuple[int, Routing]] = field(default_factory=list)
-    calibrate: object = None  # callable(slot, h) used by mol.calibrate
     # Fixed shapes and no data-dependent choices (a captured CUDA graph, torch.compile): every expert of a routed
     # slot then runs on every token, and the mixing weights alone select.
     static: bool = False
@@ -85,8 +100,7 @@ class StepContext:
                 {},
                 self.rotary_modules,
                 self.routings,
-                self.calibrate,
-                self.static,
+                static=self.static,
                 windows={w: move(m) for w, m in self.windows.items()},
             )
         return self.moved[device]
@@ -95,18 +109,28 @@ class StepContext:
 class TokenSubset:
     """Runs a layer's MLP on chosen tokens only. In a routed slot, an expert's update for a token that did not
     choose it is weighted by 0, so its MLP (most of a block's cost) need not run there; the layer's own forward
-    still runs attention on every token, which keeps the expert's KV cache whole. Installed as the MLP's forward."""
+    still runs attention on every token, which keeps the expert's KV cache whole. Inserted as forward hooks on
+    the MLP (its forward, parameters and names untouched): the pre-hook keeps the chosen tokens' rows, the hook
+    puts the MLP's output for them back in place, zeros elsewhere. `rows` is set by the ExpertBlock for one
+    call of its layer only."""
 
     def __init__(self, mlp: nn.Module):
-        self.run, self.rows = mlp.forward, None
-        mlp.forward = self
+        self.rows: torch.Tensor | None = None
+        self.shape: torch.Size | None = None  # the MLP input's shape while a subset runs
+        mlp.register_forward_pre_hook(self.select)
+        mlp.register_forward_hook(self.scatter)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is None or self.rows.numel() == x.shape[:-1].numel():
-            return self.run(x)
-        flat = x.reshape(-1, x.shape[-1])
-        y = self.run(flat[self.rows])
-        return y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.rows, y).view(*x.shape[:-1], -1)
+    def select(self, mlp: nn.Module, args: tuple):
+        x = args[0]
+        subset = self.rows is not None and self.rows.numel() != x.shape[:-1].numel()
+        self.shape = x.shape if subset else None  # set afresh each call: a failed call leaves nothing behind
+        return (x.reshape(-1, x.shape[-1])[self.rows], *args[1:]) if subset else None
+
+    def scatter(self, mlp: nn.Module, args: tuple, y: torch.Tensor):
+        if self.shape is None:
+            return None
+        shape, self.shape = self.shape, None
+        return y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, self.rows, y).view(*shape[:-1], -1)
 
 
 class ExpertBlock(nn.Module):
@@ -181,8 +205,6 @@ class FusedSlot(nn.Module):
             self.device is not None
         ):  # every slot placed apart takes its device's copy of the step, not only the
             h, ctx = h.to(self.device), ctx.on(self.device)  # first one the stream enters there
-        if ctx.calibrate is not None:
-            ctx.calibrate(self, h)
         if self.router is None:
             return self.experts[0](h, ctx)
         state = None
@@ -236,6 +258,7 @@ class FusedModel(nn.Module):
         tokenizer=None,
         embedding_multiplier: float = 1.0,
         logits_divisor: float = 1.0,
+        placement=None,
     ):
         super().__init__()
         self.embedding_multiplier, self.logits_divisor = embedding_multiplier, logits_divisor  # the base's
@@ -247,13 +270,9 @@ class FusedModel(nn.Module):
         self.slots = nn.ModuleList(slots)
         self.rotary = nn.ModuleDict(rotary)
         self.tokenizer = tokenizer
-        self.last_trace: Trace | None = None
-        self.aux_loss_weight = 0.01
-        self.z_loss_weight = 0.0
-        self.calibration_hook = None  # set by mol.calibrate for one forward pass
-        # Each forward copies its routing to the host for `trace`/`last_trace`: a synchronisation per routed
-        # slot, which training (mol.train turns this off while it runs) has no use for.
-        self.keep_trace = True
+        self.placement = placement  # slots spread over devices or offloaded (mol.placement); None: one device
+        # mol.fast's decoders (static caches, captured graphs), most recently used last: see mol.fast.decoder_for
+        self.fast_decoders: OrderedDict = OrderedDict()
 
     # ---- properties -------------------------------------------------------------------------------------
     @property
@@ -287,7 +306,11 @@ class FusedModel(nn.Module):
         cache: FusedCache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool = False,
+        trace: bool = True,
     ) -> MoLOutput:
+        """One step over `input_ids` (after `cache`, if given). With `trace`, the output's `trace` holds the step's
+        routing copied to the host (a synchronisation per routed slot, which training has no use for: it passes
+        `trace=False` and reads `routings`, gradients attached)."""
         input_ids = input_ids.to(self.device)
         bsz, q = input_ids.shape
         if attention_mask is None:
@@ -309,16 +332,15 @@ class FusedModel(nn.Module):
             cache=cache,
             rotary={},
             rotary_modules=self.rotary,
-            calibrate=self.calibration_hook,
             windows=self.window_masks(full_mask, q),
         )
         logits = self.step_logits(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
 
-        trace = (
+        step_trace = (
             None
-            if not self.keep_trace
+            if not trace
             else Trace(
                 token_ids=input_ids.detach().cpu(),
                 attention_mask=attention_mask.detach().cpu(),
@@ -334,7 +356,7 @@ class FusedModel(nn.Module):
                 ],
             )
         )
-        out = MoLOutput(logits=logits, cache=cache, trace=trace, routings=ctx.routings)
+        out = MoLOutput(logits=logits, cache=cache, trace=step_trace, routings=ctx.routings)
         if ctx.routings:
             on = {
                 r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings
@@ -354,7 +376,6 @@ class FusedModel(nn.Module):
             out.loss = nn.functional.cross_entropy(
                 shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100
             )
-        self.last_trace = trace
         return out
 
     def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
@@ -403,6 +424,33 @@ class FusedModel(nn.Module):
         return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
 
     # ---- generation --------------------------------------------------------------------------------------
+    @property
+    def position_limit(self) -> int | None:
+        """The fewest positions any source model knows (its config's `max_position_embeddings`); None: no limit."""
+        limits = [getattr(s.config, "max_position_embeddings", None) for s in self.plan.sources.values()]
+        return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
+
+    def _check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt longer than the sources' positions, and a decode that would run past a learned
+        position table (an index error deep inside the step otherwise)."""
+        limit = self.position_limit
+        if limit is not None and prompt_tokens > limit:
+            raise ResourceError(
+                f"The prompt is {prompt_tokens} tokens, more than the {limit} positions the recipe's models "
+                "know; shorten it."
+            )
+        tables = [(self.positions, self.position_offset)] + [
+            (e.positions, e.position_offset) for s in self.slots for e in s.experts
+        ]
+        sizes = [t.weight.shape[0] - offset for t, offset in tables if t is not None]
+        read = prompt_tokens + max(max_new_tokens - 1, 0)  # the last new token is never fed back
+        if sizes and read > min(sizes):
+            raise ResourceError(
+                f"The prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens runs past the "
+                f"{min(sizes)} positions of the recipe's learned position table; shorten the prompt or ask "
+                "for fewer new tokens."
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -419,14 +467,18 @@ class FusedModel(nn.Module):
         streamer=None,
         stop=None,
         fast: bool | None = None,
-    ) -> torch.Tensor:
-        """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new].
+        return_trace: bool = False,
+    ) -> torch.Tensor | GenerateOutput:
+        """Greedy or sampled decoding with the fused KV cache. Returns prompt + new tokens, [B, T + new], or with
+        `return_trace` a GenerateOutput: those tokens (`sequences`) and the routing `trace` of the prompt and
+        every generated token. Sampling applies transformers' temperature, top-k and top-p warpers, in that order.
 
-        `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early.
-        `last_trace` then covers the prompt and every generated token. The fast path (mol.fast: a static cache
-        and, on CUDA, one captured CUDA graph per step) gives the same tokens with far fewer launches; `fast=None`
-        takes it when the model sits on one CUDA device, `fast=True` also on the CPU, `fast=False` never."""
+        `streamer(new_token_ids: Tensor[B])` is called after each step; `stop()` returning True ends early. The
+        fast path (mol.fast: a static cache and, on CUDA, one captured CUDA graph per step) gives the same tokens
+        with far fewer launches; `fast=None` takes it when the model sits on one CUDA device, `fast=True` also on
+        the CPU, `fast=False` never. A prompt longer than the sources' positions raises ResourceError."""
         input_ids = input_ids.to(self.device)
+        self._check_positions(input_ids.shape[1], max_new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
@@ -435,12 +487,10 @@ class FusedModel(nn.Module):
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
+        warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         if fast is None:
             fast = (
-                self.device.type == "cuda"
-                and not self.training
-                and getattr(self, "placement", None) is None
-                and len(eos) <= 8
+                self.device.type == "cuda" and not self.training and self.placement is None and len(eos) <= 8
             )
         if fast and max_new_tokens > 0:
             from mol.fast import decoder_for
@@ -458,6 +508,7 @@ class FusedModel(nn.Module):
                 generator=generator,
                 streamer=streamer,
                 stop=stop,
+                return_trace=return_trace,
             )
         cache = self.new_cache()
         tokens, masks, traces = [input_ids], [attention_mask], []
@@ -466,17 +517,12 @@ class FusedModel(nn.Module):
                 cache,
                 tokens,
                 masks,
-                traces,
+                traces if return_trace else None,
                 max_new_tokens,
                 eos,
                 pad_token_id,
-                dict(
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                ),
+                warpers,
+                generator,
                 streamer,
                 stop,
             )
@@ -488,20 +534,36 @@ class FusedModel(nn.Module):
                 f"Out of memory on {self.device} while generating {max_new_tokens} tokens for a batch of "
                 f"{input_ids.shape[0]}; use a shorter prompt, fewer new tokens or a smaller batch."
             ) from None
+        sequences = torch.cat(tokens, 1)
+        if not return_trace:
+            return sequences
         read = input_ids.shape[1] + len(traces) - 1  # the last new token was never fed back
-        self.last_trace = _join_traces(traces, torch.cat(tokens, 1)[:, :read], torch.cat(masks, 1)[:, :read])
-        return torch.cat(tokens, 1)
+        trace = _join_traces(traces, sequences[:, :read], torch.cat(masks, 1)[:, :read])
+        return GenerateOutput(sequences, trace)
 
     def _decode(
-        self, cache, tokens, masks, traces, max_new_tokens, eos, pad_token_id, sampling, streamer, stop
+        self,
+        cache,
+        tokens,
+        masks,
+        traces,
+        max_new_tokens,
+        eos,
+        pad_token_id,
+        warpers,
+        generator,
+        streamer,
+        stop,
     ):
+        """The plain decoding loop; `traces` (None: not kept) receives each step's routing trace."""
         step_ids, step_mask = tokens[0], masks[0]
         finished = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(sorted(eos), device=self.device, dtype=torch.long)
         for _ in range(max_new_tokens):
-            out = self.forward(step_ids, step_mask, cache=cache)
-            traces.append(out.trace)
-            nxt = _pick(out.logits[:, -1].float(), **sampling)
+            out = self.forward(step_ids, step_mask, cache=cache, trace=traces is not None)
+            if traces is not None:
+                traces.append(out.trace)
+            nxt = next_tokens(out.logits[:, -1].float(), step_ids, warpers, generator)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             step_mask = (~finished).long().unsqueeze(1)
             if eos:
@@ -515,20 +577,29 @@ class FusedModel(nn.Module):
                 break
 
 
-def _pick(logits, do_sample, temperature, top_k, top_p, generator):
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-5)
+def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
+    """transformers' own logits warpers for sampling, in its order: temperature, top-k, top-p (those that act)."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(max(temperature, 1e-5))))
     if top_k and top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(int(top_k)))
     if top_p < 1.0:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    return warpers
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    warpers: LogitsProcessorList | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each sequence from its last logits, [B, vocab]: greedy when `warpers` is None, else
+    sampled from the warped distribution. `input_ids` (the tokens fed last) is what the warpers are called with."""
+    if warpers is None:
+        return logits.argmax(-1)
+    probs = warpers(input_ids, logits).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mol import layout
+from mol import dtypes, layout
+from mol.access import LOCAL, AccessPolicy
 from mol.adapters import make_adapter
 from mol.errors import CheckpointError, ResourceError
 from mol.families import cache_keyword
@@ -18,27 +19,11 @@ from mol.placement import resolve_device
 from mol.plan import Plan, plan
 from mol.recipe import Recipe, to_recipe
 from mol.routers import make_router
-from mol.sources import ModelSource, checked_file, one_line
+from mol.sources import ModelSource, checked_file, one_line, read_tensor
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class TensorReader:
@@ -56,13 +41,13 @@ class TensorReader:
         self.advised: set[str] = set()  # tensors whose range the kernel was already asked for
 
     def _open(self, path: Path):
-        """The raw file, checked again (regular, and inside the allowed folders when hosted) as it is opened.
+        """The raw file, checked again (regular, and allowed by the source's policy) as it is opened.
         Byte ranges come from the header entries the plan read and checked, not from a second parse."""
         import os
 
         if path not in self.handles:
             try:
-                if checked_file(path, self.source.folder) is None:
+                if checked_file(path, self.source.folder, self.source.policy) is None:
                     raise FileNotFoundError(f"'{path}' is gone")
                 fh = self.stack.enter_context(open(path, "rb", buffering=0))
                 if hasattr(os, "posix_fadvise"):
@@ -99,28 +84,16 @@ class TensorReader:
             raise CheckpointError(
                 f"{self.source.alias}: tensor '{name}' is missing from '{self.source.folder}'."
             )
-        if info.file.suffix == ".bin":  # opt-in pickles (allow_bin), loaded with weights_only
+        if info.file.suffix == ".bin":  # opt-in pickles (policy.allow_bin), loaded with weights_only
             from mol.sources import load_pickle
 
             self.bytes_read += info.nbytes
             return load_pickle(info.file)[name]
         fh = self._open(info.file)
-        try:
-            self._will_need(info)  # beyond the prefetch: one large request, not page-sized reads
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: every byte is read into it
-            view, got = memoryview(buf.numpy()), 0
-            fh.seek(info.offset)
-            while got < len(view):
-                k = fh.readinto(view[got:])
-                if not k:
-                    raise OSError(f"end of file after {got} of {len(view)} bytes")
-                got += k
-        except OSError as exc:
-            raise CheckpointError(
-                f"'{info.file}': tensor '{name}' cannot be read ({one_line(exc)}); the file may be truncated."
-            ) from None
+        self._will_need(info)  # beyond the prefetch: one large request, not page-sized reads
+        tensor = read_tensor(fh.fileno(), info)
         self.bytes_read += info.nbytes
-        return buf.view(_ST_DTYPES[info.dtype]).reshape(info.shape)
+        return tensor
 
 
 def _fill(
@@ -163,24 +136,18 @@ def build(
     dtype: torch.dtype | str | None = None,
     weights: str | Path | None = None,
     load_tokenizer: bool = True,
-    allow_bin: bool = False,
+    policy: AccessPolicy = LOCAL,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
 ) -> FusedModel:
     """Turn a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) into a
     FusedModel on one device, or spread over several GPUs and CPU offload with `device_map` ("auto", "balanced",
-    "sequential" or {"slots.3": 1, ...}; `max_memory` as accelerate takes it): see mol.placement."""
-    the_plan = recipe if isinstance(recipe, Plan) else plan(to_recipe(recipe), allow_bin=allow_bin)
+    "sequential" or {"slots.3": 1, ...}; `max_memory` as accelerate takes it): see mol.placement. A recipe is
+    planned under `policy` (see mol.plan); a Plan keeps the policy it was made under."""
+    the_plan = recipe if isinstance(recipe, Plan) else plan(to_recipe(recipe), policy=policy)
     device = resolve_device(device)
     if isinstance(dtype, str):
-        dtype = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
+        dtype = dtypes.to_torch(dtypes.WEIGHT_NAMES[dtype])
     dtype = dtype or default_dtype(device)
     placement = None
     if device_map is not None:

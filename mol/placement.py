@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mol import dtypes
 from mol.errors import RecipeError, ResourceError
-
-_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
 @dataclass
@@ -70,7 +69,7 @@ def slot_sizes(plan, dtype: torch.dtype) -> list[int]:
             prefix = f"{plan.sources[e.alias].family.layers}.{e.layer}."
             for t in plan.reads[e.alias]:
                 if t.name.startswith(prefix):
-                    total += t.nbytes // _ELEMENT.get(t.dtype, 4) * size
+                    total += t.nbytes // dtypes.itemsize(t.dtype) * size
             if e.adapter is not None:
                 total += 2 * plan.width * e.width * size
         sizes.append(total)
@@ -81,7 +80,7 @@ def _main_bytes(plan, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     layers = tuple(f"{s.family.layers}." for s in plan.sources.values())
     return sum(
-        t.nbytes // _ELEMENT.get(t.dtype, 4) * size
+        t.nbytes // dtypes.itemsize(t.dtype) * size
         for t in plan.reads[plan.base.alias]
         if not t.name.startswith(layers)
     )

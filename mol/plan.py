@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mol import dtypes
+from mol.access import LOCAL, AccessPolicy
 from mol.errors import CheckpointError, IncompatibleModelsError, MolError, RecipeError
 from mol.recipe import Recipe, Slot
-from mol.sources import FLOAT_DTYPES, ModelSource, TensorInfo, load_source, one_line
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+from mol.sources import ModelSource, TensorInfo, load_source, one_line
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,11 @@ class Plan:
         self, dtype: str = "float32", context_tokens: int = 2048, batch: int = 1
     ) -> dict[str, int]:
         """Bytes of device memory: weights (in `dtype`), trainable parts, and the KV cache for `context_tokens`."""
-        size = _BYTES.get(dtype, 4)
+        size = dtypes.itemsize(dtype)
         weights = 0
         for ts in self.reads.values():
             for t in ts:
-                elem = max(1, _dtype_bytes(t.dtype))
+                elem = dtypes.itemsize(t.dtype)
                 weights += t.nbytes // elem * size
         trainable = (self.adapter_parameters() + self.router_parameters()) * size
         kv = 0
@@ -147,10 +147,6 @@ class Plan:
         }
 
 
-def _dtype_bytes(st_dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}.get(st_dtype, 4)
-
-
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -159,21 +155,16 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, allow_bin: bool = False) -> Plan:
-    """Resolve `recipe` against its models' configs and weight headers; raise a typed error on any problem."""
-    from mol.hosted import current_policy
-
-    policy = current_policy()
-    policy.check_recipe(recipe)
-    if allow_bin and policy.restricted:
-        from mol.errors import AccessError
-
-        raise AccessError("This server never unpickles .bin weights; use safetensors models.")
+def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, policy: AccessPolicy = LOCAL) -> Plan:
+    """Resolve `recipe` against its models' configs and weight headers; raise a typed error on any problem.
+    Models are resolved, and their files checked, under `policy` (default: unrestricted local use); each
+    source keeps it, so the build checks the files it opens against it again. `sources` already resolved are
+    taken as they are."""
     search = [recipe.source_dir] if recipe.source_dir else []
     sources = dict(sources or {})
     for alias in recipe.used_aliases:
         if alias not in sources:
-            sources[alias] = load_source(alias, recipe.models[alias], search, allow_bin=allow_bin)
+            sources[alias] = load_source(alias, recipe.models[alias], search, policy)
     unused = [a for a in recipe.models if a not in sources]
     warnings = [f"model '{a}' is listed but no slot uses it; it will not be loaded." for a in unused]
     base = sources[recipe.base]
@@ -285,12 +276,6 @@ def _meta(src: ModelSource, make, *args):
         ) from None
 
 
-def _floating(dtype: str) -> bool:
-    return (
-        dtype in FLOAT_DTYPES or dtype.startswith("torch.float") or dtype == "torch.bfloat16"
-    )  # (.bin: torch's names)
-
-
 def _checked_tensors(src: ModelSource, module, prefix: str) -> dict[str, TensorInfo]:
     """The header entries of the tensors `module` (on the meta device) takes, named as the loader reads them,
     each checked against the shape and kind of dtype the config implies."""
@@ -308,7 +293,7 @@ def _checked_tensors(src: ModelSource, module, prefix: str) -> dict[str, TensorI
                 f"{src.alias}: tensor '{full}' has shape {list(info.shape)} but config.json implies "
                 f"{list(want.shape)}; the config does not match the weights in '{src.folder}'."
             )
-        if _floating(info.dtype) != want.is_floating_point():
+        if dtypes.is_float(info.dtype) != want.is_floating_point():
             kind = "a floating-point" if want.is_floating_point() else "an integer"
             raise CheckpointError(
                 f"{src.alias}: tensor '{full}' has dtype {info.dtype}; the model takes {kind} tensor there."

@@ -31,6 +31,7 @@ import yaml
 
 from mol.errors import RecipeError
 
+MAX_ADAPTER_RANK = 65536
 ROUTER_TYPES = ("token", "pooled")
 ADAPTER_TYPES = ("linear", "bottleneck")
 MAX_SLOTS = 4096
@@ -292,8 +293,10 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
     rank = raw.get("rank")
     if kind == "bottleneck":
         rank = 64 if rank is None else rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
-            raise RecipeError(f"adapter.rank must be an integer between 1 and 65536, got {_short(rank)}.")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_ADAPTER_RANK:
+            raise RecipeError(
+                f"adapter.rank must be an integer between 1 and {MAX_ADAPTER_RANK}, got {_short(rank)}."
+            )
     elif rank is not None:
         raise RecipeError(
             "adapter.rank applies to the bottleneck adapter only; remove it or use type: bottleneck."

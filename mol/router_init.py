@@ -124,7 +124,11 @@ def ridge_routers(
     was_training = model.training
     model.eval()
     try:
-        model(input_ids.to(model.device), attention_mask=torch.ones_like(input_ids).to(model.device))
+        model(
+            input_ids.to(model.device),
+            attention_mask=torch.ones_like(input_ids).to(model.device),
+            trace=False,
+        )
     finally:
         for hook in hooks:
             hook.remove()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mol.fused import FusedModel, MoLOutput
+from mol.fused import FusedModel, GenerateOutput, MoLOutput
 from mol.recipe import AdapterSpec, ExpertRef, Recipe, RouterSpec, Slot
 from mol.sources import load_source
 
@@ -80,13 +80,10 @@ class MoLRuntime:
 
     __call__ = forward
 
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor | GenerateOutput:
+        """FusedModel.generate; `return_trace=True` gives the tokens and their routing trace."""
         return self._ready().generate(input_ids, **kwargs)
 
     @property
     def tokenizer(self):
         return self._ready().tokenizer
-
-    @property
-    def last_trace(self):
-        return self._ready().last_trace

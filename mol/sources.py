@@ -2,7 +2,8 @@
 (names, shapes, dtypes, byte ranges — no tensor data) and its tokenizer's identity.
 
 A model folder is data from whoever made it. So each file is checked before it is opened (`checked_file`: a
-regular file and, in hosted mode, inside the allowed folders), every JSON file must hold what it claims, and
+regular file and, under a restricted `AccessPolicy`, inside its allowed folders), every JSON file must hold what
+it claims, and
 errors name the problem in one line without echoing bytes of a file that is not what its name says."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from mol import dtypes
+from mol.access import LOCAL, AccessPolicy
 from mol.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
 from mol.families import Family, family_for
 
@@ -30,21 +33,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _MAX_HEADER = 100 * 2**20
 _MAX_JSON = 256 * 2**20  # the largest tokenizer.json files are tens of MiB
 _JSON_KINDS = {
@@ -84,13 +72,11 @@ def naming(alias: str):
         raise CheckpointError(msg if msg.startswith(f"{alias}: ") else f"{alias}: {msg}") from None
 
 
-def checked_file(path: Path, folder: Path) -> Path | None:
+def checked_file(path: Path, folder: Path, policy: AccessPolicy = LOCAL) -> Path | None:
     """`path`, a file of the model folder `folder`, checked before anything opens it: None when there is none;
-    refused when it is not a regular file (a folder, or a FIFO whose read would block) or, in hosted mode, when
-    its real path is outside the allowed folders."""
-    from mol.hosted import current_policy
-
-    current_policy().check_file(path, folder)
+    refused when it is not a regular file (a folder, or a FIFO whose read would block) or, under a restricted
+    `policy`, when its real path is outside the allowed folders."""
+    policy.check_file(path, folder)
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -179,10 +165,10 @@ def _tensor_info(path: Path, name: str, meta, data_start: int, data_len: int) ->
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} has a malformed header entry (not a JSON object).")
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in dtypes.SAFETENSORS:
         raise CheckpointError(
             f"{where} has dtype {one_line(repr(dtype), 40)}, which is not supported "
-            f"({', '.join(_DTYPE_BYTES)})."
+            f"({', '.join(dtypes.SAFETENSORS)})."
         )
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
         raise CheckpointError(
@@ -202,13 +188,39 @@ def _tensor_info(path: Path, name: str, meta, data_start: int, data_len: int) ->
             f"'{path}' is truncated: tensor '{one_line(name, 60)}' ends at byte {end} of {data_len}. "
             "Re-download the file."
         )
-    need = math.prod(shape) * _DTYPE_BYTES[dtype]
+    need = math.prod(shape) * dtypes.SAFETENSORS[dtype][0]
     if end - start != need:
         raise CheckpointError(
             f"{where} has {end - start} bytes, but shape {one_line(shape, 40)} of {dtype} takes "
             f"{need}; its header is corrupt."
         )
     return TensorInfo(name, path, dtype, tuple(shape), need, data_start + start)
+
+
+def read_range(fd: int, offset: int, view: memoryview, what: str) -> None:
+    """Fill `view` with the bytes of file `fd` from `offset` on (positioned reads: no shared file position, no
+    memory map); a file that ends first fails with a CheckpointError naming `what`."""
+    got = 0
+    try:
+        while got < len(view):
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if not k:
+                raise OSError(f"end of file after {got} of {len(view)} bytes")
+            got += k
+    except OSError as exc:
+        raise CheckpointError(
+            f"{what} cannot be read ({one_line(exc)}); the file may be truncated."
+        ) from None
+
+
+def read_tensor(fd: int, info: TensorInfo):
+    """The tensor `info` (a header entry `read_safetensors_header` checked) of the open file `fd`: one read of
+    exactly its byte range into a fresh buffer."""
+    import torch
+
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: every byte is read into it
+    read_range(fd, info.offset, memoryview(buf.numpy()), f"'{info.file}': tensor '{one_line(info.name, 60)}'")
+    return buf.view(dtypes.to_torch(info.dtype)).reshape(info.shape)
 
 
 @dataclass
@@ -221,8 +233,12 @@ class ModelSource:
     config: object  # transformers PretrainedConfig
     family: Family
     hub_id: str | None = None
-    allow_bin: bool = False
+    policy: AccessPolicy = LOCAL  # what it was resolved under; every file of it is checked against it
     _tensors: dict[str, TensorInfo] | None = field(default=None, repr=False)
+
+    @property
+    def allow_bin(self) -> bool:
+        return self.policy.allow_bin
 
     @property
     def width(self) -> int:
@@ -257,7 +273,7 @@ class ModelSource:
 
     def file(self, name: str) -> Path | None:
         """The folder's file `name`, checked before anything opens it (`checked_file`); None when absent."""
-        return checked_file(self.folder / name, self.folder)
+        return checked_file(self.folder / name, self.folder, self.policy)
 
     def _index_tensors(self) -> dict[str, TensorInfo]:
         index = self.file("model.safetensors.index.json")
@@ -273,18 +289,18 @@ class ModelSource:
         if not files:
             bins = sorted(self.folder.glob("pytorch_model*.bin"))
             if bins and self.allow_bin:
-                return _index_pickles([f for f in bins if checked_file(f, self.folder)])
+                return _index_pickles([f for f in bins if checked_file(f, self.folder, self.policy)])
             if bins or list(self.folder.glob("*.pt")):
                 raise CheckpointError(
                     f"{self.alias}: '{self.folder}' has only PyTorch pickle weights (.bin). Pickles can run code "
                     "when loaded, so they are refused; convert the model to safetensors "
-                    "(model.save_pretrained(..., safe_serialization=True)), or opt in with allow_bin=True "
-                    "(`--allow-bin`) if you trust the file."
+                    "(model.save_pretrained(..., safe_serialization=True)), or opt in with "
+                    "AccessPolicy(allow_bin=True) (`--allow-bin`) if you trust the file."
                 )
             raise CheckpointError(f"{self.alias}: no safetensors weights in '{self.folder}'.")
         out: dict[str, TensorInfo] = {}
         for f in files:
-            if checked_file(f, self.folder) is None:
+            if checked_file(f, self.folder, self.policy) is None:
                 named = " (named by the shard index)" if index is not None else ""
                 raise CheckpointError(
                     f"{self.alias}: weights file '{f.name}'{named} is missing from '{self.folder}'."
@@ -349,7 +365,9 @@ class ModelSource:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(
+                str(self.folder), trust_remote_code=self.policy.allow_remote_code
+            )
         except Exception as exc:
             raise CheckpointError(
                 f"{self.alias}: the tokenizer files in '{self.folder}' do not load "
@@ -403,7 +421,12 @@ def _index_pickles(files: list[Path]) -> dict[str, TensorInfo]:
     out = {}
     for f in files:
         for name, t in load_pickle(f).items():
-            out[name] = TensorInfo(name, f, str(t.dtype), tuple(t.shape), t.numel() * t.element_size())
+            dtype = dtypes.safetensors_name(t.dtype)
+            if dtype is None:
+                raise CheckpointError(
+                    f"'{f}': tensor '{one_line(name, 60)}' has unsupported dtype {t.dtype}."
+                )
+            out[name] = TensorInfo(name, f, dtype, tuple(t.shape), t.numel() * t.element_size())
     return out
 
 
@@ -483,25 +506,25 @@ def _fetch_from_hub(repo_id: str, filenames: list[str], folder: Path | None = No
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(repo_id, allow_patterns=filenames, local_files_only=_offline())
-    except Exception as exc:  # the hub client raises many kinds; all mean "not available here"
+    except Exception:  # the hub client raises many kinds; all mean "not available here"
         hint = (
             "You are offline (HF_HUB_OFFLINE=1) and this model is not in the Hub cache"
             if _offline()
             else "It could not be downloaded"
         )
         raise ModelNotFoundError(
-            f"Model '{repo_id}' is not available: {hint} ({type(exc).__name__}). Download it once with "
+            f"Model '{repo_id}' is not available: {hint}. Download it once with "
             f"`huggingface-cli download {repo_id}` while online, or point the recipe at a local folder "
             "(models: {alias: path/to/model-folder})."
         ) from None
     return Path(path)
 
 
-def resolve_folder(ref: str, search_dirs: list[Path] | None = None) -> tuple[Path, str | None]:
-    """Local folder for a model reference (path or Hub id); returns (folder, hub_id or None)."""
-    from mol.hosted import current_policy
-
-    policy = current_policy()
+def resolve_folder(
+    ref: str, search_dirs: list[Path] | None = None, policy: AccessPolicy = LOCAL
+) -> tuple[Path, str | None]:
+    """Local folder for a model reference (path or Hub id) that `policy` allows; returns (folder, hub_id or
+    None)."""
     ref = ref.strip()
     candidates = []
     try:
@@ -535,18 +558,17 @@ def resolve_folder(ref: str, search_dirs: list[Path] | None = None) -> tuple[Pat
 
 
 def load_source(
-    alias: str, ref: str, search_dirs: list[Path] | None = None, allow_bin: bool = False
+    alias: str, ref: str, search_dirs: list[Path] | None = None, policy: AccessPolicy = LOCAL
 ) -> ModelSource:
-    from mol.hosted import current_policy
-
-    folder, hub_id = resolve_folder(ref, search_dirs)
-    policy = current_policy()
+    """The source model `ref` (a local folder or Hub id) as `policy` allows it: its folder, config and family;
+    the source keeps `policy`, so every file read from it later is checked against it too."""
+    folder, hub_id = resolve_folder(ref, search_dirs, policy)
     if policy.restricted:  # transformers opens files of its own choosing in the folder: check them all first
         for where, dirs, files in os.walk(folder):
             for name in dirs + files:
                 policy.check_file(Path(where) / name, folder)
     with naming(alias):
-        cfg_path = checked_file(folder / "config.json", folder)
+        cfg_path = checked_file(folder / "config.json", folder, policy)
         if cfg_path is None:
             raise ModelNotFoundError(
                 f"{alias}: '{folder}' has no config.json; it is not a Hugging Face model folder."
@@ -562,14 +584,14 @@ def load_source(
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=policy.allow_remote_code)
     except Exception as exc:  # transformers' validation errors span lines
         raise CheckpointError(
             f"{alias}: transformers cannot read '{cfg_path}': {one_line(exc, 300)}".rstrip(".") + "."
         ) from None
     check_config(alias, config, raw, family)
     return ModelSource(
-        alias=alias, ref=ref, folder=folder, config=config, family=family, hub_id=hub_id, allow_bin=allow_bin
+        alias=alias, ref=ref, folder=folder, config=config, family=family, hub_id=hub_id, policy=policy
     )
 
 

@@ -1,4 +1,6 @@
-"""Routing trace: what every routed slot decided for every token of the last forward pass / generation."""
+"""Routing trace: what every routed slot decided for every token of one forward pass or generation. It is
+returned by the call that made it (`MoLOutput.trace`, `generate(..., return_trace=True).trace`), never kept on
+the model."""
 
 from __future__ import annotations
 

@@ -86,6 +86,24 @@ class TrainConfig:
                 raise DataError(f"{name} must be at least 1.")
         if self.steps < 0:
             raise DataError("steps must be zero or more.")
+        # NaN passes every comparison, so the finite check comes first: a NaN rate would train to garbage.
+        for name, low, high, open_low in (
+            ("lr", 0.0, math.inf, True),
+            ("router_lr", 0.0, math.inf, True),
+            ("min_lr_ratio", 0.0, 1.0, False),
+            ("mixed_share", 0.0, 1.0, False),
+            ("weight_decay", 0.0, math.inf, False),
+            ("grad_clip", 0.0, math.inf, False),
+            ("aux_loss_weight", 0.0, math.inf, False),
+            ("z_loss_weight", 0.0, math.inf, False),
+            ("distill_weight", 0.0, math.inf, False),
+        ):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
+            if not ok or (open_low and value == low):
+                bound = f"above {low:g}" if open_low else f"at least {low:g}"
+                upper = f" and at most {high:g}" if math.isfinite(high) else ""
+                raise DataError(f"{name} must be a finite number {bound}{upper}, got {value!r}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -401,7 +419,6 @@ def train(
     batches = TrainBatches(
         tokens, config.seq_len, config.batch_size * world, config.seed, config.mixed_share, config.mixed_chunk
     )
-    model.aux_loss_weight, model.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
 
     run: dict = {
         "recipe": model.recipe.to_yaml(),
@@ -464,7 +481,6 @@ def train(
     smooth = None
     step = start
     model.eval()  # no dropout anywhere: frozen source blocks must behave exactly as at inference
-    keep_trace, model.keep_trace = model.keep_trace, False  # no host copy of the routing at every step
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
@@ -476,7 +492,7 @@ def train(
                 ids, labels = batches.batch(step * config.grad_accum + micro)
                 ids, labels = distributed.rank_rows(ids).to(device), distributed.rank_rows(labels)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out_ = model(ids, labels=ids)
+                    out_ = model(ids, labels=ids, trace=False)  # no host copy of the routing at every step
                     kl = teachers.kl_terms(out_.logits, ids, labels) if teachers is not None else None
                 terms = loss_shares(out_, kl)
                 loss = (
@@ -527,7 +543,6 @@ def train(
                 break
     finally:
         bar.close()
-        model.keep_trace = keep_trace
         if config.compile:  # the compiled step suits training; generation keeps its own paths
             from mol.compiling import uncompile_network
 

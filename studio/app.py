@@ -16,8 +16,7 @@ from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from mol.hosted import current_policy, hosted  # noqa: E402
-from studio.engine import StudioEngine  # noqa: E402
+from studio.engine import StudioConfig, StudioEngine  # noqa: E402
 from studio.tabs.common import initial_workspace, palette_models, user_message  # noqa: E402
 from studio.tabs.evaluate import create_evaluate_tab, evaluation_rows  # noqa: E402
 from studio.tabs.models import create_models_tab, model_rows  # noqa: E402
@@ -173,17 +172,18 @@ def theme() -> gr.themes.Base:
     )
 
 
-def launch_settings(**overrides: Any) -> dict[str, Any]:
-    """Arguments for `Blocks.launch` (Gradio 6 takes theme and css there, not in `Blocks`)."""
+def launch_settings(config: StudioConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Arguments for `Blocks.launch` (Gradio 6 takes theme and css there, not in `Blocks`), for the studio
+    configured as `config` (default: from the environment)."""
+    config = config or StudioConfig.from_env()
     settings: dict[str, Any] = {
         "theme": theme(),
         "css": (STATIC / "studio.css").read_text(encoding="utf-8"),
         "show_error": False,
     }
-    if (
-        hosted()
-    ):  # Gradio refuses a larger upload before it reaches the studio, which also reads it as text only
-        settings["max_file_size"] = current_policy().limits.upload_bytes
+    if config.upload_bytes is not None:
+        # Gradio refuses a larger upload before it reaches the studio, which also reads it as text only
+        settings["max_file_size"] = config.upload_bytes
     if os.environ.get("SPACE_ID") is None:
         settings["server_name"] = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     settings.update(overrides)
@@ -197,7 +197,8 @@ def configure_logging() -> None:
 
 def main() -> None:
     configure_logging()
-    build_app().launch(**launch_settings())
+    config = StudioConfig.from_env()
+    build_app(StudioEngine(config)).launch(**launch_settings(config))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 import mol
+from mol.access import LOCAL, AccessPolicy
 from mol.errors import DataError, MolError, ResourceError
-from mol.hosted import current_policy, hosted
+from mol.plan import Plan
 from mol.recipe import Recipe
 from mol.sources import load_source
 from studio.errors import (
@@ -37,6 +38,7 @@ from studio.errors import (
     report_internal,
     whole,
 )
+from studio.limits import Limits, hosted, hosted_policy, hub_allowed_from_env, model_dirs_from_env
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ except ImportError:  # not on a Space: run on whatever device is there (CPU here
 
 @dataclass
 class StudioConfig:
-    """Where things are and how much a request may ask for. Hosted mode (a Space, or MANGO_HOSTED=1) is
-    `mol.hosted`'s: models only from allowed folders, request limits; the studio takes its limits from there."""
+    """Where things are and how much a request may ask for. Hosted mode (a Space, or MANGO_HOSTED=1; see
+    studio.limits): models only from the embedded folder and `model_dirs` (the Hub with `allow_hub`), no
+    pickles, no remote code, and `limits` on every request. `access_policy()` is what the engine passes to
+    every plan, build and model card; the library reads none of these settings itself."""
 
     models_dir: Path = REPO_ROOT / "assets" / "models"
     recipes_dir: Path = REPO_ROOT / "assets" / "recipes"
@@ -63,6 +67,9 @@ class StudioConfig:
     data_dir: Path | None = None  # trained weights go under it; None: the database's data folder
     db_url: str | None = None
     hosted: bool = False
+    model_dirs: list[Path] = field(default_factory=list)  # hosted: allowed besides assets/models
+    allow_hub: bool = False  # hosted: whether Hub ids resolve (local use always may)
+    limits: Limits = field(default_factory=Limits)  # enforced in hosted mode (recipe text size: always)
     cached_models: int = 3
     max_new_tokens: int = 256
     max_prompt_tokens: int = 1024
@@ -82,12 +89,16 @@ class StudioConfig:
         if os.environ.get("MANGO_DATA_DIR"):
             cfg.data_dir = Path(os.environ["MANGO_DATA_DIR"]).expanduser()
         cfg.hosted = hosted()
+        if cfg.hosted:
+            cfg.model_dirs = model_dirs_from_env()
+            cfg.allow_hub = hub_allowed_from_env()
+            cfg.limits = Limits.from_env()
         cfg.cached_models = int(os.environ.get("MANGO_CACHED_MODELS", cfg.cached_models))
         cfg.generation_concurrency = int(
             os.environ.get("MANGO_GENERATION_CONCURRENCY", cfg.generation_concurrency)
         )
         if cfg.hosted:  # many visitors: as many may wait as run, the rest are told to come back
-            limits = current_policy().limits
+            limits = cfg.limits
             cfg.max_new_tokens = min(cfg.max_new_tokens, limits.new_tokens)
             cfg.generation_concurrency = min(cfg.generation_concurrency, limits.concurrent_generations)
             cfg.generation_queue = cfg.generation_concurrency
@@ -95,6 +106,12 @@ class StudioConfig:
         if os.environ.get("MANGO_GENERATION_QUEUE", "").isdigit():
             cfg.generation_queue = int(os.environ["MANGO_GENERATION_QUEUE"])
         return cfg
+
+    def access_policy(self) -> AccessPolicy:
+        """Where models may come from: hosted, the allowed folders only (see studio.limits); else anywhere."""
+        if not self.hosted:
+            return LOCAL
+        return hosted_policy(self.model_dirs, self.allow_hub)
 
 
 class ModelCache:
@@ -322,13 +339,26 @@ class StudioEngine:
                 self._repo = get_repository(self.config.db_url)
             return self._repo
 
+    # ---- access -------------------------------------------------------------------------------------
+    @property
+    def policy(self) -> AccessPolicy:
+        """The access policy of this server's configuration, passed on every call that resolves a model."""
+        return self.config.access_policy()
+
+    def plan(self, recipe: Recipe) -> Plan:
+        """`recipe` planned as this server allows it: in hosted mode within the request limits, and its models
+        resolved under the policy. Every build, export, training and evaluation starts from such a plan."""
+        if self.config.hosted:
+            self.config.limits.check_recipe(recipe)
+        return mol.plan(recipe, policy=self.policy)
+
     # ---- models -------------------------------------------------------------------------------------
     def embedded_models(self) -> dict[str, str]:
         """alias -> reference of every model folder under `models_dir` ("mango-bard" is "bard")."""
         folder = self.config.models_dir
         if not folder.is_dir():
             return {}
-        out, policy = {}, current_policy()
+        out, policy = {}, self.policy
         for sub in sorted(folder.iterdir()):
             try:  # hosted: a folder or config that links out of the allowed folders is not offered
                 policy.check_local(sub.name, sub)
@@ -349,8 +379,8 @@ class StudioEngine:
 
     def model_card(self, alias: str, ref: str) -> dict:
         """The architecture card of one source model (reads config and weight headers only). In hosted mode
-        `mol.hosted`'s policy refuses folders outside the allowed ones (and the Hub unless allowed)."""
-        src = load_source(alias, ref, [REPO_ROOT])
+        the policy refuses folders outside the allowed ones (and the Hub unless allowed)."""
+        src = load_source(alias, ref, [REPO_ROOT], self.policy)
         card = src.card()
         card["ref"] = ref
         card["fingerprint"] = src.tokenizer_fingerprint
@@ -380,7 +410,7 @@ class StudioEngine:
     def check(self, draft: dict) -> PlanReport:
         """Validate a draft recipe and plan it (configs and weight headers only, no weights)."""
         try:
-            plan = mol.plan(self.recipe_from_dict(draft))
+            plan = self.plan(self.recipe_from_dict(draft))
         except MolError as exc:
             return PlanReport(False, public_text(str(exc)))
         except Exception as exc:  # a bug, not the user's fault: a generic line, the details in the log
@@ -410,7 +440,7 @@ class StudioEngine:
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         key = ("version", version.id, training_run_id)
-        return self.cache.get(key, lambda: mol.build(recipe, weights=weights)), version
+        return self.cache.get(key, lambda: mol.build(self.plan(recipe), weights=weights)), version
 
     def trained_weights(self, version_id: int, training_run_id: int) -> Path:
         run = self.repo.get_training_run(record_id(training_run_id, "training run"))
@@ -433,7 +463,7 @@ class StudioEngine:
         recipe = self.recipe_from_yaml(version.yaml_text)
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in recipe.name) or "model"
         work = Path(tempfile.mkdtemp(prefix="mango-model-"))
-        folder = export(recipe, work / f"{stem}-v{version.number}", weights, format=fmt).path
+        folder = export(self.plan(recipe), work / f"{stem}-v{version.number}", weights, format=fmt).path
         return Path(shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name))
 
     def push_version(
@@ -442,20 +472,23 @@ class StudioEngine:
         """Export a saved version and upload it to the Hub. In hosted mode only the visitor's own token is used."""
         from mol.export.push import push
 
-        if hosted() and not (token or "").strip():
+        if self.config.hosted and not (token or "").strip():
             raise MolError("Give your own Hugging Face token (write access) to push from this server.")
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         return push(
-            self.recipe_from_yaml(version.yaml_text), repo_id, weights, token=(token or "").strip() or None
+            self.plan(self.recipe_from_yaml(version.yaml_text)),
+            repo_id,
+            weights,
+            token=(token or "").strip() or None,
         )
 
     def fused_for_source(self, alias: str, ref: str) -> mol.FusedModel:
         """One source model alone, run through the same runtime (every layer, in order)."""
 
         def build() -> mol.FusedModel:
-            n = load_source(alias, ref, [REPO_ROOT]).num_layers
+            n = load_source(alias, ref, [REPO_ROOT], self.policy).num_layers
             recipe = Recipe.from_dict(
                 {
                     "name": f"{alias} alone",
@@ -465,19 +498,20 @@ class StudioEngine:
                 },
                 source_dir=REPO_ROOT,
             )
-            return mol.build(recipe)
+            return mol.build(self.plan(recipe))
 
         return self.cache.get(("source", alias, ref), build)
 
     # ---- generation ---------------------------------------------------------------------------------
     def check_prompt(self, prompt: Any, max_new_tokens: int) -> str:
         """The prompt as text within the limits, checked before the request waits for a turn or reads a token:
-        hosted mode's policy, and else a bound on characters far above any prompt the token limit admits."""
+        hosted mode's limits, and else a bound on characters far above any prompt the token limit admits."""
         if prompt is None:
             prompt = ""
         if not isinstance(prompt, str):
             raise InputError("The prompt must be text.")
-        current_policy().check_generation(prompt, max_new_tokens)
+        if self.config.hosted:
+            self.config.limits.check_generation(prompt, max_new_tokens)
         chars = 64 * self.config.max_prompt_tokens
         if len(prompt) > chars:
             raise ResourceError(
@@ -523,8 +557,9 @@ class StudioEngine:
                     gen = None
                     if s["do_sample"]:
                         gen = torch.Generator(device=model.device).manual_seed(s["seed"])
-                    with lock, torch.inference_mode():  # last_trace belongs to one generation at a time
-                        model.generate(
+                    # one generation at a time per model: its fast decoders' static buffers are shared
+                    with lock, torch.inference_mode():
+                        out = model.generate(
                             ids,
                             max_new_tokens=s["max_new_tokens"],
                             do_sample=s["do_sample"],
@@ -534,8 +569,9 @@ class StudioEngine:
                             generator=gen,
                             streamer=lambda t: events.put(("token", int(t[0]))),
                             stop=stop.is_set,
+                            return_trace=True,
                         )
-                        events.put(("done", self._trace_dict(model)))
+                        events.put(("done", self._trace_dict(model, out.trace)))
                 except BaseException as exc:  # handed to the consumer, which raises it in the request thread
                     events.put(("error", exc))
                 finally:
@@ -564,8 +600,7 @@ class StudioEngine:
             stop.set()
 
     @staticmethod
-    def _trace_dict(model: mol.FusedModel) -> dict:
-        trace = model.last_trace
+    def _trace_dict(model: mol.FusedModel, trace: mol.Trace) -> dict:
         ids = trace.token_ids[0]
         if trace.attention_mask is not None:
             ids = ids[trace.attention_mask[0].bool()]
@@ -712,7 +747,7 @@ class StudioEngine:
         def work() -> None:
             try:
                 outcome["result"] = train(
-                    recipe, datasets, config, out=weights, progress=False, on_step=points.put
+                    self.plan(recipe), datasets, config, out=weights, progress=False, on_step=points.put
                 )
             except BaseException as exc:  # raised again in the request thread
                 outcome["error"] = exc
@@ -767,7 +802,7 @@ class StudioEngine:
         recipe = self.recipe_from_yaml(version.yaml_text)
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         report = evaluate(
-            recipe,
+            self.plan(recipe),
             datasets,
             weights=weights,
             sources=sources,

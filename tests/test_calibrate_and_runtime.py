@@ -53,4 +53,6 @@ def test_seed_quick_start(tiny):
     # layer i of the base with layer round(i * 6 / 4) of the second model
     assert [str(s.experts[1]) for s in slots] == ["m1:0", "m1:2", "m1:3", "m1:4"]
     assert all(s.router.type == "token" for s in slots)
-    assert len(runtime.last_trace.slots) == 4
+    assert len(out.trace.slots) == 4
+    generated = runtime.generate(ids, max_new_tokens=3, eos_token_id=[], return_trace=True)
+    assert generated.sequences.shape == (2, 12) and len(generated.trace.slots) == 4

@@ -31,9 +31,9 @@ def fused():
 def first_choice_share(model, text: str, alias: str) -> float:
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        model(ids)
+        trace = model(ids).trace
     shares = []
-    for st in model.last_trace.slots:
+    for st in trace.slots:
         want = [i for i, name in enumerate(st.experts) if name.startswith(alias + ":")]
         shares.append(float(torch.isin(st.chosen[..., 0], torch.tensor(want)).float().mean()))
     return sum(shares) / len(shares)

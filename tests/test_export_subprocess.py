@@ -154,3 +154,89 @@ print(type(AutoModelForCausalLM.from_pretrained({str(folder)!r})).__module__)
     lines = proc.stdout.strip().splitlines()[-3:]
     assert lines == ["False False", "mol.export.configuration_mol", "mol.export.modeling_mol"]
     assert not (tmp_path / "modules").exists()  # no remote code was copied or run
+
+
+QUIET_LOADER = r"""
+import json, sys
+
+sys.modules["mol"] = None  # Mango is not installed here: `import mol` raises ImportError
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = sys.argv[1]
+# the loading lines of the export's own model card, run as they are written there
+card = open(folder + "/README.md", encoding="utf-8").read()
+snippet = card.split("## Loading", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+scope = {}
+exec(snippet.replace("<this folder or repo>", folder), scope)
+tokenizer, model = scope["tokenizer"], scope["model"].eval()
+ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+with open(sys.argv[2], "w") as out:  # not stdout: everything printed there counts as noise
+    json.dump({"ids": ids.tolist(), "logits": logits.tolist(), "generated": generated.tolist()}, out)
+"""
+
+
+def test_routed_export_loads_quietly_without_mol(tiny, tmp_path):
+    """Loaded as its model card says, with stdin closed and from outside the repository, a routed export asks
+    nothing (AutoTokenizer reads config.json first; an untrusted remote-code config asks "Do you wish to run the
+    custom code? [y/N]" and then falls back with "You are using a model of type `mol` ...") and warns nothing,
+    and computes the runtime's logits and generations."""
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "q",
+            "base": "l",
+            "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=96))},
+            "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "l:2"],
+        }
+    )
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    folder = export(model, tmp_path / "remote").path
+    script = tmp_path / "load.py"
+    script.write_text(QUIET_LOADER)
+    away = tmp_path / "elsewhere"  # a cwd outside the repository: no `mol` package beside it
+    away.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "got.json")],
+        cwd=away,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("custom code", "[y/N]", "trust_remote_code", "You are using a model of type", "warn"):
+        assert noise.lower() not in said.lower(), said[-3000:]
+    got = json.loads((tmp_path / "got.json").read_text())
+    ids = torch.tensor(got["ids"])
+    with torch.no_grad():
+        ours = model(ids).logits
+    assert (torch.tensor(got["logits"]) - ours).abs().max().item() <= 1e-5
+    expected = model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    assert got["generated"] == expected.tolist()
+
+
+def test_exported_code_files_are_the_library_files(tiny, tmp_path):
+    """The remote code beside the weights is copied from the library byte for byte, not generated."""
+    from mol.export import remote
+
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "c",
+            "base": "l",
+            "models": {"l": str(tiny("llama")), "g": str(tiny("gpt2", width=48))},
+            "slots": ["l:0", {"experts": ["l:1", "g:1"]}],
+        }
+    )
+    folder = export(recipe, tmp_path / "out").path
+    written = sorted(p.name for p in folder.glob("*.py"))
+    assert written == sorted(remote.CODE_FILES)
+    library = REPO / "mol" / "export"
+    for name in remote.CODE_FILES:
+        assert (folder / name).read_bytes() == (library / name).read_bytes(), name

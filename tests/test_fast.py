@@ -69,11 +69,15 @@ def test_fast_greedy_tokens_equal_plain(tiny, family):
 
 def test_fast_routed_recipe_tokens_and_trace_equal_plain(routed):
     ids, mask = _prompt(3, 6, 2, pad=2)
-    plain = routed.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=False)
-    plain_trace = routed.last_trace
-    fast = routed.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=True)
-    trace = routed.last_trace
-    assert fast.tolist() == plain.tolist()
+    plain = routed.generate(
+        ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=False, return_trace=True
+    )
+    plain_trace = plain.trace
+    fast = routed.generate(
+        ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], fast=True, return_trace=True
+    )
+    trace = fast.trace
+    assert fast.sequences.tolist() == plain.sequences.tolist()
     assert torch.equal(trace.token_ids, plain_trace.token_ids)
     assert torch.equal(trace.attention_mask, plain_trace.attention_mask)
     assert [s.slot for s in trace.slots] == [s.slot for s in plain_trace.slots]
@@ -189,6 +193,14 @@ def test_routed_slot_runs_the_mlp_only_for_chosen_tokens(tiny):
     assert (subset - dense).abs().max() <= 1e-5
     assert sum(rows_seen[:2]) == 32  # top-1: each of the 32 tokens went through exactly one expert's MLP
     assert 0 < rows_seen[0] < 32
+    # inserted as hooks: the MLP's own forward is not replaced, and its parameters keep their names
+    for e in model.slots[1].experts:
+        assert (
+            "forward" not in vars(e.layer.mlp)
+            and e.layer.mlp._forward_pre_hooks
+            and e.layer.mlp._forward_hooks
+        )
+    assert "slots.1.experts.1.layer.mlp.down_proj.weight" in model.state_dict()
 
 
 def test_routed_slot_gradients_match_dense(tiny):

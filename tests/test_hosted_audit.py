@@ -299,7 +299,7 @@ class World:
 def text_attacks(w: World) -> dict[str, str]:
     """Hostile recipe texts: paths where YAML belongs, documents that are not a mapping, absurd numbers,
     nesting and sizes. Each must be refused with a user error."""
-    limit = 100_000  # the hosted limit on recipe text (mol.hosted.Limits.recipe_chars)
+    limit = 100_000  # the hosted limit on recipe text (studio.limits.Limits.recipe_chars)
     return {
         "secret, absolute path": str(w.secret),
         "secret, relative to the working folder": os.path.relpath(w.secret, w.home),

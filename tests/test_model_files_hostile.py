@@ -18,6 +18,7 @@ import pytest
 import mol
 from mol.cli import main
 from mol.errors import AccessError, CheckpointError, ModelNotFoundError, MolError
+from studio.limits import hosted_policy
 
 # A foreign file (what /etc/passwd is to a server): none of its bytes may reach a message.
 SECRET = b"root:x:0:0:CANARY-7f3a:/root:/bin/bash\n" * 4
@@ -365,12 +366,10 @@ def test_hostile_folder_gives_a_typed_one_line_error(damaged, damage, words, dea
     ["x" * 300, "{tmp}/" + "x" * 300, "{tmp}/a\u0000b", "a\nb", "~no-such-user-here/m"],
     ids=["long-name", "long-absolute", "nul", "newline", "no-such-user"],
 )
-def test_odd_model_paths_are_one_line_errors(tmp_path, monkeypatch, ref, hosted):
-    if hosted:
-        monkeypatch.setenv("MANGO_HOSTED", "1")
-        monkeypatch.setenv("MANGO_MODEL_DIRS", str(tmp_path))
+def test_odd_model_paths_are_one_line_errors(tmp_path, ref, hosted):
+    policy = hosted_policy([tmp_path]) if hosted else mol.AccessPolicy()
     with pytest.raises((ModelNotFoundError, AccessError)) as info:
-        mol.plan(recipe(ref.format(tmp=tmp_path)))
+        mol.plan(recipe(ref.format(tmp=tmp_path)), policy=policy)
     assert "\n" not in str(info.value)
 
 
@@ -446,9 +445,9 @@ def world(tmp_path, tiny, monkeypatch):
     return {"root": tmp_path.resolve(), "allowed": allowed.resolve(), "outside": outside, "secret": secret}
 
 
-def _hosted(monkeypatch, world):
-    monkeypatch.setenv("MANGO_HOSTED", "1")
-    monkeypatch.setenv("MANGO_MODEL_DIRS", str(world["allowed"]))
+def _hosted(world) -> mol.AccessPolicy:
+    """The policy the hosted studio passes, with the test's allowed folder (the library reads no env)."""
+    return hosted_policy([world["allowed"]])
 
 
 def _links_everything(m, w):
@@ -495,35 +494,33 @@ def _model_with(world, damage) -> Path:
 
 
 @pytest.mark.parametrize("damage", [c[1] for c in HOSTED_CASES], ids=[c[0] for c in HOSTED_CASES])
-def test_hosted_mode_opens_nothing_a_link_leads_to(world, monkeypatch, audit, damage):
-    _hosted(monkeypatch, world)
+def test_hosted_mode_opens_nothing_a_link_leads_to(world, audit, damage):
+    policy = _hosted(world)
     model = _model_with(world, damage)
     with audit() as opened, pytest.raises(AccessError) as info:
-        mol.plan(recipe(str(model)))
+        mol.plan(recipe(str(model)), policy=policy)
     assert_clean(str(info.value), "outside the folders")
     assert _outside(opened, world["allowed"], world["root"]) == []
 
 
 @pytest.mark.parametrize("hosted", [True, False], ids=["hosted", "local"])
 @pytest.mark.parametrize("target", [c[1] for c in INDEX_CASES], ids=[c[0] for c in INDEX_CASES])
-def test_a_shard_index_cannot_lead_out_of_its_folder(world, monkeypatch, audit, target, hosted):
-    if hosted:
-        _hosted(monkeypatch, world)
+def test_a_shard_index_cannot_lead_out_of_its_folder(world, audit, target, hosted):
+    policy = _hosted(world) if hosted else mol.AccessPolicy()
     model = _model_with(world, lambda m, w: with_index(m, lambda i: i["weight_map"].update({Q: target(w)})))
     with audit() as opened, pytest.raises((CheckpointError, AccessError)) as info:
-        mol.plan(recipe(str(model)))
+        mol.plan(recipe(str(model)), policy=policy)
     assert_clean(str(info.value), "inside the model folder")
     assert _outside(opened, world["allowed"], world["root"]) == []
 
 
-def test_a_shard_linked_out_is_refused_hosted_or_not(world, monkeypatch, audit):
+def test_a_shard_linked_out_is_refused_hosted_or_not(world, audit):
     model = _model_with(world, _index_link_out_world)
     with audit() as opened, pytest.raises(CheckpointError):
         mol.plan(recipe(str(model)))
     assert _outside(opened, world["allowed"], world["root"]) == []
-    _hosted(monkeypatch, world)
     with audit() as opened, pytest.raises(MolError):
-        mol.plan(recipe(str(model)))
+        mol.plan(recipe(str(model)), policy=_hosted(world))
     assert _outside(opened, world["allowed"], world["root"]) == []
 
 
@@ -531,33 +528,37 @@ def _index_link_out_world(m, w):
     _index_link_out(m, {"elsewhere": w["outside"]})
 
 
-def test_hosted_links_inside_the_allowed_folders_are_fine(world, monkeypatch, audit):
+def test_hosted_links_inside_the_allowed_folders_are_fine(world, audit):
     """A folder whose files link to another allowed model (as a Hub snapshot links to its blobs) is served,
     and planning and building it opens nothing outside the allowed folders."""
-    _hosted(monkeypatch, world)
+    policy = _hosted(world)
     model = world["allowed"] / "linked"
     model.mkdir()
     for f in (world["allowed"] / "good").iterdir():
         (model / f.name).symlink_to(f)
     with audit() as opened:
-        p = mol.plan(recipe(str(model)))
-        fused = mol.build(p, device="cpu", dtype="float32")
-    assert fused.tokenizer is not None
+        p = mol.plan(recipe(str(model)), policy=policy)
+        fused = mol.build(p, device="cpu", dtype="float32")  # the plan's sources keep their policy
+    assert fused.tokenizer is not None and p.base.policy == policy
     assert any(
         os.path.realpath(o).startswith(str(world["allowed"])) for o in opened
     )  # the hook does see opens
     assert _outside(opened, world["allowed"], world["root"]) == []
 
 
-def test_the_studio_does_not_list_a_folder_that_links_out(world, monkeypatch, tmp_path):
+def test_the_studio_does_not_list_a_folder_that_links_out(world, tmp_path):
     from studio.engine import StudioConfig, StudioEngine
 
-    _hosted(monkeypatch, world)
     (world["allowed"] / "mango-evil").symlink_to(world["outside"], target_is_directory=True)
     (world["allowed"] / "mango-sly").mkdir()
     (world["allowed"] / "mango-sly" / "config.json").symlink_to(world["outside"] / "config.json")
-    engine = StudioEngine(StudioConfig(models_dir=world["allowed"], db_url=f"sqlite:///{tmp_path / 's.db'}"))
-    assert set(engine.embedded_models()) == {"good"}
+    config = StudioConfig(
+        models_dir=world["allowed"],
+        db_url=f"sqlite:///{tmp_path / 's.db'}",
+        hosted=True,
+        model_dirs=[world["allowed"]],
+    )
+    assert set(StudioEngine(config).embedded_models()) == {"good"}
 
 
 @pytest.mark.parametrize("hosted", [True, False], ids=["hosted", "local"])
@@ -569,10 +570,7 @@ def test_a_hub_snapshot_whose_files_link_to_blobs_plans(tiny, tmp_path, monkeypa
     hub = tmp_path / "hub"
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    if hosted:
-        monkeypatch.setenv("MANGO_HOSTED", "1")
-        monkeypatch.setenv("MANGO_HOSTED_ALLOW_HUB", "1")
-        monkeypatch.setenv("MANGO_MODEL_DIRS", str(tmp_path / "allowed"))
+    policy = hosted_policy([tmp_path / "allowed"], allow_hub=True) if hosted else mol.AccessPolicy()
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = hub / "models--mango-test--linked"
     snap, blobs = repo / "snapshots" / commit, repo / "blobs"
@@ -585,5 +583,5 @@ def test_a_hub_snapshot_whose_files_link_to_blobs_plans(tiny, tmp_path, monkeypa
         (snap / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    p = mol.plan(recipe("mango-test/linked"))
+    p = mol.plan(recipe("mango-test/linked"), policy=policy)
     assert p.base.hub_id == "mango-test/linked" and p.tensors_to_read > 0

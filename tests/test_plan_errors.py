@@ -128,11 +128,28 @@ def test_pickle_checkpoint_loads_when_the_user_opts_in(tiny, tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     r = recipe({"a": str(folder)}, ["a:0-3"])
-    model = mol.build(r, device="cpu", allow_bin=True)
+    model = mol.build(r, device="cpu", policy=mol.AccessPolicy(allow_bin=True))
     ref = mol.build(recipe({"a": str(tiny("llama"))}, ["a:0-3"]), device="cpu")
     ids = torch.randint(1, 300, (1, 6))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_the_cli_opts_in_to_pickles_with_allow_bin(tiny, tmp_path, capsys):
+    """`--allow-bin` is the CLI's way to the policy's allow_bin; without it a .bin-only folder is refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mol.cli import main
+
+    folder = copy_model(tiny("llama"), tmp_path / "pickle-cli")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    rfile = tmp_path / "r.yaml"
+    rfile.write_text(f"name: p\nmodels: {{a: {json.dumps(str(folder))}}}\nslots: [a:0]\n")
+    assert main(["plan", str(rfile)]) == 2 and "--allow-bin" in capsys.readouterr().err
+    assert main(["plan", "--allow-bin", str(rfile)]) == 0
 
 
 def test_the_plan_records_each_layers_sliding_window(tiny):

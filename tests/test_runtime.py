@@ -165,11 +165,16 @@ def test_cross_family_token_routed_cache_equals_full(tiny):
     full, inc, cache = _incremental_vs_full(model, ids, mask)
     real = mask.bool()
     assert (full[real] - inc[real]).abs().max().item() <= 1e-4
-    chosen = model.last_trace  # the last step's trace: one token
-    assert chosen.slots[0].chosen.shape == (2, 1, 1)
-    out = model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=5, eos_token_id=[])
-    assert out.shape == (2, 11)
-    trace = model.last_trace
+    with torch.no_grad():
+        step = model(
+            ids[:, -1:], attention_mask=mask[:, -1:], cache=cache
+        ).trace  # one step's trace: one token
+    assert step.slots[0].chosen.shape == (2, 1, 1)
+    out = model.generate(
+        ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=5, eos_token_id=[], return_trace=True
+    )
+    assert out.sequences.shape == (2, 11)
+    trace = out.trace
     assert [s.slot for s in trace.slots] == [1, 3]
     assert trace.slots[1].chosen.shape == (2, 10, 2)
     assert trace.slots[0].probs.shape == (2, 10, 2)
@@ -179,8 +184,8 @@ def test_cross_family_token_routed_cache_equals_full(tiny):
 
 def test_pooled_router_decides_once_per_sequence(cross_model):
     ids = torch.randint(1, 380, (2, 7), generator=torch.Generator().manual_seed(6))
-    cross_model.generate(ids, max_new_tokens=6, eos_token_id=[])
-    pooled = [s for s in cross_model.last_trace.slots if s.router == "pooled"][0]
+    trace = cross_model.generate(ids, max_new_tokens=6, eos_token_id=[], return_trace=True).trace
+    pooled = [s for s in trace.slots if s.router == "pooled"][0]
     for b in range(2):
         assert len(set(pooled.chosen[b, :, 0].tolist())) == 1
 

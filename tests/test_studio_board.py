@@ -97,6 +97,21 @@ def test_draft_lists_only_used_models_and_round_trips_through_recipe():
     assert rb.slots_of(recipe) == slots(["bard:0"], ["bard:1", "coder:1"])
 
 
+@pytest.mark.parametrize("rank", [1e300, float("nan"), -3, 65537, 2.5, 10**400])
+def test_board_refuses_a_rank_no_recipe_can_hold_where_it_comes_in(rank):
+    with pytest.raises(RecipeError, match="bottleneck rank must be a whole number") as err:
+        rb.draft_recipe("d", "bard", "bottleneck", rank, MODELS, slots(["bard:0"]))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 120
+
+
+@pytest.mark.parametrize("top_k", [10**300, 3, 0.5])
+def test_board_refuses_a_top_k_beyond_its_experts(top_k):
+    board = slots(["bard:1", "coder:1"])
+    board[0]["router"] = {"type": "token", "top_k": top_k}
+    with pytest.raises(RecipeError, match="top_k must be a whole number"):
+        rb.draft_recipe("d", "bard", "linear", None, MODELS, board)
+
+
 def test_mergekit_passthrough_import():
     text = """
 slices:

@@ -179,6 +179,8 @@ def test_clamp_settings():
 
 
 def test_hosted_mode_only_opens_allowed_models(engine, models_dir, tiny, monkeypatch):
+    monkeypatch.setattr(engine.config, "hosted", True)  # what StudioConfig.from_env makes of the env below
+    monkeypatch.setattr(engine.config, "model_dirs", [models_dir])
     monkeypatch.setenv("MANGO_HOSTED", "1")
     monkeypatch.setenv("MANGO_MODEL_DIRS", str(models_dir))
     assert engine.model_card("bard", engine.embedded_models()["bard"])["layers"] == 4

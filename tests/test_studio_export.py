@@ -52,5 +52,5 @@ def test_push_offline_fails_clearly(engine, monkeypatch):
     with pytest.raises(MolError):
         engine.push_version(v.id, "someone/model", token="hf_fake")
     with pytest.raises(MolError, match="own Hugging Face token"):
-        monkeypatch.setenv("MANGO_HOSTED", "1")
+        monkeypatch.setattr(engine.config, "hosted", True)
         engine.push_version(v.id, "someone/model", token="")

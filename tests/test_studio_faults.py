@@ -267,8 +267,8 @@ def test_gate_admits_in_order_and_waiters_time_out():
 
 
 def test_hosted_mode_takes_its_generation_and_upload_limits_from_the_policy(monkeypatch):
-    from mol.hosted import Limits
     from studio.app import launch_settings
+    from studio.limits import Limits
 
     monkeypatch.setenv("MANGO_HOSTED", "1")
     monkeypatch.setenv("MANGO_GENERATION_CONCURRENCY", "8")

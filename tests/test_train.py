@@ -84,7 +84,8 @@ def test_training_lowers_the_loss_and_leaves_source_blocks_bit_identical(recipe,
     assert reported == result.curve and [p["step"] for p in reported] == list(
         range(1, 16)
     )  # live, step by step
-    assert model.keep_trace and model(tokens["prose"].ids[None, :8]).trace is not None  # tracing is back on
+    assert model(tokens["prose"].ids[None, :8]).trace is not None  # a plain forward still traces
+    assert model(tokens["prose"].ids[None, :8], trace=False).trace is None  # as training calls it
 
 
 def test_saved_weights_reload_to_the_same_logits(recipe, data, tmp_path):
@@ -280,3 +281,22 @@ def test_compiled_training_gives_the_eager_weights_and_leaves_the_model_uncompil
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)  # float reassociation in the graph
     assert "step_logits" not in compiled.__dict__  # generation runs the plain step again
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", float("nan")),
+        ("lr", 0.0),
+        ("router_lr", float("inf")),
+        ("router_lr", -1e-3),
+        ("mixed_share", 1.5),
+        ("min_lr_ratio", float("nan")),
+        ("grad_clip", -1.0),
+        ("aux_loss_weight", float("nan")),
+        ("distill_weight", "0.1"),
+    ],
+)
+def test_a_config_no_run_could_use_is_refused_with_its_field_named(field, value):
+    with pytest.raises(DataError, match=f"^{field} must be a finite number"):
+        TrainConfig(**{field: value})

@@ -355,15 +355,15 @@ def _training(b, mode: str, flops: int | None = None) -> dict:
     for p in params:
         p.data = p.data.float()  # trainable parts in fp32; the frozen blocks stay bf16
     model.train()
-    model.keep_trace = False  # as mol.train runs it
+    aux_weight = mol.TrainConfig().aux_loss_weight  # mol.train's default
     opt = torch.optim.AdamW(params, lr=1e-4, fused=b.cuda)
     bsz, length = b.prefill_shape
     ids = torch.randint(3, b.vocab, (bsz, length), generator=torch.Generator().manual_seed(4)).to(b.device)
 
     def step():
         with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
-            o = model(ids, labels=ids)
-            loss = o.loss + model.aux_loss_weight * o.aux_loss
+            o = model(ids, labels=ids, trace=False)  # as mol.train runs it: no host copy of the routing
+            loss = o.loss + aux_weight * o.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from mol.access import AccessPolicy
 from mol.recipe import Recipe
 
 
@@ -23,6 +24,11 @@ def add_allow_bin(parser) -> None:
         action="store_true",
         help="also load PyTorch pickle (.bin) weights; only for files you trust",
     )
+
+
+def access_policy(args) -> AccessPolicy:
+    """The access policy a command runs under: local use, with pickles only when `--allow-bin` is given."""
+    return AccessPolicy(allow_bin=bool(getattr(args, "allow_bin", False)))
 
 
 def print_json(data) -> None:

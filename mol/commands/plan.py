@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mol.commands import add_allow_bin, argtypes, load_recipe, print_json
+from mol.commands import access_policy, add_allow_bin, argtypes, load_recipe, print_json
 from mol.plan import plan
 
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from mol.distributed import memory_line, memory_per_rank
 
-    the_plan = plan(load_recipe(args.recipe), allow_bin=args.allow_bin)
+    the_plan = plan(load_recipe(args.recipe), policy=access_policy(args))
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "0"))
     if args.json:
         print_json(

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from mol.commands import add_allow_bin, argtypes, load_recipe, print_json
+from mol.commands import access_policy, add_allow_bin, argtypes, load_recipe, print_json
 from mol.errors import ResourceError
 
 
@@ -30,7 +30,7 @@ def run(args) -> int:
     from mol.loading import build
 
     model = build(
-        load_recipe(args.recipe), device=args.device, weights=args.weights, allow_bin=args.allow_bin
+        load_recipe(args.recipe), device=args.device, weights=args.weights, policy=access_policy(args)
     )
     tok = model.tokenizer
     if tok is None:
@@ -62,9 +62,10 @@ def run(args) -> int:
         top_p=args.top_p,
         generator=gen,
         streamer=stream,
+        return_trace=True,
     )
-    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    trace = model.last_trace
+    text = tok.decode(out.sequences[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    trace = out.trace
     tokens = [tok.decode([i]) for i in trace.token_ids[0].tolist()]
     if args.json:
         print_json({"prompt": args.prompt, "completion": text, "trace": trace.to_dict(0, tokens)})

@@ -184,29 +184,22 @@ def _resolve(obj):
 def _dtype(dtype, model, the_plan):
     import torch
 
+    from mol import dtypes
     from mol.errors import RecipeError
-    from mol.export.shards import ST_DTYPES
 
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
     if isinstance(dtype, str):
-        if dtype not in names:
-            raise RecipeError(f"Unknown dtype '{dtype}'; use one of: {', '.join(names)}.")
-        return names[dtype]
+        if dtype not in dtypes.WEIGHT_NAMES:
+            raise RecipeError(f"Unknown dtype '{dtype}'; use one of: {', '.join(dtypes.WEIGHT_NAMES)}.")
+        return dtypes.to_torch(dtypes.WEIGHT_NAMES[dtype])
     if dtype is not None:
         return dtype
     if model is not None:
         return model.dtype
     base = the_plan.base
     embed = base.tensors.get(base.family.embed + ".weight")
-    found = ST_DTYPES.get(embed.dtype) if embed is not None else None
-    return found if found is not None and found.is_floating_point else torch.float32
+    # a float8 base is stored that small for serving, not for the adapters and routers written beside it
+    wide_float = embed is not None and dtypes.is_float(embed.dtype) and dtypes.itemsize(embed.dtype) > 1
+    return dtypes.to_torch(embed.dtype) if wide_float else torch.float32
 
 
 def _public_recipe(the_plan) -> dict:

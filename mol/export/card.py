@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from mol.errors import RecipeError
 from mol.plan import Plan
+from mol.recipe import parse_yaml
 from mol.sources import ModelSource
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
@@ -32,8 +34,8 @@ def source_licence(src: ModelSource) -> str | None:
         return None
     try:
         m = _FRONT_MATTER.match(readme.read_text(encoding="utf-8", errors="replace"))
-        meta = yaml.safe_load(m.group(1)) if m else None
-    except yaml.YAMLError:
+        meta = parse_yaml(m.group(1), "model card") if m else None
+    except (OSError, RecipeError):  # an unreadable or hostile card just has no licence to report
         return None
     if not isinstance(meta, dict) or not meta.get("license"):
         return None
@@ -105,7 +107,14 @@ def model_card(
         lines.append(
             'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)'
         )
-    lines.append('tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")')
+    if fmt == "standard":
+        lines.append('tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")')
+    else:
+        # AutoTokenizer reads config.json first (transformers 5), and a config that is remote code asks
+        # "Do you wish to run the custom code? [y/N]" unless it is trusted: the tokenizer needs the flag too.
+        lines.append(
+            'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>", trust_remote_code=True)'
+        )
     lines.append("```")
     lines.append("")
     if fmt == "standard":

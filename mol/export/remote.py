@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mol import layout
 from mol.export.shards import TensorEntry, entry_from_file, entry_from_tensor
 from mol.export.trainable import TrainableParts
 from mol.plan import Plan
@@ -91,54 +92,32 @@ def remote_config(the_plan: Plan, dtype: torch.dtype, recipe_dict: dict):
 
 def remote_entries(the_plan: Plan, parts: TrainableParts, dtype: torch.dtype | None) -> list[TensorEntry]:
     """What the runtime's loader reads, under the fused model's own names: each module is built on the meta
-    device to learn its tensor names, exactly as `mol.build` does."""
-    from mol import layout
-
+    device to learn its tensor names, exactly as `mol.build` does (mol.layout)."""
     base = the_plan.base
     shells = {a: layout.shell(s) for a, s in the_plan.sources.items()}
     entries: list[TensorEntry] = []
 
     def add(src: ModelSource, module: torch.nn.Module, file_prefix: str, out_prefix: str) -> None:
         for name in module.state_dict():
-            t = src.tensors[f"{file_prefix}.{name}"]
-            entries.append(entry_from_file(f"{out_prefix}.{name}", t.file, t.name, t.dtype, t.shape, dtype))
-
-    def part(alias: str, path: str | None) -> torch.nn.Module | None:
-        if not path:
-            return None
-        try:
-            mod = shells[alias].get_submodule(path)
-        except AttributeError:
-            return None
-        return mod if mod is not None and list(mod.state_dict()) else None
+            entries.append(
+                entry_from_file(f"{out_prefix}.{name}", src.tensors[f"{file_prefix}.{name}"], dtype)
+            )
 
     for role in _BASE_ROLES:
         path = getattr(base.family, role)
-        mod = part(base.alias, path)
+        mod = layout.part(shells[base.alias], path)
         if mod is not None:
             add(base, mod, path, role)
-    head_file = base.family.head_in_files(base.tensors)
-    if head_file is not None:  # otherwise tied to the embedding (config.tie_word_embeddings)
-        head = next(m for m in (part(base.alias, h) for h in base.family.head_names()) if m is not None)
-        add(base, head, head_file, "head")
-
-    layer_classes = {
-        a: type(shells[a].get_submodule(s.family.layers)[0]) for a, s in the_plan.sources.items()
-    }
-    configs = {a: layout.source_config(s) for a, s in the_plan.sources.items()}
+    head = layout.head(base, shells[base.alias])
+    if head is not None:  # otherwise tied to the embedding (config.tie_word_embeddings)
+        add(base, *head, "head")
     for sp in the_plan.slots:
         for j, e in enumerate(sp.experts):
-            src = the_plan.sources[e.alias]
-            with torch.device("meta"):
-                layer = layer_classes[e.alias](configs[e.alias], e.layer)
-            add(src, layer, f"{src.family.layers}.{e.layer}", f"slots.{sp.index}.experts.{j}.layer")
+            src, shell = the_plan.sources[e.alias], shells[e.alias]
+            out = f"slots.{sp.index}.experts.{j}"
+            add(src, layout.layer(src, shell, e.layer), f"{src.family.layers}.{e.layer}", f"{out}.layer")
             if e.add_positions:
-                add(
-                    src,
-                    part(e.alias, src.family.positions),
-                    src.family.positions,
-                    f"slots.{sp.index}.experts.{j}.positions",
-                )
+                add(src, layout.part(shell, src.family.positions), src.family.positions, f"{out}.positions")
     for name, tensor in parts.trainable_state_dict().items():
         # Routers run in float32 whatever the model's dtype (as in the runtime); adapters follow the model.
         entries.append(entry_from_tensor(name, tensor, None if ".router." in name else dtype))

@@ -13,22 +13,10 @@ from pathlib import Path
 
 import torch
 
+from mol import dtypes
 from mol.errors import CheckpointError
+from mol.sources import TensorInfo, read_range
 
-# safetensors dtype names <-> torch dtypes
-ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 CHUNK_BYTES = 32 * 2**20  # copy (and cast) at most this many source bytes at a time
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -37,15 +25,15 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 class TensorEntry:
     """One tensor of the output: where its data comes from and what it becomes.
 
-    Either `file` + `source_name` (read from a source checkpoint) or `tensor` (already in memory: adapters,
-    routers). `dtype` is the output dtype (floats are cast; other dtypes are copied as they are)."""
+    Either `source` (a header entry of a source checkpoint, as the plan read and checked it) or `tensor` (already
+    in memory: adapters, routers). `dtype` is the output dtype (floats are cast; other dtypes are copied as they
+    are)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     source_dtype: torch.dtype
-    file: Path | None = None
-    source_name: str | None = None
+    source: TensorInfo | None = None
     tensor: torch.Tensor | None = None
 
     @property
@@ -64,31 +52,17 @@ def output_dtype(source: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted if wanted is not None and source.is_floating_point else source
 
 
-def entry_from_file(
-    name: str,
-    file: Path,
-    source_name: str,
-    st_dtype: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype | None = None,
-) -> TensorEntry:
-    src = ST_DTYPES.get(st_dtype)
-    if src is None:
-        src = _pickle_dtype(st_dtype)
-    return TensorEntry(name, tuple(shape), output_dtype(src, dtype), src, file=file, source_name=source_name)
+def entry_from_file(name: str, source: TensorInfo, dtype: torch.dtype | None = None) -> TensorEntry:
+    try:
+        src = dtypes.to_torch(source.dtype)
+    except KeyError:
+        raise CheckpointError(f"Unsupported tensor dtype '{source.dtype}' in a source checkpoint.") from None
+    return TensorEntry(name, tuple(source.shape), output_dtype(src, dtype), src, source=source)
 
 
 def entry_from_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorEntry:
     t = tensor.detach()
     return TensorEntry(name, tuple(t.shape), output_dtype(t.dtype, dtype), t.dtype, tensor=t)
-
-
-def _pickle_dtype(name: str) -> torch.dtype:
-    """TensorInfo of opt-in `.bin` sources carries torch's own dtype name ("torch.float32")."""
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"Unsupported tensor dtype '{name}' in a source checkpoint.")
-    return dt
 
 
 def parse_size(value: int | str, zero_ok: bool = False) -> int:
@@ -143,44 +117,28 @@ class SourceReader:
     stay in the process's resident memory)."""
 
     def __init__(self):
-        self._offsets: dict[Path, tuple[int, dict[str, tuple[int, int]]]] = {}
-        self._pickles: dict[Path, dict] = {}
         self._buf: memoryview | None = None
-
-    def _header(self, file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-        if file not in self._offsets:
-            try:
-                with open(file, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    header = json.loads(fh.read(n))
-            except (OSError, ValueError, struct.error) as exc:
-                raise CheckpointError(f"'{file}' cannot be read as safetensors: {exc}.") from None
-            offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
-            self._offsets[file] = (8 + n, offsets)
-        return self._offsets[file]
 
     def chunks(self, entry: TensorEntry) -> Iterable[memoryview]:
         """The output bytes of `entry`, in pieces of at most about CHUNK_BYTES."""
         if entry.tensor is not None:
             yield _to_bytes(entry.tensor.to("cpu").to(entry.dtype).contiguous())
             return
-        if entry.file.suffix != ".safetensors":
-            yield _to_bytes(self._pickle_tensor(entry).to(entry.dtype).contiguous())
+        src = entry.source
+        if src.file.suffix != ".safetensors":  # opt-in pickles (allow_bin), loaded with weights_only
+            from mol.sources import load_pickle
+
+            yield _to_bytes(load_pickle(src.file)[src.name].to(entry.dtype).contiguous())
             return
-        start_of_data, offsets = self._header(entry.file)
-        if entry.source_name not in offsets:
-            raise CheckpointError(f"'{entry.file}': tensor '{entry.source_name}' is missing.")
-        begin, end = offsets[entry.source_name]
         src_item = _itemsize(entry.source_dtype)
         step = max(src_item, CHUNK_BYTES // src_item * src_item)
-        buffer = self._buffer(min(step, end - begin))
-        with open(entry.file, "rb", buffering=0) as fh:
-            pos = begin
+        buffer = self._buffer(min(step, src.nbytes))
+        with open(src.file, "rb", buffering=0) as fh:
+            pos, end = src.offset, src.offset + src.nbytes
             while pos < end:
                 want = min(step, end - pos)
                 view = buffer[:want]
-                if os.preadv(fh.fileno(), [view], start_of_data + pos) != want:
-                    raise CheckpointError(f"'{entry.file}' is truncated inside tensor '{entry.source_name}'.")
+                read_range(fh.fileno(), pos, view, f"'{src.file}': tensor '{src.name}'")
                 pos += want
                 if entry.dtype == entry.source_dtype:
                     yield view  # written before the next read reuses the buffer
@@ -192,13 +150,6 @@ class SourceReader:
         if self._buf is None or len(self._buf) < size:
             self._buf = memoryview(bytearray(size))
         return self._buf
-
-    def _pickle_tensor(self, entry: TensorEntry) -> torch.Tensor:
-        if entry.file not in self._pickles:
-            self._pickles[entry.file] = torch.load(
-                str(entry.file), map_location="cpu", weights_only=True, mmap=True
-            )
-        return self._pickles[entry.file][entry.source_name]
 
 
 def _to_bytes(t: torch.Tensor) -> memoryview:
@@ -213,7 +164,7 @@ def write_shard(path: Path, entries: list[TensorEntry], reader: SourceReader) ->
     offset = 0
     for e in entries:
         header[e.name] = {
-            "dtype": TORCH_TO_ST[e.dtype],
+            "dtype": dtypes.safetensors_name(e.dtype),
             "shape": list(e.shape),
             "data_offsets": [offset, offset + e.nbytes],
         }

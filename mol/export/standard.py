@@ -113,8 +113,7 @@ def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEn
     post = [n for n in non_layer if not n.startswith(pre_prefixes)]
 
     def from_base(name: str) -> TensorEntry:
-        t = base.tensors[name]
-        return entry_from_file(name, t.file, name, t.dtype, t.shape, dtype)
+        return entry_from_file(name, base.tensors[name], dtype)
 
     entries = [from_base(n) for n in pre]
     for sp in the_plan.slots:
@@ -122,9 +121,8 @@ def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEn
         src = the_plan.sources[e.alias]
         prefix = src.family.layer_prefix(e.layer)
         for name in sorted(n for n in src.tensors if n.startswith(prefix)):
-            t = src.tensors[name]
             out = base.family.layer_prefix(sp.index) + name[len(prefix) :]
-            entries.append(entry_from_file(out, t.file, name, t.dtype, t.shape, dtype))
+            entries.append(entry_from_file(out, src.tensors[name], dtype))
     entries.extend(from_base(n) for n in post)
     return entries
 

@@ -14,11 +14,11 @@ import gradio as gr
 
 from mol.errors import RecipeError
 from mol.export.mergekit import export_mergekit
-from mol.hosted import current_policy
 from studio.db import VersionConflictError
 from studio.engine import PlanReport, StudioEngine
 from studio.errors import flag, recipe_text, record_id, whole
 from studio.errors import text as text_arg
+from studio.limits import Limits
 from studio.tabs import recipe_board as rb
 from studio.tabs.common import (
     api_errors,
@@ -130,15 +130,16 @@ def _jsonable(obj: Any) -> Any:
 # ---- what the tab does (plain functions, used by the UI callbacks and the API) ------------------------
 
 
-def checked_yaml(value: object) -> str:
-    """Recipe YAML from a request: text, at most the policy's `recipe_chars` characters, and no alias bomb."""
-    return recipe_text(value, current_policy().limits.recipe_chars)
+def checked_yaml(value: object, limit: int = Limits.recipe_chars) -> str:
+    """Recipe YAML from a request: text, at most `limit` characters (the studio's `limits.recipe_chars`), and
+    no alias bomb."""
+    return recipe_text(value, limit)
 
 
 def save_recipe(engine: StudioEngine, yaml_text: str, note: str = "", based_on: dict | None = None):
     """Store a recipe as a new version (a new recipe when no live one has its name). Returns the version and
     a warning when someone saved the same recipe meanwhile (both versions are kept)."""
-    recipe = engine.recipe_from_yaml(checked_yaml(yaml_text))
+    recipe = engine.recipe_from_yaml(checked_yaml(yaml_text, engine.config.limits.recipe_chars))
     note = text_arg(note, "The version note", 100_000)
     base = None  # the version the board was opened from (the tab's own state), if any
     if isinstance(based_on, dict) and all(isinstance(based_on.get(k), int) for k in ("recipe_id", "version")):
@@ -171,9 +172,10 @@ def version_choices(rows: list[list]) -> list[tuple[str, int]]:
     ]
 
 
-def edit_yaml(yaml_text: str, op, *args) -> str:
-    """Apply one board operation to recipe YAML and return the new, validated YAML."""
-    recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text))
+def edit_yaml(yaml_text: str, op, *args, limit: int = Limits.recipe_chars) -> str:
+    """Apply one board operation to recipe YAML (at most `limit` characters) and return the new, validated
+    YAML."""
+    recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text, limit))
     slots = op(rb.slots_of(recipe), *args)
     draft = rb.draft_recipe(
         recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots
@@ -517,7 +519,9 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_import(text_v, ws, loaded_v):
         try:
-            recipe, notes = rb.parse_recipe_text(checked_yaml(text_v or ""))
+            recipe, notes = rb.parse_recipe_text(
+                checked_yaml(text_v or "", engine.config.limits.recipe_chars)
+            )
         except Exception as exc:
             return (
                 *[gr.update()] * 4,
@@ -541,7 +545,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     def on_upload(file, ws, loaded_v):
         try:  # read as UTF-8 text only, and no larger than a recipe may be
             text_v = engine.read_upload(
-                file if isinstance(file, str) else file.name, 4 * current_policy().limits.recipe_chars
+                file if isinstance(file, str) else file.name, 4 * engine.config.limits.recipe_chars
             )
         except Exception as exc:
             return (
@@ -584,7 +588,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
                 name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
             )
             recipe = engine.recipe_from_dict(draft)
-            text = export_mergekit(recipe) if fmt == "mergekit" else recipe.to_yaml()
+            text = export_mergekit(engine.plan(recipe)) if fmt == "mergekit" else recipe.to_yaml()
         except Exception as exc:
             return None, message_html("Not exported: " + user_message(exc), ok=False)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in draft["name"]) or "recipe"
@@ -681,10 +685,13 @@ def engine_compare(engine: StudioEngine, old_id: int, new_id: int) -> str:
 def _register_api(engine: StudioEngine) -> None:
     """The recipe tab's actions as API endpoints over recipe YAML (usable from gradio_client)."""
 
+    def edited(yaml_text: str, op, *args) -> str:
+        return edit_yaml(yaml_text, op, *args, limit=engine.config.limits.recipe_chars)
+
     @api_errors
     def validate_recipe(yaml_text: str) -> dict:
         """Plan a recipe: {ok, error, summary, warnings}."""
-        recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text))
+        recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text, engine.config.limits.recipe_chars))
         report = engine.check(recipe.to_dict())
         return asdict(report)
 
@@ -759,12 +766,14 @@ def _register_api(engine: StudioEngine) -> None:
     @api_errors
     def export_mergekit_yaml(yaml_text: str) -> str:
         """A plain-stacking recipe as mergekit passthrough YAML (or an error saying why it has none)."""
-        return export_mergekit(engine.recipe_from_yaml(checked_yaml(yaml_text)))
+        return export_mergekit(
+            engine.plan(engine.recipe_from_yaml(checked_yaml(yaml_text, engine.config.limits.recipe_chars)))
+        )
 
     @api_errors
     def import_recipe(text: str) -> str:
         """Mango or mergekit passthrough YAML in, canonical Mango YAML out."""
-        return rb.parse_recipe_text(checked_yaml(text))[0].to_yaml()
+        return rb.parse_recipe_text(checked_yaml(text, engine.config.limits.recipe_chars))[0].to_yaml()
 
     def expert_arg(value: object) -> str:
         return text_arg(value, "The expert", 200, allow_none=False)
@@ -776,27 +785,27 @@ def _register_api(engine: StudioEngine) -> None:
     def add_slot(yaml_text: str, expert: str, index: int = -1) -> str:
         """Insert a plain slot holding `expert` ("alias:layer") before `index` (-1: append)."""
         index = slot_arg(index, "The index")
-        return edit_yaml(yaml_text, rb.add_slot, expert_arg(expert), None if index < 0 else index)
+        return edited(yaml_text, rb.add_slot, expert_arg(expert), None if index < 0 else index)
 
     @api_errors
     def add_expert(yaml_text: str, slot: int, expert: str) -> str:
-        return edit_yaml(yaml_text, rb.add_expert, slot_arg(slot), expert_arg(expert))
+        return edited(yaml_text, rb.add_expert, slot_arg(slot), expert_arg(expert))
 
     @api_errors
     def remove_slot(yaml_text: str, slot: int) -> str:
-        return edit_yaml(yaml_text, rb.remove_slot, slot_arg(slot))
+        return edited(yaml_text, rb.remove_slot, slot_arg(slot))
 
     @api_errors
     def remove_expert(yaml_text: str, slot: int, expert: str) -> str:
-        return edit_yaml(yaml_text, rb.remove_expert, slot_arg(slot), expert_arg(expert))
+        return edited(yaml_text, rb.remove_expert, slot_arg(slot), expert_arg(expert))
 
     @api_errors
     def move_slot(yaml_text: str, slot: int, to: int) -> str:
-        return edit_yaml(yaml_text, rb.move_slot, slot_arg(slot), slot_arg(to, "The target position"))
+        return edited(yaml_text, rb.move_slot, slot_arg(slot), slot_arg(to, "The target position"))
 
     @api_errors
     def set_router(yaml_text: str, slot: int, router_type: str = "token", top_k: int = 1) -> str:
-        return edit_yaml(
+        return edited(
             yaml_text,
             rb.set_router,
             slot_arg(slot),

@@ -16,7 +16,7 @@ import yaml
 
 from mol.errors import RecipeError
 from mol.export.mergekit import import_mergekit
-from mol.recipe import Recipe, parse_yaml
+from mol.recipe import MAX_ADAPTER_RANK, Recipe, parse_yaml
 
 DEFAULT_ROUTER = {"type": "token", "top_k": 1}
 _FALLBACK_COLORS = ("#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d")
@@ -150,7 +150,7 @@ def draft_recipe(
     aliases = list(dict.fromkeys([base, *used]))
     adapter_spec: dict[str, Any] = {"type": adapter or "linear"}
     if adapter == "bottleneck" and rank:
-        adapter_spec["rank"] = int(rank)
+        adapter_spec["rank"] = _whole_number(rank, "The bottleneck rank", MAX_ADAPTER_RANK)
     out_slots = []
     for s in slots:
         entry: dict[str, Any] = {"experts": list(s.get("experts") or [])}
@@ -158,7 +158,7 @@ def draft_recipe(
             r = s["router"]
             entry["router"] = {"type": r.get("type", "token")}
             if entry["router"]["type"] == "token":
-                entry["router"]["top_k"] = int(r.get("top_k") or 1)
+                entry["router"]["top_k"] = _whole_number(r.get("top_k") or 1, "top_k", len(entry["experts"]))
         out_slots.append(entry)
     return {
         "name": (name or "").strip(),
@@ -167,6 +167,22 @@ def draft_recipe(
         "adapter": adapter_spec,
         "slots": out_slots,
     }
+
+
+def _whole_number(value: Any, what: str, most: int) -> int:
+    """A number from a board control, checked where it comes in (1e300 is no rank, and must not reach the
+    YAML the board writes as a 301-digit integer)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != value
+        or not 1 <= value <= most
+    ):
+        shown = value if isinstance(value, int | float) and abs(value) < 1e12 else "out of range"
+        raise RecipeError(f"{what} must be a whole number between 1 and {most}, got {shown}.")
+    if value != int(value):
+        raise RecipeError(f"{what} must be a whole number, got {value}.")
+    return int(value)
 
 
 def draft_yaml(draft: dict) -> str:

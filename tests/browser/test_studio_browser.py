@@ -428,5 +428,5 @@ def test_stop_ends_the_generation_and_frees_its_slot(page, studio, monkeypatch):
     # fewer if the model ends its text).
     model, _ = studio.engine.fused_for_version(run.version_id)
     ids = model.tokenizer("To be, or not to be", return_tensors="pt").input_ids
-    model.generate(ids, max_new_tokens=200)
-    assert len(studio.engine.repo.get_run(run.id).trace["tokens"]) == model.last_trace.token_ids.shape[1]
+    trace = model.generate(ids, max_new_tokens=200, return_trace=True).trace
+    assert len(studio.engine.repo.get_run(run.id).trace["tokens"]) == trace.token_ids.shape[1]

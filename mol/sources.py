@@ -316,7 +316,9 @@ class ModelSource:
 
     def _shards(self, index: Path) -> list[Path]:
         """The files the shard index names. The index is data from the model's author, so a name that is not a
-        .safetensors file inside the model folder (absolute, '..', a link out) is refused, hosted or not."""
+        .safetensors file inside the model folder (absolute, '..') is refused, hosted or not; under a restricted
+        policy a shard that links out of the folder is refused too (locally the user's own links, e.g. into an
+        annex or blob store, are theirs to make)."""
         weight_map = read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(
@@ -333,7 +335,7 @@ class ModelSource:
                 or "\\" in name
                 or rel.is_absolute()
                 or ".." in rel.parts
-                or root not in Path(os.path.realpath(self.folder / rel)).parents
+                or (self.policy.restricted and root not in Path(os.path.realpath(self.folder / rel)).parents)
             ):
                 raise CheckpointError(
                     f"'{index}' names '{one_line(name, 80)}' as a shard; a shard must be a "

@@ -18,6 +18,17 @@ def load_recipe(arg: str) -> Recipe:
     return Recipe.from_file(Path(arg))
 
 
+def add_data(parser) -> None:
+    """`--data NAME=PATH[,PATH]`, as `mol train` and `mol eval` both take it."""
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="NAME=PATH[,PATH]",
+        help="a domain's text files or folders (repeat per domain)",
+    )
+
+
 def add_allow_bin(parser) -> None:
     parser.add_argument(
         "--allow-bin",

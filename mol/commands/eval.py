@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mol.commands import argtypes, load_recipe, print_json
+from mol.commands import add_data, argtypes, load_recipe, print_json
 from mol.commands.train import parse_pairs
 
 
@@ -16,13 +16,7 @@ def register(sub) -> None:
         "eval", help="perplexity, routing agreement and load, side by side with the source models"
     )
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="NAME=PATH[,PATH]",
-        help="a domain's text files or folders (repeat per domain)",
-    )
+    add_data(p)
     p.add_argument("--weights", help="trained adapters/routers (.safetensors) saved by `mol train`")
     p.add_argument(
         "--out",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mol.commands import argtypes, load_recipe, print_json
+from mol.commands import add_data, argtypes, load_recipe, print_json
 from mol.errors import DataError
 
 
@@ -26,13 +26,7 @@ def register(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train a recipe's adapters and routers on labelled text")
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="NAME=PATH[,PATH]",
-        help="a domain's text files or folders (repeat per domain)",
-    )
+    add_data(p)
     p.add_argument(
         "--out",
         type=argtypes.output_file,

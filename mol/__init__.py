@@ -11,25 +11,23 @@ Names are imported on first use, so `import mol.errors` or `mol.Recipe` stays ch
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "mol.access": ["AccessPolicy"],
     "mol.adapters": ["BottleneckAdapter", "LinearAdapter"],
-    "mol.calibrate": ["calibrate"],
+    "mol.calibration": ["calibrate"],
     "mol.errors": ["MolError"],
-    "mol.evaluate": ["evaluate"],
+    "mol.evaluation": ["evaluate"],
     "mol.fused": ["FusedModel", "MoLOutput"],
     "mol.loading": ["build"],
-    "mol.plan": ["Plan", "plan"],
+    "mol.planning": ["Plan", "plan"],
     "mol.recipe": ["AdapterSpec", "ExpertRef", "Recipe", "RouterSpec", "Slot"],
     "mol.routers": ["PooledRouter", "SimpleRouter", "TokenRouter", "load_balancing_loss", "z_loss"],
     "mol.runtime": ["MoLRuntime", "default_recipe"],
     "mol.trace": ["SlotTrace", "Trace"],
-    "mol.train": ["TrainConfig", "train"],
+    "mol.training": ["TrainConfig", "train"],
     "mol.weights": ["load_trainable", "save_trainable"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -47,21 +45,6 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`mol.plan`, `mol.train`, `mol.calibrate` and `mol.evaluate` are functions that share their name with the
-    module defining them. Importing such a submodule makes Python set the package attribute to the module; this
-    keeps the function there instead (the module stays reachable through sys.modules and `from mol.x import`)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _WHERE.get(name) == f"mol.{name}":
-            self.__dict__.pop(name, None)  # resolved again, to the function, by __getattr__
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def _register_exported_models() -> None:

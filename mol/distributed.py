@@ -177,7 +177,7 @@ def memory_per_rank(plan, world: int) -> dict[str, int]:
 
 
 def memory_line(plan, world: int) -> str:
-    from mol.plan import _fmt_bytes
+    from mol.planning import _fmt_bytes
 
     m = memory_per_rank(plan, world)
     return (

@@ -16,7 +16,7 @@ from mol.errors import CheckpointError, ResourceError
 from mol.families import cache_keyword
 from mol.fused import ExpertBlock, FusedModel, FusedSlot
 from mol.placement import resolve_device
-from mol.plan import Plan, plan
+from mol.planning import Plan, plan
 from mol.recipe import Recipe, to_recipe
 from mol.routers import make_router
 from mol.sources import ModelSource, checked_file, one_line, read_tensor

@@ -157,7 +157,7 @@ def init_routers(
         if not tokens:
             raise DataError("Closed-form (ridge) router initialisation needs labelled text.")
         if domain_experts is None:
-            from mol.evaluate import infer_domain_experts
+            from mol.evaluation import infer_domain_experts
 
             domain_experts = infer_domain_experts(model, tokens)
         return ridge_routers(model, tokens, domain_experts, **kwargs)

@@ -25,7 +25,7 @@ import torch
 import mol
 from mol.access import LOCAL, AccessPolicy
 from mol.errors import DataError, MolError, ResourceError
-from mol.plan import Plan
+from mol.planning import Plan
 from mol.recipe import Recipe
 from mol.sources import load_source
 from studio.errors import (
@@ -725,7 +725,7 @@ class StudioEngine:
     ) -> Iterator[TrainingProgress]:
         """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
         the loss curve so far (each step's point as `mol.train` reports it) and stores the run and its weights."""
-        from mol.train import TrainConfig, train
+        from mol.training import TrainConfig, train
 
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
@@ -796,7 +796,7 @@ class StudioEngine:
     ):
         """Perplexity per domain, router agreement and load, with every source model alone on the same tokens
         (`mol.evaluate`); the report is stored with the version (and the training run whose weights it used)."""
-        from mol.evaluate import evaluate
+        from mol.evaluation import evaluate
 
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)

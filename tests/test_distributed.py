@@ -324,7 +324,7 @@ def test_split_loss_terms_add_up_to_the_whole_batch(work, monkeypatch):
     whole batch's losses and gradient; the mean of the halves' own Switch losses does not."""
     from mol import distributed
     from mol.data import TrainBatches, load_domains, tokenize_domains
-    from mol.train import loss_shares
+    from mol.training import loss_shares
 
     model = mol.build(mol.Recipe.from_file(work / "r.yaml"), device="cpu", dtype=torch.float32)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import mol
 from mol.cli import main
 from mol.data import load_domains, tokenize_domains, windows
-from mol.evaluate import evaluate, match_domains, route_by_label, score
+from mol.evaluation import evaluate, match_domains, route_by_label, score
 
 PROSE = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 12

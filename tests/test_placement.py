@@ -7,7 +7,7 @@ import torch
 
 import mol
 from mol.placement import Placement, plan_placement, slot_sizes
-from mol.plan import plan as make_plan
+from mol.planning import plan as make_plan
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 

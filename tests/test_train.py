@@ -11,9 +11,9 @@ import torch
 import mol
 from mol.data import load_domains, tokenize_domains
 from mol.errors import CheckpointError, DataError
-from mol.evaluate import score
+from mol.evaluation import score
 from mol.routers import load_balancing_loss
-from mol.train import TrainConfig, companion_paths, lr_factor, train
+from mol.training import TrainConfig, companion_paths, lr_factor, train
 
 PROSE = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
@@ -193,7 +193,7 @@ def test_mixed_rows_interleave_domains_and_batches_depend_only_on_seed_and_step(
 
 
 def test_zero_out_adapters_start_as_the_base_path_and_keep_leaves_routers(recipe, data):
-    from mol.train import initialise
+    from mol.training import initialise
 
     model = mol.build(recipe, device="cpu", dtype=torch.float32)
     tokens = tokenize_domains(model.tokenizer, load_domains(data))
@@ -235,7 +235,7 @@ def test_zero_out_adapters_start_as_the_base_path_and_keep_leaves_routers(recipe
 
 
 def test_distillation_pulls_the_fused_model_towards_the_label_teacher(recipe, data):
-    from mol.evaluate import source_model
+    from mol.evaluation import source_model
 
     model = mol.build(recipe, device="cpu", dtype=torch.float32)
     tokens = tokenize_domains(model.tokenizer, load_domains(data))

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 import mol  # noqa: E402
 from mol.data import load_domains, tokenize_domains  # noqa: E402
-from mol.evaluate import evaluate, score  # noqa: E402
+from mol.evaluation import evaluate, score  # noqa: E402
 from mol.router_init import init_routers  # noqa: E402
-from mol.train import TrainConfig, companion_paths, hardware, initialise, train  # noqa: E402
+from mol.training import TrainConfig, companion_paths, hardware, initialise, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

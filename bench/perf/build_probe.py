@@ -69,7 +69,7 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     import mol.loading  # noqa: F401
-    import mol.plan  # noqa: F401
+    import mol.planning  # noqa: F401
 
     evicted = _evict(files)
     peak_reset = _reset_peak_rss()
@@ -78,7 +78,7 @@ def probe(mode: str, device: str, dtype: str, base_dir, other_dir, recipe_yaml: 
     t0 = time.perf_counter()
     out: dict = {"mode": mode}
     if mode == "mol":
-        from mol.plan import plan
+        from mol.planning import plan
 
         the_plan = plan(mol.Recipe.from_yaml(recipe_yaml))
         model = mol.build(the_plan, device=device, dtype=dtype, load_tokenizer=False)

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mol.calibrate import calibrate
+    from mol.calibration import calibrate
     from mol.data import read_documents
     from mol.loading import build
     from mol.weights import save_trainable

@@ -10,7 +10,7 @@ from mol.commands.train import parse_pairs
 
 
 def register(sub) -> None:
-    from mol.evaluate import DEFAULT_SEQ_LEN
+    from mol.evaluation import DEFAULT_SEQ_LEN
 
     p = sub.add_parser(
         "eval", help="perplexity, routing agreement and load, side by side with the source models"
@@ -43,8 +43,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from mol import distributed
-    from mol.evaluate import evaluate
-    from mol.plan import plan
+    from mol.evaluation import evaluate
+    from mol.planning import plan
 
     recipe = load_recipe(args.recipe)
     argtypes.check_context(plan(recipe), args.seq_len, "--seq-len")  # before any weights are read

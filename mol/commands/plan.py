@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from mol.commands import access_policy, add_allow_bin, argtypes, load_recipe, print_json
-from mol.plan import plan
+from mol.planning import plan
 
 
 def register(sub) -> None:

@@ -21,7 +21,7 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def register(sub) -> None:
     from mol.router_init import ROUTER_INITS
-    from mol.train import ADAPTER_INITS, TrainConfig
+    from mol.training import ADAPTER_INITS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a recipe's adapters and routers on labelled text")
@@ -98,8 +98,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from mol import distributed
-    from mol.plan import plan
-    from mol.train import train
+    from mol.planning import plan
+    from mol.training import train
 
     recipe = load_recipe(args.recipe)
     argtypes.check_context(plan(recipe), args.seq_len, "--seq-len")  # before any weights are read
@@ -139,7 +139,7 @@ def run(args) -> int:
 
 
 def _config(args, device: str | None):
-    from mol.train import TrainConfig
+    from mol.training import TrainConfig
 
     return TrainConfig(
         steps=args.steps,

@@ -164,7 +164,7 @@ def _human(n: int) -> str:
 
 def _resolve(obj):
     """(Plan, FusedModel or None) from whatever the caller passed."""
-    from mol.plan import Plan, plan
+    from mol.planning import Plan, plan
     from mol.recipe import Recipe, to_recipe
 
     if hasattr(obj, "trainable_state_dict") and hasattr(obj, "plan"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from mol.errors import RecipeError
-from mol.plan import Plan
+from mol.planning import Plan
 from mol.recipe import parse_yaml
 from mol.sources import ModelSource
 

@@ -257,7 +257,7 @@ def export_mergekit(recipe_or_plan: Any, dtype: Any = None, weights=None, public
     `public`: name local models by their relative path or folder name (as in exported folders) rather than
     the absolute path the recipe may hold."""
     from mol.export.card import public_ref
-    from mol.plan import Plan, plan
+    from mol.planning import Plan, plan
 
     the_plan = recipe_or_plan if isinstance(recipe_or_plan, Plan) else plan(to_recipe(recipe_or_plan))
     reasons = mergekit_blockers(the_plan, weights)

@@ -12,7 +12,7 @@ import torch
 from mol import layout
 from mol.export.shards import TensorEntry, entry_from_file, entry_from_tensor
 from mol.export.trainable import TrainableParts
-from mol.plan import Plan
+from mol.planning import Plan
 from mol.sources import ModelSource
 
 CODE_FILES = ("configuration_mol.py", "modeling_mol.py")

@@ -11,7 +11,7 @@ import torch
 
 from mol.export.shards import TensorEntry, entry_from_file
 from mol.export.trainable import TrainableParts, is_identity
-from mol.plan import Plan
+from mol.planning import Plan
 
 # Config keys that may differ between two sources whose layers are interchangeable: counts, bookkeeping,
 # token ids and the tie (the base's embeddings, norm and head are used in both cases).

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mol.adapters import make_adapter
-from mol.plan import Plan
+from mol.planning import Plan
 from mol.routers import make_router
 
 

@@ -312,7 +312,7 @@ def source_recipe(model: FusedModel, alias: str) -> Recipe:
 
 def source_model(model: FusedModel, alias: str) -> FusedModel:
     from mol.loading import build
-    from mol.plan import plan
+    from mol.planning import plan
 
     the_plan = plan(source_recipe(model, alias), sources={alias: model.plan.sources[alias]})
     return build(the_plan, device=model.device, dtype=torch.float32, load_tokenizer=False)

@@ -216,7 +216,7 @@ def initialise(
     report: dict = {}
     adapted = [e for s in model.slots for e in s.experts if e.adapter is not None]
     if config.adapter_init.startswith("lstsq") and adapted:
-        from mol.calibrate import calibrate
+        from mol.calibration import calibrate
 
         tok = model.tokenizer
         texts = [tok.decode(t.ids[: config.init_tokens].tolist()) for t in tokens.values()]
@@ -225,7 +225,7 @@ def initialise(
         for e in adapted:
             silence_adapter_output(e.adapter)
     if config.router_init == "ridge" and model.routed_slots and domain_experts is None:
-        from mol.evaluate import infer_domain_experts
+        from mol.evaluation import infer_domain_experts
 
         domain_experts = infer_domain_experts(model, tokens)
     if domain_experts is not None:
@@ -255,7 +255,7 @@ class Teachers:
     def __init__(
         self, model: FusedModel, tokens: dict[str, DomainTokens], domain_experts: dict[str, str] | None
     ):
-        from mol.evaluate import infer_domain_experts, source_model
+        from mol.evaluation import infer_domain_experts, source_model
 
         if not domain_experts:
             domain_experts = infer_domain_experts(model, tokens)

@@ -16,15 +16,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "mol.access": ["AccessPolicy"],
-    "mol.adapters": ["BottleneckAdapter", "LinearAdapter"],
+    "mol.network.adapters": ["BottleneckAdapter", "LinearAdapter"],
     "mol.calibration": ["calibrate"],
     "mol.errors": ["MolError"],
     "mol.evaluation": ["evaluate"],
+    "mol.export.auto": ["register_auto_classes"],
     "mol.fused": ["FusedModel", "MoLOutput"],
     "mol.loading": ["build"],
     "mol.planning": ["Plan", "plan"],
     "mol.recipe": ["AdapterSpec", "ExpertRef", "Recipe", "RouterSpec", "Slot"],
-    "mol.routers": ["PooledRouter", "SimpleRouter", "TokenRouter", "load_balancing_loss", "z_loss"],
+    "mol.network.routers": ["PooledRouter", "SimpleRouter", "TokenRouter", "load_balancing_loss", "z_loss"],
     "mol.runtime": ["MoLRuntime", "default_recipe"],
     "mol.trace": ["SlotTrace", "Trace"],
     "mol.training": ["TrainConfig", "train"],
@@ -45,15 +46,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-def _register_exported_models() -> None:
-    """Exported MoL folders load with plain AutoModelForCausalLM once mol is imported (lazily hooked)."""
-    try:
-        from mol.export import register_auto_classes
-    except ImportError:
-        return
-    register_auto_classes(lazy=True)
-
-
-_register_exported_models()

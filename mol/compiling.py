@@ -40,16 +40,16 @@ def compile_network(
     so a step is a handful of graphs rather than one per block: far less host work per step than
     `compile_blocks`, for training and full-sequence forwards (the fast decoder compiles its own step)."""
     _raise_recompile_limit()
-    if not getattr(model, "_mol_network_compiled", False):
-        model.step_logits = torch.compile(model.step_logits, backend=backend, mode=mode, dynamic=dynamic)
-        model._mol_network_compiled = True
+    if model.compiled_step_logits is None:
+        model.compiled_step_logits = torch.compile(
+            model.step_logits, backend=backend, mode=mode, dynamic=dynamic
+        )
     return model
 
 
 def uncompile_network(model: FusedModel) -> FusedModel:
     """Undo `compile_network`: the model runs its plain Python step again."""
-    model.__dict__.pop("step_logits", None)
-    model._mol_network_compiled = False
+    model.compiled_step_logits = None
     return model
 
 
@@ -70,7 +70,6 @@ def compile_blocks(
         if routers and slot.router is not None:
             parts.append(slot.router)
         for part in parts:
-            if not getattr(part, "_mol_compiled", False):
+            if part._compiled_call_impl is None:  # nn.Module.compile's own record
                 part.compile(backend=backend, mode=mode, dynamic=dynamic)
-                part._mol_compiled = True
     return model

@@ -27,7 +27,6 @@ from mol import distributed
 from mol.data import NO_LABEL, DomainTokens, load_domains, tokenize_domains, windows
 from mol.fused import FusedModel
 from mol.recipe import ExpertRef, Recipe, Slot
-from mol.routers import Routing
 
 DEFAULT_SEQ_LEN = 512
 
@@ -246,31 +245,29 @@ class LabelRouter(nn.Module):
     """Stands in for a slot's router: each token goes to the expert of its label's model; tokens whose label
     names no expert of this slot keep the original router's choice."""
 
+    kind = "token"  # decides per token, never from a cached per-sequence state (as the trace shows it)
+    per_sequence = False
+    takes_top_k = True
+    top_k = 1
+
     def __init__(self, original: nn.Module, expert_for_label: dict[int, int]):
         super().__init__()
         self.original = original
-        self.kind = "token"  # decides per token, never from a cached per-sequence state
-        self.top_k = 1
         self.expert_for_label = expert_for_label
         self.labels: torch.Tensor | None = None
 
     def forward(
         self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
-    ) -> Routing:
-        fallback = self.original(h, attention_mask)
-        chosen = fallback.chosen[..., :1].clone()
+    ) -> torch.Tensor:
+        """Scores that put all the probability on the chosen expert (its routing weight is then exactly 1)."""
+        scores = self.original(h, attention_mask)
+        chosen = scores.argmax(-1)
         if self.labels is not None:
             labels = self.labels.to(h.device)
             for label, expert in self.expert_for_label.items():
                 chosen[labels == label] = expert
-        n = fallback.probs.shape[-1]
-        probs = nn.functional.one_hot(chosen[..., 0], n).float()
-        return Routing(
-            probs=probs,
-            chosen=chosen,
-            weights=torch.ones_like(chosen, dtype=torch.float32),
-            logits=torch.log(probs.clamp(min=1e-9)),
-        )
+        probs = nn.functional.one_hot(chosen, scores.shape[-1]).float()
+        return torch.log(probs.clamp(min=1e-9))
 
 
 @contextlib.contextmanager

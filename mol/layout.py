@@ -4,8 +4,6 @@ the plan checks it against the weight headers, the loader fills it."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -13,16 +11,11 @@ ATTN = "sdpa"
 
 
 def source_config(src, layers: int | None = None):
-    """A copy of the source's config for building parts of it, attention implementation set explicitly: left
-    unset, the mask comes back None and attention is not causal."""
-    cfg = copy.deepcopy(src.config)
-    if layers is not None:
-        cfg.num_hidden_layers = layers
-        if isinstance(getattr(cfg, "layer_types", None), list):
-            cfg.layer_types = cfg.layer_types[:layers]
-    cfg._attn_implementation = ATTN
-    cfg.use_cache = True
-    return cfg
+    """A copy of the source's config for building parts of it, made as the network makes it (from the same
+    values its MoLConfig carries), attention implementation set explicitly; `layers` cuts it to that many."""
+    from mol.network.modeling_mol import source_config as network_source_config
+
+    return network_source_config({"config": _config_dict(src)}, ATTN, layers)
 
 
 def shell(src) -> nn.Module:
@@ -67,3 +60,93 @@ def has(module: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# ---- the fused network's layout, derived once from the plan: mol.build, export and MoLForCausalLM use it ---
+def network_config(the_plan, **extra):
+    """The MoLConfig that `MoLNetwork` builds itself from: each source's config and where its parts live (its
+    family's data), and every slot's experts (source layer, cache index, adapter, window) and router."""
+    from mol.network.configuration_mol import MoLConfig
+
+    base = the_plan.base
+    slots = []
+    for sp in the_plan.slots:
+        r = sp.slot.router
+        slots.append(
+            {
+                "experts": [
+                    {
+                        "name": e.name,
+                        "alias": e.alias,
+                        "layer": e.layer,
+                        "cache_index": e.cache_index,
+                        "adapter": e.adapter,
+                        "add_positions": e.add_positions,
+                        "window": e.window,
+                    }
+                    for e in sp.experts
+                ],
+                "router": None if r is None else r.to_dict(),
+            }
+        )
+    ids = {k: getattr(base.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return MoLConfig(
+        base=base.alias,
+        sources={a: {"config": _config_dict(s), "modules": _modules(s)} for a, s in the_plan.sources.items()},
+        slots=slots,
+        adapter_rank=the_plan.recipe.adapter.rank,
+        hidden_size=base.width,
+        vocab_size=base.vocab_size,
+        num_hidden_layers=the_plan.cache_layers,
+        tie_word_embeddings=base.family.head_in_files(base.tensors) is None,
+        **{k: v for k, v in ids.items() if v is not None},
+        **extra,
+    )
+
+
+def file_parts(the_plan) -> list[tuple[str, str, str]]:
+    """Every part of the fused network that is read from a source's files: (its module path in the network, the
+    source alias, its prefix in that source's files). The rest (adapters, routers) starts at its initial value or
+    comes from trained weights; a tied head is the embedding."""
+    base = the_plan.base
+    fam = base.family
+    parts = [
+        (role, base.alias, path)
+        for role in ("embed", "positions", "project_in", "project_out", "final_norm")
+        if (path := getattr(fam, role)) and any(n.startswith(path + ".") for n in base.tensors)
+    ]  # a part the family may have and this model has not (OPT's projections at equal widths) is skipped
+    head = fam.head_in_files(base.tensors)
+    if head is not None:
+        parts.append(("head", base.alias, head))
+    for sp in the_plan.slots:
+        for j, e in enumerate(sp.experts):
+            src = the_plan.sources[e.alias]
+            parts.append((f"slots.{sp.index}.experts.{j}.layer", e.alias, f"{src.family.layers}.{e.layer}"))
+            if e.add_positions:
+                parts.append((f"slots.{sp.index}.experts.{j}.positions", e.alias, src.family.positions))
+    return parts
+
+
+def _modules(src) -> dict:
+    fam = src.family
+    return {
+        "layers": fam.layers,
+        "embed": fam.embed,
+        "head_names": list(fam.head_names()),
+        "final_norm": fam.final_norm,
+        "rotary": fam.rotary,
+        "positions": fam.positions,
+        "position_offset": fam.position_offset,
+        "project_in": fam.project_in,
+        "project_out": fam.project_out,
+        "layer_takes": list(fam.layer_takes),
+        "mlp": fam.mlp,
+        "embedding_multiplier": fam.embedding_multiplier,
+        "logits_divisor": fam.logits_divisor,
+    }
+
+
+def _config_dict(src) -> dict:
+    return {
+        k: v for k, v in src.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+    }

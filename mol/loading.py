@@ -11,14 +11,12 @@ from torch import nn
 
 from mol import dtypes, layout
 from mol.access import LOCAL, AccessPolicy
-from mol.adapters import make_adapter
 from mol.errors import CheckpointError, ResourceError
-from mol.families import cache_keyword
-from mol.fused import ExpertBlock, FusedModel, FusedSlot
+from mol.fused import FusedModel
+from mol.network.modeling_mol import fill_embed_scale
 from mol.placement import resolve_device
 from mol.planning import Plan, plan
 from mol.recipe import Recipe, to_recipe
-from mol.routers import make_router
 from mol.sources import ModelSource, checked_file, one_line, read_tensor
 
 
@@ -122,14 +120,6 @@ def _fill(
     return module
 
 
-def _reindex(layer: nn.Module, index: int) -> None:
-    """Give every attention module of an extracted layer its slot's cache index: two blocks sharing an index
-    would silently overwrite each other's keys and values."""
-    for m in layer.modules():
-        if hasattr(m, "layer_idx"):
-            m.layer_idx = index
-
-
 def build(
     recipe: Recipe | Plan | Path | str,
     device: str | torch.device | None = None,
@@ -175,133 +165,43 @@ def build(
 
 
 def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=None) -> FusedModel:
-    recipe = the_plan.recipe
-    base = the_plan.base
+    """The network built on the meta device from the plan's layout (mol.layout), its adapters, routers and
+    rotary modules made on `device`, then every part read from the files filled in place (mol.layout.file_parts:
+    the same list the export writes)."""
+    with torch.device("meta"):
+        model = FusedModel(the_plan, init_device=device)
+    for slot in model.slots:
+        where = device if placement is None else placement.load_device(slot.index)
+        for e in slot.experts:
+            if e.adapter is not None:
+                e.adapter.to(device=where, dtype=dtype)
+        if slot.router is not None:
+            slot.router.to(device=where)
     with ExitStack() as stack:
         readers = {a: TensorReader(s, stack) for a, s in the_plan.sources.items()}
         for alias, infos in the_plan.reads.items():  # disk reads overlap building the modules
             readers[alias].prefetch(infos)
-        shells = {a: layout.shell(s) for a, s in the_plan.sources.items()}
-        placed: dict[
+        shared: dict[
             tuple, dict
         ] = {}  # (alias, device) -> tensors already read: a repeated layer shares them
-
-        def part(alias: str, path: str | None, device: torch.device = device) -> nn.Module | None:
-            mod = layout.part(shells[alias], path)
-            if mod is None:
-                return None
-            return _fill(mod, path, readers[alias], device, dtype, placed.setdefault((alias, device), {}))
-
-        fam = base.family
-        embed = part(base.alias, fam.embed)
-        if fam.embedding_scale_buffer:  # computed at construction, saved nowhere: still on the meta device
-            embed.register_buffer(
-                fam.embedding_scale_buffer,
-                torch.tensor(float(base.config.hidden_size) ** 0.5, device=device),
-                persistent=False,
+        for path, alias, prefix in layout.file_parts(the_plan):
+            where = device
+            if placement is not None and path.startswith("slots."):
+                where = placement.load_device(int(path.split(".")[1]))
+            _fill(
+                model.get_submodule(path),
+                prefix,
+                readers[alias],
+                where,
+                dtype,
+                shared.setdefault((alias, where), {}),
             )
-        final_norm = part(base.alias, fam.final_norm)
-        positions = part(base.alias, fam.positions)
-        project_in = part(base.alias, fam.project_in)
-        project_out = part(base.alias, fam.project_out)
-        head_part = layout.head(base, shells[base.alias])
-        if head_part is not None:
-            head = _fill(
-                *head_part, readers[base.alias], device, dtype, placed.setdefault((base.alias, device), {})
-            )
-        else:  # tied to the input embedding
-            head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
-            head.weight = embed.weight
-
-        rotary: dict[str, nn.Module] = {}
-        for alias, src in the_plan.sources.items():
-            if src.family.rotary:
-                rot_cls = type(shells[alias].get_submodule(src.family.rotary))
-                rotary[alias] = (
-                    rot_cls(config=layout.source_config(src), device=device)
-                    if _takes_device(rot_cls)
-                    else rot_cls(config=layout.source_config(src)).to(device)
-                )
-
-        foreign_positions: dict[tuple, nn.Module] = {}
-        slots = []
-        for sp in the_plan.slots:
-            where = device if placement is None else placement.load_device(sp.index)
-            blocks = []
-            for e in sp.experts:
-                src = the_plan.sources[e.alias]
-                layer = layout.layer(src, shells[e.alias], e.layer)
-                _fill(
-                    layer,
-                    f"{src.family.layers}.{e.layer}",
-                    readers[e.alias],
-                    where,
-                    dtype,
-                    placed.setdefault((e.alias, where), {}),
-                )
-                _reindex(layer, e.cache_index)
-                layer.requires_grad_(False)
-                adapter = None
-                if e.adapter is not None:
-                    adapter = make_adapter(e.adapter, base.width, e.width, recipe.adapter.rank).to(
-                        device=where, dtype=dtype
-                    )
-                pos = None
-                if e.add_positions:
-                    if (e.alias, where) not in foreign_positions:
-                        foreign_positions[e.alias, where] = part(
-                            e.alias, src.family.positions, where
-                        ).requires_grad_(False)
-                    pos = foreign_positions[e.alias, where]
-                mlp = layer.get_submodule(src.family.mlp) if sp.routed and src.family.mlp else None
-                blocks.append(
-                    ExpertBlock(
-                        e.name,
-                        e.alias,
-                        layer,
-                        cache_keyword(layer),
-                        src.family.layer_takes,
-                        adapter=adapter,
-                        positions=pos,
-                        position_offset=src.family.position_offset,
-                        mlp=mlp,
-                        window=e.window,
-                    )
-                )
-            router = None
-            if sp.routed:
-                r = sp.slot.router
-                router = make_router(r.type, base.width, len(blocks), r.top_k).to(
-                    device=where, dtype=torch.float32
-                )
-            slots.append(FusedSlot(sp.index, blocks, router))
-
-        multiplier, divisor = fam.scalars(base.config)
-        model = FusedModel(
-            the_plan,
-            embed=embed,
-            head=head,
-            final_norm=final_norm,
-            slots=slots,
-            rotary=rotary,
-            positions=positions,
-            position_offset=fam.position_offset,
-            project_in=project_in,
-            project_out=project_out,
-            embedding_multiplier=multiplier,
-            logits_divisor=divisor,
-        )
-        for mod in (embed, head, final_norm, positions, project_in, project_out):
-            if mod is not None:
-                mod.requires_grad_(False)
         model.bytes_read = sum(r.bytes_read for r in readers.values())
-        model.eval()
-        if placement is not None:
-            placement.apply(model)
-        return model
-
-
-def _takes_device(cls) -> bool:
-    import inspect
-
-    return "device" in inspect.signature(cls.__init__).parameters
+    if model.config.tie_word_embeddings:
+        model.head.weight = model.embed.weight  # the embedding just read
+    for module in model.modules():
+        fill_embed_scale(module)
+    model.eval()
+    if placement is not None:
+        placement.apply(model)
+    return model

@@ -32,11 +32,12 @@ import yaml
 from mol.errors import RecipeError
 
 MAX_ADAPTER_RANK = 65536
-ROUTER_TYPES = ("token", "pooled")
+DEFAULT_BOTTLENECK_RANK = 64
 ADAPTER_TYPES = ("linear", "bottleneck")
 MAX_SLOTS = 4096
 MAX_LAYER = 100_000  # exclusive: no model has that many layers, and it keeps numbers in messages short
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+ALIAS_RE = _ALIAS_RE  # what a model alias may be, for callers that check one before writing a recipe
 _EXPERT_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(-?\d+)\s*$")
 _RANGE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*$")
 
@@ -76,7 +77,16 @@ class RouterSpec:
     top_k: int = 1
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "top_k": self.top_k} if self.type == "token" else {"type": self.type}
+        return {"type": self.type, "top_k": self.top_k} if self.takes_top_k else {"type": self.type}
+
+    @property
+    def takes_top_k(self) -> bool:
+        return router_kind(self.type).takes_top_k
+
+    @property
+    def per_sequence(self) -> bool:
+        """One decision per sequence (a pooled router) rather than per token."""
+        return router_kind(self.type).per_sequence
 
 
 @dataclass(frozen=True)
@@ -225,11 +235,7 @@ class Recipe:
                     )
             if len(set(slot.experts)) != len(slot.experts):
                 raise RecipeError(f"slots[{i}] lists the same expert twice; each candidate must be distinct.")
-            if (
-                slot.router is not None
-                and slot.router.type == "token"
-                and slot.router.top_k > len(slot.experts)
-            ):
+            if slot.router is not None and slot.router.takes_top_k and slot.router.top_k > len(slot.experts):
                 raise RecipeError(
                     f"slots[{i}]: top_k={slot.router.top_k} is larger than the number of experts "
                     f"({len(slot.experts)}); use top_k between 1 and {len(slot.experts)}."
@@ -292,7 +298,7 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
         raise RecipeError(f"adapter.type '{_short(kind)}' is not one of: {', '.join(ADAPTER_TYPES)}.")
     rank = raw.get("rank")
     if kind == "bottleneck":
-        rank = 64 if rank is None else rank
+        rank = DEFAULT_BOTTLENECK_RANK if rank is None else rank
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_ADAPTER_RANK:
             raise RecipeError(
                 f"adapter.rank must be an integer between 1 and {MAX_ADAPTER_RANK}, got {_short(rank)}."
@@ -302,6 +308,26 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
             "adapter.rank applies to the bottleneck adapter only; remove it or use type: bottleneck."
         )
     return AdapterSpec(kind, rank)
+
+
+def router_types() -> list[str]:
+    """The router kinds a recipe may name: those registered in mol.network.routers (imported here, with torch,
+    only once a recipe has a router)."""
+    from mol.network.routers import ROUTERS
+
+    return sorted(ROUTERS)
+
+
+def router_kind(kind: str):
+    from mol.network.routers import router_kind as registered
+
+    return registered(kind)
+
+
+def __getattr__(name: str):
+    if name == "ROUTER_TYPES":  # the registered kinds, read when asked for
+        return tuple(router_types())
+    raise AttributeError(f"module 'mol.recipe' has no attribute '{name}'")
 
 
 def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
@@ -315,16 +341,17 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
         )
     _reject_unknown(raw, ("type", "top_k"), f"{where}.router: unknown key(s)")
     kind = raw.get("type", "token")
-    if kind not in ROUTER_TYPES:
-        raise RecipeError(f"{where}.router.type '{_short(kind)}' is not one of: {', '.join(ROUTER_TYPES)}.")
+    if not isinstance(kind, str) or kind not in router_types():
+        raise RecipeError(f"{where}.router.type '{_short(kind)}' is not one of: {', '.join(router_types())}.")
     top_k = raw.get("top_k", 1)
     upper = n_experts if n_experts > 1 else MAX_SLOTS  # a one-expert slot drops its router below
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= upper:
         raise RecipeError(
             f"{where}.router.top_k must be an integer between 1 and {upper}, got {_short(top_k)}."
         )
-    if kind == "pooled" and top_k != 1:
-        raise RecipeError(f"{where}.router: a pooled router runs one expert per sequence; remove top_k.")
+    if not router_kind(kind).takes_top_k and top_k != 1:
+        once = " per sequence" if router_kind(kind).per_sequence else ""
+        raise RecipeError(f"{where}.router: a {kind} router runs one expert{once}; remove top_k.")
     if n_experts == 1:
         return None  # a router over one expert is plain stacking
     return RouterSpec(kind, top_k)

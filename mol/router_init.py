@@ -13,11 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
-from mol.adapters import least_squares
 from mol.data import NO_LABEL, DomainTokens
 from mol.errors import DataError
 from mol.fused import FusedModel
-from mol.routers import _normalise
+from mol.network.adapters import least_squares
 
 ROUTER_INITS = ("uniform", "random", "ridge", "keep")  # keep: leave the routers as they are
 
@@ -100,7 +99,7 @@ def ridge_routers(
         router = slot.router
         if router is None:
             return
-        feats = router.features(h, ctx.mask2d) if router.kind == "pooled" else _normalise(h)
+        feats = router.features(h, ctx.mask2d)  # what the router reads (its kind says)
         x = feats.reshape(-1, feats.shape[-1]).float().cpu()
         aliases = [e.alias for e in slot.experts]
         y = _targets(labels, label_names, aliases, domain_experts)

@@ -500,7 +500,11 @@ def _looks_like_hub_id(ref: str) -> bool:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """huggingface_hub's own reading of HF_HUB_OFFLINE (set at its import), looked up at call time so that
+    switching the constant switches this too."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _fetch_from_hub(repo_id: str, filenames: list[str], folder: Path | None = None) -> Path:

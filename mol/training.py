@@ -34,47 +34,79 @@ from mol.router_init import ROUTER_INITS, init_routers
 
 log = logging.getLogger(__name__)
 ADAPTER_INITS = ("identity", "lstsq", "lstsq-zero-out")
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def _option(default, help: str, **limits):
+    """A TrainConfig field with what `mol train` builds its option from (mol.commands.train): the help text and,
+    for numbers, `low` / `high` (`above`: low itself excluded), for text, `choices`."""
+    return field(default=default, metadata={"help": help, **limits})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8  # rows per process: the global batch is batch_size x the number of processes
-    grad_accum: int = 1
-    seq_len: int = 256
-    mixed_share: float = 0.0  # share of rows interleaving chunks of several domains
-    mixed_chunk: int = 128  # their mean chunk length in tokens
+    steps: int = _option(200, "optimizer steps", low=0)
+    batch_size: int = _option(
+        8, "rows per process (the global batch is this times the number of processes)", low=1, high=2**16
+    )
+    grad_accum: int = _option(1, "micro-batches accumulated per step", low=1, high=2**16)
+    seq_len: int = _option(256, "tokens per row", low=2, high=2**20)
+    mixed_share: float = _option(
+        0.0, "share of training rows that interleave chunks of several domains", low=0, high=1
+    )
+    mixed_chunk: int = _option(128, "mean chunk length, in tokens, of those rows", low=1)
     # Adam moves every weight by about lr per step; adapters read residual streams with large channels, so small.
-    lr: float = 3e-4  # adapters
-    router_lr: float = 1e-3
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0  # adapters start at a meaningful map (identity / least squares), not at zero
-    grad_clip: float = 1.0
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
+    lr: float = _option(3e-4, "adapter learning rate", low=0, above=True)
+    router_lr: float = _option(1e-3, "router learning rate", low=0, above=True)
+    warmup: int = _option(20, "linear warm-up steps", low=0)
+    min_lr_ratio: float = _option(
+        0.1, "final learning rate, as a share of the peak (cosine decay)", low=0, high=1
+    )
+    # Adapters start at a meaningful map (identity / least squares), not at zero.
+    weight_decay: float = _option(0.0, "adapter weight decay", low=0)
+    grad_clip: float = _option(1.0, "gradient norm clip", low=0)
+    aux_loss_weight: float = _option(0.01, "weight of the Switch load-balancing loss", low=0)
+    z_loss_weight: float = _option(0.0, "weight of the router z-loss", low=0)
     # Weight of KL(teacher || fused model), each token's teacher being the source model alone that serves its
     # domain label (the label picks a loss target; routers never see it). 0: plain language modelling.
-    distill_weight: float = 0.0
-    seed: int = 0
-    # identity | lstsq (mol.calibrate, closed form) | lstsq-zero-out (least-squares maps into each foreign block,
-    # zero maps out of it: every foreign block starts as a no-op, so the model starts as its base path)
-    adapter_init: str = "identity"
-    router_init: str = "uniform"  # uniform | random | ridge (closed form from the domain labels)
-    train_adapters: bool = True
-    train_routers: bool = True
-    init_tokens: int = 2048  # per domain, for least-squares adapters and ridge routers
-    max_tokens: int | None = None  # cap on each domain's token stream
-    save_every: int = 0  # also checkpoint every N steps (0: only at the end)
-    max_seconds: float | None = (
-        None  # stop early after this much training time (makes results speed-dependent)
+    distill_weight: float = _option(
+        0.0, "weight of KL to the source model serving each token's domain (0: off)", low=0
     )
-    device: str | None = None
-    # "auto" | "balanced" | "sequential": spread the frozen blocks over the GPUs (each process: over its share of
-    # its node's GPUs), for sources too large for one (mol.placement)
-    device_map: str | None = None
-    autocast: bool = True  # bf16 autocast on GPU (CPU always runs fp32)
-    compile: bool = False  # compile the training step (mol.compiling): faster steps after a compile warm-up
+    # Batch k is drawn with seed * 1_000_003 + k, which must stay inside torch's 64-bit seed range.
+    seed: int = _option(0, "random seed (batches and random inits)", low=0, high=2**32 - 1)
+    # lstsq-zero-out: least-squares maps into each foreign block, zero maps out of it, so every foreign block
+    # starts as a no-op and the model as its base path.
+    adapter_init: str = _option(
+        "identity",
+        "identity, lstsq (closed form, as mol calibrate), or lstsq-zero-out",
+        choices=ADAPTER_INITS,
+    )
+    router_init: str = _option(
+        "uniform", "uniform, random, ridge (closed form from the domain labels) or keep", choices=ROUTER_INITS
+    )
+    train_adapters: bool = _option(True, "train the adapters")
+    train_routers: bool = _option(True, "train the routers")
+    init_tokens: int = _option(
+        2048, "tokens per domain for closed-form inits (least-squares adapters, ridge routers)", low=1
+    )
+    max_tokens: int | None = _option(None, "read at most this many tokens per domain", low=1)
+    save_every: int = _option(0, "also checkpoint every N steps (0: only at the end)", low=0)
+    max_seconds: float | None = _option(
+        None, "stop early after this much training time (makes results speed-dependent)", low=0, above=True
+    )
+    device: str | None = _option(
+        None, "cpu, cuda, cuda:1 (default: cuda if present; launched by torchrun: each process's own GPU)"
+    )
+    device_map: str | None = _option(
+        None,
+        "spread the frozen blocks over the GPUs (with torchrun: over each process's share of them), for "
+        "sources too large for one (mol.placement)",
+        choices=DEVICE_MAPS,
+    )
+    autocast: bool = _option(True, "bf16 autocast on GPU (CPU always runs fp32)")
+    compile: bool = _option(
+        False, "compile the training step (torch.compile): faster steps on a GPU after a warm-up"
+    )
 
     def __post_init__(self) -> None:
         if self.adapter_init not in ADAPTER_INITS:

@@ -1,5 +1,5 @@
 """The studio app: assembles the tabs and wires what crosses between them; the tabs hold their own UI, the
-engine does the work.
+controller (over the engine) does the work.
 
     python app.py                      # http://127.0.0.1:7860, the embedded demo models, offline
     MANGO_DB_URL=sqlite:///my.db python app.py"""
@@ -16,13 +16,14 @@ from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from studio.controller import StudioController  # noqa: E402
 from studio.engine import StudioConfig, StudioEngine  # noqa: E402
-from studio.tabs.common import initial_workspace, palette_models, user_message  # noqa: E402
-from studio.tabs.evaluate import create_evaluate_tab, evaluation_rows  # noqa: E402
+from studio.tabs.common import palette_models, user_message  # noqa: E402
+from studio.tabs.evaluate import create_evaluate_tab  # noqa: E402
 from studio.tabs.models import create_models_tab, model_rows  # noqa: E402
-from studio.tabs.playground import create_playground_tab, playground_versions  # noqa: E402
+from studio.tabs.playground import create_playground_tab  # noqa: E402
 from studio.tabs.recipe import create_recipe_tab  # noqa: E402
-from studio.tabs.train import create_train_tab, training_rows, weight_choices  # noqa: E402
+from studio.tabs.train import create_train_tab  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
 INTRO = (
@@ -33,49 +34,50 @@ INTRO = (
 
 
 def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
-    engine = engine or StudioEngine()
-    engine.repo  # noqa: B018 - open the database now: its migrations run at start, not on the first click
+    ctl = StudioController(engine or StudioEngine())
+    ctl.repo  # noqa: B018 - open the database now: its migrations run at start, not on the first click
     with gr.Blocks(title="MoL Studio") as demo:
         gr.Markdown(INTRO)
-        workspace = gr.State(initial_workspace(engine))  # architecture cards only, never models
+        workspace = gr.State(ctl.initial_workspace())  # architecture cards only, never models
         with gr.Tabs(selected="recipe"):
             with gr.Tab("Models", id="models", elem_id="tab-models"):
-                models = create_models_tab(engine, workspace)
+                models = create_models_tab(ctl, workspace)
             with gr.Tab("Recipe", id="recipe", elem_id="tab-recipe"):
-                recipe = create_recipe_tab(engine, workspace)
+                recipe = create_recipe_tab(ctl, workspace)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground") as play_tab:
-                play = create_playground_tab(engine, workspace)
+                play = create_playground_tab(ctl, workspace)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
-                train = create_train_tab(engine, recipe)
+                train = create_train_tab(ctl, recipe)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as eval_tab:
-                evaluate = create_evaluate_tab(engine, recipe, train)
-        _wire(engine, demo, workspace, models, recipe, play, train, evaluate)
-
-        def fresh_weights(version_id, current):  # a training run may have finished since the tab was shown
-            choices = weight_choices(engine, version_id)
-            return gr.update(choices=choices, value=current if current in [c[1] for c in choices] else 0)
+                evaluate = create_evaluate_tab(ctl, recipe, train)
+        _wire(ctl, demo, workspace, models, recipe, play, train, evaluate)
+        for tab, view in ((play_tab, play), (eval_tab, evaluate)):
+            _refresh_weights_on_select(ctl, tab, view["version"], view["weights"])
 
         def server_status() -> dict:
             """How busy the server is: generation slots (capacity, running, waiting, and since start how many
             were admitted, had to wait, were refused) and how many built models it holds."""
-            return {"generation": engine.gate.snapshot(), "cached_models": len(engine.cache.keys())}
+            return {"generation": ctl.engine.gate.snapshot(), "cached_models": len(ctl.engine.cache.keys())}
 
         gr.api(server_status, api_name="server_status")
-        play_tab.select(
-            fresh_weights, [play["version"], play["weights"]], play["weights"], api_visibility="private"
-        )
-        eval_tab.select(
-            fresh_weights,
-            [evaluate["version"], evaluate["weights"]],
-            evaluate["weights"],
-            api_visibility="private",
-        )
     demo.queue(default_concurrency_limit=4)
     return demo
 
 
+def _refresh_weights_on_select(
+    ctl: StudioController, tab: gr.Tab, version: gr.Dropdown, weights: gr.Dropdown
+):
+    def fresh_weights(version_id, current):  # a training run may have finished since the tab was shown
+        choices = ctl.weight_choices(version_id)
+        return {
+            weights: gr.update(choices=choices, value=current if current in [c[1] for c in choices] else 0)
+        }
+
+    tab.select(fresh_weights, [version, weights], weights, api_visibility="private")
+
+
 def _wire(
-    engine: StudioEngine,
+    ctl: StudioController,
     demo: gr.Blocks,
     workspace: gr.State,
     models: dict,
@@ -89,14 +91,14 @@ def _wire(
     def workspace_views(ws, board_v, base_v):
         pm = palette_models(ws)
         aliases = [c["alias"] for c in ws or []]
-        return (
-            {"models": pm},
-            {**(board_v or {}), "models": pm},
-            gr.update(
+        return {
+            recipe["palette"]: {"models": pm},
+            recipe["board"]: {**(board_v or {}), "models": pm},
+            recipe["base"]: gr.update(
                 choices=aliases, value=base_v if base_v in aliases else (aliases[0] if aliases else None)
             ),
-            model_rows(ws),
-        )
+            models["model_list"]: model_rows(ws),
+        }
 
     models["added"].then(
         workspace_views,
@@ -105,7 +107,12 @@ def _wire(
         api_visibility="private",
     )
     for event in recipe["recipe_loaded"]:  # opening a recipe may bring models into the workspace
-        event.then(model_rows, workspace, models["model_list"], api_visibility="private")
+        event.then(
+            lambda ws: {models["model_list"]: model_rows(ws)},
+            workspace,
+            models["model_list"],
+            api_visibility="private",
+        )
 
     version_targets = [
         play["version"],
@@ -113,12 +120,12 @@ def _wire(
         *evaluate.get("version_targets", []),
     ]
 
-    def versions_for_runs(loaded_v):
+    def versions_for_runs(loaded_v) -> dict:
         try:
-            choices = playground_versions(engine)
+            choices = ctl.run_versions()
         except Exception as exc:
             gr.Warning(user_message(exc))
-            return _outputs([gr.update() for _ in version_targets])
+            return {play["version"]: gr.update()}  # every target as it is
         ids = [c[1] for c in choices]
         pick = (
             loaded_v.get("version_id")
@@ -126,21 +133,23 @@ def _wire(
             else (ids[0] if ids else None)
         )
         # one update per output: Gradio consumes an update dict as it applies it
-        return _outputs([gr.update(choices=choices, value=pick) for _ in version_targets])
+        return {target: gr.update(choices=choices, value=pick) for target in version_targets}
 
     for event in [recipe["saved"], *recipe["recipe_loaded"], *recipe["changed_versions"]]:
         event.then(versions_for_runs, recipe["loaded"], version_targets, api_visibility="private")
 
-    def on_load():
+    def on_load() -> dict:
         try:
-            versions = recipe["refresh_versions"](False)
-            runs = play["refresh_runs"]()
-            tables = [training_rows(engine), evaluation_rows(engine)]
+            views = {
+                **recipe["refresh_versions"](False),
+                **play["refresh_runs"](),
+                train["runs"]: ctl.training_rows(),
+                evaluate["evaluations"]: ctl.evaluation_rows(),
+            }
         except Exception as exc:  # a broken database must not blank the page: say what is wrong
             gr.Warning(user_message(exc))
-            return [gr.update() for _ in range(3 + 2 + 2 + len(version_targets))]
-        targets = versions_for_runs(None)
-        return [*versions, *runs, *tables, *(targets if isinstance(targets, tuple) else [targets])]
+            return {train["runs"]: gr.update()}  # every view as it is
+        return {**views, **versions_for_runs(None)}
 
     demo.load(
         on_load,
@@ -155,11 +164,6 @@ def _wire(
         ],
         api_visibility="private",
     )
-
-
-def _outputs(values: list) -> Any:
-    """Gradio passes a single output's return value through whole: one value, not a list of one."""
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 def theme() -> gr.themes.Base:

@@ -453,11 +453,13 @@ class StudioEngine:
     # ---- export -------------------------------------------------------------------------------------
     def export_version(self, version_id: int, fmt: str = "auto", training_run_id: int | None = None) -> Path:
         """A saved version as a Hugging Face model folder, zipped for download (mol.export does the work)."""
-        from mol.export import export
+        from mol.export import FORMATS, export
 
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
-        if fmt not in ("auto", "standard", "mol"):
-            raise MolError(f"Unknown export format '{fmt}'; choose auto, standard or mol.")
+        if fmt not in FORMATS:
+            raise MolError(
+                f"Unknown export format '{fmt}'; choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}."
+            )
         training_run_id = record_id(training_run_id, "training run") if training_run_id else None
         weights = self.trained_weights(version.id, training_run_id) if training_run_id else None
         recipe = self.recipe_from_yaml(version.yaml_text)
@@ -730,8 +732,8 @@ class StudioEngine:
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
         recipe = self.recipe_from_yaml(version.yaml_text)
         chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
-        steps = int(chosen.get("steps", 200))
         config = TrainConfig.from_dict(chosen)
+        steps = config.steps
         record = self.repo.create_training_run(
             version.id,
             {

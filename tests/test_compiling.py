@@ -5,7 +5,7 @@ import torch
 
 import mol
 from mol.compiling import compile_blocks, compile_network, uncompile_network
-from mol.fused import _rows_by_expert
+from mol.network.modeling_mol import rows_by_expert as _rows_by_expert
 
 
 def _routed(tiny):

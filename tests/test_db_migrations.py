@@ -44,7 +44,7 @@ def test_connection_settings(tmp_path):
             for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
         }
     assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000, "synchronous": 2}
-    assert repo.schema_revision() == head_revision() == "0002"
+    assert repo.schema_revision() == head_revision() == "0003"
     repo.close()
 
 
@@ -106,7 +106,7 @@ def test_upgrade_older_database_keeps_data(tmp_path):
     assert repo.add_evaluation(2, {"ppl": 9.0}, training_run_id=1).results == {"ppl": 9.0}
     assert repo.save_version(recipe.id, "slots: [bard:1]").number == 3
     # the pre-upgrade file was kept
-    [kept] = list(tmp_path.glob("old.db.pre-0002-*.bak"))
+    [kept] = list(tmp_path.glob(f"old.db.pre-{head_revision()}-*.bak"))
     eng = create_db_engine(f"sqlite:///{kept}")
     assert current_revision(eng) == "0001"
     eng.dispose()

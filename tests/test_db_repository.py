@@ -18,6 +18,7 @@ from studio.db import (
     VersionConflictError,
     diff_yaml,
     get_repository,
+    head_revision,
 )
 
 RECIPE_V1 = """\
@@ -338,7 +339,7 @@ def test_many_first_starts_at_once(tmp_path):
     for t in threads:
         t.join()
     assert not errors and len(opened) == 6
-    assert {r.schema_revision() for r in opened} == {"0002"}
+    assert {r.schema_revision() for r in opened} == {head_revision()}
     opened[0].create_recipe("r", RECIPE_V1)
     assert opened[-1].find_recipe("r") is not None
     for r in opened:

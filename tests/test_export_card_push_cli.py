@@ -61,7 +61,7 @@ def test_single_licence_is_carried_to_the_card(licensed, tmp_path):
 
 
 def test_push_offline_fails_before_writing_anything(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -73,7 +73,7 @@ def test_push_offline_fails_before_writing_anything(tiny, tmp_path, monkeypatch)
 
 
 def test_push_without_token_fails_before_writing_anything(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     import tempfile
@@ -181,7 +181,7 @@ def test_cli_mergekit_both_ways(tiny, tmp_path, capsys):
 
 
 def test_cli_push_offline(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     recipe = write_recipe(tmp_path, {"name": "p", "models": {"m": str(tiny("llama"))}, "slots": ["m:0-3"]})
     assert main(["push", str(recipe), "someone/fused"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_cache_is_written_one_layer_per_expert(cross, tmp_path):
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     layers = cache.layers
     assert all(layers[i].keys.shape[-2] == 9 for i in range(7))  # plain and token-routed experts: every token
-    chosen = set(cache.mol_state["pooled"][4]["logits"].argmax(-1).tolist())
+    chosen = set(cache.fused.pooled[4]["logits"].argmax(-1).tolist())
     for j in (0, 1):  # the pooled slot's experts (cache 7, 8) ran only if some sequence chose them
         assert (layers[7 + j].is_initialized if 7 + j < len(layers) else False) == (j in chosen)
 
@@ -136,7 +136,7 @@ def test_weights_file_exports_like_the_trained_model(cross, tmp_path):
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     untrained = tensors(export(recipe, tmp_path / "c").path)
-    name = "slots.1.router.proj.weight"
+    name = "model.slots.1.router.proj.weight"  # MoLForCausalLM holds the network as `model`
     assert not torch.equal(untrained[name], a[name]) and untrained[name].abs().sum() == 0
 
 
@@ -165,12 +165,12 @@ def test_bf16_export_keeps_routers_in_float32(cross, tmp_path):
     recipe, model = cross
     result = export(model, tmp_path / "out", dtype="bfloat16")
     with safe_open(str(result.path / "model.safetensors"), "pt") as fh:
-        assert fh.get_tensor("slots.1.router.proj.weight").dtype == torch.float32
-        assert fh.get_tensor("slots.1.experts.1.adapter.into_block.weight").dtype == torch.bfloat16
-        assert fh.get_tensor("embed.weight").dtype == torch.bfloat16
+        assert fh.get_tensor("model.slots.1.router.proj.weight").dtype == torch.float32
+        assert fh.get_tensor("model.slots.1.experts.1.adapter.into_block.weight").dtype == torch.bfloat16
+        assert fh.get_tensor("model.embed.weight").dtype == torch.bfloat16
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path)).eval()
-    assert loaded.embed.weight.dtype == torch.bfloat16
-    assert loaded.slots[1].router.proj.weight.dtype == torch.float32
+    assert loaded.model.embed.weight.dtype == torch.bfloat16
+    assert loaded.model.slots[1].router.proj.weight.dtype == torch.float32
     runtime = mol.build(recipe, device="cpu", dtype=torch.bfloat16)
     mol.load_trainable(runtime, mol.save_trainable(model, tmp_path / "w.safetensors"))
     ids, mask = padded_batch(5)
@@ -193,9 +193,9 @@ def test_tied_base_head_is_not_duplicated(tiny, tmp_path):
     model = randomise(mol.build(recipe, device="cpu", dtype=torch.float32))
     result = export(model, tmp_path / "out")
     with safe_open(str(result.path / "model.safetensors"), "pt") as fh:
-        assert "head.weight" not in set(fh.keys())
+        assert "model.head.weight" not in set(fh.keys())
     loaded = AutoModelForCausalLM.from_pretrained(str(result.path)).eval()
-    assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr()
+    assert loaded.model.head.weight.data_ptr() == loaded.model.embed.weight.data_ptr()
     assert_same_model(model, loaded)
 
 

@@ -121,9 +121,9 @@ def test_mol_export_loads_with_remote_code_without_mol(tiny, tmp_path):
     assert got["generated"] == ours.tolist()
 
 
-def test_lazy_registration_loads_mol_exports_without_remote_code(tiny, tmp_path):
-    """Registering costs `import mol` nothing: transformers' auto modules and the modelling code are imported
-    only when used, and then a MoL folder loads with no trust_remote_code."""
+def test_registered_auto_classes_load_mol_exports_without_remote_code(tiny, tmp_path):
+    """`mol.register_auto_classes()` registers MoL the documented way; a MoL folder then loads with the library's
+    own network and no trust_remote_code, and nothing of transformers is imported by `import mol` alone."""
     recipe = mol.Recipe.from_dict(
         {
             "name": "r",
@@ -135,9 +135,9 @@ def test_lazy_registration_loads_mol_exports_without_remote_code(tiny, tmp_path)
     folder = export(recipe, tmp_path / "out").path
     code = f"""
 import sys
-import mol.export
-mol.export.register_auto_classes(lazy=True)
-print(any(m.startswith("transformers.models.auto") for m in sys.modules), "mol.export.modeling_mol" in sys.modules)
+import mol
+print("transformers" in sys.modules)
+mol.register_auto_classes()
 from transformers import AutoConfig, AutoModelForCausalLM
 print(type(AutoConfig.from_pretrained({str(folder)!r})).__module__)
 print(type(AutoModelForCausalLM.from_pretrained({str(folder)!r})).__module__)
@@ -152,7 +152,7 @@ print(type(AutoModelForCausalLM.from_pretrained({str(folder)!r})).__module__)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()[-3:]
-    assert lines == ["False False", "mol.export.configuration_mol", "mol.export.modeling_mol"]
+    assert lines == ["False", "mol.network.configuration_mol", "mol.network.modeling_mol"]
     assert not (tmp_path / "modules").exists()  # no remote code was copied or run
 
 
@@ -223,8 +223,8 @@ def test_routed_export_loads_quietly_without_mol(tiny, tmp_path):
 
 
 def test_exported_code_files_are_the_library_files(tiny, tmp_path):
-    """The remote code beside the weights is copied from the library byte for byte, not generated."""
-    from mol.export import remote
+    """The remote code beside the weights is the library's own network, copied byte for byte, not generated."""
+    from mol.network import NETWORK_FILES
 
     recipe = mol.Recipe.from_dict(
         {
@@ -236,7 +236,7 @@ def test_exported_code_files_are_the_library_files(tiny, tmp_path):
     )
     folder = export(recipe, tmp_path / "out").path
     written = sorted(p.name for p in folder.glob("*.py"))
-    assert written == sorted(remote.CODE_FILES)
-    library = REPO / "mol" / "export"
-    for name in remote.CODE_FILES:
+    assert written == sorted(NETWORK_FILES)
+    library = REPO / "mol" / "network"
+    for name in NETWORK_FILES:
         assert (folder / name).read_bytes() == (library / name).read_bytes(), name

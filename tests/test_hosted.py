@@ -72,7 +72,7 @@ def test_hosting_env_alone_changes_nothing_in_the_library(monkeypatch, allowed, 
     monkeypatch.setenv("SPACE_ID", "someone/some-space")
     monkeypatch.setenv("MANGO_MODEL_DIRS", str(allowed))
     monkeypatch.setenv("MANGO_LIMIT_SLOTS", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert mol.plan(recipe(str(outside), ["a:0", "a:1"])).base.width == 64  # outside, and over the slot limit
     with pytest.raises(ModelNotFoundError):  # the Hub is tried (offline here), not refused
         mol.plan(recipe("someone/some-model"))

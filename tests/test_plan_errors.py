@@ -32,7 +32,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_uncached_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError) as info:
         mol.plan(recipe({"a": "nobody-here/no-such-model"}, ["a:0"]))
     msg = str(info.value)

@@ -327,8 +327,8 @@ def test_a_string_naming_a_real_recipe_file_is_text_not_a_path(tmp_path, monkeyp
 def test_no_parser_of_text_opens_a_file(tmp_path, no_file_access):
     from mol.export.mergekit import import_mergekit
     from mol.recipe import to_recipe
+    from studio.draft_recipe import parse_recipe_text
     from studio.errors import recipe_text
-    from studio.tabs.recipe_board import parse_recipe_text
 
     path = str(valid_recipe_file(tmp_path))
     mk = tmp_path / "mk.yml"

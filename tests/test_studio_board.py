@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mol.errors import RecipeError
 from mol.recipe import Recipe
-from studio.tabs import recipe_board as rb
+from studio import draft_recipe as rb
 
 MODELS = {"bard": "assets/models/mango-bard", "coder": "assets/models/mango-coder"}
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from mol.errors import AccessError, MolError, ResourceError
+from studio.draft_recipe import draft_recipe, draft_yaml
 from studio.engine import ModelCache, StudioConfig, StudioEngine, clamp_settings
-from studio.tabs.recipe_board import draft_recipe, draft_yaml
 
 
 def routed_draft(engine, name="fused"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mol.errors import MolError
-from studio.tabs.recipe_board import draft_recipe, draft_yaml
+from studio.draft_recipe import draft_recipe, draft_yaml
 
 
 def save(engine, slots, name):
@@ -47,7 +47,7 @@ def test_routed_recipe_exports_as_mol_folder(engine):
 
 
 def test_push_offline_fails_clearly(engine, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     v = save(engine, [{"experts": ["bard:0"]}], "push-me")
     with pytest.raises(MolError):
         engine.push_version(v.id, "someone/model", token="hf_fake")

@@ -4,6 +4,7 @@ too large or not text, and the error id that ties a generic message to the logge
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import shutil
@@ -77,9 +78,30 @@ def slow_steps(monkeypatch):
     return steps
 
 
+def in_output_order(block, result):
+    """A callback's {component: value} result as the tuple of its outputs, in order (None: left as it was)."""
+    return tuple(result.get(c) for c in block.outputs) if isinstance(result, dict) else result
+
+
+def ordered(block):
+    """A UI callback whose results read in output order (a generator's too; closing it closes the callback's)."""
+    if inspect.isgeneratorfunction(block.fn):
+
+        def gen(*args):
+            inner = block.fn(*args)
+            try:
+                for result in inner:
+                    yield in_output_order(block, result)
+            finally:
+                inner.close()
+
+        return gen
+    return lambda *args: in_output_order(block, block.fn(*args))
+
+
 def ui_fn(studio, api_name: str):
     """A UI callback itself (what the browser's click runs), to read what it shows inline."""
-    return next(f.fn for f in studio.demo.fns.values() if f.api_name == api_name)
+    return ordered(next(f for f in studio.demo.fns.values() if f.api_name == api_name))
 
 
 def ui_run(studio, version_id: int, prompt: str = "To be", max_new: int = 4) -> list:
@@ -302,10 +324,10 @@ def test_uploads_are_size_limited_and_read_as_text_only(studio, tmp_path, monkey
             engine.datasets([], [str(text)], "train")
 
     # the Recipe tab's "Import file…": the same checks, shown inline
-    on_upload = next(
-        f.fn for f in studio.demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload"
+    on_upload = ordered(
+        next(f for f in studio.demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_upload")
     )
-    status = on_upload(str(binary), [], None)[-1]
+    status = on_upload(str(binary), [])[-1]
     assert 'role="alert"' in status and "not a text file" in status
     good = tmp_path / "recipe.yaml"
     good.write_text(
@@ -318,7 +340,7 @@ def test_uploads_are_size_limited_and_read_as_text_only(studio, tmp_path, monkey
             }
         )
     )
-    assert "Imported &#x27;uploaded&#x27;" in on_upload(str(good), [], None)[-1]
+    assert "Imported &#x27;uploaded&#x27;" in on_upload(str(good), [])[-1]
 
 
 # ---- error logging -------------------------------------------------------------------------------------------

@@ -10,8 +10,12 @@ from mol.commands.train import parse_pairs
 
 
 def register(sub) -> None:
-    from mol.evaluation import DEFAULT_SEQ_LEN
+    import inspect
 
+    from mol.evaluation import evaluate
+
+    # The defaults are evaluate()'s own, stated once there.
+    d = {name: param.default for name, param in inspect.signature(evaluate).parameters.items()}
     p = sub.add_parser(
         "eval", help="perplexity, routing agreement and load, side by side with the source models"
     )
@@ -23,8 +27,8 @@ def register(sub) -> None:
         type=argtypes.output_file,
         help="write OUT.json and OUT.csv (default: beside the weights, or the recipe)",
     )
-    p.add_argument("--seq-len", type=argtypes.integer(2, 2**20), default=DEFAULT_SEQ_LEN)
-    p.add_argument("--batch-size", type=argtypes.integer(1, 2**16), default=8)
+    p.add_argument("--seq-len", type=argtypes.integer(2, 2**20), default=d["seq_len"])
+    p.add_argument("--batch-size", type=argtypes.integer(1, 2**16), default=d["batch_size"])
     p.add_argument(
         "--max-tokens", type=argtypes.integer(1), help="evaluate at most this many tokens per domain"
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mol.export.auto import register_auto_classes
+
 FORMATS = ("auto", "standard", "mol")
 _EXTRA_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")
 
@@ -75,7 +77,7 @@ def export(
     from mol.errors import RecipeError
     from mol.export import card, remote, standard, verify
     from mol.export.shards import parse_size, write_shards
-    from mol.export.trainable import TrainableParts
+    from mol.export.trainable import copy_trainable, trainable_parts
 
     if format not in FORMATS:
         raise RecipeError(f"Unknown export format '{format}'; use one of: {', '.join(FORMATS)}.")
@@ -85,10 +87,10 @@ def export(
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     the_plan, model = _resolve(recipe_or_model)
-    parts = TrainableParts(the_plan)
+    parts = trainable_parts(the_plan)
     trained = weights is not None
     if model is not None:
-        parts.load_state_dict({k: v.detach().cpu() for k, v in model.trainable_state_dict().items()})
+        copy_trainable(parts, model.trainable_state_dict())
         trained = True
     if weights is not None:
         from mol.weights import load_trainable
@@ -117,8 +119,8 @@ def export(
             layers = len(the_plan.slots)
         else:
             entries = remote.remote_entries(the_plan, parts, out_dtype)
-            remote.remote_config(the_plan, out_dtype, recipe_dict).save_pretrained(str(folder))
-            remote.copy_code(folder)
+            remote.remote_config(the_plan, parts, out_dtype, recipe_dict).save_pretrained(str(folder))
+            remote.copy_code(folder, parts)
             layers = the_plan.cache_layers
         _check_size(sum(e.nbytes for e in entries), limit, folder)
         shards = write_shards(folder, entries, shard_bytes)
@@ -269,14 +271,6 @@ def staging(out: Path, overwrite: bool = False):
         if isinstance(exc, OSError):
             raise StorageError(f"Writing '{out}' failed: {exc}. Nothing was left behind.") from None
         raise
-
-
-def register_auto_classes(lazy: bool = False) -> None:
-    """Let `AutoModelForCausalLM.from_pretrained` load exported MoL folders without remote code (`lazy`: once
-    transformers' auto classes are imported, without importing them now; what `import mol` uses)."""
-    from mol.export.auto import register_auto_classes as register
-
-    register(lazy)
 
 
 __all__ = ["ExportResult", "FORMATS", "export", "register_auto_classes", "staging"]

@@ -227,9 +227,9 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
 def mergekit_blockers(the_plan, weights=None) -> list[str]:
     """Why this recipe has no passthrough equivalent (empty: it has one)."""
     from mol.export.standard import standard_blockers
-    from mol.export.trainable import TrainableParts
+    from mol.export.trainable import trainable_parts
 
-    parts = TrainableParts(the_plan)
+    parts = trainable_parts(the_plan)
     if weights is not None:
         from mol.weights import load_trainable
 

@@ -4,14 +4,11 @@ failure leaves nothing half-written either here or on the Hub."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mol.errors import StorageError
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 class PushError(StorageError):
@@ -20,7 +17,9 @@ class PushError(StorageError):
 
 def hub_token(token: str | None = None) -> str:
     """The token to upload with, or PushError saying why there is none (checked before any work is done)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in _TRUE:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub's reading of HF_HUB_OFFLINE, looked up at call time
         raise PushError(
             "Cannot push: the Hub is switched off here (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE and "
             "run `hf auth login` (or set HF_TOKEN), or export to a folder with `mol export` and upload "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mol.export.shards import TensorEntry, entry_from_file
-from mol.export.trainable import TrainableParts, is_identity
+from mol.export.trainable import is_identity
 from mol.planning import Plan
 
 # Config keys that may differ between two sources whose layers are interchangeable: counts, bookkeeping,
@@ -36,7 +36,7 @@ _LAYER_NEUTRAL_KEYS = {
 }
 
 
-def standard_blockers(the_plan: Plan, parts: TrainableParts) -> list[str]:
+def standard_blockers(the_plan: Plan, parts) -> list[str]:
     """Why this recipe cannot be written as a standard checkpoint (empty: it can)."""
     base = the_plan.base
     reasons: list[str] = []

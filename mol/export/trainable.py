@@ -1,48 +1,28 @@
-"""The trainable parts of a fused model (adapters and routers) without its source blocks: named exactly as in
-`FusedModel.trainable_state_dict()`, so trained weights load onto them with `mol.load_trainable`."""
+"""The trainable parts of a fused model (adapters and routers) without reading its source blocks: the network
+itself, built on the meta device with only its adapters and routers made (on the CPU, at their starting values),
+so its names are the model's and trained weights load onto it with `mol.load_trainable`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mol.adapters import make_adapter
+from mol.layout import network_config
+from mol.network.modeling_mol import MoLNetwork
 from mol.planning import Plan
-from mol.routers import make_router
 
 
-class TrainableParts(nn.Module):
-    """slots[i].experts[j].adapter and slots[i].router, at their starting values (identity, uniform)."""
+def trainable_parts(the_plan: Plan) -> MoLNetwork:
+    with torch.device("meta"):
+        return MoLNetwork(network_config(the_plan), init_device="cpu")
 
-    def __init__(self, the_plan: Plan):
-        super().__init__()
-        width, rank = the_plan.width, the_plan.recipe.adapter.rank
-        slots = []
-        for sp in the_plan.slots:
-            slot = nn.Module()
-            slot.experts = nn.ModuleList()
-            for e in sp.experts:
-                holder = nn.Module()
-                holder.adapter = make_adapter(e.adapter, width, e.width, rank) if e.adapter else None
-                slot.experts.append(holder)
-            slot.router = None
-            if sp.routed:
-                r = sp.slot.router
-                slot.router = make_router(r.type, width, len(sp.experts), r.top_k)
-            slots.append(slot)
-        self.slots = nn.ModuleList(slots)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()
-
-    def adapters(self) -> dict[str, nn.Module]:
-        """Expert name-path -> adapter, for every expert that has one."""
-        return {
-            f"slots.{i}.experts.{j}": h.adapter
-            for i, s in enumerate(self.slots)
-            for j, h in enumerate(s.experts)
-            if h.adapter is not None
-        }
+@torch.no_grad()
+def copy_trainable(parts: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Set the adapters and routers of `parts` from another model's trainable state (same recipe)."""
+    own = parts.trainable_state_dict()
+    for name, value in state.items():
+        own[name].copy_(value.detach().to("cpu", own[name].dtype))
 
 
 @torch.no_grad()

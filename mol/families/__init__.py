@@ -1,6 +1,10 @@
 """Architecture families. Each family file declares, as data, where a model keeps its layers, embeddings,
 final norm, head and position modules, and which keywords its decoder layer takes. Nothing outside this
-package knows an architecture's tensor names."""
+package knows an architecture's tensor names.
+
+Families are looked up by the config's `model_type` in one registry: the built-in ones are registered at the
+end of this module, and `register_family(Family(...))` adds another without touching mol (`unregister_family`
+takes it out again)."""
 
 from __future__ import annotations
 
@@ -85,36 +89,50 @@ def cache_keyword(layer) -> str:
     )
 
 
-def _registry() -> dict[str, Family]:
-    from mol.families import gemma, gpt2, gpt_neox, granite, llama, opt, phi
-
-    reg: dict[str, Family] = {}
-    for fam in (
-        llama.FAMILY,
-        gemma.FAMILY,
-        granite.FAMILY,
-        gpt2.FAMILY,
-        gpt_neox.FAMILY,
-        opt.FAMILY,
-        phi.FAMILY,
-    ):
-        for mt in fam.model_types:
-            reg[mt] = fam
-    return reg
-
-
+# model_type -> Family: the one registry `family_for` and `supported_model_types` read. The built-in families are
+# registered at the end of this module; others (a family file of one's own, a test's) through `register_family`.
 FAMILIES: dict[str, Family] = {}
 
 
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Make `family` the family of each of its model types. A model type that already has a family is refused
+    (ValueError) unless `replace`, which takes it over. Returns the family."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family takes a Family, not {type(family).__name__}.")
+    types = family.model_types
+    if (
+        not isinstance(types, tuple)
+        or not types
+        or not all(isinstance(t, str) and t.strip() for t in types)
+        or len(set(types)) != len(types)
+    ):
+        raise ValueError(
+            f"family '{family.name}': model_types must be a tuple of distinct names, got {types!r}."
+        )
+    taken = {t: FAMILIES[t].name for t in types if t in FAMILIES}
+    if taken and not replace:
+        listed = ", ".join(f"'{t}' (family '{name}')" for t, name in taken.items())
+        raise ValueError(
+            f"family '{family.name}': model_type {listed} is already registered; pass replace=True to take "
+            "it over, or unregister_family the other first."
+        )
+    for t in types:
+        FAMILIES[t] = family
+    return family
+
+
+def unregister_family(family: Family) -> None:
+    """Remove the model types registered to `family` (those another family has taken over stay as they are)."""
+    for t in family.model_types:
+        if FAMILIES.get(t) is family:
+            del FAMILIES[t]
+
+
 def supported_model_types() -> list[str]:
-    if not FAMILIES:
-        FAMILIES.update(_registry())
     return sorted(FAMILIES)
 
 
 def family_for(model_type: str, where: str = "") -> Family:
-    if not FAMILIES:
-        FAMILIES.update(_registry())
     fam = FAMILIES.get(model_type)
     if fam is None:
         names = ", ".join(sorted({f.name for f in FAMILIES.values()}))
@@ -123,3 +141,14 @@ def family_for(model_type: str, where: str = "") -> Family:
             f"(model_type one of: {', '.join(supported_model_types())})."
         )
     return fam
+
+
+def _register_builtins() -> None:
+    """The families that ship with mol, each in its own file; the one place they are registered."""
+    from mol.families import gemma, gpt2, gpt_neox, granite, llama, opt, phi
+
+    for module in (llama, gemma, granite, gpt2, gpt_neox, opt, phi):
+        register_family(module.FAMILY)
+
+
+_register_builtins()

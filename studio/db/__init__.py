@@ -20,10 +20,14 @@ from .repository import (
     RecipeInfo,
     Repository,
     RunInfo,
+    ShippedSeedResult,
+    ShippedWeights,
+    TrainedResultInfo,
     TrainingRunInfo,
     VersionDiff,
     VersionInfo,
     get_repository,
+    trained_result_label,
 )
 
 __all__ = [
@@ -36,8 +40,11 @@ __all__ = [
     "RecipeInfo",
     "Repository",
     "RunInfo",
+    "ShippedSeedResult",
+    "ShippedWeights",
     "SlotChange",
     "StorageError",
+    "TrainedResultInfo",
     "TrainingRunInfo",
     "VersionConflictError",
     "VersionDiff",
@@ -50,5 +57,6 @@ __all__ = [
     "head_revision",
     "init_db",
     "resolve_url",
+    "trained_result_label",
     "upgrade",
 ]

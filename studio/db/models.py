@@ -24,6 +24,8 @@ NAME_MAX = 200
 NOTE_MAX = 2000
 YAML_MAX_BYTES = 1 << 20  # 1 MiB of UTF-8
 TRAINING_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+TRAINING_ORIGINS = ("studio", "shipped")  # trained in the studio; shipped trained weights (studio.seed)
+SHIPPED_KINDS = ("recipe", "weights")
 
 
 def utcnow() -> datetime:
@@ -115,6 +117,8 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # One of TRAINING_ORIGINS. Added by revision 0003.
+    origin: Mapped[str] = mapped_column(String(20), default="studio", server_default="studio")
 
 
 class Evaluation(Base):
@@ -130,3 +134,24 @@ class Evaluation(Base):
     name: Mapped[str] = mapped_column(String(NAME_MAX), default="", server_default="")
     results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShippedAsset(Base):
+    """One shipped file (an example recipe, or trained weights) seeded into the database by `studio.seed`, and
+    the rows it became. Kept even if the user deletes or renames the recipe, so seeding never brings it back.
+    Added by revision 0003."""
+
+    __tablename__ = "shipped_assets"
+    __table_args__ = (
+        UniqueConstraint("kind", "asset", "sha256", name="uq_shipped_assets_kind_asset_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # one of SHIPPED_KINDS
+    asset: Mapped[str] = mapped_column(String(NAME_MAX))  # file name, e.g. "fused-token.yaml"
+    sha256: Mapped[str] = mapped_column(String(64))  # of the file as seeded
+    version_id: Mapped[int] = mapped_column(ForeignKey("recipe_versions.id", ondelete="RESTRICT"))
+    training_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("training_runs.id", ondelete="RESTRICT"), default=None
+    )
+    seeded_at: Mapped[datetime] = mapped_column(default=utcnow)

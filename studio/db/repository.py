@@ -18,8 +18,8 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +56,7 @@ from .models import (
     Recipe,
     RecipeVersion,
     Run,
+    ShippedAsset,
     TrainingRun,
     UTCDateTime,
     utcnow,
@@ -137,6 +138,66 @@ class TrainingRunInfo:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    origin: str = "studio"  # "studio": trained here; "shipped": trained weights that ship with Mango
+
+    @property
+    def shipped(self) -> bool:
+        return self.origin == "shipped"
+
+
+@dataclass(frozen=True)
+class TrainedResultInfo:
+    """A finished training run with weights, as a weight picker offers it: `label` names it for a person
+    ("fused-token v1 · shipped", "my-recipe v3 · run 12 · 2000 steps · 2026-12-01 21:40"); `id` is the
+    training run id the engine takes."""
+
+    label: str
+    run: TrainingRunInfo
+    recipe_name: str
+    recipe_deleted: bool
+    shipped_asset: str | None  # the shipped weights file it was seeded from ("fused-token.safetensors")
+
+    @property
+    def id(self) -> int:
+        return self.run.id
+
+    @property
+    def version_id(self) -> int:
+        return self.run.version_id
+
+    @property
+    def shipped(self) -> bool:
+        return self.run.shipped
+
+    @property
+    def weights_available(self) -> bool:
+        return bool(self.run.weights_path) and Path(self.run.weights_path).is_file()
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """Shipped trained weights to register as a trained result of a shipped recipe (see `seed_shipped_recipe`)."""
+
+    asset: str  # file name, e.g. "fused-token.safetensors"
+    sha256: str
+    path: str  # absolute path of the weights file
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    loss_curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShippedSeedResult:
+    """What `seed_shipped_recipe` did. `status`: "seeded" (recipe added now), "present" (seeded before: the
+    recipe was left as it is, renamed, edited or deleted by the user), "name-taken" (a recipe of the user's has
+    this name: nothing was added)."""
+
+    asset: str
+    recipe_name: str
+    status: str
+    version_id: int | None
+    added_training_runs: tuple[int, ...] = ()
+    skipped_weights: tuple[str, ...] = ()  # weights not added, each with the reason
 
 
 @dataclass(frozen=True)
@@ -231,7 +292,29 @@ def _training_info(t: TrainingRun, recipe_id: int, number: int) -> TrainingRunIn
         t.created_at,
         t.updated_at,
         t.finished_at,
+        t.origin or "studio",
     )
+
+
+LABEL_SEPARATOR = " · "
+
+
+def trained_result_label(run: TrainingRunInfo, recipe_name: str) -> str:
+    """A person's name for a trained result, never a bare id: "<recipe> v<n> · shipped" for shipped weights,
+    else "<recipe> v<n> · run <id> · <steps> steps · <finished, UTC, to the minute>"."""
+    head = f"{recipe_name} v{run.version_number}"
+    if run.shipped:
+        return f"{head}{LABEL_SEPARATOR}shipped"
+    parts = [head, f"run {run.id}"]
+    steps = run.metrics.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        steps = len(run.loss_curve)
+    if steps:
+        parts.append(f"{steps} step" + ("" if steps == 1 else "s"))
+    when = run.finished_at or run.created_at
+    if when is not None:
+        parts.append(when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M"))
+    return LABEL_SEPARATOR.join(parts)
 
 
 def _evaluation_info(e: Evaluation) -> EvaluationInfo:
@@ -561,6 +644,17 @@ class Repository:
         )
         return found[0] if found else None
 
+    def name_taken_by_other(self, name: str, recipe_id: int | None = None) -> RecipeInfo | None:
+        """The live recipe that a save under `name` would add a version to, when it is not `recipe_id` (the
+        recipe being edited; None for a new one); None when the name is free or is that recipe's own. For the
+        UI to ask before `save_by_name` appends to someone else's recipe; it changes nothing."""
+        if not isinstance(name, str) or not name.strip():
+            return None
+        found = self.find_recipe(name)
+        if found is None or (recipe_id is not None and found.id == recipe_id):
+            return None
+        return found
+
     def list_versions(self, recipe_id: int) -> list[VersionInfo]:
         """Every version of a recipe (deleted or not), oldest first."""
 
@@ -820,6 +914,174 @@ class Repository:
             ]
 
         return self._read(fn)
+
+    # -- trained results (finished training runs with weights, shipped or trained here) --------------
+
+    def list_trained_results(
+        self,
+        *,
+        version_id: int | None = None,
+        recipe_id: int | None = None,
+        shipped: bool | None = None,
+        include_deleted: bool = False,
+        include_missing: bool = False,
+    ) -> list[TrainedResultInfo]:
+        """Completed training runs that left weights, each with its label (see `trained_result_label`): shipped
+        ones first, then newest first. Without a version or recipe filter, those of deleted recipes are left
+        out unless `include_deleted`; results whose weights file is gone are left out unless
+        `include_missing`. `shipped`: True only shipped, False only trained here, None both."""
+
+        def fn(s: Session) -> list[TrainedResultInfo]:
+            stmt = (
+                select(TrainingRun, RecipeVersion.recipe_id, RecipeVersion.number, Recipe, ShippedAsset.asset)
+                .join(RecipeVersion, RecipeVersion.id == TrainingRun.version_id)
+                .join(Recipe, Recipe.id == RecipeVersion.recipe_id)
+                .outerjoin(
+                    ShippedAsset,
+                    and_(ShippedAsset.training_run_id == TrainingRun.id, ShippedAsset.kind == "weights"),
+                )
+                .where(TrainingRun.status == "completed", TrainingRun.weights_path.is_not(None))
+            )
+            if version_id is not None:
+                stmt = stmt.where(TrainingRun.version_id == version_id)
+            if recipe_id is not None:
+                stmt = stmt.where(RecipeVersion.recipe_id == recipe_id)
+            if version_id is None and recipe_id is None and not include_deleted:
+                stmt = stmt.where(Recipe.deleted_at.is_(None))
+            if shipped is not None:
+                stmt = stmt.where(
+                    TrainingRun.origin == "shipped" if shipped else TrainingRun.origin != "shipped"
+                )
+            stmt = stmt.order_by((TrainingRun.origin == "shipped").desc(), TrainingRun.id.desc())
+            out: list[TrainedResultInfo] = []
+            for t, rid, number, recipe, asset in s.execute(stmt):
+                info = _training_info(t, rid, number)
+                label = trained_result_label(info, recipe.name)
+                out.append(TrainedResultInfo(label, info, recipe.name, recipe.deleted_at is not None, asset))
+            return out
+
+        results = self._read(fn)
+        if not include_missing:
+            results = [r for r in results if r.weights_available]
+        # Labels must tell results apart. Those of studio runs carry the run id already; two shipped ones can
+        # clash (two shipped files for one version, or two recipes of one name, one deleted): they get it too.
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        return [
+            r
+            if counts[r.label] == 1 or not r.shipped
+            else replace(r, label=f"{r.label}{LABEL_SEPARATOR}run {r.id}")
+            for r in results
+        ]
+
+    def trained_result_choices(
+        self, version_id: int | None = None, *, recipe_id: int | None = None
+    ) -> list[tuple[str, int]]:
+        """(label, training run id) pairs for a weight picker: the usable trained results of one recipe version,
+        of one recipe, or (both None) of every live recipe. Labels are never bare ids."""
+        return [
+            (r.label, r.id) for r in self.list_trained_results(version_id=version_id, recipe_id=recipe_id)
+        ]
+
+    # -- shipped examples (studio.seed) --------------------------------------------------------------
+
+    def seed_shipped_recipe(
+        self,
+        name: str,
+        yaml_text: str,
+        *,
+        asset: str,
+        sha256: str,
+        note: str = "",
+        weights: Sequence[ShippedWeights] = (),
+    ) -> ShippedSeedResult:
+        """Add one shipped example recipe (as version 1 of a recipe called `name`) and its shipped trained
+        weights (as completed training runs of that version, origin "shipped"), in one transaction, once.
+
+        A recipe file seeded before (any content) is not added again, whatever the user did with it since
+        (edited, renamed, deleted); weights not seeded yet are still added to that version if its text is
+        `yaml_text`. A live recipe of the user's called `name` is never touched: nothing is added
+        ("name-taken"). A seeded weights file whose recorded path is gone (a moved checkout) gets `path`."""
+        name, yaml_text, note = _check_name(name), _check_yaml(yaml_text), _check_note(note)
+        for w in weights:
+            _check_json([w.config, w.metrics, w.loss_curve], "shipped training record")
+
+        def fn(s: Session) -> ShippedSeedResult:
+            record = s.scalar(
+                select(ShippedAsset)
+                .where(ShippedAsset.kind == "recipe", ShippedAsset.asset == asset)
+                .order_by(ShippedAsset.id.desc())
+            )
+            now = utcnow()
+            if record is not None:
+                status, version = "present", self._version(s, record.version_id)
+            else:
+                if s.scalar(select(Recipe.id).where(Recipe.name == name, Recipe.deleted_at.is_(None))):
+                    return ShippedSeedResult(
+                        asset, name, "name-taken", None, (), tuple(f"{w.asset}: not added" for w in weights)
+                    )
+                recipe = Recipe(name=name, created_at=now)
+                s.add(recipe)
+                s.flush()
+                version = self._append_version(s, recipe, yaml_text, note, None)
+                s.add(
+                    ShippedAsset(
+                        kind="recipe", asset=asset, sha256=sha256, version_id=version.id, seeded_at=now
+                    )
+                )
+                status = "seeded"
+            added: list[int] = []
+            skipped: list[str] = []
+            for w in weights:
+                done = s.scalar(
+                    select(ShippedAsset).where(
+                        ShippedAsset.kind == "weights",
+                        ShippedAsset.asset == w.asset,
+                        ShippedAsset.sha256 == w.sha256,
+                    )
+                )
+                if done is not None:
+                    run = s.get(TrainingRun, done.training_run_id) if done.training_run_id else None
+                    if (
+                        run is not None
+                        and run.weights_path != w.path
+                        and not Path(run.weights_path or "").is_file()
+                    ):
+                        run.weights_path, run.updated_at = w.path, now
+                    continue
+                if version.yaml_text != yaml_text:
+                    skipped.append(f"{w.asset}: trained for other text than the seeded version of {name!r}")
+                    continue
+                run = TrainingRun(
+                    version_id=version.id,
+                    status="completed",
+                    config=dict(w.config),
+                    metrics=dict(w.metrics),
+                    loss_curve=list(w.loss_curve),
+                    weights_path=w.path,
+                    created_at=now,
+                    updated_at=now,
+                    finished_at=now,
+                    origin="shipped",
+                )
+                s.add(run)
+                s.flush()
+                s.add(
+                    ShippedAsset(
+                        kind="weights",
+                        asset=w.asset,
+                        sha256=w.sha256,
+                        version_id=version.id,
+                        training_run_id=run.id,
+                        seeded_at=now,
+                    )
+                )
+                added.append(run.id)
+            s.flush()
+            return ShippedSeedResult(asset, name, status, version.id, tuple(added), tuple(skipped))
+
+        return self._write(fn)
 
     # -- evaluations ---------------------------------------------------------------------------------
 

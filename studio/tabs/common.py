@@ -1,19 +1,20 @@
-"""What several tabs share: the session's model workspace (architecture cards, never models), inline messages,
-and the error boundary between user errors (shown inline) and bugs (one line, logged)."""
+"""What several tabs share: views of the session's model workspace (architecture cards, never models), inline
+messages, formatting, and the error boundary between user errors (shown inline) and bugs (one line, logged).
+Tabs import from here, never from each other."""
 
 from __future__ import annotations
 
 import functools
 import html
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
 import gradio as gr
 
-from studio.engine import StudioEngine
+from studio import figures
+from studio.controller import fmt_time
+from studio.draft_recipe import model_colors
 from studio.errors import user_message
-from studio.tabs.recipe_board import model_colors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +28,7 @@ def message_html(text: str, ok: bool = True) -> str:
     return f'<div class="mango-status {kind}" role="{role}">{html.escape(text)}</div>'
 
 
-__all__ = ["user_message"]  # re-exported: the tabs take the error boundary from here
+__all__ = ["fmt_time", "user_message"]  # re-exported: the tabs take the error boundary from here
 
 
 def api_errors(fn: F) -> F:
@@ -67,10 +68,6 @@ def api_errors_stream(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def fmt_time(dt: datetime | None) -> str:
-    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt else ""
-
-
 def fmt_count(n: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
@@ -89,35 +86,8 @@ def fmt_bytes(n: float) -> str:
 # ---- the workspace: the models this session can use ----------------------------------------------------
 
 
-def card_or_error(engine: StudioEngine, alias: str, ref: str) -> dict:
-    try:
-        return engine.model_card(alias, ref)
-    except Exception as exc:
-        return {"alias": alias, "ref": ref, "error": user_message(exc)}
-
-
-def initial_workspace(engine: StudioEngine) -> list[dict]:
-    return [card_or_error(engine, a, r) for a, r in engine.embedded_models().items()]
-
-
 def workspace_refs(workspace: list[dict]) -> dict[str, str]:
     return {c["alias"]: c["ref"] for c in workspace or []}
-
-
-def merge_models(engine: StudioEngine, workspace: list[dict], models: dict[str, str]) -> list[dict]:
-    """The workspace with `models` (alias -> ref) present: new aliases are added, an alias bound to another
-    reference is re-bound (the recipe being opened decides what its aliases mean)."""
-    out = list(workspace or [])
-    index = {c["alias"]: i for i, c in enumerate(out)}
-    for alias, ref in models.items():
-        if alias in index and out[index[alias]]["ref"] == ref:
-            continue
-        card = card_or_error(engine, alias, ref)
-        if alias in index:
-            out[index[alias]] = card
-        else:
-            out.append(card)
-    return out
 
 
 def palette_models(workspace: list[dict]) -> list[dict]:
@@ -159,3 +129,16 @@ def fusable_notes(workspace: list[dict]) -> dict[str, str]:
         else:
             notes[c["alias"]] = "no: its tokenizer differs from " + ", ".join(others)
     return notes
+
+
+def trace_colors(workspace: list[dict] | None, trace: dict | None) -> dict[str, str]:
+    """Colours by the workspace's model order (as the palette draws them), so chips and plots agree."""
+    aliases = [c["alias"] for c in workspace or []]
+    for s in (trace or {}).get("slots") or []:
+        aliases += [e.rsplit(":", 1)[0] for e in s.get("experts") or []]
+    return model_colors(list(dict.fromkeys(aliases)))
+
+
+def figures_for(trace: dict | None, colors: dict[str, str]):
+    trace = trace or {"tokens": [], "slots": []}
+    return figures.router_heatmap(trace, colors=colors), figures.expert_load(trace, colors=colors)

@@ -8,22 +8,11 @@ from typing import Any
 
 import gradio as gr
 
-from mol.errors import RecipeError
-from studio.engine import BUILTIN_CORPORA, StudioEngine
+from studio.controller import BUILTIN_CORPORA, StudioController
 from studio.errors import flag, names, record_id, whole
-from studio.tabs.common import api_errors, fmt_time, message_html, user_message
-from studio.tabs.train import weight_choices
+from studio.tabs.common import api_errors, message_html, user_message
 
 EVALUATION_COLUMNS = ["Id", "Name", "Time (UTC)", "Fused perplexity"]
-
-
-def evaluation_rows(engine: StudioEngine, limit: int = 50) -> list[list]:
-    rows = []
-    for e in engine.repo.list_evaluations(limit=limit):
-        fused = next((r for r in e.results.get("rows", []) if r.get("kind") == "fused"), None)
-        ppl = ", ".join(f"{d} {v['perplexity']:.2f}" for d, v in (fused or {}).get("domains", {}).items())
-        rows.append([e.id, e.name, fmt_time(e.created_at), ppl])
-    return rows
 
 
 def report_markdown(results: dict) -> str:
@@ -57,8 +46,9 @@ def report_markdown(results: dict) -> str:
 
 
 def create_evaluate_tab(
-    engine: StudioEngine, recipe: dict[str, Any], train: dict[str, Any]
+    ctl: StudioController, recipe: dict[str, Any], train: dict[str, Any]
 ) -> dict[str, Any]:
+    engine = ctl.engine
     gr.Markdown(
         "Score a saved recipe version on held-out text: perplexity per domain, how often each router "
         "agrees with the domain labels, and each expert's load, next to every source model alone."
@@ -66,7 +56,7 @@ def create_evaluate_tab(
     with gr.Row():
         version = gr.Dropdown(choices=[], label="Recipe version", elem_id="eval-version")
         weights = gr.Dropdown(
-            choices=weight_choices(engine, None), value=0, label="Weights", elem_id="eval-weights"
+            choices=ctl.weight_choices(None), value=0, label="Weights", elem_id="eval-weights"
         )
     with gr.Row():
         corpora = gr.CheckboxGroup(
@@ -100,7 +90,7 @@ def create_evaluate_tab(
     )
 
     def on_version(version_id):
-        return gr.update(choices=weight_choices(engine, version_id), value=0)
+        return {weights: gr.update(choices=ctl.weight_choices(version_id), value=0)}
 
     version.change(on_version, version, weights, api_visibility="private")
 
@@ -108,28 +98,24 @@ def create_evaluate_tab(
         version_id, weights_id, corpora_v, files, seq_v, max_tokens_v, sources_v, progress=gr.Progress()
     ):
         try:
-            if version_id is None:
-                raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-            data = engine.datasets(
-                corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "test"
-            )
             progress(0.0, desc="evaluating")
-            info = engine.evaluate_version(
+            info = ctl.evaluate(
                 version_id,
-                data,
-                weights_id or None,
-                bool(sources_v),
-                int(seq_v),
-                int(max_tokens_v) if max_tokens_v else None,
+                weights_id,
+                corpora_v,
+                files,
+                seq_v,
+                max_tokens_v,
+                sources_v,
                 on_progress=lambda done, total, what: progress((done, total), desc=what),
             )
         except Exception as exc:
-            return message_html(user_message(exc), ok=False), gr.update(), evaluation_rows(engine)
-        return (
-            message_html(f"Evaluation #{info.id} stored with {info.name}."),
-            report_markdown(info.results),
-            evaluation_rows(engine),
-        )
+            return {status: message_html(user_message(exc), ok=False), evaluations: ctl.evaluation_rows()}
+        return {
+            status: message_html(f"Evaluation #{info.id} stored with {info.name}."),
+            table: report_markdown(info.results),
+            evaluations: ctl.evaluation_rows(),
+        }
 
     start.click(
         on_evaluate,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import html
+from typing import Any
 
 import gradio as gr
 
-from mol.errors import RecipeError
-from studio.engine import StudioEngine
-from studio.errors import text
+from studio.controller import StudioController
 from studio.tabs.common import api_errors, fmt_count, fusable_notes, message_html, user_message
-from studio.tabs.recipe_board import ALIAS_RE, alias_for
 
 MODEL_COLUMNS = [
     "Alias",
@@ -68,30 +66,7 @@ def card_html(card: dict, note: str = "") -> str:
     return f'<div class="model-card"><h4>{html.escape(card["alias"])}</h4><table>{body}</table></div>'
 
 
-def add_model(engine: StudioEngine, workspace: list[dict], ref: str, alias: str) -> tuple[list[dict], dict]:
-    """Validate a model (config, weights headers, tokenizer) and add its card to the workspace."""
-    ref = text(ref, "The model reference", 1000).strip()
-    alias = text(alias, "The alias", 200).strip()
-    if not ref:
-        raise RecipeError("Give a Hub id (org/name) or a local model folder.")
-    workspace = list(workspace or [])
-    taken = {c["alias"]: c["ref"] for c in workspace}
-    if ref in taken.values():
-        raise RecipeError(
-            f"'{ref}' is already in the list as '{next(a for a, r in taken.items() if r == ref)}'."
-        )
-    if alias and not ALIAS_RE.match(alias):
-        raise RecipeError(
-            f"Alias '{alias}' is not allowed: use letters, digits, '_', '-', '.', starting with a letter."
-        )
-    if alias in taken:
-        raise RecipeError(f"Alias '{alias}' is taken by {taken[alias]}; choose another.")
-    alias = alias or alias_for(ref, taken)
-    card = engine.model_card(alias, ref)
-    return [*workspace, card], card
-
-
-def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr.components.Component]:
+def create_models_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
     gr.Markdown(
         "The models this session can fuse. Blocks fuse only between models with the same tokenizer; "
         "widths and families may differ (adapters bridge them)."
@@ -121,11 +96,16 @@ def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr
 
     def on_add(ws: list[dict], ref_text: str, alias_text: str):
         try:
-            ws, new_card = add_model(engine, ws, ref_text, alias_text)
+            ws, new_card = ctl.add_model(ws, ref_text, alias_text)
         except Exception as exc:
-            return ws, gr.update(), message_html(user_message(exc), ok=False), ""
+            return {status: message_html(user_message(exc), ok=False), card: ""}
         note = fusable_notes(ws)[new_card["alias"]]
-        return (ws, model_rows(ws), message_html(f"Added '{new_card['alias']}'."), card_html(new_card, note))
+        return {
+            workspace: ws,
+            model_list: model_rows(ws),
+            status: message_html(f"Added '{new_card['alias']}'."),
+            card: card_html(new_card, note),
+        }
 
     added = add.click(
         on_add,
@@ -141,14 +121,14 @@ def create_models_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, gr
     @api_errors
     def list_models() -> list[dict]:
         """Architecture cards of the embedded models."""
-        ws = [engine.model_card(a, r) for a, r in engine.embedded_models().items()]
+        ws = [ctl.engine.model_card(a, r) for a, r in ctl.engine.embedded_models().items()]
         notes = fusable_notes(ws)
         return [{**c, "fusable": notes[c["alias"]]} for c in ws]
 
     @api_errors
     def inspect_model(ref: str, alias: str = "") -> dict:
         """Validate a model by Hub id or local folder and return its architecture card."""
-        _, new_card = add_model(engine, [], ref, alias)
+        _, new_card = ctl.add_model([], ref, alias)
         return new_card
 
     gr.api(list_models, api_name="list_models")

@@ -12,60 +12,21 @@ from typing import Any
 import gradio as gr
 
 from mol.errors import RecipeError
-from studio import figures
+from studio.controller import StudioController
 from studio.engine import StudioEngine, clamp_settings, gpu_task, load_text
 from studio.errors import record_id, whole
 from studio.errors import text as text_arg
-from studio.tabs.common import api_errors, api_errors_stream, fmt_time, message_html, user_message
-from studio.tabs.recipe_board import model_colors
-from studio.tabs.train import weight_choices
+from studio.tabs.common import (
+    api_errors,
+    api_errors_stream,
+    figures_for,
+    fmt_time,
+    message_html,
+    trace_colors,
+    user_message,
+)
 
 RUN_COLUMNS = ["Id", "Time (UTC)", "Recipe", "Version", "Prompt", "Output"]
-
-
-def _short(text: str, n: int = 60) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def run_rows(engine: StudioEngine, limit: int = 100) -> list[list]:
-    return [
-        [
-            r.id,
-            fmt_time(r.created_at),
-            r.recipe_name,
-            r.version_number,
-            _short(r.prompt),
-            _short(r.output_text),
-        ]
-        for r in engine.repo.list_runs(limit=limit)
-    ]
-
-
-def run_choices(rows: list[list]) -> list[tuple[str, int]]:
-    return [(f"#{r[0]} {r[2]} v{r[3]}: {r[4][:40]}", r[0]) for r in rows]
-
-
-def playground_versions(engine: StudioEngine) -> list[tuple[str, int]]:
-    """Every version of every live recipe, newest first."""
-    out = []
-    for r in engine.repo.list_recipes():
-        for v in reversed(engine.repo.list_versions(r.id)):
-            out.append((f"{r.name} v{v.number}" + (f" — {v.note[:40]}" if v.note else ""), v.id))
-    return out
-
-
-def trace_colors(workspace: list[dict] | None, trace: dict | None) -> dict[str, str]:
-    """Colours by the workspace's model order (as the palette draws them), so chips and plots agree."""
-    aliases = [c["alias"] for c in workspace or []]
-    for s in (trace or {}).get("slots") or []:
-        aliases += [e.rsplit(":", 1)[0] for e in s.get("experts") or []]
-    return model_colors(list(dict.fromkeys(aliases)))
-
-
-def figures_for(trace: dict | None, colors: dict[str, str]):
-    trace = trace or {"tokens": [], "slots": []}
-    return figures.router_heatmap(trace, colors=colors), figures.expert_load(trace, colors=colors)
 
 
 def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
@@ -77,14 +38,8 @@ def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
     return f'<div class="source-outputs">{cards}</div>'
 
 
-def recipe_sources(engine: StudioEngine, version_id: int | None) -> dict[str, str]:
-    if version_id is None:
-        return {}
-    v = engine.repo.get_version_by_id(record_id(version_id, "recipe version"))
-    return dict(engine.recipe_from_yaml(v.yaml_text).models)
-
-
-def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
+def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
+    engine = ctl.engine
     limit = engine.config.max_new_tokens
     with gr.Row():
         version = gr.Dropdown(
@@ -95,7 +50,7 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
             info="save a recipe in the Recipe tab to run it",
         )
         weights = gr.Dropdown(
-            choices=weight_choices(engine, None),
+            choices=ctl.weight_choices(None),
             value=0,
             label="Weights",
             elem_id="run-weights",
@@ -158,12 +113,15 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
             limit,
         )
 
-    def refresh_runs(keep: int | None = None):
-        rows = run_rows(engine)
+    def refresh_runs(keep: int | None = None) -> dict:
+        rows = ctl.run_rows()
         ids = [r[0] for r in rows]
-        return rows, gr.update(
-            choices=run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None)
-        )
+        return {
+            runs: rows,
+            run_pick: gr.update(
+                choices=ctl.run_choices(rows), value=keep if keep in ids else (ids[0] if ids else None)
+            ),
+        }
 
     # The running generation's stop flag, per browser session. Stop sets it and the generation ends after its
     # current token: a cooperative stop, where cancelling the Gradio job could land late, on the next job.
@@ -184,7 +142,6 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
         request: gr.Request = None,
     ):
         sampling_v = (max_new_v, do_sample_v, temperature_v, top_k_v, top_p_v, seed_v)
-        keep = gr.update()
         stop_event = threading.Event()
         session = getattr(request, "session_hash", None)
         stops[session] = stop_event
@@ -193,49 +150,49 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
                 raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
             gate = engine.gate.snapshot()
             busy = gate["running"] >= gate["capacity"]
-            yield (
-                "",
-                keep,
-                keep,
-                message_html(
+            yield {
+                output: "",
+                run_status: message_html(
                     f"Waiting for a turn: {load_text(gate['running'], gate['waiting'])}…"
                     if busy
                     else "Loading the model…"
                 ),
-                keep,
-                keep,
-            )
+            }
             n, finished = 0, False
             for update in engine.run_prompt(
                 version_id, prompt_v, settings_of(*sampling_v), stop_event, weights_id or None
             ):
                 if not update.done:
                     n += 1
-                    yield update.text, keep, keep, message_html(f"Generating… {n} tokens"), keep, keep
+                    yield {output: update.text, run_status: message_html(f"Generating… {n} tokens")}
                     continue
                 finished = True
                 colors = trace_colors(ws, update.trace)
                 hm, ld = figures_for(update.trace, colors)
                 if update.run_id is None:  # stopped: shown, not stored
-                    yield (
-                        update.text,
-                        hm,
-                        ld,
-                        message_html(f"Stopped after {n} tokens; not saved."),
-                        keep,
-                        keep,
-                    )
+                    yield {
+                        output: update.text,
+                        heatmap: hm,
+                        load: ld,
+                        run_status: message_html(f"Stopped after {n} tokens; not saved."),
+                    }
                     continue
                 routed = len((update.trace or {}).get("slots") or [])
                 msg = (
                     f"Saved as run #{update.run_id}: {len((update.trace or {}).get('tokens') or [])} tokens, "
                     f"{routed} routed slot{'s' if routed != 1 else ''}."
                 )
-                yield (update.text, hm, ld, message_html(msg), *refresh_runs(update.run_id))
+                yield {
+                    output: update.text,
+                    heatmap: hm,
+                    load: ld,
+                    run_status: message_html(msg),
+                    **refresh_runs(update.run_id),
+                }
             if not finished:  # stopped while it waited for its turn
-                yield keep, keep, keep, message_html("Stopped before it started; nothing saved."), keep, keep
+                yield {run_status: message_html("Stopped before it started; nothing saved.")}
         except Exception as exc:
-            yield keep, keep, keep, message_html(user_message(exc), ok=False), keep, keep
+            yield {run_status: message_html(user_message(exc), ok=False)}
         finally:
             stop_event.set()
             if stops.get(session) is stop_event:
@@ -269,11 +226,14 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     def on_version(version_id):
         try:
-            aliases = list(recipe_sources(engine, version_id))
-            trained = weight_choices(engine, version_id)
+            aliases = list(ctl.recipe_sources(version_id))
+            trained = ctl.weight_choices(version_id)
         except Exception:
-            aliases, trained = [], weight_choices(engine, None)
-        return gr.update(choices=aliases, value=aliases[:2]), gr.update(choices=trained, value=0)
+            aliases, trained = [], ctl.weight_choices(None)
+        return {
+            sources: gr.update(choices=aliases, value=aliases[:2]),
+            weights: gr.update(choices=trained, value=0),
+        }
 
     version.change(on_version, version, [sources, weights], api_visibility="private")
 
@@ -281,16 +241,10 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     def on_sources(version_id, chosen, prompt_v, *rest):
         *sampling_v, ws = rest
         try:
-            refs = recipe_sources(engine, version_id)
-            if not chosen:
-                raise RecipeError("Tick at least one source model.")
-            settings = settings_of(*sampling_v)
-            outputs = {
-                a: engine.run_source(a, refs[a], prompt_v or "", settings) for a in chosen if a in refs
-            }
+            outputs = ctl.run_sources(version_id, chosen, prompt_v, settings_of(*sampling_v))
         except Exception as exc:
-            return message_html(user_message(exc), ok=False)
-        return source_outputs_html(outputs, trace_colors(ws, None))
+            return {source_view: message_html(user_message(exc), ok=False)}
+        return {source_view: source_outputs_html(outputs, trace_colors(ws, None))}
 
     run_sources.click(
         on_sources,
@@ -303,32 +257,29 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     )
 
     def on_open_run(run_id, ws):
-        keep = gr.update()
         try:
-            if run_id is None:
-                raise RecipeError("Pick a run to open.")
-            r = engine.repo.get_run(record_id(run_id, "run"))
+            r = ctl.get_run(run_id)
         except Exception as exc:
-            return (*[keep] * 12, message_html(user_message(exc), ok=False))
+            return {run_status: message_html(user_message(exc), ok=False)}
         s = clamp_settings(r.settings, limit)
         hm, ld = figures_for(r.trace, trace_colors(ws, r.trace))
-        return (
-            gr.update(value=r.version_id),
-            gr.update(value=r.settings.get("training_run_id") or 0),
-            r.prompt,
-            s["max_new_tokens"],
-            s["do_sample"],
-            s["temperature"],
-            s["top_k"],
-            s["top_p"],
-            s["seed"],
-            r.output_text,
-            gr.update(value=hm),
-            gr.update(value=ld),
-            message_html(
+        return {
+            version: gr.update(value=r.version_id),
+            weights: gr.update(value=r.settings.get("training_run_id") or 0),
+            prompt: r.prompt,
+            max_new: s["max_new_tokens"],
+            do_sample: s["do_sample"],
+            temperature: s["temperature"],
+            top_k: s["top_k"],
+            top_p: s["top_p"],
+            seed: s["seed"],
+            output: r.output_text,
+            heatmap: gr.update(value=hm),
+            load: gr.update(value=ld),
+            run_status: message_html(
                 f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."
             ),
-        )
+        }
 
     open_run.click(
         on_open_run,
@@ -340,12 +291,12 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
 
     def on_select_run(evt: gr.SelectData, rows):
         try:
-            return gr.update(value=int(rows.iloc[evt.index[0]]["Id"]))
-        except Exception:
-            return gr.update()
+            return {run_pick: gr.update(value=int(rows.iloc[evt.index[0]]["Id"]))}
+        except Exception:  # not a row of runs: the pick stays
+            return {run_pick: gr.update()}
 
     runs.select(on_select_run, runs, run_pick, api_visibility="private")
-    _register_api(engine)
+    _register_api(ctl)
     return {
         "version": version,
         "weights": weights,
@@ -364,7 +315,8 @@ def create_playground_tab(engine: StudioEngine, workspace: gr.State) -> dict[str
     }
 
 
-def _register_api(engine: StudioEngine) -> None:
+def _register_api(ctl: StudioController) -> None:
+    engine: StudioEngine = ctl.engine
     limit = engine.config.max_new_tokens
 
     @api_errors
@@ -439,7 +391,7 @@ def _register_api(engine: StudioEngine) -> None:
     @gpu_task
     def generate_source(version_id: int, alias: str, prompt: str, max_new_tokens: int = 32) -> str:
         """The same prompt through one source model of a recipe version, alone (greedy)."""
-        refs = recipe_sources(engine, version_id)
+        refs = ctl.recipe_sources(version_id)
         alias = text_arg(alias, "The model alias", 200)
         if alias not in refs:
             raise RecipeError(f"The recipe has no model '{alias}'; it has: {', '.join(refs)}.")

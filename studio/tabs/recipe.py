@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import html
-import tempfile
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -12,25 +11,25 @@ from typing import Any
 
 import gradio as gr
 
-from mol.errors import RecipeError
+from mol.export import FORMATS
 from mol.export.mergekit import export_mergekit
-from studio.db import VersionConflictError
-from studio.engine import PlanReport, StudioEngine
-from studio.errors import flag, recipe_text, record_id, whole
+from mol.recipe import ADAPTER_TYPES, DEFAULT_BOTTLENECK_RANK, AdapterSpec, RouterSpec
+from studio import draft_recipe as rb
+from studio.controller import StudioController, checked_yaml, edit_yaml, save_recipe
+from studio.engine import PlanReport
+from studio.errors import flag, record_id, whole
 from studio.errors import text as text_arg
-from studio.limits import Limits
-from studio.tabs import recipe_board as rb
 from studio.tabs.common import (
     api_errors,
     fmt_bytes,
     fmt_count,
-    fmt_time,
-    merge_models,
     message_html,
     palette_models,
     user_message,
     workspace_refs,
 )
+
+__all__ = ["create_recipe_tab", "save_recipe"]  # save_recipe: re-exported from studio.controller
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 VERSION_COLUMNS = ["Recipe", "Version", "Saved (UTC)", "Note", "Id", "State"]
@@ -109,7 +108,9 @@ def _slot_text(slot: Any) -> str:
     if isinstance(slot, dict):
         experts = ", ".join(map(str, slot.get("experts") or []))
         router = slot.get("router")
-        return f"[{experts}]" + (f" {router.get('type', 'token')} router" if isinstance(router, dict) else "")
+        return f"[{experts}]" + (
+            f" {router.get('type', RouterSpec.type)} router" if isinstance(router, dict) else ""
+        )
     if isinstance(slot, list):  # shorthand: a list of experts
         return f"[{', '.join(map(str, slot))}]"
     return f"[{slot}]"  # shorthand: one expert or a range
@@ -127,67 +128,10 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# ---- what the tab does (plain functions, used by the UI callbacks and the API) ------------------------
-
-
-def checked_yaml(value: object, limit: int = Limits.recipe_chars) -> str:
-    """Recipe YAML from a request: text, at most `limit` characters (the studio's `limits.recipe_chars`), and
-    no alias bomb."""
-    return recipe_text(value, limit)
-
-
-def save_recipe(engine: StudioEngine, yaml_text: str, note: str = "", based_on: dict | None = None):
-    """Store a recipe as a new version (a new recipe when no live one has its name). Returns the version and
-    a warning when someone saved the same recipe meanwhile (both versions are kept)."""
-    recipe = engine.recipe_from_yaml(checked_yaml(yaml_text, engine.config.limits.recipe_chars))
-    note = text_arg(note, "The version note", 100_000)
-    base = None  # the version the board was opened from (the tab's own state), if any
-    if isinstance(based_on, dict) and all(isinstance(based_on.get(k), int) for k in ("recipe_id", "version")):
-        base = (based_on["recipe_id"], based_on["version"])
-    try:  # find-or-create and append in one transaction: parallel first saves of a name all land in one recipe
-        return engine.repo.save_by_name(recipe.name, recipe.to_yaml(), note, based_on=base), None
-    except VersionConflictError as exc:
-        return engine.repo.get_version(exc.recipe_id, exc.version), str(exc)
-
-
-def version_rows(engine: StudioEngine, include_deleted: bool = False) -> list[list]:
-    rows = []
-    for r in engine.repo.list_recipes(deleted=None if include_deleted else False):
-        for v in reversed(engine.repo.list_versions(r.id)):
-            rows.append(
-                [r.name, v.number, fmt_time(v.created_at), v.note, v.id, "deleted" if r.deleted else "saved"]
-            )
-    return rows
-
-
-def version_choices(rows: list[list]) -> list[tuple[str, int]]:
-    return [
-        (
-            f"{r[0]} v{r[1]}"
-            + (f" — {r[3][:40]}" if r[3] else "")
-            + (" (deleted)" if r[5] == "deleted" else ""),
-            r[4],
-        )
-        for r in rows
-    ]
-
-
-def edit_yaml(yaml_text: str, op, *args, limit: int = Limits.recipe_chars) -> str:
-    """Apply one board operation to recipe YAML (at most `limit` characters) and return the new, validated
-    YAML."""
-    recipe, _ = rb.parse_recipe_text(checked_yaml(yaml_text, limit))
-    slots = op(rb.slots_of(recipe), *args)
-    draft = rb.draft_recipe(
-        recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, slots
-    )
-    draft["models"] = dict(recipe.models)  # the API caller listed them: keep the unused ones too
-    return rb.Recipe.from_dict(draft).to_yaml()
-
-
 # ---- the tab ----------------------------------------------------------------------------------------
 
 
-def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, Any]:
+def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
     models = palette_models(workspace.value)
     aliases = [m["alias"] for m in models]
     loaded = gr.State(None)  # {"recipe_id", "version", "version_id"} of the version being edited
@@ -222,10 +166,14 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             )
             with gr.Row():
                 adapter = gr.Radio(
-                    ["linear", "bottleneck"], value="linear", label="Adapter", elem_id="recipe-adapter"
+                    list(ADAPTER_TYPES), value=AdapterSpec.type, label="Adapter", elem_id="recipe-adapter"
                 )
                 rank = gr.Number(
-                    value=64, precision=0, minimum=1, label="Bottleneck rank", elem_id="recipe-rank"
+                    value=DEFAULT_BOTTLENECK_RANK,
+                    precision=0,
+                    minimum=1,
+                    label="Bottleneck rank",
+                    elem_id="recipe-rank",
                 )
             note = gr.Textbox(label="Version note", placeholder="what changed", elem_id="recipe-note")
             save = gr.Button("Save version", variant="primary", elem_id="save-recipe")
@@ -274,9 +222,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             export_btn = gr.Button("Export YAML", elem_id="export-yaml")
             export_mk_btn = gr.Button("Export mergekit YAML", elem_id="export-mergekit")
             examples = gr.Dropdown(
-                choices=sorted(p.name for p in engine.config.recipes_dir.glob("*.y*ml"))
-                if engine.config.recipes_dir.is_dir()
-                else [],
+                choices=ctl.example_names(),
                 label="Example recipes",
                 elem_id="recipe-examples",
             )
@@ -289,9 +235,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             "architecture, anything else as `MoLForCausalLM`."
         )
         with gr.Row():
-            export_format = gr.Radio(
-                ["auto", "standard", "mol"], value="auto", label="Format", elem_id="export-format"
-            )
+            export_format = gr.Radio(list(FORMATS), value=FORMATS[0], label="Format", elem_id="export-format")
             export_run = gr.Number(
                 value=None,
                 precision=0,
@@ -316,11 +260,10 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             slots = rb.board_slots(board_v)
             draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
         except Exception as exc:
-            return plan_html(PlanReport(False, user_message(exc))), gr.update()
-        report = engine.check(draft) if slots else None
-        return plan_html(report), rb.draft_yaml(draft)
+            return {plan_status: plan_html(PlanReport(False, user_message(exc)))}
+        return {plan_status: plan_html(ctl.check_draft(draft, slots)), yaml_code: rb.draft_yaml(draft)}
 
-    for comp in (board, base, adapter, rank):
+    for comp in (board, base, adapter, rank, name):
         comp.change(
             validate,
             [*settings, workspace, board],
@@ -329,35 +272,28 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             trigger_mode="always_last",
             show_progress="hidden",
         )
-    name.change(
-        validate,
-        [*settings, workspace, board],
-        [plan_status, yaml_code],
-        api_visibility="private",
-        trigger_mode="always_last",
-        show_progress="hidden",
-    )
 
     # ---- versions list ----
-    def refresh_versions(include_deleted: bool, keep: int | None = None):
-        rows = version_rows(engine, include_deleted)
-        choices = version_choices(rows)
+    def refresh_versions(include_deleted: bool, keep: int | None = None) -> dict:
+        choices = ctl.version_choices(rows := ctl.version_rows(include_deleted))
         ids = [c[1] for c in choices]
         pick = keep if keep in ids else (ids[0] if ids else None)
-        return rows, gr.update(choices=choices, value=pick), gr.update(choices=choices, value=None)
+        return {
+            versions: rows,
+            version_pick: gr.update(choices=choices, value=pick),
+            compare_with: gr.update(choices=choices, value=None),
+        }
 
     version_outputs = [versions, version_pick, compare_with]
     show_deleted.change(refresh_versions, show_deleted, version_outputs, api_visibility="private")
 
     def on_select_row(evt: gr.SelectData, rows):
         try:
-            return gr.update(
-                value=int(rows.iloc[evt.index[0]]["Id"])
-                if hasattr(rows, "iloc")
-                else int(rows[evt.index[0]][4])
-            )
-        except Exception:
-            return gr.update()
+            row = evt.index[0]
+            picked = int(rows.iloc[row]["Id"]) if hasattr(rows, "iloc") else int(rows[row][4])
+        except Exception:  # not a row of versions: the pick stays
+            return {version_pick: gr.update()}
+        return {version_pick: gr.update(value=picked)}
 
     versions.select(on_select_row, versions, version_pick, api_visibility="private")
 
@@ -367,17 +303,17 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             draft = rb.draft_recipe(
                 name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
             )
-            version, warning = save_recipe(engine, rb.draft_yaml(draft), note_v or "", loaded_v)
+            version, warning = ctl.save_recipe(rb.draft_yaml(draft), note_v or "", loaded_v)
         except Exception as exc:
-            return (message_html("Not saved: " + user_message(exc), ok=False), loaded_v, *[gr.update()] * 4)
+            return {save_status: message_html("Not saved: " + user_message(exc), ok=False)}
         state = {"recipe_id": version.recipe_id, "version": version.number, "version_id": version.id}
         msg = warning or f"Saved '{version.recipe_name}' as version {version.number}."
-        return (
-            message_html(msg, ok=warning is None),
-            state,
-            *refresh_versions(include_deleted, version.id),
-            "",
-        )
+        return {
+            save_status: message_html(msg, ok=warning is None),
+            loaded: state,
+            **refresh_versions(include_deleted, version.id),
+            note: "",
+        }
 
     saved = save.click(
         on_save,
@@ -388,75 +324,55 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     )
 
     # ---- open / import: a recipe into the board ----
-    def load_recipe(recipe, ws, state, status: str):
-        ws = merge_models(engine, ws, dict(recipe.models))
+    def load_recipe(recipe, ws, state) -> dict:
+        ws = ctl.merge_models(ws, dict(recipe.models))
         pm = palette_models(ws)
-        aliases_now = [c["alias"] for c in ws]
-        return (
-            recipe.name,
-            gr.update(choices=aliases_now, value=recipe.base),
-            recipe.adapter.type,
-            recipe.adapter.rank or 64,
-            ws,
-            {"models": pm},
-            {"models": pm, "slots": rb.slots_of(recipe)},
-            state,
-            status,
-        )
+        return {
+            name: recipe.name,
+            base: gr.update(choices=[c["alias"] for c in ws], value=recipe.base),
+            adapter: recipe.adapter.type,
+            rank: recipe.adapter.rank or DEFAULT_BOTTLENECK_RANK,
+            workspace: ws,
+            palette: {"models": pm},
+            board: {"models": pm, "slots": rb.slots_of(recipe)},
+            loaded: state,
+        }
 
     load_outputs = [name, base, adapter, rank, workspace, palette, board, loaded]
 
-    def on_open(version_id, ws, loaded_v):
+    def on_open(version_id, ws):
         try:
-            if version_id is None:
-                raise RecipeError("Pick a version to open.")
-            v = engine.repo.get_version_by_id(int(version_id))
-            recipe = engine.recipe_from_yaml(v.yaml_text)
+            v, recipe = ctl.open_version(version_id)
         except Exception as exc:
-            return (
-                *[gr.update()] * 4,
-                ws,
-                gr.update(),
-                gr.update(),
-                loaded_v,
-                message_html(user_message(exc), ok=False),
-            )
+            return {versions_status: message_html(user_message(exc), ok=False)}
         state = {"recipe_id": v.recipe_id, "version": v.number, "version_id": v.id}
-        return load_recipe(recipe, ws, state, message_html(f"Opened '{v.recipe_name}' version {v.number}."))
+        return {
+            **load_recipe(recipe, ws, state),
+            versions_status: message_html(f"Opened '{v.recipe_name}' version {v.number}."),
+        }
 
     opened = open_btn.click(
         on_open,
-        [version_pick, workspace, loaded],
+        [version_pick, workspace],
         [*load_outputs, versions_status],
         api_name="ui_open_version",
         api_visibility="undocumented",
     )
 
-    def on_duplicate(version_id, ws, loaded_v, include_deleted):
+    def on_duplicate(version_id, ws, include_deleted):
         try:
-            if version_id is None:
-                raise RecipeError("Pick a version to duplicate.")
-            copy = engine.repo.duplicate_recipe(int(version_id))
+            copy = ctl.duplicate_version(version_id)
         except Exception as exc:
-            return (
-                *[gr.update()] * 4,
-                ws,
-                gr.update(),
-                gr.update(),
-                loaded_v,
-                message_html(user_message(exc), ok=False),
-                *[gr.update()] * 3,
-            )
-        out = on_open(copy.id, ws, loaded_v)
-        return (
-            *out[:-1],
-            message_html(f"Duplicated as '{copy.recipe_name}' (version 1), now open."),
-            *refresh_versions(include_deleted, copy.id),
-        )
+            return {versions_status: message_html(user_message(exc), ok=False)}
+        return {
+            **on_open(copy.id, ws),
+            versions_status: message_html(f"Duplicated as '{copy.recipe_name}' (version 1), now open."),
+            **refresh_versions(include_deleted, copy.id),
+        }
 
     duplicated = duplicate_btn.click(
         on_duplicate,
-        [version_pick, workspace, loaded, show_deleted],
+        [version_pick, workspace, show_deleted],
         [*load_outputs, versions_status, *version_outputs],
         api_name="ui_duplicate_version",
         api_visibility="undocumented",
@@ -464,16 +380,15 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_delete(version_id, include_deleted):
         try:
-            if version_id is None:
-                raise RecipeError("Pick a version of the recipe to delete.")
-            v = engine.repo.get_version_by_id(int(version_id))
-            engine.repo.delete_recipe(v.recipe_id)
+            v = ctl.delete_recipe_of(version_id)
         except Exception as exc:
-            return message_html(user_message(exc), ok=False), *[gr.update()] * 3
-        return (
-            message_html(f"Deleted '{v.recipe_name}'. Tick 'Show deleted recipes' to restore it."),
-            *refresh_versions(include_deleted),
-        )
+            return {versions_status: message_html(user_message(exc), ok=False)}
+        return {
+            versions_status: message_html(
+                f"Deleted '{v.recipe_name}'. Tick 'Show deleted recipes' to restore it."
+            ),
+            **refresh_versions(include_deleted),
+        }
 
     deleted = delete_btn.click(
         on_delete,
@@ -485,13 +400,13 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_restore(version_id, include_deleted):
         try:
-            if version_id is None:
-                raise RecipeError("Pick a version of the deleted recipe to restore.")
-            v = engine.repo.get_version_by_id(int(version_id))
-            info = engine.repo.restore_recipe(v.recipe_id)
+            info = ctl.restore_recipe_of(version_id)
         except Exception as exc:
-            return message_html(user_message(exc), ok=False), *[gr.update()] * 3
-        return message_html(f"Restored '{info.name}'."), *refresh_versions(include_deleted, int(version_id))
+            return {versions_status: message_html(user_message(exc), ok=False)}
+        return {
+            versions_status: message_html(f"Restored '{info.name}'."),
+            **refresh_versions(include_deleted, int(version_id)),
+        }
 
     restored = restore_btn.click(
         on_restore,
@@ -503,11 +418,9 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
 
     def on_compare(old_id, new_id):
         try:
-            if old_id is None or new_id is None:
-                raise RecipeError("Pick two versions: 'Version' and 'Compare with'.")
-            return engine_compare(engine, int(old_id), int(new_id)), ""
+            return {diff_view: diff_html(ctl.compare(old_id, new_id)), versions_status: ""}
         except Exception as exc:
-            return "", message_html(user_message(exc), ok=False)
+            return {diff_view: "", versions_status: message_html(user_message(exc), ok=False)}
 
     compare_btn.click(
         on_compare,
@@ -517,69 +430,45 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         api_visibility="undocumented",
     )
 
-    def on_import(text_v, ws, loaded_v):
+    def on_import(text_v, ws):
         try:
-            recipe, notes = rb.parse_recipe_text(
-                checked_yaml(text_v or "", engine.config.limits.recipe_chars)
-            )
+            recipe, notes = ctl.import_text(text_v)
         except Exception as exc:
-            return (
-                *[gr.update()] * 4,
-                ws,
-                gr.update(),
-                gr.update(),
-                loaded_v,
-                message_html("Not imported: " + user_message(exc), ok=False),
-            )
+            return {import_status: message_html("Not imported: " + user_message(exc), ok=False)}
         msg = f"Imported '{recipe.name}' ({len(recipe.slots)} slots)." + "".join(f" Note: {n}" for n in notes)
-        return load_recipe(recipe, ws, None, message_html(msg))
+        return {**load_recipe(recipe, ws, None), import_status: message_html(msg)}
 
     imported = import_btn.click(
         on_import,
-        [yaml_code, workspace, loaded],
+        [yaml_code, workspace],
         [*load_outputs, import_status],
         api_name="ui_import_yaml",
         api_visibility="undocumented",
     )
 
-    def on_upload(file, ws, loaded_v):
-        try:  # read as UTF-8 text only, and no larger than a recipe may be
-            text_v = engine.read_upload(
-                file if isinstance(file, str) else file.name, 4 * engine.config.limits.recipe_chars
-            )
+    def on_upload(file, ws):
+        try:
+            text_v = ctl.read_recipe_upload(file)
         except Exception as exc:
-            return (
-                *[gr.update()] * 4,
-                ws,
-                gr.update(),
-                gr.update(),
-                loaded_v,
-                message_html("Not imported: " + user_message(exc), ok=False),
-            )
-        return on_import(text_v, ws, loaded_v)
+            return {import_status: message_html("Not imported: " + user_message(exc), ok=False)}
+        return on_import(text_v, ws)
 
     uploaded = upload.upload(
-        on_upload, [upload, workspace, loaded], [*load_outputs, import_status], api_visibility="private"
+        on_upload, [upload, workspace], [*load_outputs, import_status], api_visibility="private"
     )
 
-    def on_example(filename, ws, loaded_v):
+    def on_example(filename, ws):
         try:
-            if not filename:
-                raise RecipeError("Pick an example recipe.")
-            recipe = engine.recipe_from_file(engine.config.recipes_dir / Path(filename).name)
+            recipe = ctl.example_recipe(filename)
         except Exception as exc:
-            return (
-                *[gr.update()] * 4,
-                ws,
-                gr.update(),
-                gr.update(),
-                loaded_v,
-                message_html(user_message(exc), ok=False),
-            )
-        return load_recipe(recipe, ws, None, message_html(f"Loaded the example '{recipe.name}'."))
+            return {import_status: message_html(user_message(exc), ok=False)}
+        return {
+            **load_recipe(recipe, ws, None),
+            import_status: message_html(f"Loaded the example '{recipe.name}'."),
+        }
 
     example_loaded = examples.change(
-        on_example, [examples, workspace, loaded], [*load_outputs, import_status], api_visibility="private"
+        on_example, [examples, workspace], [*load_outputs, import_status], api_visibility="private"
     )
 
     def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, fmt="mango"):
@@ -587,15 +476,13 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
             draft = rb.draft_recipe(
                 name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
             )
-            recipe = engine.recipe_from_dict(draft)
-            text = export_mergekit(engine.plan(recipe)) if fmt == "mergekit" else recipe.to_yaml()
+            path = ctl.export_draft(draft, fmt)
         except Exception as exc:
-            return None, message_html("Not exported: " + user_message(exc), ok=False)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in draft["name"]) or "recipe"
-        suffix = ".mergekit.yaml" if fmt == "mergekit" else ".yaml"
-        path = Path(tempfile.mkdtemp(prefix="mango-export-")) / f"{safe}{suffix}"
-        path.write_text(text, encoding="utf-8")
-        return str(path), message_html(f"Exported {path.name}.")
+            return {
+                export_file: None,
+                import_status: message_html("Not exported: " + user_message(exc), ok=False),
+            }
+        return {export_file: str(path), import_status: message_html(f"Exported {path.name}.")}
 
     export_btn.click(
         on_export,
@@ -612,26 +499,22 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         api_visibility="undocumented",
     )
 
-    def loaded_version_id(loaded_v) -> int:
-        if not loaded_v or not loaded_v.get("version_id"):
-            raise RecipeError("Save the recipe, or open a saved version, before exporting it.")
-        return int(loaded_v["version_id"])
-
     def on_export_model(fmt, run_id, loaded_v):
         try:
-            path = engine.export_version(loaded_version_id(loaded_v), fmt, int(run_id) if run_id else None)
+            path = ctl.export_model(fmt, run_id, loaded_v)
         except Exception as exc:
-            return None, message_html("Not exported: " + user_message(exc), ok=False)
-        return str(path), message_html(f"Exported {path.name}.")
+            return {
+                model_file: None,
+                export_status: message_html("Not exported: " + user_message(exc), ok=False),
+            }
+        return {model_file: str(path), export_status: message_html(f"Exported {path.name}.")}
 
     def on_push(repo_id, token, run_id, loaded_v):
         try:
-            url = engine.push_version(
-                loaded_version_id(loaded_v), repo_id, token, int(run_id) if run_id else None
-            )
+            url = ctl.push_model(repo_id, token, run_id, loaded_v)
         except Exception as exc:
-            return message_html("Not pushed: " + user_message(exc), ok=False)
-        return message_html(f"Pushed: {url}")
+            return {export_status: message_html("Not pushed: " + user_message(exc), ok=False)}
+        return {export_status: message_html(f"Pushed: {url}")}
 
     export_model_btn.click(
         on_export_model,
@@ -648,7 +531,7 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
         api_visibility="undocumented",
     )
 
-    _register_api(engine)
+    _register_api(ctl)
     return {
         "palette": palette,
         "board": board,
@@ -678,12 +561,9 @@ def create_recipe_tab(engine: StudioEngine, workspace: gr.State) -> dict[str, An
     }
 
 
-def engine_compare(engine: StudioEngine, old_id: int, new_id: int) -> str:
-    return diff_html(engine.repo.compare_versions(old_id, new_id))
-
-
-def _register_api(engine: StudioEngine) -> None:
+def _register_api(ctl: StudioController) -> None:
     """The recipe tab's actions as API endpoints over recipe YAML (usable from gradio_client)."""
+    engine = ctl.engine
 
     def edited(yaml_text: str, op, *args) -> str:
         return edit_yaml(yaml_text, op, *args, limit=engine.config.limits.recipe_chars)
@@ -804,7 +684,9 @@ def _register_api(engine: StudioEngine) -> None:
         return edited(yaml_text, rb.move_slot, slot_arg(slot), slot_arg(to, "The target position"))
 
     @api_errors
-    def set_router(yaml_text: str, slot: int, router_type: str = "token", top_k: int = 1) -> str:
+    def set_router(
+        yaml_text: str, slot: int, router_type: str = RouterSpec.type, top_k: int = RouterSpec.top_k
+    ) -> str:
         return edited(
             yaml_text,
             rb.set_router,

@@ -7,52 +7,20 @@ from typing import Any
 
 import gradio as gr
 
-from mol.errors import RecipeError
+from mol.router_init import ROUTER_INITS
+from mol.training import ADAPTER_INITS
 from studio import figures
-from studio.engine import BUILTIN_CORPORA, StudioEngine
-from studio.errors import InputError, names, record_id, whole
-from studio.tabs.common import api_errors, fmt_time, message_html, user_message
+from studio.controller import BUILTIN_CORPORA, StudioController, train_defaults
+from studio.errors import names, record_id, whole
+from studio.tabs.common import api_errors, message_html, user_message
 
 TRAINING_COLUMNS = ["Id", "Recipe version", "Status", "Steps", "Final loss", "Started (UTC)"]
+DEFAULTS = train_defaults()  # mol.TrainConfig's, for every setting the tab offers
 
 
-def training_rows(engine: StudioEngine, limit: int = 50) -> list[list]:
-    rows = []
-    names = {r.id: r.name for r in engine.repo.list_recipes(deleted=None)}
-    for t in engine.repo.list_training_runs(limit=limit):
-        final = t.loss_curve[-1]["loss"] if t.loss_curve else None
-        rows.append(
-            [
-                t.id,
-                f"{names.get(t.recipe_id, '?')} v{t.version_number}",
-                t.status,
-                len(t.loss_curve),
-                "" if final is None else f"{final:.4f}",
-                fmt_time(t.created_at),
-            ]
-        )
-    return rows
-
-
-def weight_choices(engine: StudioEngine, version_id: int | None) -> list[tuple[str, int]]:
-    """The weights a version can run with: as built (0), or those of one of its finished training runs."""
-    choices = [("as built (untrained adapters and routers)", 0)]
-    try:
-        version_id = record_id(version_id, "recipe version") if version_id is not None else None
-    except InputError:  # not a version: nothing trained for it
-        version_id = None
-    if version_id is None:
-        return choices
-    for t in engine.repo.list_training_runs(version_id=version_id):
-        if t.status == "completed" and t.weights_path:
-            loss = t.metrics.get("final_loss")
-            choices.append(
-                (f"training run #{t.id}" + (f" (loss {loss:.3f})" if loss is not None else ""), t.id)
-            )
-    return choices
-
-
-def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, Any]:
+def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str, Any]:
+    engine = ctl.engine
+    d = DEFAULTS
     gr.Markdown(
         "Train the adapters and routers of a saved recipe version; the source blocks, embeddings and head "
         "stay frozen. Runs are stored with the version and their weights can be used in the Playground "
@@ -73,30 +41,47 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
             elem_id="train-files",
         )
     with gr.Row():
-        steps = gr.Slider(1, 2000, value=100, step=1, label="Steps", elem_id="train-steps")
-        batch_size = gr.Slider(1, 64, value=8, step=1, label="Batch size", elem_id="train-batch")
-        seq_len = gr.Slider(16, 1024, value=128, step=16, label="Sequence length", elem_id="train-seq-len")
-        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="train-seed")
+        steps = gr.Slider(1, 2000, value=d["steps"], step=1, label="Steps", elem_id="train-steps")
+        batch_size = gr.Slider(
+            1, 64, value=d["batch_size"], step=1, label="Batch size", elem_id="train-batch"
+        )
+        seq_len = gr.Slider(
+            16, 1024, value=d["seq_len"], step=16, label="Sequence length", elem_id="train-seq-len"
+        )
+        seed = gr.Number(value=d["seed"], precision=0, label="Seed", elem_id="train-seed")
     with gr.Accordion("More settings", open=False):
         with gr.Row():
-            lr = gr.Number(value=1e-3, label="Adapter learning rate", elem_id="train-lr")
-            router_lr = gr.Number(value=1e-2, label="Router learning rate", elem_id="train-router-lr")
-            aux = gr.Number(value=0.01, label="Load-balancing loss weight", elem_id="train-aux")
+            lr = gr.Number(value=d["lr"], label="Adapter learning rate", elem_id="train-lr")
+            router_lr = gr.Number(
+                value=d["router_lr"], label="Router learning rate", elem_id="train-router-lr"
+            )
+            aux = gr.Number(
+                value=d["aux_loss_weight"], label="Load-balancing loss weight", elem_id="train-aux"
+            )
         with gr.Row():
             adapter_init = gr.Radio(
-                ["identity", "lstsq"], value="identity", label="Adapter start", elem_id="train-adapter-init"
+                list(ADAPTER_INITS),
+                value=d["adapter_init"],
+                label="Adapter start",
+                elem_id="train-adapter-init",
             )
             router_init = gr.Radio(
-                ["uniform", "random", "ridge"],
-                value="uniform",
+                list(ROUTER_INITS),
+                value=d["router_init"],
                 label="Router start",
                 elem_id="train-router-init",
             )
             max_tokens = gr.Number(
-                value=200_000, precision=0, label="Tokens per domain (at most)", elem_id="train-max-tokens"
+                value=d["max_tokens"],
+                precision=0,
+                label="Tokens per domain (at most)",
+                elem_id="train-max-tokens",
             )
             max_seconds = gr.Number(
-                value=0, precision=0, label="Time limit, seconds (0: none)", elem_id="train-max-seconds"
+                value=d["max_seconds"],
+                precision=0,
+                label="Time limit, seconds (0: none)",
+                elem_id="train-max-seconds",
             )
     start = gr.Button("Train", variant="primary", elem_id="train-start")
     status = gr.HTML(elem_id="train-status")
@@ -128,13 +113,7 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
         max_seconds_v,
         progress=gr.Progress(),
     ):
-        keep = gr.update()
         try:
-            if version_id is None:
-                raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-            data = engine.datasets(
-                corpora_v, [f if isinstance(f, str) else f.name for f in files or []], "train"
-            )
             settings = {
                 "steps": int(steps_v),
                 "batch_size": int(batch_v),
@@ -148,8 +127,9 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
                 "max_tokens": int(max_tokens_v) if max_tokens_v else None,
                 "max_seconds": float(max_seconds_v) if max_seconds_v else None,
             }
-            yield message_html("Preparing: building the model and reading the data…"), keep, keep, keep
-            for p in engine.train_version(version_id, data, settings):
+            progressing = ctl.train(version_id, corpora_v, files, settings)
+            yield {status: message_html("Preparing: building the model and reading the data…")}
+            for p in progressing:
                 progress((p.step, p.steps), desc="training", unit="steps")
                 fig = figures.loss_curve(p.curve, title=f"Training run #{p.training_run_id}")
                 if p.status == "completed":
@@ -157,16 +137,21 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
                         f"Training run #{p.training_run_id} finished: {p.step} steps, final loss "
                         f"{p.metrics.get('final_loss')}. Its weights are available in the Playground and Evaluate."
                     )
-                    yield message_html(msg), fig, p.metrics, training_rows(engine)
+                    yield {
+                        status: message_html(msg),
+                        curve: fig,
+                        metrics: p.metrics,
+                        runs: ctl.training_rows(),
+                    }
                 else:
-                    yield (
-                        message_html(f"Training run #{p.training_run_id}: step {p.step} of {p.steps}"),
-                        fig,
-                        keep,
-                        keep,
-                    )
+                    yield {
+                        status: message_html(
+                            f"Training run #{p.training_run_id}: step {p.step} of {p.steps}"
+                        ),
+                        curve: fig,
+                    }
         except Exception as exc:
-            yield message_html(user_message(exc), ok=False), keep, keep, training_rows(engine)
+            yield {status: message_html(user_message(exc), ok=False), runs: ctl.training_rows()}
 
     start.click(
         on_train,
@@ -197,10 +182,10 @@ def create_train_tab(engine: StudioEngine, recipe: dict[str, Any]) -> dict[str, 
     def train_recipe(
         version_id: int,
         corpora: list[str],
-        steps: int = 50,
-        batch_size: int = 8,
-        seq_len: int = 128,
-        seed: int = 0,
+        steps: int = d["steps"],
+        batch_size: int = d["batch_size"],
+        seq_len: int = d["seq_len"],
+        seed: int = d["seed"],
     ) -> dict:
         """Train a version's adapters and routers on built-in corpora; returns the stored training run."""
         settings = {

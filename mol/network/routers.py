@@ -1,9 +1,22 @@
-"""Routers choose among a slot's expert blocks.
+"""Routers choose among a slot's expert blocks. Each kind is a module that scores the experts ([B, T, n] logits)
+from the slot's input; the slot takes softmax, top-k and the mixing weights from those scores the same way for
+every kind. Kinds are registered by name (the recipe's `router.type`), so a new kind is one class:
 
-TokenRouter: per token, softmax over experts, top-k, weights renormalised over the chosen k.
+    @register_router
+    class MyRouter(nn.Module):
+        kind = "mine"            # the recipe's router type
+        per_sequence = False     # True: one decision per sequence (held in `state` while generating)
+        takes_top_k = True       # False: always top-1, and a recipe may not set top_k
+
+        def __init__(self, width: int, n_experts: int, top_k: int = 1): ...
+        def features(self, h, attention_mask) -> Tensor: ...   # [B, T, width]: what the scores read
+        def forward(self, h, attention_mask, state) -> Tensor:  # [B, T, n] scores
+
+`features` is also what the closed-form (ridge) initialisation fits `proj` on. Built in:
+TokenRouter: per token, from the slot input at unit RMS.
 PooledRouter: one decision per sequence, from the mean of the prompt's hidden states; in training (and any
 forward without a cache) a causal running mean, so no token's decision sees the future.
-Both read the slot's input normalised to unit RMS, so one router works whatever the stream's scale."""
+A kind defined outside this file travels with an export as its own file (see `router_code`)."""
 
 from __future__ import annotations
 
@@ -11,6 +24,29 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+ROUTERS: dict[str, type[nn.Module]] = {}
+
+
+def register_router(cls: type[nn.Module]) -> type[nn.Module]:
+    """Register a router kind under `cls.kind` (a class decorator). A name registered twice keeps the newest."""
+    for attr in ("kind", "per_sequence", "takes_top_k"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"A router kind declares `{attr}`; {cls.__name__} does not.")
+    ROUTERS[cls.kind] = cls
+    return cls
+
+
+def router_kind(kind: str) -> type[nn.Module]:
+    cls = ROUTERS.get(kind)
+    if cls is None:
+        raise KeyError(f"Router type '{kind}' is not one of: {', '.join(sorted(ROUTERS))}.")
+    return cls
+
+
+def make_router(kind: str, width: int, n_experts: int, top_k: int = 1) -> nn.Module:
+    cls = router_kind(kind)
+    return cls(width, n_experts, top_k) if cls.takes_top_k else cls(width, n_experts)
 
 
 @dataclass
@@ -21,12 +57,10 @@ class Routing:
     logits: torch.Tensor  # [B, T, n]
 
 
-def _normalise(h: torch.Tensor) -> torch.Tensor:
-    h = h.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
-def _top_k(logits: torch.Tensor, k: int) -> Routing:
+def route(router: nn.Module, h: torch.Tensor, attention_mask, state: dict | None) -> Routing:
+    """A router's scores turned into a routing: softmax over experts, the top-k, weights renormalised over them."""
+    logits = router(h, attention_mask, state)
+    k = getattr(router, "top_k", 1) if router.takes_top_k else 1
     probs = logits.softmax(-1)
     top_p, chosen = probs.topk(k, dim=-1)
     weights = top_p / top_p.sum(-1, keepdim=True)
@@ -37,8 +71,17 @@ def _top_k(logits: torch.Tensor, k: int) -> Routing:
     return Routing(probs, chosen, weights, logits)
 
 
+def unit_rms(h: torch.Tensor) -> torch.Tensor:
+    """The input at unit RMS (float32), so that one router works whatever the stream's scale."""
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@register_router
 class TokenRouter(nn.Module):
     kind = "token"
+    per_sequence = False
+    takes_top_k = True
 
     def __init__(self, width: int, n_experts: int, top_k: int = 1):
         super().__init__()
@@ -47,14 +90,20 @@ class TokenRouter(nn.Module):
         nn.init.zeros_(self.proj.weight)  # uniform at start
         nn.init.zeros_(self.proj.bias)
 
+    def features(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return unit_rms(h)
+
     def forward(
         self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
-    ) -> Routing:
-        return _top_k(self.proj(_normalise(h)), self.top_k)
+    ) -> torch.Tensor:
+        return self.proj(self.features(h))
 
 
+@register_router
 class PooledRouter(nn.Module):
     kind = "pooled"
+    per_sequence = True
+    takes_top_k = False
     top_k = 1
 
     def __init__(self, width: int, n_experts: int):
@@ -64,9 +113,9 @@ class PooledRouter(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def features(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def features(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal running mean over real tokens: [B, T, width]."""
-        x = _normalise(h)
+        x = unit_rms(h)
         m = torch.ones(x.shape[:2], device=x.device) if attention_mask is None else attention_mask.float()
         total = (x * m.unsqueeze(-1)).cumsum(1)
         count = m.cumsum(1).clamp(min=1).unsqueeze(-1)
@@ -74,15 +123,13 @@ class PooledRouter(nn.Module):
 
     def forward(
         self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
-    ) -> Routing:
+    ) -> torch.Tensor:
         """With `state` (generation), the first call decides from the whole prompt and later calls reuse it."""
         if state is None:
-            return _top_k(self.proj(self.features(h, attention_mask)), 1)
+            return self.proj(self.features(h, attention_mask))
         if "logits" not in state:
-            feats = self.features(h, attention_mask)[:, -1]  # mean over the whole prompt
-            state["logits"] = self.proj(feats)  # [B, n]
-        logits = state["logits"].unsqueeze(1).expand(-1, h.shape[1], -1)
-        return _top_k(logits, 1)
+            state["logits"] = self.proj(self.features(h, attention_mask)[:, -1])  # [B, n]: the whole prompt
+        return state["logits"].unsqueeze(1).expand(-1, h.shape[1], -1)
 
 
 SimpleRouter = TokenRouter  # the name used by the first quick start
@@ -113,7 +160,3 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
         m = mask.float()
         return (z * m).sum() / m.sum().clamp(min=1)
     return z.mean()
-
-
-def make_router(kind: str, width: int, n_experts: int, top_k: int = 1) -> nn.Module:
-    return PooledRouter(width, n_experts) if kind == "pooled" else TokenRouter(width, n_experts, top_k)

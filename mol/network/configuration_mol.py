@@ -1,6 +1,7 @@
 """Configuration of a MoL (mixture-of-layers) model exported by Mango: the recipe, each source model's own
-configuration and module layout, and the slots. Self-contained (transformers only): it is copied next to the
-weights so that `AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without Mango."""
+configuration and module layout, and the slots: all `MoLNetwork` needs to build itself. Self-contained
+(transformers only): it is copied next to the weights so that
+`AutoConfig.from_pretrained(folder, trust_remote_code=True)` works without Mango."""
 
 from transformers import PretrainedConfig
 
@@ -8,7 +9,8 @@ from transformers import PretrainedConfig
 class MoLConfig(PretrainedConfig):
     """`sources`: alias -> {"config": the source's config dict, "modules": where its parts live};
     `slots`: [{"experts": [{"name", "alias", "layer", "cache_index", "adapter", "add_positions", "window"}],
-    "router": None | {"type", "top_k"}}]; `num_hidden_layers` counts slot-experts (one KV-cache layer each)."""
+    "router": None | {"type", "top_k"}}]; `num_hidden_layers` counts slot-experts (one KV-cache layer each);
+    `router_code`: router type -> "module.Class" for a kind whose file travels beside this one."""
 
     model_type = "mol"
 
@@ -19,6 +21,7 @@ class MoLConfig(PretrainedConfig):
         slots: list | None = None,
         recipe: dict | None = None,
         adapter_rank: int | None = None,
+        router_code: dict | None = None,
         hidden_size: int = 0,
         vocab_size: int = 0,
         num_hidden_layers: int = 0,
@@ -31,6 +34,7 @@ class MoLConfig(PretrainedConfig):
         self.slots = slots or []
         self.recipe = recipe or {}
         self.adapter_rank = adapter_rank
+        self.router_code = router_code or {}
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
         self.num_hidden_layers = num_hidden_layers

@@ -1,24 +1,27 @@
-"""The recipe board's data: a draft recipe as plain JSON (it may be invalid while someone edits it), the edit
+"""The draft recipe of the recipe board: a recipe as plain JSON (it may be invalid while someone edits it), the edit
 operations the board offers, and conversions from recipe YAML (Mango's own, or mergekit passthrough).
 
 The board widget (static/board.js) applies the same operations in the browser for instant feedback; these
 Python versions back the API endpoints and the tests. A slot is {"experts": ["alias:layer", ...],
-"router": {"type": "token"|"pooled", "top_k": int} | None}."""
+"router": {"type": one of mol's ROUTER_TYPES, "top_k": int} | None}. The recipe rules (router types and
+defaults, aliases, adapter types) are mol's (`mol.recipe`); this module only edits drafts."""
 
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
+import mol.recipe
 from mol.errors import RecipeError
 from mol.export.mergekit import import_mergekit
-from mol.recipe import MAX_ADAPTER_RANK, Recipe, parse_yaml
+from mol.recipe import ALIAS_RE, MAX_ADAPTER_RANK, AdapterSpec, Recipe, RouterSpec, parse_yaml
 
-DEFAULT_ROUTER = {"type": "token", "top_k": 1}
+__all__ = ["ALIAS_RE", "Recipe"]  # re-exported: the rules a draft is checked against are mol's
+
+DEFAULT_ROUTER = {"type": RouterSpec.type, "top_k": RouterSpec.top_k}
 _FALLBACK_COLORS = ("#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d")
 
 
@@ -31,6 +34,17 @@ def model_colors(aliases: list[str]) -> dict[str, str]:
     return dict(figure_colors(aliases))
 
 
+def router_types() -> tuple[str, ...]:
+    """mol's router types, read when asked for (mol may register more)."""
+    return tuple(mol.recipe.ROUTER_TYPES)
+
+
+def takes_top_k(router_type: str) -> bool:
+    """Whether a router of this type chooses top_k experts per token (mol's RouterSpec writes top_k only then);
+    the others run one expert per sequence. An unknown type takes none (mol's recipe check says why)."""
+    return router_type in router_types() and "top_k" in RouterSpec(router_type).to_dict()
+
+
 # ---- slot operations (pure: each returns a new list) -------------------------------------------------
 
 
@@ -41,9 +55,9 @@ def _normalise(slot: dict) -> dict:
         router = None
     else:
         router = dict(router or DEFAULT_ROUTER)
-        router["type"] = router.get("type") if router.get("type") in ("token", "pooled") else "token"
-        top_k = int(router.get("top_k") or 1)
-        router["top_k"] = 1 if router["type"] == "pooled" else max(1, min(top_k, len(experts)))
+        router["type"] = router.get("type") if router.get("type") in router_types() else RouterSpec.type
+        top_k = int(router.get("top_k") or RouterSpec.top_k)
+        router["top_k"] = max(1, min(top_k, len(experts))) if takes_top_k(router["type"]) else 1
     return {"experts": experts, "router": router}
 
 
@@ -106,10 +120,10 @@ def set_router(slots: list[dict], slot: int, router_type: str, top_k: int = 1) -
     _check_index(out, slot)
     if len(out[slot]["experts"]) < 2:
         raise RecipeError(f"Slot {slot} has one expert; a router needs at least two candidates.")
-    if router_type not in ("token", "pooled"):
-        raise RecipeError(f"Router type '{router_type}' is not one of: token, pooled.")
+    if router_type not in router_types():
+        raise RecipeError(f"Router type '{router_type}' is not one of: {', '.join(router_types())}.")
     n = len(out[slot]["experts"])
-    if router_type == "token" and not 1 <= int(top_k) <= n:
+    if takes_top_k(router_type) and not 1 <= int(top_k) <= n:
         raise RecipeError(f"top_k must be between 1 and {n} (the slot's number of experts), got {top_k}.")
     out[slot] = _normalise({**out[slot], "router": {"type": router_type, "top_k": int(top_k)}})
     return out
@@ -148,17 +162,18 @@ def draft_recipe(
     used = [e.split(":", 1)[0] for s in slots for e in s.get("experts") or []]
     base = base or (used[0] if used else next(iter(models), ""))
     aliases = list(dict.fromkeys([base, *used]))
-    adapter_spec: dict[str, Any] = {"type": adapter or "linear"}
-    if adapter == "bottleneck" and rank:
+    adapter_spec: dict[str, Any] = {"type": adapter or AdapterSpec.type}
+    if adapter != AdapterSpec.type and rank:  # the bottleneck: the one adapter with a rank
         adapter_spec["rank"] = _whole_number(rank, "The bottleneck rank", MAX_ADAPTER_RANK)
     out_slots = []
     for s in slots:
         entry: dict[str, Any] = {"experts": list(s.get("experts") or [])}
         if s.get("router") and len(entry["experts"]) > 1:
             r = s["router"]
-            entry["router"] = {"type": r.get("type", "token")}
-            if entry["router"]["type"] == "token":
-                entry["router"]["top_k"] = _whole_number(r.get("top_k") or 1, "top_k", len(entry["experts"]))
+            entry["router"] = {"type": r.get("type", RouterSpec.type)}
+            if takes_top_k(entry["router"]["type"]):
+                top_k = r.get("top_k") or RouterSpec.top_k
+                entry["router"]["top_k"] = _whole_number(top_k, "top_k", len(entry["experts"]))
         out_slots.append(entry)
     return {
         "name": (name or "").strip(),
@@ -214,16 +229,13 @@ def parse_recipe_text(text: str) -> tuple[Recipe, list[str]]:
     return Recipe.from_dict(data), []
 
 
-ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")  # the same rule as mol.recipe
-
-
 def alias_for(ref: str, taken: dict[str, str] | list[str]) -> str:
     """A free alias derived from a folder name or Hub id ("assets/models/mango-bard" -> "bard")."""
     stem = (PurePosixPath(ref.rstrip("/")).name or "model").removeprefix("mango-")
-    alias = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem)
+    alias = "".join(ch if ALIAS_RE.match("m" + ch) else "_" for ch in stem)  # mol's alias characters
     if not alias[0].isalpha():
         alias = "m_" + alias
-    alias = alias[:60]
+    alias = alias[:60]  # room for a "_2" suffix within mol's alias length
     out, n = alias, 2
     while out in taken:
         out, n = f"{alias}_{n}", n + 1

@@ -1,0 +1,583 @@
+"""The fused network: embeddings of the base, a stack of slots (each one or more expert blocks, routed), the
+base's final norm and head. `mol.build` runs `MoLNetwork` (as `mol.FusedModel`); an exported routed folder
+carries this very file, and `MoLForCausalLM` (below) runs the same network for transformers' `from_pretrained`
+and `generate` where Mango is not installed. Needs only torch and transformers.
+
+    h = embed(ids) [* multiplier] [+ base positions]
+    for slot in slots:                                  # one expert: plain stacking; several: a router mixes them
+        h = sum_i weight_i * expert_i(h)
+    logits = head(final_norm(h)) [/ divisor]
+
+    expert(h) = h + A_out(layer(A_in h [+ own positions]) - A_in h)   (h -> layer(h) when it runs in its own stream)
+
+Each source's own decoder-layer class is instantiated from transformers with that source's config, which the
+MoLConfig carries. Reading order: the step's shared inputs, one expert, one slot, the network, the HF wrapper."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .adapters import make_adapter
+from .configuration_mol import MoLConfig
+from .routers import ROUTERS, Routing, make_router, route
+
+# The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
+# past_key_values -> cache; GPT-NeoX layer_past). An unknown keyword would be swallowed by **kwargs and lose the
+# KV cache silently, so it is read from each layer's own signature, newest name first.
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past", "past_key_value")
+# transformers renamed the output's cache field (past_key_values -> cache).
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+ATTENTION = ("sdpa", "eager")
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    params = inspect.signature(layer.forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise TypeError(
+        f"{type(layer).__name__}.forward takes none of {CACHE_KEYWORDS}; unsupported transformers release."
+    )
+
+
+def source_config(entry: dict, attn_implementation: str = "sdpa", layers: int | None = None):
+    """A source's transformers config from the MoLConfig's copy of it, the attention implementation set
+    explicitly (unset, the mask comes back None and attention is not causal); `layers` cuts it to that many."""
+    values = copy.deepcopy(entry["config"])
+    cfg = AutoConfig.for_model(values.pop("model_type"), **values)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = cfg.layer_types[:layers]
+    cfg._attn_implementation = attn_implementation
+    cfg.use_cache = True
+    return cfg
+
+
+# ---- one forward step's shared inputs -------------------------------------------------------------------------
+@dataclass
+class FusedCache:
+    """One KV-cache layer per slot-expert (index = the expert's cache_index), the attention mask of everything
+    seen so far, and each per-sequence router's decision."""
+
+    kv: DynamicCache = field(default_factory=DynamicCache)
+    mask: torch.Tensor | None = None  # [B, seen]
+    pooled: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+
+@dataclass
+class StepContext:
+    """What every block of one forward step shares."""
+
+    mask4d: torch.Tensor | None  # [B, 1, Q, K] additive; None: plain causal (no padding, nothing cached)
+    mask2d: torch.Tensor  # [B, Q] 1 for real tokens of this step
+    position_ids: torch.Tensor  # [B, Q]
+    cache: FusedCache | None
+    rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rotary_modules: nn.ModuleDict
+    routings: list[tuple[int, Routing]] = field(default_factory=list)
+    # Fixed shapes and no data-dependent choices (a captured CUDA graph, torch.compile): every expert of a routed
+    # slot then runs on every token, and the mixing weights alone select.
+    static: bool = False
+    moved: dict = field(default_factory=dict)  # copies of this context on other devices (slots placed apart)
+    windows: dict = field(default_factory=dict)  # sliding-window length -> its additive mask (None: causal)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The attention mask of a block: the step's own, or its sliding window's."""
+        return self.mask4d if window is None else self.windows[window]
+
+    def position_embeddings(self, alias: str, x: torch.Tensor):
+        if alias not in self.rotary:
+            self.rotary[alias] = self.rotary_modules[alias](x, self.position_ids)
+        return self.rotary[alias]
+
+    def on(self, device: torch.device) -> StepContext:
+        """The same step on another device: tensors moved once per step, routings and cache shared."""
+        if self.position_ids.device == device:
+            return self
+        if device not in self.moved:
+
+            def move(t):
+                return None if t is None else t.to(device, non_blocking=True)
+
+            self.moved[device] = StepContext(
+                move(self.mask4d),
+                move(self.mask2d),
+                move(self.position_ids),
+                self.cache,
+                {},
+                self.rotary_modules,
+                self.routings,
+                static=self.static,
+                windows={w: move(m) for w, m in self.windows.items()},
+            )
+        return self.moved[device]
+
+
+# ---- one expert, one slot -------------------------------------------------------------------------------------
+class TokenSubset:
+    """Runs a layer's MLP on chosen tokens only. In a routed slot, an expert's update for a token that did not
+    choose it is weighted by 0, so its MLP (most of a block's cost) need not run there; the layer's own forward
+    still runs attention on every token, which keeps the expert's KV cache whole. Inserted as forward hooks on
+    the MLP (its forward, parameters and names untouched): the pre-hook keeps the chosen tokens' rows, the hook
+    puts the MLP's output for them back in place, zeros elsewhere. `rows` is set by the ExpertBlock for one
+    call of its layer only."""
+
+    def __init__(self, mlp: nn.Module):
+        self.rows: torch.Tensor | None = None
+        self.shape: torch.Size | None = None  # the MLP input's shape while a subset runs
+        mlp.register_forward_pre_hook(self.select)
+        mlp.register_forward_hook(self.scatter)
+
+    def select(self, mlp: nn.Module, args: tuple):
+        x = args[0]
+        subset = self.rows is not None and self.rows.numel() != x.shape[:-1].numel()
+        self.shape = x.shape if subset else None  # set afresh each call: a failed call leaves nothing behind
+        return (x.reshape(-1, x.shape[-1])[self.rows], *args[1:]) if subset else None
+
+    def scatter(self, mlp: nn.Module, args: tuple, y: torch.Tensor):
+        if self.shape is None:
+            return None
+        shape, self.shape = self.shape, None
+        return y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, self.rows, y).view(*shape[:-1], -1)
+
+
+class ExpertBlock(nn.Module):
+    """One source layer, called with its own family's keywords, positions and adapter."""
+
+    def __init__(
+        self,
+        name: str,
+        alias: str,
+        layer: nn.Module,
+        takes: tuple[str, ...],
+        adapter: nn.Module | None = None,
+        positions: nn.Module | None = None,
+        position_offset: int = 0,
+        mlp: nn.Module | None = None,
+        window: int | None = None,
+    ):
+        super().__init__()
+        self.name, self.alias = name, alias
+        self.window = window  # its source's sliding window for this layer (None: the whole context)
+        self.layer = layer
+        self.cache_keyword, self.takes = cache_keyword(layer), tuple(takes)
+        self.adapter = adapter
+        self.positions = positions  # absolute-position embedding of the block's own model (foreign stream)
+        self.position_offset = position_offset
+        self.mlp_tokens = TokenSubset(mlp) if mlp is not None else None  # routed slots: the family's MLP part
+
+    def forward(self, h: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: flat indices of the tokens whose MLP must run (None: all)."""
+        x = h if self.adapter is None else self.adapter.into(h)
+        if self.positions is not None:
+            x = x + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
+        kwargs = {"attention_mask": ctx.mask_for(self.window), "use_cache": ctx.cache is not None}
+        if ctx.cache is not None:
+            kwargs[self.cache_keyword] = ctx.cache.kv
+        if "position_ids" in self.takes:
+            kwargs["position_ids"] = ctx.position_ids
+        if "position_embeddings" in self.takes:
+            kwargs["position_embeddings"] = ctx.position_embeddings(self.alias, x)
+        if self.mlp_tokens is not None:
+            self.mlp_tokens.rows = rows
+        try:
+            y = self.layer(x, **kwargs)
+        finally:
+            if self.mlp_tokens is not None:
+                self.mlp_tokens.rows = None
+        if isinstance(y, tuple):  # older releases return (hidden, ...)
+            y = y[0]
+        if self.adapter is None and self.positions is None:
+            return y
+        delta = y - x
+        return h + (delta if self.adapter is None else self.adapter.out(delta))
+
+
+class FusedSlot(nn.Module):
+    def __init__(self, index: int, experts: list[ExpertBlock], router: nn.Module | None = None):
+        super().__init__()
+        self.index = index
+        self.experts = nn.ModuleList(experts)
+        self.router = router
+        self.device: torch.device | None = (
+            None  # where it runs, when placed apart from the model (mol.placement)
+        )
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.device is not None:  # every slot placed apart takes its device's copy of the step
+            h, ctx = h.to(self.device), ctx.on(self.device)
+        if self.router is None:
+            return self.experts[0](h, ctx)
+        state = None
+        if ctx.cache is not None and self.router.per_sequence:
+            state = ctx.cache.pooled.setdefault(self.index, {})
+        routing = route(self.router, h, ctx.mask2d, state)
+        ctx.routings.append((self.index, routing))
+        # Every expert of a token router sees every token, so each expert's KV cache stays whole; its MLP runs
+        # only for the tokens that chose it. A per-sequence router with a fixed decision runs only the experts
+        # some sequence chose.
+        rows = None if ctx.static else rows_by_expert(routing.chosen, len(self.experts))
+        out = torch.zeros_like(h)
+        for i, expert in enumerate(self.experts):
+            if rows is not None and state is not None and rows[i].numel() == 0:
+                continue  # a per-sequence decision no sequence took: never needed in this generation
+            w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
+            out = torch.addcmul(out, w.to(h.dtype), expert(h, ctx, None if rows is None else rows[i]))
+        return out
+
+
+def rows_by_expert(chosen: torch.Tensor, n_experts: int) -> list[torch.Tensor]:
+    """Flat token indices that chose each expert ([B, T, k] choices), with one host sync for the whole slot
+    (the counts) rather than one per expert: each sync stalls the GPU until the host queues work again."""
+    k = chosen.shape[-1]
+    expert_of = chosen.reshape(-1)
+    order = torch.argsort(expert_of, stable=True)  # grouped by expert, tokens ascending within each group
+    counts = torch.bincount(expert_of, minlength=n_experts).tolist()
+    return list((order // k).split(counts))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, labels -100 ignored."""
+    shift = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(
+        shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100
+    )
+
+
+def fill_embed_scale(module: nn.Module) -> None:
+    """A scaled embedding (Gemma) keeps sqrt(width) in a non-persistent buffer that no checkpoint holds, so a
+    model loaded onto the meta device must set it again: the one place that does."""
+    scale = getattr(module, "scalar_embed_scale", None)
+    buffer = getattr(module, "embed_scale", None)
+    if scale is None or not isinstance(buffer, torch.Tensor):
+        return
+    device = next((p.device for p in module.parameters()), buffer.device)
+    module.register_buffer("embed_scale", torch.tensor(float(scale), device=device), persistent=False)
+
+
+# ---- the network ----------------------------------------------------------------------------------------------
+class MoLNetwork(nn.Module):
+    """The fused stack described by a MoLConfig. Modules are built on the current default device (the meta
+    device when weights are loaded into it); `init_device` is where the parts that no checkpoint holds (adapters
+    and routers at their starting values, rotary frequencies) are made, None: the default device as well."""
+
+    def __init__(self, config: MoLConfig, init_device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        self.compiled_step_logits = None  # step_logits compiled (mol.compiling.compile_network); None: eager
+        attn = config._attn_implementation if config._attn_implementation in ATTENTION else "sdpa"
+        configs = {alias: source_config(entry, attn) for alias, entry in config.sources.items()}
+        # Each source's own model class with one layer: its module tree gives the classes of every part.
+        shells = {
+            alias: AutoModelForCausalLM.from_config(
+                source_config(config.sources[alias], attn, layers=1), dtype=torch.get_default_dtype()
+            )
+            for alias in configs
+        }
+        made_here = nullcontext() if init_device is None else torch.device(init_device)
+        base, where = shells[config.base], config.sources[config.base]["modules"]
+        base_config = config.sources[config.base]["config"]  # scalars the base applies around its layers
+        self.embedding_multiplier = float(base_config.get(where.get("embedding_multiplier") or "") or 1.0)
+        self.logits_divisor = float(base_config.get(where.get("logits_divisor") or "") or 1.0)
+        self.embed = _part(base, where["embed"])
+        self.positions = _part(base, where.get("positions"))
+        self.position_offset = where.get("position_offset", 0)
+        self.project_in = _part(base, where.get("project_in"))
+        self.project_out = _part(base, where.get("project_out"))
+        self.final_norm = _part(base, where.get("final_norm"))
+        self.head = next(m for m in (_part(base, h) for h in where["head_names"]) if m is not None)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        with made_here:
+            self.rotary = nn.ModuleDict(
+                {
+                    a: type(shells[a].get_submodule(s["modules"]["rotary"]))(config=configs[a])
+                    for a, s in config.sources.items()
+                    if s["modules"].get("rotary")
+                }
+            )
+        slots = []
+        for index, slot in enumerate(config.slots):
+            routed = slot.get("router") is not None
+            experts = []
+            for e in slot["experts"]:
+                src, cfg = config.sources[e["alias"]]["modules"], configs[e["alias"]]
+                layer_class = type(shells[e["alias"]].get_submodule(src["layers"])[0])
+                layer = layer_class(cfg, e["layer"])  # its original index: some families scale by it
+                for m in layer.modules():  # each expert owns its KV-cache layer: two sharing one corrupt it
+                    if hasattr(m, "layer_idx"):
+                        m.layer_idx = e["cache_index"]
+                layer.requires_grad_(False)
+                adapter = None
+                if e["adapter"] is not None:
+                    with made_here:
+                        adapter = make_adapter(
+                            e["adapter"], config.hidden_size, cfg.hidden_size, config.adapter_rank
+                        )
+                positions = _part(shells[e["alias"]], src.get("positions")) if e["add_positions"] else None
+                experts.append(
+                    ExpertBlock(
+                        e["name"],
+                        e["alias"],
+                        layer,
+                        src["layer_takes"],
+                        adapter=adapter,
+                        positions=positions,
+                        position_offset=src.get("position_offset", 0),
+                        mlp=layer.get_submodule(src["mlp"]) if routed and src.get("mlp") else None,
+                        window=e.get("window"),
+                    )
+                )
+            router = None
+            if routed:
+                r = slot["router"]
+                if r["type"] not in ROUTERS:
+                    _import_router_code(config, r["type"])
+                with made_here:
+                    router = make_router(
+                        r["type"], config.hidden_size, len(experts), r.get("top_k", 1)
+                    ).float()
+            slots.append(FusedSlot(index, experts, router))
+        self.slots = nn.ModuleList(slots)
+        for part in (
+            self.embed,
+            self.head,
+            self.final_norm,
+            self.positions,
+            self.project_in,
+            self.project_out,
+        ):
+            if part is not None:
+                part.requires_grad_(False)
+        for slot in self.slots:
+            for e in slot.experts:
+                if e.positions is not None:
+                    e.positions.requires_grad_(False)
+
+    # ---- properties -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def routed_slots(self) -> list[FusedSlot]:
+        return [s for s in self.slots if s.router is not None]
+
+    @property
+    def windows(self) -> list[int]:
+        """The sliding-window lengths of this model's blocks (each gets its own attention mask)."""
+        return sorted({e.window for s in self.slots for e in s.experts if e.window is not None})
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapters and routers: the only parts of a fused model that train (source blocks stay frozen)."""
+        return {n: p for n, p in self.named_parameters() if ".adapter." in n or ".router." in n}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = (".adapter.", ".router.")
+        return {n: t for n, t in self.state_dict().items() if any(k in n for k in keep)}
+
+    def adapters(self) -> dict[str, nn.Module]:
+        """Expert path -> adapter, for every expert that has one."""
+        return {
+            f"slots.{s.index}.experts.{j}": e.adapter
+            for s in self.slots
+            for j, e in enumerate(s.experts)
+            if e.adapter is not None
+        }
+
+    def new_cache(self) -> FusedCache:
+        return FusedCache()
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: FusedCache | None
+    ) -> tuple[torch.Tensor, StepContext]:
+        """One step over `input_ids` [B, Q] after what `cache` has seen; `attention_mask` [B, Q] covers the new
+        tokens. Positions count the real tokens seen so far. Returns the logits and the step's context (its
+        routings)."""
+        q = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        full_mask = attention_mask if past == 0 else torch.cat([cache.mask, attention_mask], 1)
+        ctx = StepContext(
+            mask4d=self._mask4d(full_mask, q),
+            mask2d=attention_mask,
+            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:],
+            cache=cache,
+            rotary={},
+            rotary_modules=self.rotary,
+            windows=self.window_masks(full_mask, q),
+        )
+        logits = (self.compiled_step_logits or self.step_logits)(input_ids, ctx)
+        if cache is not None:
+            cache.mask = full_mask
+        return logits, ctx
+
+    def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
+        """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step)."""
+        h = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
+        if self.project_in is not None:  # OPT-350m style: project first, then add positions
+            h = self.project_in(h)
+        if self.positions is not None:
+            h = h + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
+        for slot in self.slots:
+            h = slot(h, ctx)
+        h = h[:, -1:].to(self.device) if last_only else h.to(self.device)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        logits = self.head(h)
+        return logits if self.logits_divisor == 1.0 else logits / self.logits_divisor
+
+    def window_masks(self, full_mask: torch.Tensor, q: int) -> dict[int, torch.Tensor | None]:
+        return {w: self._mask4d(full_mask, q, w) for w in self.windows}
+
+    def _mask4d(self, full_mask: torch.Tensor, q: int, window: int | None = None) -> torch.Tensor | None:
+        """Additive causal mask over every key seen so far; its key length equals each slot's cache length. With
+        a sliding `window`, a query also sees only the keys less than `window` positions behind it, as
+        transformers does. None when there is no padding, nothing cached and no window to cut: attention is
+        then plainly causal, and SDPA can take its flash kernel (given a mask, it cannot)."""
+        bsz, k = full_mask.shape
+        past = k - q
+        if past == 0 and q > 1 and bool(full_mask.all()) and (window is None or q <= window):
+            return None
+        device = full_mask.device
+        rows = torch.arange(q, device=device).unsqueeze(1) + past
+        cols = torch.arange(k, device=device).unsqueeze(0)
+        seen = cols <= rows
+        if window is not None:
+            seen = seen & (cols > rows - window)
+        allowed = seen.unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
+        mask = torch.zeros(bsz, 1, q, k, dtype=self.dtype, device=device)
+        return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
+
+
+def _part(shell: nn.Module, path: str | None) -> nn.Module | None:
+    """The shell's module at `path`; None where this model has none, or it holds no tensors."""
+    if not path:
+        return None
+    try:
+        module = shell.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if module is not None and list(module.state_dict()) else None
+
+
+def _import_router_code(config: MoLConfig, kind: str) -> None:
+    """A router kind defined outside this package travels with an export as its own file (config.router_code:
+    kind -> "module.Class"); importing it registers it."""
+    ref = (config.router_code or {}).get(kind)
+    if ref is None:
+        raise KeyError(f"Router type '{kind}' is not one of: {', '.join(sorted(ROUTERS))}.")
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    cls = get_class_from_dynamic_module(ref, config._name_or_path)
+    ROUTERS.setdefault(kind, cls)
+
+
+# ---- transformers' view: PreTrainedModel + GenerationMixin around the same network -----------------------------
+class MoLCache(DynamicCache):
+    """transformers' dynamic cache, holding the fused model's own state beside the keys and values: the mask of
+    everything seen so far and the per-sequence routers' decisions (they follow the cache through `generate`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = FusedCache(kv=self)
+
+
+class MoLPreTrainedModel(PreTrainedModel):
+    config_class = MoLConfig
+    base_model_prefix = "model"
+    _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["router"]  # routers run in float32 whatever the model dtype, as in Mango
+    # Every parameter is read from the checkpoint; transformers' own initialiser recomputes the non-persistent
+    # buffers (rotary frequencies) that loading on the meta device leaves empty.
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        fill_embed_scale(module)
+
+
+class MoLForCausalLM(MoLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+
+    def __init__(self, config: MoLConfig):
+        super().__init__(config)
+        self.model = MoLNetwork(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def set_input_embeddings(self, value):
+        self.model.embed = value
+
+    def get_output_embeddings(self):
+        return self.model.head
+
+    def set_output_embeddings(self, value):
+        self.model.head = value
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        return_dict=None,
+        **kwargs,
+    ):
+        """`attention_mask` covers the cached tokens and the new ones (or only the new ones); positions come
+        from it, as in the fused runtime. As there, a cache is made only when asked for (`use_cache=True` or one
+        passed in): with one, a per-sequence router decides once from the whole prompt; without, per token from
+        a causal running mean."""
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, MoLCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("MoLForCausalLM continues only a MoLCache it returned itself.")
+            cache = None  # generate's fresh DynamicCache: replaced by ours, which it then carries
+        if cache is None and (use_cache or past_key_values is not None):
+            cache = MoLCache()
+        net = self.model
+        input_ids = input_ids.to(net.device)
+        q = input_ids.shape[1]
+        state = cache.fused if cache is not None else None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(net.device).long()
+        if state is not None and attention_mask.shape[1] == state.length + q:
+            attention_mask = attention_mask[
+                :, state.length :
+            ]  # generate passes the mask of every token so far
+        logits, _ = net.step(input_ids, attention_mask, state)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        loss = None if labels is None else lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})

@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 
 from mol import dtypes
 from mol.access import LOCAL, AccessPolicy
-from mol.errors import CheckpointError, IncompatibleModelsError, MolError, RecipeError
+from mol.errors import (
+    CheckpointError,
+    IncompatibleModelsError,
+    MolError,
+    RecipeError,
+    UnsupportedArchitectureError,
+)
 from mol.recipe import Recipe, Slot
 from mol.sources import ModelSource, TensorInfo, load_source, one_line
 
@@ -211,6 +217,7 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, policy: 
             if (ref.model, ref.layer) not in checked:
                 checked.add((ref.model, ref.layer))
                 module = _meta(src, layout.layer, src, shells[ref.model], ref.layer)
+                _check_cache_keyword(module)
                 reads[ref.model].update(_checked_tensors(src, module, src.family.layers + f".{ref.layer}"))
             foreign = ref.model != recipe.base
             add_pos = foreign and src.family.positions is not None
@@ -259,6 +266,19 @@ def layer_window(config, layer: int) -> int | None:
     if isinstance(layer_types, list | tuple) and layer_types:
         return int(window) if layer < len(layer_types) and layer_types[layer] == "sliding_attention" else None
     return None if getattr(config, "use_sliding_window", None) is False else int(window)
+
+
+def _check_cache_keyword(layer) -> None:
+    """The layer takes a cache keyword the network knows (a wrong one would be swallowed by **kwargs and lose
+    the KV cache silently)."""
+    from mol.network.modeling_mol import cache_keyword
+
+    try:
+        cache_keyword(layer)
+    except TypeError as exc:
+        raise UnsupportedArchitectureError(
+            f"{exc} Install a transformers version in the range pinned by mol-studio."
+        ) from None
 
 
 def _meta(src: ModelSource, make, *args):

@@ -147,7 +147,7 @@ def test_the_load_check_of_a_routed_export_uses_its_own_modelling_code(tiny, tmp
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         CheckpointError,
-        match=r"tensor 'slots\.1\.experts\.1\.layer\.mlp\.c_fc\.bias' is \[384\] "
+        match=r"tensor 'model\.slots\.1\.experts\.1\.layer\.mlp\.c_fc\.bias' is \[384\] "
         r"in the shards, but its config makes it \[200\] \(and 2 more\)",
     ):
         check_loadable(folder)

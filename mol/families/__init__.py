@@ -8,15 +8,9 @@ takes it out again)."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 from mol.errors import UnsupportedArchitectureError
-
-# Transformers renames the cache keyword between releases (past_key_value -> past_key_values -> cache;
-# GPT-NeoX uses layer_past). Unknown keywords are silently swallowed by **kwargs, which would lose the KV
-# cache with no error, so the name is read from the layer's own signature, newest name first.
-CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past", "past_key_value")
 
 
 @dataclass(frozen=True)
@@ -44,9 +38,6 @@ class Family:
     # by the other (Granite's `embedding_multiplier` and `logits_scaling`).
     embedding_multiplier: str | None = None
     logits_divisor: str | None = None
-    # The embedding module's non-persistent buffer holding sqrt(hidden size), which scales its output (Gemma). It
-    # is in no checkpoint, so the loader sets it.
-    embedding_scale_buffer: str | None = None
     notes: str = ""
     examples: tuple[str, ...] = field(default_factory=tuple)
 
@@ -76,17 +67,6 @@ class Family:
             if path:
                 out[role] = path
         return out
-
-
-def cache_keyword(layer) -> str:
-    params = inspect.signature(layer.forward).parameters
-    for name in CACHE_KEYWORDS:
-        if name in params:
-            return name
-    raise UnsupportedArchitectureError(
-        f"{type(layer).__name__}.forward takes none of {CACHE_KEYWORDS}; this transformers release is not "
-        "supported. Install a transformers version in the range pinned by mol-studio."
-    )
 
 
 # model_type -> Family: the one registry `family_for` and `supported_model_types` read. The built-in families are

@@ -10,6 +10,5 @@ FAMILY = replace(
     LLAMA,
     name="gemma",
     model_types=("gemma",),
-    embedding_scale_buffer="embed_scale",
     examples=("google/gemma-2b",),
 )

@@ -138,13 +138,13 @@ def build(
     device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = dtypes.to_torch(dtypes.WEIGHT_NAMES[dtype])
-    dtype = dtype or default_dtype(device)
     placement = None
     if device_map is not None:
         from mol.placement import plan_placement
 
-        placement = plan_placement(the_plan, device_map, max_memory, dtype, device)
+        placement = plan_placement(the_plan, device_map, max_memory, dtype or default_dtype(device), device)
         device = placement.main
+    dtype = dtype or default_dtype(device)  # of the device it runs on (a map may keep it all on the CPU)
     try:
         model = _build(the_plan, device, dtype, placement)
     except torch.OutOfMemoryError:

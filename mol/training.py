@@ -206,13 +206,13 @@ def _tokens(model: FusedModel, datasets, config: TrainConfig) -> tuple[dict[str,
 def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
     adapters, routers = [], []
     for name, p in model.trainable_parameters().items():
-        if not p.requires_grad and not getattr(p, "_switched_off", False):
+        owner, leaf = name.rsplit(".", 1)
+        if leaf in getattr(model.get_submodule(owner), "fixed", ()):
             continue  # fixed by design, e.g. a bottleneck adapter's calibrated map
         (routers if ".router." in name else adapters).append((name, p))
     for part, on in ((adapters, config.train_adapters), (routers, config.train_routers)):
         for _, p in part:
-            p.requires_grad_(on)
-            p._switched_off = not on  # a later run may switch it back on
+            p.requires_grad_(on)  # switched on again by a later run that trains it
     groups = []
     if config.train_adapters and adapters:
         groups.append(

@@ -47,10 +47,10 @@ def test_compiled_blocks_match_eager_logits_and_gradients(tiny):
     batches.append(torch.randint(1, 380, (3, 7), generator=torch.Generator().manual_seed(3)))
     eager = [_loss_and_grads(model, ids) for ids in batches]
     compile_blocks(model, backend="aot_eager")  # the graph capture and replay, without needing a C++ compiler
-    assert not any(getattr(s.router, "_mol_compiled", False) for s in model.routed_slots)
+    assert not any(s.router._compiled_call_impl is not None for s in model.routed_slots)
     compile_blocks(model, backend="aot_eager", routers=True)  # idempotent for the blocks; routers now too
-    assert all(getattr(b.layer, "_mol_compiled", False) for s in model.slots for b in s.experts)
-    assert all(getattr(s.router, "_mol_compiled", False) for s in model.routed_slots)
+    assert all(b.layer._compiled_call_impl is not None for s in model.slots for b in s.experts)
+    assert all(s.router._compiled_call_impl is not None for s in model.routed_slots)
     for ids, (logits, grads) in zip(
         batches, eager, strict=True
     ):  # routed MLPs see other token counts in every batch
@@ -91,5 +91,5 @@ def test_compiled_network_matches_eager_and_breaks_only_at_routing(tiny):
     reasons = list(dynamo_utils.counters["graph_break"])  # where the host learns each expert's token count
     assert reasons and all("bincount" in r or "_local_scalar_dense" in r for r in reasons), reasons
     uncompile_network(model)
-    assert "step_logits" not in model.__dict__ and not model._mol_network_compiled
+    assert model.compiled_step_logits is None
     torch.testing.assert_close(_loss_and_grads(model, batches[0])[0], eager[0][0], rtol=1e-5, atol=1e-5)

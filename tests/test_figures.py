@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import plotly.graph_objects as go
@@ -17,7 +18,8 @@ from studio.figures import (
     format_prob,
     loss_curve,
     model_colors,
-    router_heatmap,
+    routing_heatmap,
+    shade_by_intensity,
     visible_token,
 )
 
@@ -58,41 +60,58 @@ def _heat(fig: go.Figure) -> go.Heatmap:
     return trace
 
 
+def _key(slot: dict, expert: str) -> str:
+    """The colour key of an expert in a routing heatmap row: its model, unless that model has several experts in
+    the slot (then the expert itself)."""
+    alias = expert.split(":")[0]
+    return alias if sum(e.split(":")[0] == alias for e in slot["experts"]) == 1 else expert
+
+
 def test_heatmap_shape_is_slots_by_tokens():
-    h = _heat(router_heatmap(TRACE))
+    h = _heat(routing_heatmap(TRACE))
     assert np.array(h.z, dtype=float).shape == (3, 6)
     assert list(h.x) == list(range(6)) and list(h.y) == [0, 1, 2]
 
 
 def test_heatmap_cells_are_the_top1_expert():
-    fig = router_heatmap(TRACE)
+    fig = routing_heatmap(TRACE)
     h = _heat(fig)
-    names = list(h.colorbar.ticktext)
-    assert names == ["bard:1", "coder:1", "bard:4", "coder:4", "coder:7", "coder:6", "bard:6"]
-    assert list(h.colorbar.tickvals) == list(range(7))
+    legend = [t for t in fig.data if isinstance(t, go.Scatter)]
+    names = [t.name for t in legend]
+    assert names == ["bard", "coder", "coder:4", "coder:7"]  # one key per model, per expert where shared
     for row, slot in zip(h.z, TRACE["slots"], strict=True):
-        assert [names[int(c)] for c in row] == [slot["experts"][pick[0]] for pick in slot["chosen"]]
-    assert (h.zmin, h.zmax) == (-0.5, 6.5)
+        assert [names[math.floor(c)] for c in row] == [
+            _key(slot, slot["experts"][pick[0]]) for pick in slot["chosen"]
+        ]
+    assert (h.zmin, h.zmax) == (0, 4)
+    scale = [c for _, c in h.colorscale]
+    assert [t.marker.color for t in legend] == scale[1::2]  # each key's full colour is its band's top
     assert list(fig.layout.yaxis.ticktext) == ["slot 1", "slot 4 (pooled)", "slot 6"]
 
 
 def test_heatmap_hover_holds_every_gate_probability():
-    h = _heat(router_heatmap(TRACE))
+    h = _heat(routing_heatmap(TRACE))
     custom = h.customdata
     for s, slot in enumerate(TRACE["slots"]):
         for t, probs in enumerate(slot["probs"]):
-            token_text, label, chosen, prob_text = custom[s][t]
-            assert label.startswith(f"slot {slot['slot']}")
-            assert token_text == visible_token(TRACE["tokens"][t], 60)
-            assert chosen.split(", ")[0] == slot["experts"][slot["chosen"][t][0]]
-            for name, p in zip(slot["experts"], probs, strict=True):
-                assert f"{name}: {format_prob(p)}" in prob_text
-    assert "%{customdata[3]}" in h.hovertemplate and "%{customdata[2]}" in h.hovertemplate
-    assert custom[2][0][2] == "coder:6, bard:6"  # top-2 slot: both chosen experts named
+            text = custom[s][t]
+            head, route, *lines = text.split("<br>")
+            assert f"slot {slot['slot']}" in route
+            assert (
+                head.startswith(f"<b>{visible_token(TRACE['tokens'][t], 40)}</b>") and f"position {t}" in head
+            )
+            assert text.count(visible_token(TRACE["tokens"][t], 40)) >= 1 and len(lines) == len(probs)
+            for i, (line, name, p) in enumerate(zip(lines, slot["experts"], probs, strict=True)):
+                assert line.endswith(f"{name}  {format_prob(p)}")
+                assert line.startswith("▶") == (i in slot["chosen"][t])
+            assert lines[slot["chosen"][t][0]].startswith("▶")  # the chosen expert is marked
+    assert "%{customdata}" in h.hovertemplate
+    marked = [line.split()[1] for line in custom[2][0].split("<br>")[2:] if line.startswith("▶")]
+    assert marked == ["coder:6", "bard:6"]  # top-2 slot: both chosen experts marked
 
 
 def test_repeated_tokens_stay_separate_columns():
-    fig = router_heatmap(TRACE)
+    fig = routing_heatmap(TRACE)
     xa = fig.layout.xaxis
     assert list(xa.tickvals) == list(range(6))
     assert list(xa.ticktext) == ["The", "·cat", "·the", "⏎", "·the", "&lt;s&gt;"]
@@ -102,9 +121,14 @@ def test_repeated_tokens_stay_separate_columns():
 
 
 def test_colours_follow_the_model_alias():
-    fig = router_heatmap(TRACE, colors={"bard": "#111111", "coder": "#eeeeee"})
-    scale = {round(stop, 6): c for stop, c in _heat(fig).colorscale}
-    assert scale[0.0] == "#111111"  # bard:1 is bard's first expert: bard's own colour
+    fig = routing_heatmap(TRACE, colors={"bard": "#111111", "coder": "#eeeeee"})
+    h = _heat(fig)
+    scale = [(round(stop, 6), c) for stop, c in h.colorscale]
+    n = h.zmax - h.zmin
+    assert scale[1] == (round(1 / n, 6), "#111111")  # bard's band (key 0) ends in bard's own colour
+    assert scale[0] == (0.0, shade_by_intensity("#111111", 0.0))  # and starts at its tie shade
+    legend = {t.name: t.marker.color for t in fig.data if isinstance(t, go.Scatter)}
+    assert legend["bard"] == "#111111" and legend["coder"] == "#eeeeee"
     colors = expert_colors(["bard:1", "bard:4", "coder:1"])
     base = model_colors(["bard", "coder"])
     assert colors["bard:1"] == base["bard"] and colors["coder:1"] == base["coder"]
@@ -126,11 +150,11 @@ def test_model_colors_are_stable_and_distinct():
 
 def test_empty_traces_give_a_message_not_an_error():
     for empty in ({"tokens": ["a", "b"], "token_ids": [1, 2], "slots": []}, {}, {"slots": None}):
-        fig = router_heatmap(empty)
+        fig = routing_heatmap(empty)
         assert not fig.data and "No routed slots" in fig.layout.annotations[0].text
         json.loads(fig.to_json())
         assert "No routed slots" in expert_load(empty).layout.annotations[0].text
-    no_tokens = router_heatmap(
+    no_tokens = routing_heatmap(
         {
             "tokens": [],
             "slots": [
@@ -158,10 +182,10 @@ def test_long_and_odd_tokens():
             }
         ],
     }
-    fig = router_heatmap(trace)
+    fig = routing_heatmap(trace)
     assert np.array(_heat(fig).z, dtype=float).shape == (1, n)
     xa = fig.layout.xaxis
-    assert len(xa.tickvals) <= 80 and len(xa.tickvals) == len(xa.ticktext)  # thinned, still aligned
+    assert len(xa.tickvals) <= 20 and len(xa.tickvals) == len(xa.ticktext)  # thinned, still aligned
     assert visible_token("a very long token that goes on", 12) == "a·very·long…"
     assert [visible_token(t) for t in ["\t", "", " \n "]] == ["⇥", "∅", "·⏎·"]
     json.loads(fig.to_json())
@@ -180,9 +204,9 @@ def test_trace_shorter_than_tokens_is_right_aligned():
             }
         ],
     }
-    h = _heat(router_heatmap(trace))
-    assert h.z[0][0] is None and list(h.z[0][1:]) == [0, 1]
-    assert "m:0: –" in h.customdata[0][0][3]
+    h = _heat(routing_heatmap(trace))
+    assert h.z[0][0] is None and [math.floor(z) for z in h.z[0][1:]] == [0, 1]
+    assert "m:0  –" in h.customdata[0][0] and "n:0  –" in h.customdata[0][0]
 
 
 def test_expert_load_bars():
@@ -217,7 +241,11 @@ def test_loss_curve():
 
 
 def test_no_deprecated_layout_properties():
-    for fig in (router_heatmap(TRACE), expert_load(TRACE), loss_curve([{"step": 1, "loss": 1.0, "lr": 0.1}])):
+    for fig in (
+        routing_heatmap(TRACE),
+        expert_load(TRACE),
+        loss_curve([{"step": 1, "loss": 1.0, "lr": 0.1}]),
+    ):
         text = fig.to_json()
         assert "titlefont" not in text and "titleside" not in text and '"heatmapgl"' not in text
         assert isinstance(json.loads(text)["layout"]["title"], dict)
@@ -251,7 +279,7 @@ def test_any_trace_renders(data, n_slots, tokens):
             for s in range(n_slots)
         ],
     }
-    fig = router_heatmap(trace)
+    fig = routing_heatmap(trace)
     assert np.array(_heat(fig).z, dtype=float).shape == (n_slots, t)
     json.loads(fig.to_json())
     json.loads(expert_load(trace).to_json())

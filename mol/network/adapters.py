@@ -64,6 +64,8 @@ class LinearAdapter(nn.Module):
 class BottleneckAdapter(nn.Module):
     """A fixed (calibrated) projection plus a trainable low-rank correction: few trainable parameters."""
 
+    fixed = ("into_base", "into_bias", "out_base")  # set by calibration (least squares), never by training
+
     def __init__(self, base_width: int, block_width: int, rank: int = 64):
         super().__init__()
         self.base_width, self.block_width, self.rank = base_width, block_width, rank

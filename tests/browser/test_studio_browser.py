@@ -167,11 +167,16 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     page.wait_for_selector("#expert-load .js-plotly-plot")
     heat = page.evaluate("""() => { const gd = document.querySelector('#router-heatmap .js-plotly-plot');
         return {rows: gd.data[0].z.length, cols: gd.data[0].z[0].length, ticks: gd.layout.xaxis.ticktext.length,
-                experts: gd.data[0].colorbar.ticktext}; }""")
+                keys: gd.data.slice(1).map(t => t.name), z: gd.data[0].z}; }""")
     n_tokens = len(trace["tokens"])
     assert n_tokens > 5
     assert heat["rows"] == 2 and heat["cols"] == n_tokens
-    assert heat["experts"] == ["bard:1", "coder:1", "bard:2", "coder:2", "base:1"]
+    # the colour keys (legend): one per model, each of these slots holding one expert of each model
+    assert heat["keys"] == ["bard", "coder", "base"]
+    for row, slot in zip(heat["z"], trace["slots"], strict=True):  # each cell's hue: its top-1 expert's model
+        assert [heat["keys"][int(z // 1)] for z in row] == [
+            slot["experts"][pick[0]].split(":")[0] for pick in slot["chosen"]
+        ]
     bars = page.evaluate("""() => Array.from(document.querySelector('#expert-load .js-plotly-plot').data,
         t => ({x: t.x, y: t.y}))""")
     assert [b["x"] for b in bars] == [["bard:1", "coder:1"], ["bard:2", "coder:2", "base:1"]]
@@ -298,7 +303,7 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
 
     open_tab(page, "Evaluate")
     expect(textbox(page, "eval-version")).to_have_value(re.compile("to-train v1"))
-    pick(page, "eval-weights", re.compile(f"training run #{run.id}"))
+    pick(page, "eval-weights", re.compile(f"^to-train v1 · run {run.id} · "))  # a label, not an id
     for corpus in ("prose", "code", "mixed"):
         page.locator("#eval-corpora").get_by_label(corpus).uncheck()
     page.locator("#eval-files input[type=file]").set_input_files([str(prose), str(code)])
@@ -319,7 +324,7 @@ def test_train_then_evaluate_with_the_trained_weights(page, studio, tmp_path):
     # the trained routers in the Playground: prose and code in one prompt
     open_tab(page, "Playground")
     pick(page, "run-version", "to-train v1")
-    pick(page, "run-weights", re.compile(f"training run #{run.id}"))
+    pick(page, "run-weights", re.compile(f"^to-train v1 · run {run.id} · "))
     textbox(page, "prompt").fill(
         "To be, or not to be, that is the question.\ndef main(argv):\n    return sorted(argv)"
     )

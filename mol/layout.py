@@ -128,22 +128,15 @@ def file_parts(the_plan) -> list[tuple[str, str, str]]:
 
 
 def _modules(src) -> dict:
-    fam = src.family
-    return {
-        "layers": fam.layers,
-        "embed": fam.embed,
-        "head_names": list(fam.head_names()),
-        "final_norm": fam.final_norm,
-        "rotary": fam.rotary,
-        "positions": fam.positions,
-        "position_offset": fam.position_offset,
-        "project_in": fam.project_in,
-        "project_out": fam.project_out,
-        "layer_takes": list(fam.layer_takes),
-        "mlp": fam.mlp,
-        "embedding_multiplier": fam.embedding_multiplier,
-        "logits_divisor": fam.logits_divisor,
-    }
+    """The source's family data, all of it (a field a new family adds travels without a change here), plus the
+    names its head may have."""
+    from dataclasses import asdict
+
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(src.family).items()}
+    for descriptive in ("name", "model_types", "notes", "examples"):
+        data.pop(descriptive, None)
+    data["head_names"] = list(src.family.head_names())
+    return data
 
 
 def _config_dict(src) -> dict:

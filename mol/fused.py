@@ -90,6 +90,7 @@ class FusedModel(MoLNetwork):
             cache = self.new_cache()
         logits, ctx = self.step(input_ids, attention_mask, cache)
 
+        by_index = {s.index: s for s in self.all_slots}
         step_trace = (
             None
             if not trace
@@ -99,13 +100,14 @@ class FusedModel(MoLNetwork):
                 slots=[
                     SlotTrace(
                         i,
-                        self.slots[i].expert_names,
-                        self.slots[i].router.kind,
+                        by_index[i].expert_names,
+                        by_index[i].router.kind,
                         r.probs.detach().float().cpu(),
                         r.chosen.detach().cpu(),
                     )
                     for i, r in ctx.routings
-                ],
+                ]
+                + self._mixture_trace(ctx),
             )
         )
         out = MoLOutput(logits=logits, cache=cache, trace=step_trace, routings=ctx.routings)
@@ -126,6 +128,16 @@ class FusedModel(MoLNetwork):
             out.loss = lm_loss(logits, labels)
         return out
 
+    def _mixture_trace(self, ctx) -> list[SlotTrace]:
+        """The lanes' output mixture as one more row of the trace: slot -1, the lanes as its experts."""
+        if ctx.mixture is None:
+            return []
+        r = ctx.mixture
+        kind = "sequence" if self.gate.per_sequence else "mixture"
+        return [
+            SlotTrace(-1, list(self.lanes), kind, r.probs.detach().float().cpu(), r.chosen.detach().cpu())
+        ]
+
     # ---- generation --------------------------------------------------------------------------------------
     @property
     def position_limit(self) -> int | None:
@@ -142,8 +154,9 @@ class FusedModel(MoLNetwork):
                 f"The prompt is {prompt_tokens} tokens, more than the {limit} positions the recipe's models "
                 "know; shorten it."
             )
-        tables = [(self.positions, self.position_offset)] + [
-            (e.positions, e.position_offset) for s in self.slots for e in s.experts
+        streams = list(self.lanes.values()) if self.lanes is not None else [self]
+        tables = [(n.positions, n.position_offset) for n in streams] + [
+            (e.positions, e.position_offset) for s in self.all_slots for e in s.experts
         ]
         sizes = [t.weight.shape[0] - offset for t, offset in tables if t is not None]
         read = prompt_tokens + max(max_new_tokens - 1, 0)  # the last new token is never fed back
@@ -193,7 +206,11 @@ class FusedModel(MoLNetwork):
         warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         if fast is None:
             fast = (
-                self.device.type == "cuda" and not self.training and self.placement is None and len(eos) <= 8
+                self.device.type == "cuda"
+                and not self.training
+                and self.placement is None
+                and len(eos) <= 8
+                and self.lanes is None  # the fast decoder's static caches are one stream's
             )
         if fast and max_new_tokens > 0:
             from mol.fast import decoder_for

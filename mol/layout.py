@@ -68,7 +68,25 @@ def network_config(the_plan, **extra):
     family's data), and every slot's experts (source layer, cache index, adapter, window) and router."""
     from mol.network.configuration_mol import MoLConfig
 
+    return MoLConfig(**network_fields(the_plan), **extra)
+
+
+def network_fields(the_plan) -> dict:
+    """What network_config holds, as plain values: a lane's are the same fields, nested under `lanes`."""
     base = the_plan.base
+    if the_plan.lanes:
+        recipe = the_plan.recipe
+        return dict(
+            base=base.alias,
+            lanes={name: network_fields(p) for name, p in the_plan.lanes.items()},
+            stitches=[{**s.to_dict(), "after": list(s.after)} for s in recipe.stitches],
+            mixture=(recipe.mixture.to_dict() if recipe.mixture else {"type": "token"}),
+            hidden_size=base.width,
+            vocab_size=base.vocab_size,
+            num_hidden_layers=the_plan.cache_layers,
+            tie_word_embeddings=False,
+            **_token_ids(base),
+        )
     slots = []
     for sp in the_plan.slots:
         r = sp.slot.router
@@ -89,25 +107,41 @@ def network_config(the_plan, **extra):
                 "router": None if r is None else r.to_dict(),
             }
         )
-    ids = {k: getattr(base.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return MoLConfig(
+    used = {base.alias} | {e.alias for sp in the_plan.slots for e in sp.experts}
+    return dict(
         base=base.alias,
-        sources={a: {"config": _config_dict(s), "modules": _modules(s)} for a, s in the_plan.sources.items()},
+        sources={
+            a: {"config": _config_dict(s), "modules": _modules(s)}
+            for a, s in the_plan.sources.items()
+            if a in used
+        },
         slots=slots,
         adapter_rank=the_plan.recipe.adapter.rank,
         hidden_size=base.width,
         vocab_size=base.vocab_size,
         num_hidden_layers=the_plan.cache_layers,
         tie_word_embeddings=base.family.head_in_files(base.tensors) is None,
-        **{k: v for k, v in ids.items() if v is not None},
-        **extra,
+        **_token_ids(base),
     )
+
+
+def _token_ids(base) -> dict:
+    ids = {k: getattr(base.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def file_parts(the_plan) -> list[tuple[str, str, str]]:
     """Every part of the fused network that is read from a source's files: (its module path in the network, the
     source alias, its prefix in that source's files). The rest (adapters, routers) starts at its initial value or
-    comes from trained weights; a tied head is the embedding."""
+    comes from trained weights; a tied head is the embedding. A lane's parts sit under `lanes.<name>.`."""
+    if the_plan.lanes:
+        parts = []
+        for name, lane in the_plan.lanes.items():
+            parts += [(f"lanes.{name}.{path}", alias, prefix) for path, alias, prefix in file_parts(lane)]
+            fam = lane.base.family
+            if fam.head_in_files(lane.base.tensors) is None:  # a tied head is read as the embedding it equals
+                parts.append((f"lanes.{name}.head", lane.base.alias, fam.embed))
+        return parts
     base = the_plan.base
     fam = base.family
     parts = [

@@ -139,6 +139,8 @@ def build(
     if isinstance(dtype, str):
         dtype = dtypes.to_torch(dtypes.WEIGHT_NAMES[dtype])
     placement = None
+    if device_map is not None and the_plan.lanes:
+        raise ResourceError("A recipe with lanes runs on one device for now; build it without device_map.")
     if device_map is not None:
         from mol.placement import plan_placement
 
@@ -170,7 +172,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
     the same list the export writes)."""
     with torch.device("meta"):
         model = FusedModel(the_plan, init_device=device)
-    for slot in model.slots:
+    if model.lanes is not None:
+        model.stitches.to(dtype=dtype)  # the gate stays in float32, as routers do
+    for slot in model.all_slots:
         where = device if placement is None else placement.load_device(slot.index)
         for e in slot.experts:
             if e.adapter is not None:
@@ -197,8 +201,9 @@ def _build(the_plan: Plan, device: torch.device, dtype: torch.dtype, placement=N
                 shared.setdefault((alias, where), {}),
             )
         model.bytes_read = sum(r.bytes_read for r in readers.values())
-    if model.config.tie_word_embeddings:
-        model.head.weight = model.embed.weight  # the embedding just read
+    for stream in model.lanes.values() if model.lanes is not None else [model]:
+        if stream.config.tie_word_embeddings:
+            stream.head.weight = stream.embed.weight  # the embedding just read
     for module in model.modules():
         fill_embed_scale(module)
     model.eval()

@@ -48,6 +48,9 @@ class Plan:
     slots: list[SlotPlan]
     reads: dict[str, list[TensorInfo]]  # alias -> tensors to read
     warnings: list[str] = field(default_factory=list)
+    lanes: dict[str, Plan] = field(
+        default_factory=dict
+    )  # a lanes recipe: each lane planned as a recipe of its own
 
     @property
     def base(self) -> ModelSource:
@@ -67,9 +70,26 @@ class Plan:
 
     @property
     def cache_layers(self) -> int:
+        if self.lanes:
+            return sum(p.cache_layers for p in self.lanes.values())
         return sum(len(s.experts) for s in self.slots)
 
+    def stitch_parameters(self) -> int:
+        total = 0
+        for st in self.recipe.stitches:
+            a, b = self.lanes[st.source].width, self.lanes[st.target].width
+            total += 1 + (a * b if st.type == "linear" else st.rank * (a + b))  # the gate scalar and the map
+        return total
+
+    def gate_parameters(self) -> int:
+        """The output mixture's gate: from the lanes' final states to one score per lane."""
+        if not self.lanes:
+            return 0
+        return (sum(p.width for p in self.lanes.values()) + 1) * len(self.lanes)
+
     def adapter_parameters(self) -> int:
+        if self.lanes:
+            return sum(p.adapter_parameters() for p in self.lanes.values())
         total, d = 0, self.width
         for s in self.slots:
             for e in s.experts:
@@ -81,6 +101,8 @@ class Plan:
         return total
 
     def router_parameters(self) -> int:
+        if self.lanes:
+            return sum(p.router_parameters() for p in self.lanes.values()) + self.gate_parameters()
         return sum((self.width + 1) * len(s.experts) for s in self.slots if s.routed)
 
     def memory_estimate(
@@ -93,9 +115,9 @@ class Plan:
             for t in ts:
                 elem = dtypes.itemsize(t.dtype)
                 weights += t.nbytes // elem * size
-        trainable = (self.adapter_parameters() + self.router_parameters()) * size
+        trainable = (self.adapter_parameters() + self.router_parameters() + self.stitch_parameters()) * size
         kv = 0
-        for s in self.slots:
+        for s in [s for p in self.lanes.values() for s in p.slots] or self.slots:
             for e in s.experts:
                 src = self.sources[e.alias]
                 head_dim = getattr(src.config, "head_dim", None) or src.width // src.heads
@@ -122,7 +144,7 @@ class Plan:
             router = ""
             if s.slot.router is not None:
                 router = f"  [{s.slot.router.type}" + (
-                    f", top_k={s.slot.router.top_k}]" if s.slot.router.type == "token" else "]"
+                    f", top_k={s.slot.router.top_k}]" if s.slot.router.takes_top_k else "]"
                 )
             lines.append(f"  slot {s.index}: {', '.join(parts)}{router}")
         mem = self.memory_estimate()
@@ -171,6 +193,8 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, policy: 
     for alias in recipe.used_aliases:
         if alias not in sources:
             sources[alias] = load_source(alias, recipe.models[alias], search, policy)
+    if recipe.lanes:
+        return _plan_lanes(recipe, sources, policy)
     unused = [a for a in recipe.models if a not in sources]
     warnings = [f"model '{a}' is listed but no slot uses it; it will not be loaded." for a in unused]
     base = sources[recipe.base]
@@ -252,6 +276,44 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, policy: 
         slots=slot_plans,
         reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items() if d},
         warnings=warnings,
+    )
+
+
+def _plan_lanes(recipe: Recipe, sources: dict[str, ModelSource], policy: AccessPolicy) -> Plan:
+    """Each lane planned as a single-stream recipe on its own base; the output mixture adds the lanes'
+    next-token distributions, so every lane must share one vocabulary; stitches must name slots that exist and
+    leave an order in which every lane can run."""
+    lanes = {
+        name: plan(recipe.lane_recipe(name, sources[spec.base].num_layers), sources, policy)
+        for name, spec in recipe.lanes.items()
+    }
+    warnings = [w for p in lanes.values() for w in p.warnings]
+    first = next(iter(lanes.values())).base
+    _check_tokenizers(first, {n: p.base for n, p in lanes.items()}, warnings)
+    for k, st in enumerate(recipe.stitches):
+        for lane, index in ((st.source, st.after[0]), (st.target, st.after[1])):
+            if index >= len(lanes[lane].slots):
+                raise RecipeError(
+                    f"stitches[{k}]: lane '{lane}' has {len(lanes[lane].slots)} slots (0..{len(lanes[lane].slots) - 1}); "
+                    f"'after' names slot {index}."
+                )
+    from mol.network.modeling_mol import stitch_order
+
+    try:
+        stitch_order({n: len(p.slots) for n, p in lanes.items()}, recipe.stitches)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    reads: dict[str, dict[str, TensorInfo]] = {}
+    for p in lanes.values():
+        for alias, infos in p.reads.items():
+            reads.setdefault(alias, {}).update({t.name: t for t in infos})
+    return Plan(
+        recipe=recipe,
+        sources=sources,
+        slots=[],
+        reads={a: sorted(d.values(), key=lambda t: t.name) for a, d in reads.items()},
+        warnings=list(dict.fromkeys(warnings)),
+        lanes=lanes,
     )
 
 

@@ -114,6 +114,59 @@ class Slot:
         return out
 
 
+MIXTURE_TYPES = ("token", "sequence")
+STITCH_TYPES = ("linear", "lowrank")
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """A source run on its own residual stream, with its own embeddings, positions, final norm and head: its
+    `base`'s layers in order (slots None), or any single-stream stack of slots on that base."""
+
+    base: str
+    slots: tuple[Slot, ...] | None = None
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"base": self.base}
+        if self.slots is not None:
+            out["slots"] = [s.to_dict() for s in self.slots]
+        return out
+
+
+@dataclass(frozen=True)
+class StitchSpec:
+    """A gated adapter adding lane `source`'s state after its slot `after[0]` into lane `target`'s stream after
+    its slot `after[1]` (zero at start: an untrained stitch changes nothing)."""
+
+    source: str
+    target: str
+    after: tuple[int, int]
+    type: str = "linear"
+    rank: int | None = None  # lowrank only
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {
+            "from": self.source,
+            "to": self.target,
+            "after": list(self.after),
+            "type": self.type,
+        }
+        if self.rank is not None:
+            out["rank"] = self.rank
+        return out
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """The output mixture of the lanes' next-token distributions: a gate per token, or one decision per sequence
+    (taken from the prompt; only the chosen lane then runs for the generated tokens)."""
+
+    type: str = "token"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type}
+
+
 @dataclass
 class Recipe:
     name: str
@@ -123,6 +176,11 @@ class Recipe:
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     # Folder that relative model paths are resolved against first (the recipe file's folder).
     source_dir: Path | None = field(default=None, compare=False)
+    # Several sources side by side (each its own stream and head), joined by stitches and an output mixture;
+    # empty: one stream, `slots`.
+    lanes: dict[str, LaneSpec] = field(default_factory=dict)
+    stitches: list[StitchSpec] = field(default_factory=list)
+    mixture: MixtureSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,8 +194,12 @@ class Recipe:
                 f"A recipe is a mapping with keys name, base, models, slots; got {_short(data)}."
             )
         _reject_unknown(
-            data, ("adapter", "base", "description", "models", "name", "slots"), "Unknown recipe key(s)"
+            data,
+            ("adapter", "base", "description", "lanes", "mixture", "models", "name", "slots", "stitches"),
+            "Unknown recipe key(s)",
         )
+        if data.get("lanes") is not None:
+            return cls._from_lanes_dict(data, source_dir)
         for key in ("name", "models", "slots"):
             if key not in data or data[key] in (None, "", [], {}):
                 raise RecipeError(f"The recipe needs '{key}'.")
@@ -181,6 +243,88 @@ class Recipe:
         )
 
     @classmethod
+    def _from_lanes_dict(cls, data: dict, source_dir: Path | None) -> Recipe:
+        if data.get("slots") not in (None, [], {}):
+            raise RecipeError(
+                "A recipe with 'lanes' gives each lane its slots; remove the top-level 'slots'."
+            )
+        name = data.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RecipeError(f"'name' must be a non-empty string, got {_short(name)}.")
+        models = data.get("models")
+        if not isinstance(models, dict) or not models:
+            raise RecipeError(
+                "'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}."
+            )
+        models = {str(k): v for k, v in models.items()}
+        _check_aliases(models)
+        for alias, ref in models.items():
+            if not isinstance(ref, str) or not ref.strip():
+                raise RecipeError(
+                    f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}."
+                )
+        raw_lanes = data["lanes"]
+        if not isinstance(raw_lanes, dict) or len(raw_lanes) < 2:
+            raise RecipeError("'lanes' maps two or more lane names to {base: alias, slots: [...]}.")
+        lanes: dict[str, LaneSpec] = {}
+        for lane_name, raw in raw_lanes.items():
+            where = f"lanes.{_short(lane_name)}"
+            if not isinstance(lane_name, str) or not _ALIAS_RE.match(lane_name):
+                raise RecipeError(f"{where}: a lane name uses letters, digits, '_', '-', '.' (max 64).")
+            if isinstance(raw, str):
+                raw = {"base": raw}
+            if not isinstance(raw, dict):
+                raise RecipeError(
+                    f"{where} is {{base: alias}} or {{base: alias, slots: [...]}}, got {_short(raw)}."
+                )
+            _reject_unknown(raw, ("base", "slots"), f"{where}: unknown key(s)")
+            lane_slots = None
+            if raw.get("slots") is not None:
+                if not isinstance(raw["slots"], list) or not raw["slots"]:
+                    raise RecipeError(f"{where}.slots is a non-empty list of slots.")
+                lane_slots = []
+                for i, slot in enumerate(raw["slots"]):
+                    lane_slots.extend(_parse_slot(slot, f"{where}.slots[{i}]"))
+                lane_slots = tuple(lane_slots)
+            lanes[lane_name] = LaneSpec(raw.get("base"), lane_slots)
+        stitches = []
+        raw_stitches = data.get("stitches") or []
+        if not isinstance(raw_stitches, list):
+            raise RecipeError("'stitches' is a list of {from: lane, to: lane, after: [i, j], type: linear}.")
+        for k, raw in enumerate(raw_stitches):
+            stitches.append(_parse_stitch(raw, f"stitches[{k}]"))
+        mixture = _parse_mixture(data.get("mixture"))
+        base = data.get("base") or next(iter(lanes.values())).base
+        return cls(
+            name=name.strip(),
+            base=base,
+            models=models,
+            slots=[],
+            adapter=_parse_adapter(data.get("adapter")),
+            source_dir=source_dir,
+            lanes=lanes,
+            stitches=stitches,
+            mixture=mixture,
+        )
+
+    def lane_recipe(self, lane: str, layers: int | None = None) -> Recipe:
+        """Lane `lane` as a single-stream recipe of its own (a lane without slots: its base's `layers` in order)."""
+        spec = self.lanes[lane]
+        slots = (
+            list(spec.slots)
+            if spec.slots is not None
+            else [Slot((ExpertRef(spec.base, i),)) for i in range(layers)]
+        )
+        return Recipe(
+            name=f"{self.name}.{lane}",
+            base=spec.base,
+            models=self.models,
+            slots=slots,
+            adapter=self.adapter,
+            source_dir=self.source_dir,
+        )
+
+    @classmethod
     def from_yaml(cls, text: str, source_dir: Path | None = None) -> Recipe:
         """Parse recipe YAML text. Never opens a file: a one-line "x.yaml" is a YAML string, not a path."""
         if not isinstance(text, str):
@@ -204,6 +348,16 @@ class Recipe:
 
     # ---- output ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        if self.lanes:
+            return {
+                "name": self.name,
+                "base": self.base,
+                "models": dict(self.models),
+                "adapter": self.adapter.to_dict(),
+                "lanes": {n: lane.to_dict() for n, lane in self.lanes.items()},
+                "stitches": [s.to_dict() for s in self.stitches],
+                "mixture": (self.mixture or MixtureSpec()).to_dict(),
+            }
         return {
             "name": self.name,
             "base": self.base,
@@ -222,6 +376,9 @@ class Recipe:
             raise RecipeError(
                 f"base '{_short(self.base)}' is not one of the model aliases: {', '.join(self.models)}."
             )
+        if self.lanes:
+            self._validate_lanes()
+            return
         if not self.slots:
             raise RecipeError('The recipe has no slots; add at least one, e.g. {experts: ["base:0"]}.')
         for i, slot in enumerate(self.slots):
@@ -241,8 +398,33 @@ class Recipe:
                     f"({len(slot.experts)}); use top_k between 1 and {len(slot.experts)}."
                 )
 
+    def _validate_lanes(self) -> None:
+        for name, lane in self.lanes.items():
+            if lane.base not in self.models:
+                raise RecipeError(
+                    f"lanes.{name}: base '{_short(lane.base)}' is not one of the model aliases: "
+                    f"{', '.join(self.models)}."
+                )
+            if lane.slots is not None:
+                self.lane_recipe(name)  # its slots checked as a recipe's are
+        for k, st in enumerate(self.stitches):
+            for end in (st.source, st.target):
+                if end not in self.lanes:
+                    raise RecipeError(
+                        f"stitches[{k}]: '{_short(end)}' is not a lane: {', '.join(self.lanes)}."
+                    )
+            if st.source == st.target:
+                raise RecipeError(f"stitches[{k}] joins lane '{st.source}' to itself; join two lanes.")
+
     @property
     def used_aliases(self) -> list[str]:
+        if self.lanes:
+            seen: list[str] = []
+            for lane in self.lanes.values():
+                for alias in [lane.base] + [e.model for s in lane.slots or () for e in s.experts]:
+                    if alias not in seen:
+                        seen.append(alias)
+            return seen
         seen = [self.base]
         for s in self.slots:
             for e in s.experts:
@@ -355,6 +537,51 @@ def _parse_router(raw: Any, n_experts: int, where: str) -> RouterSpec | None:
     if n_experts == 1:
         return None  # a router over one expert is plain stacking
     return RouterSpec(kind, top_k)
+
+
+def _parse_stitch(raw: Any, where: str) -> StitchSpec:
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{where} is {{from: lane, to: lane, after: [i, j], type: linear}}, got {_short(raw)}."
+        )
+    _reject_unknown(raw, ("after", "from", "rank", "to", "type"), f"{where}: unknown key(s)")
+    after = raw.get("after")
+    if (
+        not isinstance(after, list)
+        or len(after) != 2
+        or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < MAX_SLOTS for a in after)
+    ):
+        raise RecipeError(
+            f"{where}.after is [slot of 'from', slot of 'to'] (two slot indices), got {_short(after)}."
+        )
+    kind = raw.get("type", "linear")
+    if kind not in STITCH_TYPES:
+        raise RecipeError(f"{where}.type '{_short(kind)}' is not one of: {', '.join(STITCH_TYPES)}.")
+    rank = raw.get("rank")
+    if kind == "lowrank":
+        rank = DEFAULT_BOTTLENECK_RANK if rank is None else rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_ADAPTER_RANK:
+            raise RecipeError(f"{where}.rank must be an integer between 1 and {MAX_ADAPTER_RANK}.")
+    elif rank is not None:
+        raise RecipeError(f"{where}.rank applies to a lowrank stitch only.")
+    source, target = raw.get("from"), raw.get("to")
+    if not isinstance(source, str) or not isinstance(target, str):
+        raise RecipeError(f"{where}: 'from' and 'to' name lanes.")
+    return StitchSpec(source, target, (after[0], after[1]), kind, rank)
+
+
+def _parse_mixture(raw: Any) -> MixtureSpec:
+    if raw is None:
+        return MixtureSpec()
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError("'mixture' is {type: token} or {type: sequence}.")
+    _reject_unknown(raw, ("type",), "mixture: unknown key(s)")
+    kind = raw.get("type", "token")
+    if kind not in MIXTURE_TYPES:
+        raise RecipeError(f"mixture.type '{_short(kind)}' is not one of: {', '.join(MIXTURE_TYPES)}.")
+    return MixtureSpec(kind)
 
 
 def _parse_slot(raw: Any, where: str) -> list[Slot]:

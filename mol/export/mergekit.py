@@ -235,6 +235,8 @@ def mergekit_blockers(the_plan, weights=None) -> list[str]:
 
         load_trainable(parts, weights)
     reasons = standard_blockers(the_plan, parts)
+    if the_plan.lanes:
+        return reasons
     base = the_plan.recipe.base
     first, last = the_plan.slots[0].experts[0], the_plan.slots[-1].experts[0]
     if first.alias != base:

@@ -38,6 +38,11 @@ _LAYER_NEUTRAL_KEYS = {
 
 def standard_blockers(the_plan: Plan, parts) -> list[str]:
     """Why this recipe cannot be written as a standard checkpoint (empty: it can)."""
+    if the_plan.lanes:
+        return [
+            f"it runs {len(the_plan.lanes)} lanes side by side and mixes their outputs; a standard "
+            "architecture is one stream."
+        ]
     base = the_plan.base
     reasons: list[str] = []
     adapters = parts.adapters()

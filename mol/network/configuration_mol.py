@@ -10,7 +10,8 @@ class MoLConfig(PretrainedConfig):
     """`sources`: alias -> {"config": the source's config dict, "modules": where its parts live};
     `slots`: [{"experts": [{"name", "alias", "layer", "cache_index", "adapter", "add_positions", "window"}],
     "router": None | {"type", "top_k"}}]; `num_hidden_layers` counts slot-experts (one KV-cache layer each);
-    `router_code`: router type -> "module.Class" for a kind whose file travels beside this one."""
+    `router_code`: router type -> "module.Class" for a kind whose file travels beside this one; `lanes`,
+    `stitches`, `mixture`: several one-stream networks side by side, joined (then `slots` is empty)."""
 
     model_type = "mol"
 
@@ -22,6 +23,9 @@ class MoLConfig(PretrainedConfig):
         recipe: dict | None = None,
         adapter_rank: int | None = None,
         router_code: dict | None = None,
+        lanes: dict | None = None,
+        stitches: list | None = None,
+        mixture: dict | None = None,
         hidden_size: int = 0,
         vocab_size: int = 0,
         num_hidden_layers: int = 0,
@@ -35,6 +39,9 @@ class MoLConfig(PretrainedConfig):
         self.recipe = recipe or {}
         self.adapter_rank = adapter_rank
         self.router_code = router_code or {}
+        self.lanes = lanes or {}  # lane name -> the fields of a one-stream MoLConfig
+        self.stitches = stitches or []  # [{"from", "to", "after": [i, j], "type", "rank"}]
+        self.mixture = mixture  # {"type": "token" | "sequence"} over the lanes' distributions
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
         self.num_hidden_layers = num_hidden_layers

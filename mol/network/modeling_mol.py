@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import make_adapter
 from .configuration_mol import MoLConfig
-from .routers import ROUTERS, Routing, make_router, route
+from .routers import ROUTERS, Routing, make_router, route, unit_rms
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
 # past_key_values -> cache; GPT-NeoX layer_past). An unknown keyword would be swallowed by **kwargs and lose the
@@ -70,7 +70,8 @@ class FusedCache:
 
     kv: DynamicCache = field(default_factory=DynamicCache)
     mask: torch.Tensor | None = None  # [B, seen]
-    pooled: dict[int, dict] = field(default_factory=dict)
+    pooled: dict[int, dict] = field(default_factory=dict)  # slot index (-1: the lanes' mixture) -> decision
+    lanes: dict[str, FusedCache] = field(default_factory=dict)  # each lane's own caches (a lanes network)
 
     @property
     def length(self) -> int:
@@ -93,6 +94,8 @@ class StepContext:
     static: bool = False
     moved: dict = field(default_factory=dict)  # copies of this context on other devices (slots placed apart)
     windows: dict = field(default_factory=dict)  # sliding-window length -> its additive mask (None: causal)
+    lanes: dict = field(default_factory=dict)  # lane name -> its own context (a lanes network)
+    mixture: Routing | None = None  # the lanes' output mixture of this step
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         """The attention mask of a block: the step's own, or its sliding window's."""
@@ -279,10 +282,16 @@ class MoLNetwork(nn.Module):
     device when weights are loaded into it); `init_device` is where the parts that no checkpoint holds (adapters
     and routers at their starting values, rotary frequencies) are made, None: the default device as well."""
 
-    def __init__(self, config: MoLConfig, init_device: torch.device | str | None = None):
+    def __init__(
+        self, config: MoLConfig, init_device: torch.device | str | None = None, slot_offset: int = 0
+    ):
         super().__init__()
         self.config = config
         self.compiled_step_logits = None  # step_logits compiled (mol.compiling.compile_network); None: eager
+        self.lanes: nn.ModuleDict | None = None
+        if config.lanes:
+            self._build_lanes(config, init_device)
+            return
         attn = config._attn_implementation if config._attn_implementation in ATTENTION else "sdpa"
         configs = {alias: source_config(entry, attn) for alias, entry in config.sources.items()}
         # Each source's own model class with one layer: its module tree gives the classes of every part.
@@ -355,7 +364,7 @@ class MoLNetwork(nn.Module):
                     router = make_router(
                         r["type"], config.hidden_size, len(experts), r.get("top_k", 1)
                     ).float()
-            slots.append(FusedSlot(index, experts, router))
+            slots.append(FusedSlot(slot_offset + index, experts, router))
         self.slots = nn.ModuleList(slots)
         for part in (
             self.embed,
@@ -373,36 +382,66 @@ class MoLNetwork(nn.Module):
                     e.positions.requires_grad_(False)
 
     # ---- properties -------------------------------------------------------------------------------------
+    def _build_lanes(self, config: MoLConfig, init_device) -> None:
+        """Each lane a one-stream network of its own (its slots numbered after the previous lanes', so every slot
+        of the model has one index); stitches between them; a gate over their next-token distributions."""
+        lanes, offset = {}, 0
+        for name, fields in config.lanes.items():
+            sub = MoLConfig(**fields)
+            sub._attn_implementation = config._attn_implementation
+            lanes[name] = MoLNetwork(sub, init_device, slot_offset=offset)
+            offset += len(fields["slots"])
+        self.lanes = nn.ModuleDict(lanes)
+        widths = {name: lane.config.hidden_size for name, lane in lanes.items()}
+        made_here = nullcontext() if init_device is None else torch.device(init_device)
+        with made_here:
+            self.stitches = nn.ModuleList(
+                Stitch(st, widths[st["from"]], widths[st["to"]]) for st in config.stitches
+            )
+            kind = "pooled" if (config.mixture or {}).get("type") == "sequence" else "token"
+            self.gate = make_router(kind, sum(widths.values()), len(lanes)).float()
+        self.order = stitch_order({n: len(lane.slots) for n, lane in lanes.items()}, self.stitches)
+        self.slots = nn.ModuleList()  # the lanes hold the slots
+
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(iter(self.lanes.values())).device if self.lanes is not None else self.embed.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return next(iter(self.lanes.values())).dtype if self.lanes is not None else self.embed.weight.dtype
+
+    @property
+    def all_slots(self) -> list[FusedSlot]:
+        """Every slot of the model, lanes' included, in index order."""
+        if self.lanes is None:
+            return list(self.slots)
+        return [s for lane in self.lanes.values() for s in lane.slots]
 
     @property
     def routed_slots(self) -> list[FusedSlot]:
-        return [s for s in self.slots if s.router is not None]
+        return [s for s in self.all_slots if s.router is not None]
 
     @property
     def windows(self) -> list[int]:
         """The sliding-window lengths of this model's blocks (each gets its own attention mask)."""
-        return sorted({e.window for s in self.slots for e in s.experts if e.window is not None})
+        return sorted({e.window for s in self.all_slots for e in s.experts if e.window is not None})
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Adapters and routers: the only parts of a fused model that train (source blocks stay frozen)."""
-        return {n: p for n, p in self.named_parameters() if ".adapter." in n or ".router." in n}
+        """Adapters, routers, stitches and the lanes' gate: the only parts of a fused model that train (source
+        blocks stay frozen)."""
+        return {n: p for n, p in self.named_parameters() if _trainable(n)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        keep = (".adapter.", ".router.")
-        return {n: t for n, t in self.state_dict().items() if any(k in n for k in keep)}
+        return {n: t for n, t in self.state_dict().items() if _trainable(n)}
 
     def adapters(self) -> dict[str, nn.Module]:
         """Expert path -> adapter, for every expert that has one."""
+        if self.lanes is not None:
+            return {f"lanes.{n}.{k}": a for n, lane in self.lanes.items() for k, a in lane.adapters().items()}
         return {
-            f"slots.{s.index}.experts.{j}": e.adapter
-            for s in self.slots
+            f"slots.{j_slot}.experts.{j}": e.adapter
+            for j_slot, s in enumerate(self.slots)
             for j, e in enumerate(s.experts)
             if e.adapter is not None
         }
@@ -420,22 +459,43 @@ class MoLNetwork(nn.Module):
         q = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         full_mask = attention_mask if past == 0 else torch.cat([cache.mask, attention_mask], 1)
-        ctx = StepContext(
-            mask4d=self._mask4d(full_mask, q),
-            mask2d=attention_mask,
-            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, past:],
-            cache=cache,
-            rotary={},
-            rotary_modules=self.rotary,
-            windows=self.window_masks(full_mask, q),
-        )
+        ctx = self.context(full_mask, q, attention_mask, cache)
         logits = (self.compiled_step_logits or self.step_logits)(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
         return logits, ctx
 
+    def context(self, full_mask: torch.Tensor, q: int, attention_mask: torch.Tensor, cache) -> StepContext:
+        """The shared inputs of one step over `q` new tokens, `full_mask` covering every token seen; a lanes
+        network gives each lane its own context (its cache, rotary modules and masks)."""
+        ctx = StepContext(
+            mask4d=None if self.lanes is not None else self._mask4d(full_mask, q),
+            mask2d=attention_mask,
+            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, full_mask.shape[1] - q :],
+            cache=cache,
+            rotary={},
+            rotary_modules=self.rotary if self.lanes is None else nn.ModuleDict(),
+            windows={} if self.lanes is not None else self.window_masks(full_mask, q),
+        )
+        if self.lanes is not None:
+            for name, lane in self.lanes.items():
+                lane_cache = None if cache is None else cache.lanes.setdefault(name, FusedCache())
+                sub = lane.context(full_mask, q, attention_mask, lane_cache)
+                sub.routings = ctx.routings  # one list for the whole model
+                ctx.lanes[name] = sub
+        return ctx
+
     def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
-        """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step)."""
+        """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step).
+        A lanes network returns the log-probabilities of its output mixture."""
+        if self.lanes is not None:
+            return self._mixture_logits(input_ids, ctx, last_only)
+        h = self.embed_tokens(input_ids, ctx)
+        for slot in self.slots:
+            h = slot(h, ctx)
+        return self.readout(self.final_states(h, last_only))
+
+    def embed_tokens(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         h = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
@@ -443,15 +503,71 @@ class MoLNetwork(nn.Module):
             h = self.project_in(h)
         if self.positions is not None:
             h = h + nn.functional.embedding(ctx.position_ids + self.position_offset, self.positions.weight)
-        for slot in self.slots:
-            h = slot(h, ctx)
+        return h
+
+    def final_states(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         h = h[:, -1:].to(self.device) if last_only else h.to(self.device)
-        if self.final_norm is not None:
-            h = self.final_norm(h)
+        return h if self.final_norm is None else self.final_norm(h)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
         if self.project_out is not None:
             h = self.project_out(h)
         logits = self.head(h)
         return logits if self.logits_divisor == 1.0 else logits / self.logits_divisor
+
+    # ---- lanes -------------------------------------------------------------------------------------------
+    def _mixture_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool) -> torch.Tensor:
+        """Run the lanes (in the order the stitches allow), then mix their next-token distributions:
+        log p(x) = log sum_l g_l p_l(x), the gate g read from the lanes' final states. A per-sequence gate decided
+        from the prompt picks one lane per sequence, and only the lanes some sequence picked run after it."""
+        names = list(self.lanes)
+        state = None
+        if ctx.cache is not None and self.gate.per_sequence:
+            state = ctx.cache.pooled.setdefault(-1, {})
+        decided = state is not None and "logits" in state
+        run = set(names)
+        if decided:
+            picked = {names[i] for i in state["logits"].argmax(-1).tolist()}
+            run = _with_sources(picked, self.stitches)
+        hs = {n: self.lanes[n].embed_tokens(input_ids, ctx.lanes[n]) for n in names if n in run}
+        finals, logp, saved = {}, {}, {}
+        sources = {(st.source, st.after[0]) for st in self.stitches}
+        for name, step in self.order:
+            if name not in run:
+                continue
+            lane = self.lanes[name]
+            for st in self.stitches:
+                if st.target == name and st.after[1] + 1 == step:
+                    hs[name] = hs[name] + st(saved[st.source, st.after[0]]).to(hs[name].dtype)
+            if step < len(lane.slots):
+                hs[name] = lane.slots[step](hs[name], ctx.lanes[name])
+                if (name, step) in sources:
+                    saved[name, step] = hs[name]
+            else:  # every position: a per-sequence gate reads the whole prompt
+                finals[name] = lane.final_states(hs[name])
+                logp[name] = lane.readout(finals[name]).float().log_softmax(-1)
+        if decided:
+            scores = state["logits"].unsqueeze(1).expand(-1, input_ids.shape[1], -1)
+        else:
+            device = next(iter(finals.values())).device
+            feats = torch.cat([unit_rms(finals[n]).to(device) for n in names], -1)
+            scores = self.gate(feats, ctx.mask2d, state)
+        if last_only:
+            scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
+        ctx.mixture = _routing(scores)
+        if state is not None:  # generating with one lane per sequence: that lane's distribution alone
+            choice = ctx.mixture.chosen[..., 0]  # [B, T]
+            out = None
+            for i, n in enumerate(names):
+                if n in logp:
+                    pick = (choice == i).unsqueeze(-1)
+                    out = torch.where(
+                        pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30)
+                    )
+            return out
+        log_gate = scores.float().log_softmax(-1)  # [B, T, lanes]
+        stacked = torch.stack([logp[n] for n in names], -2)  # [B, T, lanes, V]
+        return torch.logsumexp(stacked + log_gate.unsqueeze(-1).to(stacked.device), dim=-2)
 
     def window_masks(self, full_mask: torch.Tensor, q: int) -> dict[int, torch.Tensor | None]:
         return {w: self._mask4d(full_mask, q, w) for w in self.windows}
@@ -474,6 +590,75 @@ class MoLNetwork(nn.Module):
         allowed = seen.unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
         mask = torch.zeros(bsz, 1, q, k, dtype=self.dtype, device=device)
         return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
+
+
+class Stitch(nn.Module):
+    """A gated adapter: lane `source`'s state (at unit RMS) mapped into lane `target`'s width and added to its
+    stream, scaled by tanh(gate); the gate starts at 0, so an untrained stitch changes nothing (as CALM and BTS
+    join frozen models)."""
+
+    def __init__(self, spec: dict, source_width: int, target_width: int):
+        super().__init__()
+        self.source, self.target, self.after = spec["from"], spec["to"], tuple(spec["after"])
+        self.gate = nn.Parameter(torch.zeros(()))
+        if spec.get("type", "linear") == "lowrank":
+            rank = spec.get("rank") or 64
+            self.map = nn.Sequential(
+                nn.Linear(source_width, rank, bias=False), nn.Linear(rank, target_width, bias=False)
+            )
+        else:
+            self.map = nn.Linear(source_width, target_width, bias=False)
+
+    def forward(self, h_source: torch.Tensor) -> torch.Tensor:
+        x = unit_rms(h_source).to(next(self.map.parameters()).dtype)
+        return torch.tanh(self.gate).to(x.dtype) * self.map(x)
+
+
+def stitch_order(lengths: dict[str, int], stitches) -> list[tuple[str, int]]:
+    """An order in which to run the lanes so that every stitch's source state exists before its target needs
+    it: [(lane, step), ...], step i < n the lane's slot i and step n its readout. Raises ValueError where the
+    stitches wait on each other in a circle."""
+    needs: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for st in stitches:  # the target's step after[1] + 1 runs only once the source ran its slot after[0]
+        src, dst = (st["from"], st["to"]) if isinstance(st, dict) else (st.source, st.target)
+        after = tuple(st["after"]) if isinstance(st, dict) else tuple(st.after)
+        needs.setdefault((dst, after[1] + 1), []).append((src, after[0]))
+    done = {lane: 0 for lane in lengths}
+    order: list[tuple[str, int]] = []
+    while any(done[lane] <= n for lane, n in lengths.items()):
+        moved = False
+        for lane, n in lengths.items():
+            while done[lane] <= n and all(done[src] > i for src, i in needs.get((lane, done[lane]), [])):
+                order.append((lane, done[lane]))
+                done[lane] += 1
+                moved = True
+        if not moved:
+            raise ValueError("The stitches wait on each other in a circle; no lane can run first.")
+    return order
+
+
+def _with_sources(lanes: set[str], stitches) -> set[str]:
+    """`lanes` and every lane a stitch into them reads from, transitively."""
+    out, grew = set(lanes), True
+    while grew:
+        grew = False
+        for st in stitches:
+            if st.target in out and st.source not in out:
+                out.add(st.source)
+                grew = True
+    return out
+
+
+def _routing(scores: torch.Tensor) -> Routing:
+    probs = scores.float().softmax(-1)
+    top, chosen = probs.max(-1, keepdim=True)
+    return Routing(probs, chosen, torch.ones_like(top), scores)
+
+
+def _trainable(name: str) -> bool:
+    """Adapters, routers, stitches and the lanes' gate train; everything read from the sources stays frozen."""
+    parts = name.split(".")
+    return "adapter" in parts or "router" in parts or parts[0] in ("gate", "stitches")
 
 
 def _part(shell: nn.Module, path: str | None) -> nn.Module | None:

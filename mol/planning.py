@@ -127,10 +127,26 @@ class Plan:
 
     def summary(self) -> str:
         r = self.recipe
-        lines = [
-            f"Recipe '{r.name}': {len(self.slots)} slots, {sum(s.routed for s in self.slots)} routed, "
-            f"base '{r.base}' (width {self.width})."
-        ]
+        if self.lanes:
+            lines = [
+                f"Recipe '{r.name}': {len(self.lanes)} lanes, {len(r.stitches)} stitches, "
+                f"{(r.mixture.type if r.mixture else 'token')} mixture of their outputs."
+            ]
+            for name, lane in self.lanes.items():
+                routed = sum(s.routed for s in lane.slots)
+                lines.append(
+                    f"  lane {name}: base '{lane.recipe.base}' (width {lane.width}), {len(lane.slots)} slots, "
+                    f"{routed} routed"
+                )
+            for st in r.stitches:
+                lines.append(
+                    f"  stitch {st.source} (after slot {st.after[0]}) -> {st.target} (after slot {st.after[1]}), {st.type}"
+                )
+        else:
+            lines = [
+                f"Recipe '{r.name}': {len(self.slots)} slots, {sum(s.routed for s in self.slots)} routed, "
+                f"base '{r.base}' (width {self.width})."
+            ]
         for alias, src in self.sources.items():
             lines.append(
                 f"  {alias}: {src.family.name} ({src.model_type}), {src.num_layers} layers, width {src.width}, "
@@ -150,7 +166,9 @@ class Plan:
         mem = self.memory_estimate()
         lines.append(f"Reads {self.tensors_to_read} tensors, {_fmt_bytes(self.bytes_to_read)} from disk.")
         lines.append(
-            f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router parameters."
+            f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router"
+            + (f" + {self.stitch_parameters():,} stitch" if self.lanes else "")
+            + " parameters."
         )
         lines.append(
             f"Memory estimate (fp32, 2048-token context): weights {_fmt_bytes(mem['weights'])}, "
@@ -264,7 +282,7 @@ def plan(recipe: Recipe, sources: dict[str, ModelSource] | None = None, policy: 
             cache_index += 1
         slot_plans.append(SlotPlan(i, slot, tuple(experts)))
 
-    widths = {s.width for s in sources.values()}
+    widths = {sources[a].width for a in recipe.used_aliases}
     if len(widths) > 1:
         warnings.append(
             "models of different widths are fused through adapters; run mol.calibrate (or train) "

@@ -23,10 +23,11 @@ ROUTER_INITS = ("uniform", "random", "ridge", "keep")  # keep: leave the routers
 
 @torch.no_grad()
 def uniform_routers(model: FusedModel) -> None:
-    """Zero projections: every expert equally likely (ties go to the first expert under top-k)."""
-    for slot in model.routed_slots:
-        slot.router.proj.weight.zero_()
-        slot.router.proj.bias.zero_()
+    """Zero projections: every expert (and every lane of an output mixture) equally likely (ties go to the
+    first expert under top-k)."""
+    for router in [s.router for s in model.routed_slots] + ([model.gate] if model.lanes is not None else []):
+        router.proj.weight.zero_()
+        router.proj.bias.zero_()
 
 
 @torch.no_grad()
@@ -135,6 +136,54 @@ def ridge_routers(
     return report
 
 
+@torch.no_grad()
+def ridge_gate(
+    model: FusedModel,
+    tokens: Mapping[str, DomainTokens],
+    sample_tokens: int = 2048,
+    seq_len: int = 256,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
+    """Closed-form initialisation of the lanes' output gate. No labels are needed: on sample text, each token's
+    target is the lanes' posterior given the true next token under a uniform gate (p_l(x) / sum_k p_k(x)); the
+    gate's projection is fitted to it by ridge regression on the features the gate reads, then one temperature is
+    chosen to maximise the mixture's likelihood of the sample. Returns the sample's mixture NLL next to each lane's
+    own and the uniform mixture's."""
+    if model.lanes is None:
+        return {}
+    input_ids, _ = _sample(tokens, sample_tokens, seq_len)
+    input_ids = input_ids.to(model.device)
+    mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        ctx = model.context(mask, input_ids.shape[1], mask, None)
+        finals, logp = model.run_lanes(input_ids, ctx)
+    finally:
+        model.train(was_training)
+    names = list(model.lanes)
+    target = input_ids[:, 1:].unsqueeze(-1)
+    ll = torch.stack([logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in names], -1)  # [B, T-1, lanes]
+    ll = ll.reshape(-1, len(names)).cpu()
+    posterior = ll.softmax(-1)
+    feats = model.gate.features(model.gate_input(finals), mask)[:, :-1]
+    x = feats.reshape(-1, feats.shape[-1]).float().cpu()
+    w, b = least_squares(x, posterior, ridge=ridge)
+    scores = x @ w.T + b
+
+    def nll(s: float) -> float:
+        return float(-torch.logsumexp(ll + torch.log_softmax(scores * s, -1), -1).mean())
+
+    s = min(torch.logspace(-1, 2.5, 36).tolist(), key=nll)
+    gate = model.gate.proj
+    gate.weight.copy_((w * s).to(gate.weight))
+    gate.bias.copy_((b * s).to(gate.bias))
+    report = {f"{n} alone": float(-ll[:, i].mean()) for i, n in enumerate(names)}
+    report["uniform mixture"] = float(-(torch.logsumexp(ll, -1) - math.log(len(names))).mean())
+    report["fitted gate"] = nll(s)
+    return report
+
+
 def init_routers(
     model: FusedModel,
     method: str = "uniform",
@@ -155,9 +204,14 @@ def init_routers(
     if method == "ridge":
         if not tokens:
             raise DataError("Closed-form (ridge) router initialisation needs labelled text.")
-        if domain_experts is None:
-            from mol.evaluation import infer_domain_experts
+        report = {}
+        if model.routed_slots:
+            if domain_experts is None:
+                from mol.evaluation import infer_domain_experts
 
-            domain_experts = infer_domain_experts(model, tokens)
-        return ridge_routers(model, tokens, domain_experts, **kwargs)
+                domain_experts = infer_domain_experts(model, tokens)
+            report = ridge_routers(model, tokens, domain_experts, **kwargs)
+        if model.lanes is not None:
+            report |= {f"gate: {k}": v for k, v in ridge_gate(model, tokens, **kwargs).items()}
+        return report
     raise DataError(f"Unknown router initialisation '{method}'; use one of: {', '.join(ROUTER_INITS)}.")

@@ -209,7 +209,7 @@ def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
         owner, leaf = name.rsplit(".", 1)
         if leaf in getattr(model.get_submodule(owner), "fixed", ()):
             continue  # fixed by design, e.g. a bottleneck adapter's calibrated map
-        (routers if ".router." in name else adapters).append((name, p))
+        (routers if ".router." in name or name.startswith("gate.") else adapters).append((name, p))
     for part, on in ((adapters, config.train_adapters), (routers, config.train_routers)):
         for _, p in part:
             p.requires_grad_(on)  # switched on again by a later run that trains it
@@ -432,13 +432,15 @@ def train(
     progress: bool = True,
     domain_experts: dict[str, str] | None = None,
     on_step=None,
+    should_stop=None,
 ) -> TrainResult:
     """Train the adapters and routers of a fused model (or of a Recipe, a Path to a recipe file, or recipe YAML
     text) on named datasets (`--data` strings, a mapping name -> paths, or tokenised streams). With `out`, save
     the run there; with
     `resume`, continue the run saved at `out` up to `config.steps`. `on_step(point)` is called after every
     optimizer step with that step's point of the loss curve (step, loss, aux_loss, z_loss, lr_factor,
-    grad_norm, seconds), as it is appended to the run."""
+    grad_norm, seconds), as it is appended to the run. `should_stop()` is asked after every step: once it says
+    True the run ends there and is saved like a finished one (a cooperative stop, e.g. the studio's Stop)."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     model = _model(model_or_recipe, config)
@@ -572,6 +574,9 @@ def train(
                 _save(model, opt, Path(out), run)
             if config.max_seconds is not None and distributed.any_rank(seconds >= config.max_seconds):
                 log.warning("stopping after %d steps: max_seconds=%s reached", step + 1, config.max_seconds)
+                break
+            if should_stop is not None and distributed.any_rank(bool(should_stop())):
+                log.warning("stopping after %d steps: asked to stop", step + 1)
                 break
     finally:
         bar.close()

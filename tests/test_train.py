@@ -300,3 +300,41 @@ def test_compiled_training_gives_the_eager_weights_and_leaves_the_model_uncompil
 def test_a_config_no_run_could_use_is_refused_with_its_field_named(field, value):
     with pytest.raises(DataError, match=f"^{field} must be a finite number"):
         TrainConfig(**{field: value})
+
+
+def test_should_stop_ends_the_run_after_that_step_and_saves_it(recipe, data, tmp_path):
+    asked = []
+    result = train(
+        recipe,
+        data,
+        config(steps=50),
+        out=tmp_path / "w.safetensors",
+        progress=False,
+        should_stop=lambda: asked.append(1) or len(asked) >= 3,
+    )
+    assert result.steps == 3 and len(result.curve) == 3
+    assert result.weights_path is not None and result.weights_path.is_file()
+    rebuilt = mol.build(recipe, device="cpu", dtype=torch.float32, weights=result.weights_path)
+    assert all(
+        torch.equal(rebuilt.trainable_state_dict()[k], v)
+        for k, v in result.model.trainable_state_dict().items()
+    )
+
+
+def test_lanes_train_their_gate_and_stitches_from_the_closed_form_start(tiny, data):
+    models = {"a": str(tiny("llama")), "b": str(tiny("gpt_neox", width=48))}
+    r = mol.Recipe.from_dict(
+        {
+            "name": "lanes",
+            "models": models,
+            "lanes": {"x": {"base": "a"}, "y": {"base": "b"}},
+            "stitches": [{"from": "y", "to": "x", "after": [1, 1]}],
+        }
+    )
+    result = train(r, data, config(steps=4, router_init="ridge"), progress=False)
+    model = result.model
+    assert model.gate.proj.weight.abs().sum() > 0  # fitted in closed form before the first step
+    assert model.stitches[0].gate.item() != 0.0  # the stitch learnt to open
+    assert set(model.trainable_state_dict()) == {
+        n for n in model.state_dict() if n.startswith(("gate.", "stitches."))
+    }

@@ -525,11 +525,36 @@ class MoLNetwork(nn.Module):
         if ctx.cache is not None and self.gate.per_sequence:
             state = ctx.cache.pooled.setdefault(-1, {})
         decided = state is not None and "logits" in state
-        run = set(names)
+        run = None
         if decided:
-            picked = {names[i] for i in state["logits"].argmax(-1).tolist()}
-            run = _with_sources(picked, self.stitches)
-        hs = {n: self.lanes[n].embed_tokens(input_ids, ctx.lanes[n]) for n in names if n in run}
+            run = _with_sources({names[i] for i in state["logits"].argmax(-1).tolist()}, self.stitches)
+        finals, logp = self.run_lanes(input_ids, ctx, run)
+        if decided:
+            scores = state["logits"].unsqueeze(1).expand(-1, input_ids.shape[1], -1)
+        else:  # every position: a per-sequence gate reads the whole prompt
+            scores = self.gate(self.gate_input(finals), ctx.mask2d, state)
+        if last_only:
+            scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
+        ctx.mixture = _routing(scores)
+        if state is None:
+            return mix(logp, scores, names)
+        out = None  # generating with one lane per sequence: that lane's distribution alone
+        for i, n in enumerate(names):
+            if n in logp:
+                pick = (ctx.mixture.chosen[..., 0] == i).unsqueeze(-1)  # [B, T, 1]
+                out = torch.where(pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30))
+        return out
+
+    def gate_input(self, finals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the gate reads: every lane's final state at unit RMS, side by side."""
+        device = next(iter(finals.values())).device
+        return torch.cat([unit_rms(finals[n]).to(device) for n in self.lanes], -1)
+
+    def run_lanes(self, input_ids: torch.Tensor, ctx: StepContext, run: set[str] | None = None):
+        """The lanes in `run` (None: all), in the order the stitches allow: each lane's final states (after its
+        final norm) and next-token log-probabilities, by lane name."""
+        run = set(self.lanes) if run is None else run
+        hs = {n: self.lanes[n].embed_tokens(input_ids, ctx.lanes[n]) for n in self.lanes if n in run}
         finals, logp, saved = {}, {}, {}
         sources = {(st.source, st.after[0]) for st in self.stitches}
         for name, step in self.order:
@@ -543,31 +568,10 @@ class MoLNetwork(nn.Module):
                 hs[name] = lane.slots[step](hs[name], ctx.lanes[name])
                 if (name, step) in sources:
                     saved[name, step] = hs[name]
-            else:  # every position: a per-sequence gate reads the whole prompt
+            else:
                 finals[name] = lane.final_states(hs[name])
                 logp[name] = lane.readout(finals[name]).float().log_softmax(-1)
-        if decided:
-            scores = state["logits"].unsqueeze(1).expand(-1, input_ids.shape[1], -1)
-        else:
-            device = next(iter(finals.values())).device
-            feats = torch.cat([unit_rms(finals[n]).to(device) for n in names], -1)
-            scores = self.gate(feats, ctx.mask2d, state)
-        if last_only:
-            scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
-        ctx.mixture = _routing(scores)
-        if state is not None:  # generating with one lane per sequence: that lane's distribution alone
-            choice = ctx.mixture.chosen[..., 0]  # [B, T]
-            out = None
-            for i, n in enumerate(names):
-                if n in logp:
-                    pick = (choice == i).unsqueeze(-1)
-                    out = torch.where(
-                        pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30)
-                    )
-            return out
-        log_gate = scores.float().log_softmax(-1)  # [B, T, lanes]
-        stacked = torch.stack([logp[n] for n in names], -2)  # [B, T, lanes, V]
-        return torch.logsumexp(stacked + log_gate.unsqueeze(-1).to(stacked.device), dim=-2)
+        return finals, logp
 
     def window_masks(self, full_mask: torch.Tensor, q: int) -> dict[int, torch.Tensor | None]:
         return {w: self._mask4d(full_mask, q, w) for w in self.windows}
@@ -647,6 +651,13 @@ def _with_sources(lanes: set[str], stitches) -> set[str]:
                 out.add(st.source)
                 grew = True
     return out
+
+
+def mix(logp: dict[str, torch.Tensor], scores: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """log sum_l softmax(scores)_l p_l(x): the lanes' distributions mixed by the gate, [B, T, V]."""
+    log_gate = scores.float().log_softmax(-1)  # [B, T, lanes]
+    stacked = torch.stack([logp[n] for n in names], -2)  # [B, T, lanes, V]
+    return torch.logsumexp(stacked + log_gate.unsqueeze(-1).to(stacked.device), dim=-2)
 
 
 def _routing(scores: torch.Tensor) -> Routing:

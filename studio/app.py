@@ -18,6 +18,7 @@ import gradio as gr  # noqa: E402
 
 from studio.controller import StudioController  # noqa: E402
 from studio.engine import StudioConfig, StudioEngine  # noqa: E402
+from studio.seed import seed_shipped  # noqa: E402
 from studio.tabs.common import palette_models, user_message  # noqa: E402
 from studio.tabs.evaluate import create_evaluate_tab  # noqa: E402
 from studio.tabs.models import create_models_tab, model_rows  # noqa: E402
@@ -35,14 +36,16 @@ INTRO = (
 
 def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
     ctl = StudioController(engine or StudioEngine())
-    ctl.repo  # noqa: B018 - open the database now: its migrations run at start, not on the first click
+    # open the database now (its migrations run at start, not on the first click) and seed the shipped examples
+    # and trained weights once (idempotent, never raises): a fresh studio has a trained fusion to run
+    seed_shipped(ctl.repo)
     with gr.Blocks(title="MoL Studio") as demo:
         gr.Markdown(INTRO)
         workspace = gr.State(ctl.initial_workspace())  # architecture cards only, never models
         with gr.Tabs(selected="recipe"):
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 models = create_models_tab(ctl, workspace)
-            with gr.Tab("Recipe", id="recipe", elem_id="tab-recipe"):
+            with gr.Tab("Recipe", id="recipe", elem_id="tab-recipe") as recipe_tab:
                 recipe = create_recipe_tab(ctl, workspace)
             with gr.Tab("Playground", id="playground", elem_id="tab-playground") as play_tab:
                 play = create_playground_tab(ctl, workspace)
@@ -53,6 +56,7 @@ def build_app(engine: StudioEngine | None = None) -> gr.Blocks:
         _wire(ctl, demo, workspace, models, recipe, play, train, evaluate)
         for tab, view in ((play_tab, play), (eval_tab, evaluate)):
             _refresh_weights_on_select(ctl, tab, view["version"], view["weights"])
+        _export_weights_follow_the_open_version(ctl, recipe_tab, recipe)
 
         def server_status() -> dict:
             """How busy the server is: generation slots (capacity, running, waiting, and since start how many
@@ -69,11 +73,33 @@ def _refresh_weights_on_select(
 ):
     def fresh_weights(version_id, current):  # a training run may have finished since the tab was shown
         choices = ctl.weight_choices(version_id)
-        return {
-            weights: gr.update(choices=choices, value=current if current in [c[1] for c in choices] else 0)
-        }
+        if current in [c[1] for c in choices]:  # the value as it is: a version change may have just set it
+            return {weights: gr.update(choices=choices)}
+        return {weights: gr.update(choices=choices, value=ctl.default_weights(version_id))}
 
     tab.select(fresh_weights, [version, weights], weights, api_visibility="private")
+
+
+def _export_weights_follow_the_open_version(ctl: StudioController, tab: gr.Tab, recipe: dict) -> None:
+    """The Recipe tab's export picker offers the trained results of the version open on the board (by label),
+    refreshed when another version is opened or saved and when the tab is shown (a run may have finished)."""
+    loaded, weights = recipe["loaded"], recipe["export_weights"]
+
+    def export_weights(loaded_v, current, opened: bool = False):
+        version_id = (loaded_v or {}).get("version_id") if isinstance(loaded_v, dict) else None
+        try:
+            choices = ctl.weight_choices(version_id)
+            if not opened and current in [c[1] for c in choices]:  # the tab shown again: the pick stays
+                return {weights: gr.update(choices=choices)}
+            # another version opened (or saved): its own default, shipped weights for a shipped fusion
+            return {weights: gr.update(choices=choices, value=ctl.default_weights(version_id))}
+        except Exception:  # the picker stays as it is; exporting says what is wrong
+            return {weights: gr.update()}
+
+    loaded.change(
+        lambda v, c: export_weights(v, c, opened=True), [loaded, weights], weights, api_visibility="private"
+    )
+    tab.select(export_weights, [loaded, weights], weights, api_visibility="private")
 
 
 def _wire(
@@ -106,7 +132,9 @@ def _wire(
         [recipe["palette"], recipe["board"], recipe["base"], models["model_list"]],
         api_visibility="private",
     )
-    for event in recipe["recipe_loaded"]:  # opening a recipe may bring models into the workspace
+    restore_fn, restore_inputs, restore_outputs = recipe["restore_board"]
+    board_restored = demo.load(restore_fn, restore_inputs, restore_outputs, api_visibility="private")
+    for event in [*recipe["recipe_loaded"], board_restored]:  # a recipe may bring models into the workspace
         event.then(
             lambda ws: {models["model_list"]: model_rows(ws)},
             workspace,
@@ -149,7 +177,13 @@ def _wire(
         except Exception as exc:  # a broken database must not blank the page: say what is wrong
             gr.Warning(user_message(exc))
             return {train["runs"]: gr.update()}  # every view as it is
-        return {**views, **versions_for_runs(None)}
+        out = {**views, **versions_for_runs(None)}
+        try:  # the Playground opens on the shipped trained fusion, unless the user saved something since
+            choices = ctl.run_versions()
+            out[play["version"]] = gr.update(choices=choices, value=ctl.starting_version(choices))
+        except Exception as exc:
+            gr.Warning(user_message(exc))
+        return out
 
     demo.load(
         on_load,

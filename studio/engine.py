@@ -6,6 +6,8 @@ by recipe version (versions are append-only, so a version id names one model for
 from __future__ import annotations
 
 import codecs
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -28,6 +30,7 @@ from mol.errors import DataError, MolError, ResourceError
 from mol.planning import Plan
 from mol.recipe import Recipe
 from mol.sources import load_source
+from mol.trace import SlotTrace, Trace
 from studio.errors import (
     InputError,
     ReportedError,
@@ -38,6 +41,7 @@ from studio.errors import (
     report_internal,
     whole,
 )
+from studio.jobs import Job, JobBoard, JobStopped
 from studio.limits import Limits, hosted, hosted_policy, hub_allowed_from_env, model_dirs_from_env
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ class StudioConfig:
         32  # generations waiting for a turn (None: any number); more are told "busy"
     )
     generation_wait_s: float = 300.0  # the longest a waiting generation waits before being told so
+    job_concurrency: int = 2  # trainings and evaluations running at once (Train beside Evaluate); more wait
     upload_bytes: int | None = None  # the largest uploaded text file; None: no limit (local use)
 
     @classmethod
@@ -103,6 +108,9 @@ class StudioConfig:
             cfg.generation_concurrency = min(cfg.generation_concurrency, limits.concurrent_generations)
             cfg.generation_queue = cfg.generation_concurrency
             cfg.upload_bytes = limits.upload_bytes
+            cfg.job_concurrency = 1
+        if os.environ.get("MANGO_JOB_CONCURRENCY", "").isdigit():
+            cfg.job_concurrency = max(1, int(os.environ["MANGO_JOB_CONCURRENCY"]))
         if os.environ.get("MANGO_GENERATION_QUEUE", "").isdigit():
             cfg.generation_queue = int(os.environ["MANGO_GENERATION_QUEUE"])
         return cfg
@@ -273,8 +281,11 @@ class PlanReport:
 class GenerationUpdate:
     text: str
     done: bool = False
-    trace: dict | None = None
+    trace: dict | None = None  # the final trace; on a streamed update (live_trace_every), the trace so far
     run_id: int | None = None
+    prompt_tokens: int | None = None  # how many of the trace's tokens are the prompt's
+    expected_tokens: int | None = None  # the trace's length if the generation runs to its end
+    tail: str = ""  # the last generated token's text: the model never reads it back (not in the trace)
 
 
 @dataclass
@@ -283,11 +294,76 @@ class TrainingProgress:
     step: int
     steps: int
     curve: list[dict]
-    status: str = "running"  # then "completed"
+    status: str = "running"  # then "completed", or "stopped" (a partial run, kept: its weights are saved)
     metrics: dict = field(default_factory=dict)
 
 
+class LiveTrace:
+    """The routing trace of a generation while it runs, for a live router heatmap. Inside `with`, a forward hook
+    on the model's last routed slot copies each step's routings (every routed slot of the step has routed by
+    then); `trace(fed)` joins them into what `Trace.to_dict` gives at the end, for the steps whose token has been
+    streamed. The fast decoder (a model on one CUDA device) replays captured graphs, which run no hooks: there
+    the trace comes only at the end, and this does nothing. No hook is left behind on exit."""
+
+    def __init__(self, model: mol.FusedModel, prompt_ids: torch.Tensor):
+        self.model = model
+        self.prompt = [int(i) for i in prompt_ids[0].tolist()]
+        self.steps: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []  # appended by the worker thread
+        self._texts: list[str] = []  # decoded tokens, by position (each decoded once)
+        self._handle = None
+
+    def __enter__(self) -> LiveTrace:
+        m = self.model
+        slots = list(getattr(m, "routed_slots", []))
+        replays = m.device.type == "cuda" and getattr(m, "placement", None) is None
+        if slots and not replays and getattr(m, "compiled_step_logits", None) is None:
+            self._handle = slots[-1].register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module, args, output) -> None:
+        ctx = args[1]
+        self.steps.append(
+            [(i, r.probs[0].detach().float().cpu(), r.chosen[0].detach().cpu()) for i, r in ctx.routings]
+        )
+
+    def trace(self, fed: list[int]) -> dict | None:
+        """The trace of the prompt and of `fed` but its last token (as `Trace.to_dict`, with token texts), as
+        far as steps have been recorded; None before the first."""
+        n = min(len(self.steps), len(fed))
+        if n == 0:
+            return None
+        steps = self.steps[:n]
+        ids = self.prompt + [int(i) for i in fed[: n - 1]]
+        tok = self.model.tokenizer
+        while len(self._texts) < len(ids):
+            self._texts.append(tok.decode([ids[len(self._texts)]]))
+        slots = []
+        for j, (index, _, _) in enumerate(steps[0]):
+            slot = self.model.slots[index]
+            probs = torch.cat([step[j][1] for step in steps], 0).unsqueeze(0)
+            chosen = torch.cat([step[j][2] for step in steps], 0).unsqueeze(0)
+            slots.append(SlotTrace(index, slot.expert_names, slot.router.kind, probs, chosen))
+        trace = Trace(token_ids=torch.tensor([ids]), slots=slots)
+        return trace.to_dict(0, self._texts[: len(ids)])
+
+
 BUILTIN_CORPORA = ("prose", "code")
+LOSS_SMOOTHING = 0.9  # EMA weight of the Train tab's smoothed loss curve and of the "final loss" it reports
+
+
+def smoothed_final_loss(curve: list[dict], weight: float = LOSS_SMOOTHING) -> float | None:
+    """The last value of the smoothed loss curve (the one the Train tab draws): one step's loss is noisy."""
+    from studio.figures import smooth_ema
+
+    values = [s for s in smooth_ema([p.get("loss") for p in curve], weight) if s is not None]
+    return round(values[-1], 5) if values else None
+
+
 TRAIN_SETTINGS = (
     "steps",
     "batch_size",
@@ -409,12 +485,16 @@ class StudioEngine:
 
     def check(self, draft: dict) -> PlanReport:
         """Validate a draft recipe and plan it (configs and weight headers only, no weights)."""
+        return self.check_with_plan(draft)[0]
+
+    def check_with_plan(self, draft: dict) -> tuple[PlanReport, Plan | None]:
+        """`check`, with the plan itself when there is one (the recipe board draws the fused model from it)."""
         try:
             plan = self.plan(self.recipe_from_dict(draft))
         except MolError as exc:
-            return PlanReport(False, public_text(str(exc)))
+            return PlanReport(False, public_text(str(exc))), None
         except Exception as exc:  # a bug, not the user's fault: a generic line, the details in the log
-            return PlanReport(False, report_internal(exc, "planning a recipe"))
+            return PlanReport(False, report_internal(exc, "planning a recipe")), None
         d = plan.to_dict()
         mem = d["memory_estimate"]
         summary = {
@@ -427,7 +507,7 @@ class StudioEngine:
             "memory": mem,
             "trainable_parameters": d["adapter_parameters"] + d["router_parameters"],
         }
-        return PlanReport(True, None, summary, list(plan.warnings))
+        return PlanReport(True, None, summary, list(plan.warnings)), plan
 
     # ---- building -----------------------------------------------------------------------------------
     def fused_for_version(
@@ -529,10 +609,12 @@ class StudioEngine:
         settings: dict[str, Any],
         stop: threading.Event | None = None,
         slot: GenerationSlot | None = None,
+        live_trace_every: int = 0,
     ) -> Iterator[GenerationUpdate]:
         """Generate from `prompt`, yielding the text so far after each token; the last update carries the
-        routing trace. Closing the iterator stops generation. It runs in one of the gate's slots (`slot`, taken
-        by the caller, or one taken here), which the worker thread gives back when it ends."""
+        routing trace. With `live_trace_every` = n > 0, every n-th token's update (and the first's) also carries
+        the trace so far (see `LiveTrace`). Closing the iterator stops generation. It runs in one of the gate's
+        slots (`slot`, taken by the caller, or one taken here), which the worker thread gives back when it ends."""
         s = clamp_settings(settings, self.config.max_new_tokens)
         prompt = self.check_prompt(prompt, s["max_new_tokens"])
         slot = slot or self.gate.acquire()
@@ -553,14 +635,16 @@ class StudioEngine:
             stop = stop or threading.Event()
             events: queue.Queue = queue.Queue()
             lock = self._run_locks.setdefault(id(model), threading.Lock())
+            live = LiveTrace(model, ids) if live_trace_every > 0 else None
 
             def work() -> None:
                 try:
                     gen = None
                     if s["do_sample"]:
                         gen = torch.Generator(device=model.device).manual_seed(s["seed"])
-                    # one generation at a time per model: its fast decoders' static buffers are shared
-                    with lock, torch.inference_mode():
+                    # one generation at a time per model: its fast decoders' static buffers are shared (and the
+                    # live trace's hook sees this generation's steps only)
+                    with lock, torch.inference_mode(), live or contextlib.nullcontext():
                         out = model.generate(
                             ids,
                             max_new_tokens=s["max_new_tokens"],
@@ -585,18 +669,30 @@ class StudioEngine:
             if not started:
                 slot.release()
         new_ids: list[int] = []
+        fed: list[int] = []  # every generated id, end of text included (what the model reads back)
         eos = tok.eos_token_id
+        q = int(ids.shape[1])
+        expected = q + s["max_new_tokens"] - 1  # the last new token is never read back
         try:
             while True:
                 kind, payload = events.get()
                 if kind == "token":
+                    fed.append(payload)
                     if payload != eos:
                         new_ids.append(payload)
-                    yield GenerationUpdate(tok.decode(new_ids, skip_special_tokens=True))
+                    text = tok.decode(new_ids, skip_special_tokens=True)
+                    partial = None
+                    if live is not None and (len(fed) == 1 or len(fed) % live_trace_every == 0):
+                        partial = live.trace(fed)
+                    yield GenerationUpdate(text, False, partial, None, q, expected)
                 elif kind == "error":
                     raise payload
                 else:
-                    yield GenerationUpdate(tok.decode(new_ids, skip_special_tokens=True), True, payload)
+                    tail = (
+                        tok.decode(new_ids[-1:], skip_special_tokens=True) if fed and fed[-1] != eos else ""
+                    )
+                    text = tok.decode(new_ids, skip_special_tokens=True)
+                    yield GenerationUpdate(text, True, payload, None, q, expected, tail)
                     return
         finally:
             stop.set()
@@ -616,9 +712,11 @@ class StudioEngine:
         settings: dict[str, Any],
         stop: threading.Event | None = None,
         training_run_id: int | None = None,
+        live_trace_every: int = 0,
     ) -> Iterator[GenerationUpdate]:
         """Generate with a saved recipe version and store the run (prompt, settings, output, trace). The request
-        waits for a generation slot (or is told the server is busy) before the model is built: building counts."""
+        waits for a generation slot (or is told the server is busy) before the model is built: building counts.
+        `live_trace_every`: as in `stream` (streamed updates carry the trace so far)."""
         version_id = record_id(version_id, "recipe version")
         s = clamp_settings(settings, self.config.max_new_tokens)
         prompt = self.check_prompt(prompt, s["max_new_tokens"])
@@ -634,16 +732,16 @@ class StudioEngine:
             slot.release()
             raise
         last, stopped = GenerationUpdate(""), False
-        for last in self.stream(model, prompt, s, stop, slot):
+        for last in self.stream(model, prompt, s, stop, slot, live_trace_every):
             if not last.done:
                 yield last
             else:  # read now: once the stream has ended, its own clean-up sets the flag
                 stopped = stop is not None and stop.is_set()
         if stopped:  # a stopped generation is shown, not stored
-            yield GenerationUpdate(last.text, True, last.trace, None)
+            yield dataclasses.replace(last, run_id=None)
             return
         run = self.repo.add_run(version.id, prompt, last.text, settings=s, trace=last.trace)
-        yield GenerationUpdate(last.text, True, last.trace, run.id)
+        yield dataclasses.replace(last, run_id=run.id)
 
     def run_source(self, alias: str, ref: str, prompt: str, settings: dict[str, Any]) -> str:
         """The same prompt through one source model alone; the full output text."""
@@ -724,9 +822,12 @@ class StudioEngine:
         datasets: dict[str, list[Path]],
         settings: dict[str, Any],
         poll_seconds: float = 0.5,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[TrainingProgress]:
         """Train a version's adapters and routers with `mol.train` in a worker thread; yields progress with
-        the loss curve so far (each step's point as `mol.train` reports it) and stores the run and its weights."""
+        the loss curve so far (each step's point as `mol.train` reports it) and stores the run and its weights.
+        `stop()` is asked after every step: once it says True the run ends after that step and is kept as a
+        trained result of the steps done (status "stopped", metrics `stopped_at` and `planned_steps`)."""
         from mol.training import TrainConfig, train
 
         version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
@@ -749,7 +850,13 @@ class StudioEngine:
         def work() -> None:
             try:
                 outcome["result"] = train(
-                    self.plan(recipe), datasets, config, out=weights, progress=False, on_step=points.put
+                    self.plan(recipe),
+                    datasets,
+                    config,
+                    out=weights,
+                    progress=False,
+                    on_step=points.put,
+                    should_stop=stop,
                 )
             except BaseException as exc:  # raised again in the request thread
                 outcome["error"] = exc
@@ -775,15 +882,19 @@ class StudioEngine:
             self.repo.update_training_run(record.id, status="failed", error=message)
             raise ReportedError(message) from exc
         result = outcome["result"]
+        metrics = {**result.metrics, "final_loss_smoothed": smoothed_final_loss(result.curve)}
+        stopped = stop is not None and stop() and result.steps < steps
+        if stopped:  # kept as a trained result (completed: its weights are usable), labelled as stopped
+            metrics.update(stopped_at=result.steps, planned_steps=steps)
         self.repo.update_training_run(
             record.id,
             status="completed",
             loss_curve=list(result.curve),
-            metrics=dict(result.metrics),
+            metrics=metrics,
             weights_path=str(weights),
         )
         yield TrainingProgress(
-            record.id, result.steps, steps, list(result.curve), "completed", dict(result.metrics)
+            record.id, result.steps, steps, list(result.curve), "stopped" if stopped else "completed", metrics
         )
 
     def evaluate_version(
@@ -822,3 +933,71 @@ class StudioEngine:
         return self.repo.add_evaluation(
             version.id, results, training_run_id=training_run_id or None, name=name
         )
+
+    # ---- long jobs: training and evaluation in the background (studio.jobs) ---------------------------
+    _jobs_lock = threading.Lock()
+
+    @property
+    def jobs(self) -> JobBoard:
+        """The server's jobs: `config.job_concurrency` run at once (a training beside an evaluation), more wait."""
+        with self._jobs_lock:
+            if getattr(self, "_jobs", None) is None:
+                self._jobs = JobBoard(self.config.job_concurrency)
+            return self._jobs
+
+    def start_training(
+        self, version_id: int, datasets: dict[str, list[Path]], settings: dict[str, Any]
+    ) -> Job:
+        """Queue `train_version` as a job (checked now: the version exists, the settings are valid); Stop keeps
+        the steps done as a trained result. The job's `result` is the last `TrainingProgress`."""
+        from mol.training import TrainConfig
+
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
+        chosen = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS and v is not None}
+        steps = TrainConfig.from_dict(chosen).steps
+
+        def work(job: Job, update: Callable[..., None]) -> TrainingProgress | None:
+            update(steps=steps, detail="building the model and reading the data")
+            last = None
+            for last in self.train_version(
+                version.id, datasets, settings, poll_seconds=0.25, stop=job.stop_requested
+            ):
+                update(
+                    step=last.step,
+                    steps=last.steps,
+                    curve=last.curve,
+                    training_run_id=last.training_run_id,
+                    detail="training",
+                )
+            return last
+
+        return self.jobs.submit("train", f"{version.recipe_name} v{version.number}", work)
+
+    def start_evaluation(
+        self,
+        version_id: int,
+        datasets: dict[str, list[Path]],
+        training_run_id: int | None = None,
+        sources: bool = True,
+        seq_len: int = 256,
+        max_tokens: int | None = 20_000,
+    ) -> Job:
+        """Queue `evaluate_version` as a job. Stop ends it after the model scoring now; a stopped evaluation
+        stores nothing (a report is stored whole). The job's `result` is the stored `EvaluationInfo`."""
+        version = self.repo.get_version_by_id(record_id(version_id, "recipe version"))
+        if training_run_id:
+            self.trained_weights(version.id, training_run_id)  # no weights: said now, not after the wait
+
+        def work(job: Job, update: Callable[..., None]):
+            update(detail="building the model and reading the data")
+
+            def on_progress(done: int, total: int, what: str) -> None:
+                update(step=done, steps=total, detail=what)
+                if job.stop_requested():
+                    raise JobStopped(f"stopped after {done} of {total} scores")
+
+            return self.evaluate_version(
+                version.id, datasets, training_run_id, sources, seq_len, max_tokens, on_progress=on_progress
+            )
+
+        return self.jobs.submit("evaluate", f"{version.recipe_name} v{version.number}", work)

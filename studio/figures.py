@@ -34,7 +34,6 @@ PALETTE = (
     "#bab0ac",
 )
 _FONT = {"family": "Inter, ui-sans-serif, system-ui, sans-serif", "size": 12}
-MAX_TICK_LABELS = 80
 
 
 # ---------------------------------------------------------------------------------------------- colours
@@ -147,121 +146,6 @@ def _slot_label(slot: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
-
-
-def router_heatmap(
-    trace: Mapping[str, Any],
-    colors: Mapping[str, str] | None = None,
-    title: str = "Router decisions per token",
-    max_label_chars: int = 12,
-) -> go.Figure:
-    """Tokens (x, by position 0..T-1 with the token text as tick labels, so repeated tokens stay apart) ×
-    routed slots (y). Each cell is coloured by the slot's top-1 expert for that token; the colour bar names the
-    experts; the hover shows the token, the slot, the chosen expert(s) and every expert's gate probability.
-    `fig.data[0].z` has shape (routed slots, tokens)."""
-    slots = list(trace.get("slots") or [])
-    if not slots:
-        return _empty(
-            "No routed slots: every slot holds one block, so there are no router decisions to show.", title
-        )
-    tokens = [str(t) for t in (trace.get("tokens") or [])]
-    n_tokens = len(tokens) or max(len(s.get("probs") or s.get("chosen") or []) for s in slots)
-    if n_tokens == 0:
-        return _empty("No tokens in this trace yet.", title)
-    if not tokens:
-        tokens = [str(i) for i in (trace.get("token_ids") or range(n_tokens))][:n_tokens]
-    tokens += [""] * (n_tokens - len(tokens))
-
-    experts = list(dict.fromkeys(e for s in slots for e in s.get("experts") or []))
-    code = {e: i for i, e in enumerate(experts)}
-    palette = expert_colors(experts, colors)
-    hover_tokens = [visible_token(t, 60) for t in tokens]
-
-    z: list[list[int | None]] = []
-    custom: list[list[list[str]]] = []
-    for s in slots:
-        names = list(s.get("experts") or [])
-        probs = list(s.get("probs") or [])
-        chosen = list(s.get("chosen") or [])
-        # a slot's rows cover the last tokens of the sequence (as in Trace.to_dict): align them to the right
-        p_off, c_off = n_tokens - len(probs), n_tokens - len(chosen)
-        label = _slot_label(s)
-        row_z: list[int | None] = []
-        row_c: list[list[str]] = []
-        for t in range(n_tokens):
-            pick = chosen[t - c_off] if 0 <= t - c_off < len(chosen) else []
-            pick = [pick] if isinstance(pick, int) else list(pick)
-            top = names[pick[0]] if pick and 0 <= pick[0] < len(names) else None
-            row_z.append(code[top] if top is not None else None)
-            p_row = probs[t - p_off] if 0 <= t - p_off < len(probs) else []
-            lines = [
-                f"{'▶ ' if i in pick else ''}{html.escape(n)}: {format_prob(p_row[i] if i < len(p_row) else None)}"
-                for i, n in enumerate(names)
-            ]
-            chosen_text = ", ".join(html.escape(names[i]) for i in pick if 0 <= i < len(names)) or "–"
-            row_c.append([hover_tokens[t], label, chosen_text, "<br>".join(lines)])
-        z.append(row_z)
-        custom.append(row_c)
-
-    n_exp = max(len(experts), 1)
-    scale: list[list[Any]] = []
-    for i, e in enumerate(experts or ["–"]):
-        c = palette.get(e, PALETTE[0])
-        scale += [[i / n_exp, c], [(i + 1) / n_exp, c]]
-
-    step = max(1, math.ceil(n_tokens / MAX_TICK_LABELS))
-    tickvals = list(range(0, n_tokens, step))
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(n_tokens)),
-            y=list(range(len(slots))),
-            customdata=custom,
-            zmin=-0.5,
-            zmax=n_exp - 0.5,
-            colorscale=scale,
-            xgap=1,
-            ygap=1,
-            hoverongaps=False,
-            hovertemplate=(
-                "token %{x}: <b>%{customdata[0]}</b><br>%{customdata[1]} → %{customdata[2]}"
-                "<br>%{customdata[3]}<extra></extra>"
-            ),
-            colorbar={
-                "title": {"text": "top-1 expert", "side": "right"},
-                "tickmode": "array",
-                "tickvals": list(range(len(experts))),
-                "ticktext": [html.escape(e) for e in experts],
-                "thickness": 14,
-                "len": 1.0,
-            },
-        )
-    )
-    fig.update_layout(
-        title={"text": title},
-        font=_FONT,
-        template="plotly_white",
-        height=max(220, 110 + 34 * len(slots), 100 + 18 * len(experts)),  # room for every colour-bar label
-        margin={"l": 80, "r": 20, "t": 50, "b": 70},
-        xaxis={
-            "title": {"text": "token"},
-            "tickmode": "array",
-            "tickvals": tickvals,
-            "ticktext": [visible_token(tokens[i], max_label_chars) for i in tickvals],
-            "tickangle": -45 if n_tokens > 12 else 0,
-            "showgrid": False,
-            "zeroline": False,
-        },
-        yaxis={
-            "tickmode": "array",
-            "tickvals": list(range(len(slots))),
-            "ticktext": [_slot_label(s) for s in slots],
-            "autorange": "reversed",
-            "showgrid": False,
-            "zeroline": False,
-        },
-    )
-    return fig
 
 
 def expert_load(
@@ -979,7 +863,6 @@ __all__ = [
     "loss_curve",
     "model_colors",
     "perplexity_bars",
-    "router_heatmap",
     "routing_cells",
     "routing_heatmap",
     "routing_results",

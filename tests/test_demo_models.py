@@ -1,5 +1,6 @@
 """The embedded demo family: shipped folders load with plain transformers, share one tokenizer, fit the size
-budget; the shipped corpora and recipes are consistent; the training script runs end to end on CPU."""
+budget; the same-seed branches of mango-base keep its architecture and fuse exactly; the family's bars hold in the
+committed bench; the shipped corpora and recipes are consistent; the training script runs end to end on CPU."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ MODELS = ROOT / "assets" / "models"
 CORPORA = ROOT / "assets" / "corpora"
 RECIPES = ROOT / "assets" / "recipes"
 NAMES = ("mango-bard", "mango-coder", "mango-base")
+BRANCHES = ("mango-base-prose", "mango-base-code")  # same-seed branches of mango-base
+FAMILY = NAMES + BRANCHES
 EOS = "<|endoftext|>"
 
 
@@ -33,7 +36,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=FAMILY)
 def shipped(request):
     folder = MODELS / request.param
     assert (folder / "model.safetensors").exists(), f"{request.param} weights are missing"
@@ -68,7 +71,7 @@ def test_folder_is_a_standard_checkpoint(shipped):
 
 
 def test_tokenizer_round_trips_and_is_shared():
-    folders = [MODELS / n for n in NAMES]
+    folders = [MODELS / n for n in FAMILY]
     texts = [
         "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:",
         "def f(x):\n\treturn {'a': [x ** 2 for _ in range(3)]}  # comment\n",
@@ -91,6 +94,8 @@ def test_tokenizer_round_trips_and_is_shared():
 def test_total_weights_within_budget():
     files = [MODELS / n / "model.safetensors" for n in NAMES]
     assert sum(f.stat().st_size for f in files) <= 24 * 2**20
+    branches = [MODELS / n / "model.safetensors" for n in BRANCHES]
+    assert sum(f.stat().st_size for f in files + branches) <= 40 * 2**20
 
 
 def test_specialists_differ_in_family_and_width():
@@ -102,6 +107,11 @@ def test_specialists_differ_in_family_and_width():
         configs["mango-base"]["n_embd"],
     }
     assert len(widths) == 3
+
+
+def _bench_ppl() -> dict[str, dict[str, float]]:
+    rows = json.loads((ROOT / "bench" / "demo_family.json").read_text())["models"]
+    return {n: {d: rows[n]["test"][d]["ppl"] for d in ("prose", "code", "mixed")} for n in rows}
 
 
 def test_bench_shows_specialists_best_on_their_domain():
@@ -187,6 +197,7 @@ def test_recipe_references_existing_layers(recipe):
 def test_expected_recipes_are_shipped():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
     assert {"plain-stack", "prose-code-token", "prose-code-pooled", "cross-width-base"} <= names
+    assert {"branches-token", "branches-pooled"} <= names  # the same-seed branch pair
 
 
 # ---------------------------------------------------------------------------------------------------- script
@@ -203,13 +214,81 @@ def test_training_script_smoke_run(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for name in NAMES:
+    for name in FAMILY:
         folder = tmp_path / "models" / name
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         tok = AutoTokenizer.from_pretrained(str(folder))
         out = model.generate(**tok("def", return_tensors="pt"), max_new_tokens=4, do_sample=False)
         assert out.shape[1] >= 2
         assert (folder / "README.md").exists() and (folder / "training.json").exists()
+    for name in BRANCHES:  # started from the smoke run's own mango-base, trained on one domain
+        training = json.loads((tmp_path / "models" / name / "training.json").read_text())
+        assert training["base"]["model"] == "mango-base"
+        assert training["trained_on"] == [name.removeprefix("mango-base-")]
     result = json.loads((tmp_path / "bench" / "demo_family.json").read_text())
-    assert set(result["models"]) == set(NAMES)
+    assert set(result["models"]) == set(FAMILY)
+    assert {b["group"] for b in result["bars"]} == {"from scratch", "same-seed branches"}
     assert (tmp_path / "bench" / "demo_family.md").read_text().startswith("# Demo family")
+
+
+# ---------------------------------------------------------------------------------------------------- branches
+
+
+@pytest.mark.parametrize("name", BRANCHES)
+def test_branch_keeps_its_base_architecture_and_records_its_training(name):
+    base = json.loads((MODELS / "mango-base" / "config.json").read_text())
+    config = json.loads((MODELS / name / "config.json").read_text())
+    drop = ("transformers_version",)
+    assert {k: v for k, v in config.items() if k not in drop} == {
+        k: v for k, v in base.items() if k not in drop
+    }
+    training = json.loads((MODELS / name / "training.json").read_text())
+    domain = name.removeprefix("mango-base-")
+    assert training["trained_on"] == [domain]
+    assert training["base"]["model"] == "mango-base"
+    base_weights = (MODELS / "mango-base" / "model.safetensors").read_bytes()
+    assert training["base"]["weights_sha256"] == __import__("hashlib").sha256(base_weights).hexdigest()
+    chosen = min(training["candidates"], key=lambda c: c["valid_loss"])
+    assert training["final"]["epochs"] == chosen["epochs"]  # picked by validation loss, not by hand
+    assert set(training["final"]["valid"]) == {"prose", "code"}
+    # Trained on further, not a copy of its base.
+    assert (MODELS / name / "model.safetensors").read_bytes() != base_weights
+
+
+@pytest.mark.parametrize("name", BRANCHES)
+def test_branch_one_expert_recipe_reproduces_transformers(name):
+    import mol
+
+    folder = MODELS / name
+    layers = json.loads((folder / "config.json").read_text())["n_layer"]
+    recipe = mol.Recipe.from_dict(
+        {"name": "identity", "models": {"m": str(folder)}, "slots": [f"m:0-{layers - 1}"]}
+    )
+    assert len(recipe.slots) == layers and all(len(slot.experts) == 1 for slot in recipe.slots)
+    model = mol.build(recipe, device="cpu", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(folder), attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(["To be, or not to be", "def read(path):\n    with open"], return_tensors="pt", padding=True)
+    ids = ids["input_ids"][:, :6]
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_bench_shows_each_branch_best_on_its_domain():
+    ppl = _bench_ppl()
+    pair = ("mango-base", *BRANCHES)
+    assert min(pair, key=lambda n: ppl[n]["prose"]) == "mango-base-prose"
+    assert min(pair, key=lambda n: ppl[n]["code"]) == "mango-base-code"
+    # The base, trained on both, lies between its branches.
+    assert ppl["mango-base-prose"]["prose"] < ppl["mango-base"]["prose"] < ppl["mango-base-code"]["prose"]
+    assert ppl["mango-base-code"]["code"] < ppl["mango-base"]["code"] < ppl["mango-base-prose"]["code"]
+    result = json.loads((ROOT / "bench" / "demo_family.json").read_text())
+    bars = [b for b in result["bars"] if b["group"] == "same-seed branches"]
+    assert len(bars) == 4 and {b["domain"] for b in bars} == {"prose", "code"}
+    for bar in result["bars"]:  # the recorded verdicts agree with the numbers they were drawn from
+        assert bar["ppl"] == {m: ppl[m][bar["domain"]] for m in bar["ppl"]}
+        assert bar["met"]

@@ -31,7 +31,7 @@ def test_recipe_plans(recipe, capsys):
     assert "OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["prose-code-token", "cross-width-base"])
+@pytest.mark.parametrize("name", ["prose-code-token", "cross-width-base", "branches-token"])
 def test_recipe_runs(name, capsys):
     from mol.cli import main
 

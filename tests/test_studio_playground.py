@@ -75,10 +75,13 @@ def test_weight_pickers_offer_trained_results_by_label(demo, engine):
     assert isinstance(export, __import__("gradio").Dropdown) and export.value == 0
 
 
-def test_the_first_run_routes_with_the_shipped_weights_live(demo, engine):
+def test_the_first_run_routes_with_the_shipped_weights_live(demo, engine, monkeypatch):
     """Run (no setup) on a fresh studio: the heatmap is redrawn while the tokens stream, its x range that of the
     whole run from the first redraw; the shipped routers send tokens to more than one expert, and each cell's
     strength is its chosen expert's gate probability."""
+    import studio.tabs.playground as playground
+
+    monkeypatch.setattr(playground, "REDRAW_S", 0.0)  # every trace so far drawn (on a fast machine, a few)
     ctl_run = block_fn(demo, "ui_run_prompt")
     outputs = ctl_run.outputs
     best = best_shipped_fusion(engine.repo)
@@ -132,6 +135,23 @@ def test_the_first_run_routes_with_the_shipped_weights_live(demo, engine):
     view = results[-1][tokens]
     assert view["tokens"] == trace["tokens"] and view["prompt"] == n_prompt
     assert "".join(view["tokens"][n_prompt:]) + view["tail"] == run.output_text
+
+
+def test_redraws_are_spaced_in_time(demo, engine, monkeypatch):
+    """Building the figures takes a while: while tokens stream they are redrawn at most every REDRAW_S seconds
+    (the first trace so far at once), whatever the number of tokens."""
+    import studio.tabs.playground as playground
+
+    monkeypatch.setattr(playground, "REDRAW_S", 3600.0)
+    best = best_shipped_fusion(engine.repo)
+    results = list(
+        block_fn(demo, "ui_run_prompt").fn(
+            best.version.id, best.result.id, "def main(argv):", 24, False, 1.0, 0, 1.0, 0, []
+        )
+    )
+    heatmap = component(demo, "router-heatmap")
+    assert [heatmap in r for r in results[:-1]].count(True) == 1 and heatmap in results[-1]
+    assert len(results) >= 24  # the text still streams token by token
 
 
 def test_reopening_a_run_shows_its_tokens_and_weights(demo, engine):

@@ -2,7 +2,11 @@
 
 Perplexity is token-level, exp(mean negative log-likelihood), over consecutive non-overlapping windows of
 `seq_len` tokens of the whole file (each window starts with an empty context, its first token is not scored).
-All three models share one tokenizer, so their numbers are directly comparable.
+Every model shares one tokenizer, so their numbers are directly comparable.
+
+The family's bars (`family_bars`), recorded with the numbers in `bench/demo_family.json`: among the three models
+trained from scratch, each specialist is best on its domain and the generalist lies between them; among mango-base
+and its two same-seed branches, each branch is best on its domain and the base lies between them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mol.demo import DOMAINS, MODEL_NAMES
+from mol.demo import DOMAINS, FAMILY_NAMES
 from mol.demo.models import SPECS, describe
 
 EVAL_SEQ_LEN = 512
@@ -132,7 +136,7 @@ def parameter_count(folder: Path) -> int:
 
 def evaluate_family(models_dir: Path, corpora: Path, timing: bool = True) -> dict:
     rows = {}
-    for name in MODEL_NAMES:
+    for name in FAMILY_NAMES:
         folder = models_dir / name
         row = {
             "test": test_perplexities(folder, corpora),
@@ -145,7 +149,7 @@ def evaluate_family(models_dir: Path, corpora: Path, timing: bool = True) -> dic
         if training.exists():
             row["valid"] = json.loads(training.read_text())["final"]["valid"]
         rows[name] = row
-    return {
+    result = {
         "what": "token-level test perplexity of the demo family (shared 4096-token byte-level BPE), "
         f"non-overlapping {EVAL_SEQ_LEN}-token windows, weights as shipped (fp16) upcast to float32",
         "test_sets": {k: f"assets/corpora/{v}" for k, v in TEST_SETS.items()},
@@ -153,6 +157,48 @@ def evaluate_family(models_dir: Path, corpora: Path, timing: bool = True) -> dic
         "total_weights_bytes": sum(r["weights_bytes"] for r in rows.values()),
         "cpu": {"machine": platform.machine(), "threads": TIMING_THREADS, "torch": torch.__version__},
     }
+    result["bars"] = family_bars(result)
+    return result
+
+
+# The two groups whose bars the family must meet: (name, generalist, {domain: specialist}).
+BAR_GROUPS = (
+    ("from scratch", "mango-base", {"prose": "mango-bard", "code": "mango-coder"}),
+    ("same-seed branches", "mango-base", {"prose": "mango-base-prose", "code": "mango-base-code"}),
+)
+
+
+def family_bars(result: dict) -> list[dict]:
+    """Per group and test domain: the specialist of that domain has the group's lowest perplexity on it, and
+    the generalist lies strictly between the two specialists."""
+    ppl = {name: {d: row["test"][d]["ppl"] for d in DOMAINS} for name, row in result["models"].items()}
+    bars = []
+    for group, generalist, specialists in BAR_GROUPS:
+        members = [generalist, *specialists.values()]
+        if any(m not in ppl for m in members):
+            continue
+        for domain, specialist in specialists.items():
+            other = next(s for d, s in specialists.items() if d != domain)
+            best = min(members, key=lambda m: ppl[m][domain])
+            bars.append(
+                {
+                    "group": group,
+                    "domain": domain,
+                    "bar": f"{specialist} best on {domain} among {', '.join(members)}",
+                    "met": best == specialist,
+                    "ppl": {m: ppl[m][domain] for m in members},
+                }
+            )
+            bars.append(
+                {
+                    "group": group,
+                    "domain": domain,
+                    "bar": f"{generalist} between {specialist} and {other} on {domain}",
+                    "met": ppl[specialist][domain] < ppl[generalist][domain] < ppl[other][domain],
+                    "ppl": {m: ppl[m][domain] for m in (specialist, generalist, other)},
+                }
+            )
+    return bars
 
 
 def _best(result: dict, domain: str) -> str:
@@ -164,10 +210,13 @@ def bench_markdown(result: dict) -> str:
     lines = [
         "# Demo family: per-domain perplexity",
         "",
-        "Token-level test perplexity (lower is better) of the three embedded demo models on the shipped test",
+        "Token-level test perplexity (lower is better) of the embedded demo models on the shipped test",
         f"corpora, non-overlapping {EVAL_SEQ_LEN}-token windows, fp16 weights upcast to float32. The mixed set",
         "interleaves prose and code in chunks of about 300 tokens. These are the baselines a fusion recipe must",
-        "beat. Rebuilt by `python -m mol.demo.train evaluate`.",
+        "beat. The first three rows are trained from scratch (three families, three widths); the last two are",
+        "same-seed branches of `mango-base`: its shipped weights trained on further on one domain only, same",
+        "architecture and width (the fine-tunes-of-one-base case of mergekit-moe and Branch-Train-MiX).",
+        "Rebuilt by `python -m mol.demo.train evaluate`.",
         "",
         "| model | family | trained on | prose | code | mixed | params | weights | CPU load | CPU 64 tokens |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -182,8 +231,9 @@ def bench_markdown(result: dict) -> str:
         cpu = row.get("cpu", {})
         load = f"{cpu['load_s']:.2f} s" if cpu else "-"
         gen = f"{cpu['generate_64_s']:.2f} s" if cpu else "-"
+        trained_on = " + ".join(spec.domains) + (f" (from `{spec.base}`)" if spec.base else "")
         lines.append(
-            f"| `{name}` | {spec.family} | {' + '.join(spec.domains)} | {' | '.join(cells)} | "
+            f"| `{name}` | {spec.family} | {trained_on} | {' | '.join(cells)} | "
             f"{row['parameters'] / 1e6:.2f} M | {row['weights_bytes'] / 2**20:.2f} MiB | {load} | {gen} |"
         )
     tokens = next(iter(models.values()))["test"]
@@ -195,6 +245,13 @@ def bench_markdown(result: dict) -> str:
         f"torch {result['cpu']['torch']} (load = tokenizer + `from_pretrained`; generation greedy, 64 new tokens).",
         "",
     ]
+    bars = result.get("bars") or family_bars(result)
+    if bars:
+        lines += ["Bars (test perplexity; checked by `tests/test_demo_models.py`):", ""]
+        for bar in bars:
+            numbers = ", ".join(f"{m} {v:.2f}" for m, v in bar["ppl"].items())
+            lines.append(f"- {bar['group']}: {bar['bar']} ({numbers}): {'met' if bar['met'] else 'NOT met'}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -224,6 +281,31 @@ def model_card(name: str, folder: Path, result: dict) -> str:
     trained_on = "; ".join(f"{d}: {domains_text[d]}" for d in spec.domains)
     train_tokens = " + ".join(f"{training['corpora']['train_tokens'][d]:,} {d}" for d in spec.domains)
     cands = ", ".join(f"{c['epochs']} epochs: {c['valid_loss']:.4f}" for c in training["candidates"])
+    if spec.base is None:
+        intro = (
+            f"{spec.summary}: one of the tiny causal language models embedded in MoL Studio so that layer fusion "
+            "has real, distinct source models to work with on any machine, offline. The three trained from scratch "
+            "(mango-bard, mango-coder, mango-base) differ in family and width; mango-base-prose and "
+            "mango-base-code are same-seed branches of mango-base."
+        )
+        start = []
+        valid_rule = "validation loss (nats per token, first "
+        seed_rule = "from the same seed"
+    else:
+        base = training["base"]
+        intro = (
+            f"{spec.summary}: a same-seed branch of {spec.base}, embedded in MoL Studio beside its sibling so that "
+            "fusion has the case most merges start from: fine-tunes of one base, with the same architecture, width "
+            "and tokenizer (mergekit-moe, Branch-Train-MiX)."
+        )
+        start = [
+            f"- Started from the shipped `{spec.base}` weights (fp16 upcast to float32; sha256 "
+            f"`{base['weights_sha256'][:16]}…`, {base.get('epochs', '?')} epochs of prose and code), not from a "
+            f"random initialisation; a fresh optimizer state. Only its {' and '.join(spec.domains)} training split "
+            "was used after that.",
+        ]
+        valid_rule = f"{' and '.join(spec.domains)} validation loss (nats per token, first "
+        seed_rule = f"from the same seed and the same {spec.base} weights"
     lines = [
         "---",
         "license: apache-2.0",
@@ -235,9 +317,8 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         "",
         f"# {name}",
         "",
-        f"{spec.summary}: one of three tiny causal language models embedded in MoL Studio so that layer fusion has "
-        "real, distinct source models to work with on any machine, offline. The three share one tokenizer "
-        "(byte-level BPE, 4096 tokens, `<|endoftext|>` = id 0 as bos/eos/pad) and load with "
+        f"{intro} The whole family shares one tokenizer "
+        "(byte-level BPE, 4096 tokens, `<|endoftext|>` = id 0 as bos/eos/pad) and loads with "
         "`AutoModelForCausalLM.from_pretrained` alone.",
         "",
         "## Model",
@@ -251,6 +332,7 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         "",
         "## Training",
         "",
+        *start,
         f"- Data: {trained_on}. Files were split into train / validation / test by a hash of their name; the "
         "split is recorded in the repository's `assets/corpora/manifest.json`.",
         f"- Training split: {train_tokens} tokens"
@@ -262,14 +344,14 @@ def model_card(name: str, folder: Path, result: dict) -> str:
         f"{training['settings']['warmup']} warm-up steps, cosine to {training['settings']['min_lr_ratio']}x, "
         "gradient clipping 1.0, bf16 autocast, seed "
         f"{final['seed']}.",
-        "- The number of epochs was chosen by validation loss (nats per token, first "
-        f"{training['settings']['eval_windows']} validation windows) among candidates trained from the same seed "
+        f"- The number of epochs was chosen by {valid_rule}"
+        f"{training['settings']['eval_windows']} validation windows) among candidates trained {seed_rule} "
         f"({cands}); every model of the family has the same budget of "
         f"{_budget(training)} training tokens, and candidates that need more are not trained.",
         f"- Hardware: {hw['device']} (torch {hw['torch']}, transformers {hw['transformers']}); "
         f"the kept run took {final['train_seconds']:.0f} s of wall time, with the other candidates training "
         "side by side on the same GPU.",
-        "- Reproduce from packages alone (corpora, tokenizer and all three models; fixed seeds):",
+        "- Reproduce from packages alone (corpora, tokenizer and the models; fixed seeds):",
         "",
         "```",
         *training["commands"],
@@ -319,6 +401,6 @@ def _budget(training: dict) -> str:
 
 
 def write_cards(models_dir: Path, result: dict) -> None:
-    for name in MODEL_NAMES:
+    for name in FAMILY_NAMES:
         folder = models_dir / name
         (folder / "README.md").write_text(model_card(name, folder, result), encoding="utf-8")

@@ -1,5 +1,6 @@
 """The three architectures of the demo family, as plain transformers configs (no option outside each family's
-usual ones), and the data each model is trained on."""
+usual ones), and the data each model is trained on. A branch has no architecture of its own: it is its base's,
+at the same width."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class ModelSpec:
     family: str
     domains: tuple[str, ...]  # training data; validation is on the same domains, equally weighted
     summary: str
+    base: str | None = None  # a branch: continued training of this model's shipped weights
 
 
 SPECS = {
@@ -26,12 +28,28 @@ SPECS = {
         "mango-coder", "gpt_neox", ("code",), "GPT-NeoX code specialist (CPython standard library only)"
     ),
     "mango-base": ModelSpec("mango-base", "gpt2", ("prose", "code"), "GPT-2 generalist (prose and code)"),
+    "mango-base-prose": ModelSpec(
+        "mango-base-prose",
+        "gpt2",
+        ("prose",),
+        "GPT-2 prose branch of mango-base (its weights trained on further on Shakespeare only)",
+        base="mango-base",
+    ),
+    "mango-base-code": ModelSpec(
+        "mango-base-code",
+        "gpt2",
+        ("code",),
+        "GPT-2 code branch of mango-base (its weights trained on further on the standard library only)",
+        base="mango-base",
+    ),
 }
 
 
 def make_config(name: str, vocab_size: int, smoke: bool = False) -> PretrainedConfig:
     """The config of one family member. `smoke` shrinks every width and depth for a seconds-long CPU run while
     keeping the same families and options."""
+    if SPECS[name].base is not None:  # a branch keeps its base's architecture and width
+        return make_config(SPECS[name].base, vocab_size, smoke=smoke)
     special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if name == "mango-bard":
         d, layers, heads, kv, inter = (48, 2, 2, 1, 96) if smoke else (256, 6, 8, 2, 640)

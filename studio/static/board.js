@@ -3,7 +3,8 @@
 // Every edit assigns a new object to props.value, which fires the component's `change` event (mutating in
 // place would not). Drag a palette chip onto a gap to insert a slot, onto a slot to add a candidate; drag a
 // slot's handle to reorder. Each drag has a button/keyboard twin: chip click, "+ candidate", ↑, ↓, ✕.
-// The same operations exist in Python (studio/tabs/recipe_board.py) for the API.
+// The same operations exist in Python (studio/draft_recipe.py) for the API. An edit that is refused or
+// adjusted (a duplicate candidate, a top-k above the slot's candidates) says so in the board's note line.
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const EXPERT = "application/x-mango-expert";
 const SLOT = "application/x-mango-slot";
@@ -33,7 +34,11 @@ const ops = {
   },
   addExpert(slots, i, expert) {
     const out = clone(slots);
-    if (!out[i] || out[i].experts.includes(expert)) return null;
+    if (!out[i]) return null;
+    if (out[i].experts.includes(expert)) {
+      say(`${expert} is already a candidate of slot ${i}: not added again (each candidate of a slot must be distinct).`);
+      return null;
+    }
     out[i] = normalise({...out[i], experts: [...out[i].experts, expert]});
     return out;
   },
@@ -53,15 +58,27 @@ const ops = {
   setRouter(slots, i, patch) {
     const out = clone(slots);
     out[i] = normalise({...out[i], router: {...(out[i].router || {}), ...patch}});
+    const asked = patch.top_k, got = (out[i].router || {}).top_k;
+    if (asked != null && got != null && asked !== got) {
+      const n = out[i].experts.length;
+      say(`top-k ${asked} set to ${got}: slot ${i} has ${n} candidate${n === 1 ? "" : "s"}, and top-k must be between 1 and ${n}.`);
+    }
     return out;
   },
 };
 
+// A board edit that changes nothing, or changes something else than asked, says so here (no silent no-op).
+let note = "", said = "", committed = null;
+function say(text) { said = text; }
+
 let focusAfter = null;  // [slot index, action] to focus after re-render (keyboard users keep their place)
 
 function commit(slots) {
-  if (!slots) return;
-  props.value = {...state(), slots};
+  note = said;  // what this edit has to say (a refusal, an adjustment), else nothing
+  said = "";
+  if (!slots) { render(); return; }  // nothing changed: the note says why
+  committed = {...state(), slots};
+  props.value = committed;
   render();
 }
 
@@ -116,7 +133,9 @@ function render() {
     ? "Drop a layer here to append a slot" : "Drag layer chips here to build the recipe (or click a chip)") : ""}</div>`;
   let html = "";
   slots.forEach((s, i) => { html += gap(i, false) + slotHtml(s, i, slots.length, models, colors); });
+  const shown = note;
   root.innerHTML = `<div class="board-count">${slots.length} slot${slots.length === 1 ? "" : "s"}</div>` +
+    `<div class="board-note" role="status" aria-live="polite">${esc(shown)}</div>` +
     `<div class="board-slots" role="list">${html}${gap(slots.length, true)}</div>`;
   if (focusAfter) {
     const [i, action] = focusAfter;
@@ -149,7 +168,10 @@ element.addEventListener("change", (e) => {
   const i = parseInt(el.dataset.slot);
   if (el.dataset.action === "add-expert" && el.value) commit(ops.addExpert(slots, i, el.value));
   else if (el.dataset.action === "router-type") commit(ops.setRouter(slots, i, {type: el.value}));
-  else if (el.dataset.action === "top-k") commit(ops.setRouter(slots, i, {top_k: parseInt(el.value) || 1}));
+  else if (el.dataset.action === "top-k") {
+    const k = parseInt(el.value);
+    commit(ops.setRouter(slots, i, {top_k: Number.isNaN(k) ? 1 : k}));
+  }
 });
 
 element.addEventListener("dragstart", (e) => {
@@ -201,4 +223,7 @@ window.__mangoAddSlot = (e) => commit(ops.addSlot(state().slots, e.detail.expert
 window.addEventListener("mango:add-slot", window.__mangoAddSlot);
 
 render();
-watch("value", render);
+watch("value", () => {
+  if (props.value !== committed) note = "";  // a value from the server (a recipe opened): no stale note
+  render();
+});

@@ -28,6 +28,21 @@ def message_html(text: str, ok: bool = True) -> str:
     return f'<div class="mango-status {kind}" role="{role}">{html.escape(text)}</div>'
 
 
+BUSY_TICK_S = 1.0  # how often a page reads a running job's progress (Train, Evaluate)
+IDLE_TICK_S = 3.0  # and looks for one (after a reload, or another page's job) while none is shown
+
+
+def job_html(ctl, job) -> str:
+    """A job's status line with its own progress bar (one bar: Gradio's own draws over every output)."""
+    html_ = message_html(ctl.job_line(job), ok=job.state != "failed")
+    if job.state == "running" and job.steps:
+        html_ += (
+            f'<progress class="job-progress" value="{job.step}" max="{job.steps}" '
+            f'aria-label="{job.step} of {job.steps}"></progress>'
+        )
+    return html_
+
+
 __all__ = ["fmt_time", "user_message"]  # re-exported: the tabs take the error boundary from here
 
 
@@ -139,6 +154,15 @@ def trace_colors(workspace: list[dict] | None, trace: dict | None) -> dict[str, 
     return model_colors(list(dict.fromkeys(aliases)))
 
 
-def figures_for(trace: dict | None, colors: dict[str, str]):
+# how to read the routing heatmap, in a line that fits a phone (hover a cell for every gate probability)
+HEATMAP_TITLE = "Chosen expert per token · pale: an undecided gate"
+
+
+def figures_for(trace: dict | None, colors: dict[str, str], expected_tokens: int | None = None):
+    """The routing heatmap and the expert load of a trace (or of a generation's trace so far: `expected_tokens`
+    keeps the heatmap's x range that of the whole run while it streams)."""
     trace = trace or {"tokens": [], "slots": []}
-    return figures.router_heatmap(trace, colors=colors), figures.expert_load(trace, colors=colors)
+    heatmap = figures.routing_heatmap(
+        trace, colors=colors, title=HEATMAP_TITLE, expected_tokens=expected_tokens
+    )
+    return heatmap, figures.expert_load(trace, colors=colors)

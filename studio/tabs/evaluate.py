@@ -8,9 +8,10 @@ from typing import Any
 
 import gradio as gr
 
+from studio import figures
 from studio.controller import BUILTIN_CORPORA, StudioController
 from studio.errors import flag, names, record_id, whole
-from studio.tabs.common import api_errors, message_html, user_message
+from studio.tabs.common import BUSY_TICK_S, IDLE_TICK_S, api_errors, job_html, message_html, user_message
 
 EVALUATION_COLUMNS = ["Id", "Name", "Time (UTC)", "Fused perplexity"]
 
@@ -77,55 +78,108 @@ def create_evaluate_tab(
             value=20_000, precision=0, label="Tokens per domain (at most)", elem_id="eval-max-tokens"
         )
         sources = gr.Checkbox(value=True, label="Also every source model alone", elem_id="eval-sources")
-    start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
+    with gr.Row():
+        start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
+        stop = gr.Button("Stop", variant="stop", elem_id="eval-stop")
     status = gr.HTML(elem_id="eval-status")
-    table = gr.Markdown(elem_id="eval-results")
+    with gr.Row():
+        bars = gr.Plot(label="Perplexity per domain", elem_id="eval-perplexity")
+        routing = gr.Plot(label="Routing per slot", elem_id="eval-routing")
+    with gr.Accordion("The numbers", open=True):
+        table = gr.Markdown(elem_id="eval-results")
     evaluations = gr.Dataframe(
         headers=EVALUATION_COLUMNS,
         value=[],
         interactive=False,
         elem_id="evaluations",
-        label="Evaluations (newest first)",
+        label="Evaluations (newest first; click one to show it)",
         max_height=280,
     )
+    job_id = gr.State(None)  # the job lives on the server; a reload finds it again on the timer's first tick
+    shown = gr.State(None)
+    timer = gr.Timer(IDLE_TICK_S)
 
     def on_version(version_id):
         return {weights: gr.update(choices=ctl.weight_choices(version_id), value=0)}
 
     version.change(on_version, version, weights, api_visibility="private")
 
-    def on_evaluate(
-        version_id, weights_id, corpora_v, files, seq_v, max_tokens_v, sources_v, progress=gr.Progress()
-    ):
+    def results_views(results: dict) -> dict:
+        return {
+            bars: figures.perplexity_bars(results),
+            routing: figures.routing_results(results),
+            table: report_markdown(results),
+        }
+
+    def on_evaluate(version_id, weights_id, corpora_v, files, seq_v, max_tokens_v, sources_v):
         try:
-            progress(0.0, desc="evaluating")
-            info = ctl.evaluate(
-                version_id,
-                weights_id,
-                corpora_v,
-                files,
-                seq_v,
-                max_tokens_v,
-                sources_v,
-                on_progress=lambda done, total, what: progress((done, total), desc=what),
+            job = ctl.start_evaluation(
+                version_id, weights_id, corpora_v, files, seq_v, max_tokens_v, sources_v
             )
         except Exception as exc:
             return {status: message_html(user_message(exc), ok=False), evaluations: ctl.evaluation_rows()}
-        return {
-            status: message_html(f"Evaluation #{info.id} stored with {info.name}."),
-            table: report_markdown(info.results),
-            evaluations: ctl.evaluation_rows(),
-        }
+        return {job_id: job.id, shown: None, status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
+
+    def on_tick(job_id_v, shown_v):
+        job = ctl.shown_job("evaluate", job_id_v)
+        if job is None:
+            return {shown: shown_v} if shown_v == "idle" else {shown: "idle", timer: gr.Timer(IDLE_TICK_S)}
+        key = [job.id, job.state, job.step, job.ahead, job.stop_requested()]
+        if key == shown_v:
+            return {shown: shown_v}  # nothing new
+        out: dict = {job_id: job.id, shown: key, status: job_html(ctl, job)}
+        if not isinstance(shown_v, list) or shown_v[1] != job.state:
+            out[timer] = gr.Timer(BUSY_TICK_S if job.active else IDLE_TICK_S)
+        if not job.active:
+            if job.result is not None:
+                info = job.result
+                out.update(results_views(info.results))
+                out[status] = message_html(f"Evaluation #{info.id} stored with {info.name}.")
+            elif job.state == "stopped":
+                out[status] = message_html(
+                    f"Evaluation of {job.label} stopped after {job.step} of {job.steps} scores; nothing was "
+                    "stored (an evaluation is stored whole, once every model has scored every domain)."
+                )
+            out[evaluations] = ctl.evaluation_rows()
+            out[job_id], out[shown] = None, "idle"
+        return out
+
+    def on_stop(job_id_v):
+        try:
+            job = ctl.shown_job("evaluate", job_id_v)
+            if job is None or not job.active:
+                return {status: message_html("No evaluation is running.")}
+            job = ctl.stop_job(job.id)
+        except Exception as exc:
+            return {status: message_html(user_message(exc), ok=False)}
+        return {status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
+
+    def on_pick(rows, evt: gr.SelectData):
+        try:
+            row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+            evaluation_id = rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
+            info = ctl.repo.get_evaluation(int(evaluation_id))
+        except Exception as exc:
+            return {status: message_html(user_message(exc), ok=False)}
+        return {**results_views(info.results), status: message_html(f"Evaluation #{info.id}: {info.name}.")}
 
     start.click(
         on_evaluate,
         [version, weights, corpora, uploads, seq_len, max_tokens, sources],
-        [status, table, evaluations],
+        [job_id, shown, status, evaluations, timer],
         api_name="ui_evaluate",
         api_visibility="undocumented",
-        concurrency_limit=1,
-        concurrency_id="training",
     )
+    timer.tick(
+        on_tick,
+        [job_id, shown],
+        [job_id, shown, status, bars, routing, table, evaluations, timer],
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_limit=None,  # a quick read of the job's state: never waits behind long requests
+    )
+    stop.click(on_stop, job_id, [status, timer], api_visibility="private", concurrency_limit=None)
+    evaluations.select(on_pick, evaluations, [bars, routing, table, status], api_visibility="private")
 
     @api_errors
     def evaluate_recipe(
@@ -137,7 +191,7 @@ def create_evaluate_tab(
         sources: bool = True,
     ) -> dict:
         """Evaluate a version (optionally with a training run's weights) on built-in test sets; stored."""
-        info = engine.evaluate_version(
+        job = engine.start_evaluation(
             record_id(version_id, "recipe version"),
             engine.datasets(names(corpora, "Corpora"), [], "test"),
             record_id(training_run_id, "training run") or None,
@@ -145,14 +199,22 @@ def create_evaluate_tab(
             whole(seq_len, "seq_len"),
             whole(max_tokens, "max_tokens"),
         )
+        job = engine.jobs.wait(job.id)  # in the job queue, as the tab's evaluations are
+        if job.result is None:
+            raise gr.Error(job.error or "The evaluation was stopped.", print_exception=False)
+        info = job.result
         return {"id": info.id, "name": info.name, "results": info.results}
 
-    gr.api(evaluate_recipe, api_name="evaluate", concurrency_limit=1, concurrency_id="training")
+    gr.api(evaluate_recipe, api_name="evaluate")
     return {
         "version": version,
         "weights": weights,
         "status": status,
         "table": table,
+        "bars": bars,
+        "routing": routing,
+        "stop": stop,
+        "timer": timer,
         "evaluations": evaluations,
         "version_targets": [version],
     }

@@ -1,12 +1,16 @@
 """Playground tab: run a prompt through a saved recipe version with streamed output, see the routing (router
-heatmap and expert load, drawn when generation ends), run the same prompt through source models alone, and
-reopen any earlier run."""
+heatmap and expert load, redrawn every few tokens as the output streams; the output's tokens under it, each
+hover showing its column), run the same prompt through source models alone, and reopen any earlier run. A fresh
+studio opens on the shipped trained fusion with its weights (studio.seed), so the first Run routes for real."""
 
 from __future__ import annotations
 
 import html
+import math
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -27,6 +31,61 @@ from studio.tabs.common import (
 )
 
 RUN_COLUMNS = ["Id", "Time (UTC)", "Recipe", "Version", "Prompt", "Output"]
+STATIC = Path(__file__).resolve().parents[1] / "static"
+# What the example list offers (label, prompt); the mixed one is the prompt a fresh Playground starts with, text
+# where the shipped fusion's routers send prose to one expert and code to the other.
+EXAMPLE_PROMPTS = (
+    ("prose", "ROMEO:\nBut soft, what light through yonder window breaks?"),
+    ("code", "def main(argv):\n    "),
+    (
+        "prose and code",
+        "To be, or not to be, that is the question:\ndef main(argv):\n    return sorted(argv)",
+    ),
+)
+DEFAULT_PROMPT = EXAMPLE_PROMPTS[2][1]
+REDRAW_S = 0.4  # the least time between two redraws of the routing figures while tokens stream
+
+
+def live_trace_every(max_new_tokens: int) -> int:
+    """How often (in tokens) the trace so far comes with a streamed update: every 4 tokens, at most about 24 times a
+    run. The figures are redrawn from it at most every REDRAW_S seconds (building them takes a while: a redraw
+    per token would hold the text back)."""
+    return max(4, math.ceil(max_new_tokens / 24))
+
+
+def prompt_length(tokens: list[str], prompt: str | None, output: str | None) -> int:
+    """How many of a stored trace's tokens are the prompt's (the live run knows; a stored run does not): the
+    first tokens that spell the prompt, else the first position from which the tokens spell the output's start."""
+    if prompt:
+        joined = ""
+        for k, t in enumerate(tokens):
+            joined += t
+            if joined == prompt:
+                return k + 1
+            if not prompt.startswith(joined):
+                break
+    for k in range(len(tokens) + 1):
+        if (output or "").startswith("".join(tokens[k:])):
+            return k
+    return 0
+
+
+def token_view(
+    trace: dict | None,
+    prompt_tokens: int | None = None,
+    tail: str | None = None,
+    prompt: str | None = None,
+    output: str | None = None,
+) -> dict:
+    """What the token strip (static/tokens.js) draws: the trace's tokens (position = heatmap column), how many
+    are the prompt's, and the last generated token, which the model never read (no column)."""
+    tokens = [str(t) for t in (trace or {}).get("tokens") or []]
+    if prompt_tokens is None:
+        prompt_tokens = prompt_length(tokens, prompt, output)
+    if tail is None:
+        read = "".join(tokens[prompt_tokens:])
+        tail = (output or "")[len(read) :] if (output or "").startswith(read) else ""
+    return {"tokens": tokens, "prompt": max(0, min(prompt_tokens, len(tokens))), "tail": tail}
 
 
 def source_outputs_html(outputs: dict[str, str], colors: dict[str, str]) -> str:
@@ -47,7 +106,8 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
             label="Recipe version",
             elem_id="run-version",
             scale=2,
-            info="save a recipe in the Recipe tab to run it",
+            min_width=200,
+            info="the shipped examples, and every recipe you save in the Recipe tab",
         )
         weights = gr.Dropdown(
             choices=ctl.weight_choices(None),
@@ -55,9 +115,20 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
             label="Weights",
             elem_id="run-weights",
             scale=1,
-            info="train in the Train tab",
+            min_width=200,
+            info="as built, shipped trained weights, or a run of the Train tab",
         )
-    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="To be, or not to be")
+    prompt = gr.Textbox(
+        value=DEFAULT_PROMPT, label="Prompt", lines=3, elem_id="prompt", placeholder="To be, or not to be"
+    )
+    gr.Examples(
+        [[text] for _, text in EXAMPLE_PROMPTS],
+        [prompt],
+        label="Example prompts",
+        example_labels=[label for label, _ in EXAMPLE_PROMPTS],
+        elem_id="prompt-examples",
+        api_visibility="private",
+    )
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
             max_new = gr.Slider(
@@ -66,20 +137,37 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
             do_sample = gr.Checkbox(value=False, label="Sample (off: greedy)", elem_id="do-sample")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
         with gr.Row():
+            # greedy decoding reads none of these: they are enabled with "Sample"
             temperature = gr.Slider(
-                0.05, 2.0, value=0.8, step=0.05, label="Temperature", elem_id="temperature"
+                0.05,
+                2.0,
+                value=0.8,
+                step=0.05,
+                label="Temperature",
+                elem_id="temperature",
+                interactive=False,
             )
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
+            top_k = gr.Slider(
+                0, 200, value=0, step=1, label="Top-k (0: off)", elem_id="top-k", interactive=False
+            )
+            top_p = gr.Slider(
+                0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p", interactive=False
+            )
     with gr.Row():
         run = gr.Button("Run", variant="primary", elem_id="run-prompt")
         stop = gr.Button("Stop", elem_id="stop-run")
     run_status = gr.HTML(elem_id="run-status")
     output = gr.Textbox(label="Output", lines=6, elem_id="output-text", interactive=False)
-    heatmap = gr.Plot(
-        label="Router heatmap (tokens × routed slots; hover a cell for every gate probability)",
-        elem_id="router-heatmap",
+    tokens_view = gr.HTML(
+        value=token_view(None),
+        html_template='<div class="mango-tokens"></div>',
+        js_on_load=(STATIC / "tokens.js").read_text(encoding="utf-8"),
+        elem_id="output-tokens",
+        label="Tokens",
     )
+    # the figure's own title says how to read it (a shown label covers the figure on a phone, and Gradio then
+    # gives a titled figure a 100 px top margin)
+    heatmap = gr.Plot(label="Router heatmap", show_label=False, elem_id="router-heatmap")
     load = gr.Plot(label="Expert load", elem_id="expert-load")
     with gr.Accordion("Side by side: the same prompt through source models alone", open=False):
         sources = gr.CheckboxGroup(choices=[], label="Source models", elem_id="compare-sources")
@@ -158,22 +246,38 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
                     else "Loading the model…"
                 ),
             }
-            n, finished = 0, False
+            n, finished, drawn_at = 0, False, -math.inf
+            settings = settings_of(*sampling_v)
+            every = live_trace_every(settings["max_new_tokens"])
             for update in engine.run_prompt(
-                version_id, prompt_v, settings_of(*sampling_v), stop_event, weights_id or None
+                version_id, prompt_v, settings, stop_event, weights_id or None, every
             ):
                 if not update.done:
                     n += 1
-                    yield {output: update.text, run_status: message_html(f"Generating… {n} tokens")}
+                    view = {output: update.text, run_status: message_html(f"Generating… {n} tokens")}
+                    if update.trace is not None and time.monotonic() - drawn_at >= REDRAW_S:
+                        # the routing so far, on the run's whole x range
+                        hm, ld = figures_for(
+                            update.trace, trace_colors(ws, update.trace), update.expected_tokens
+                        )
+                        view |= {
+                            heatmap: hm,
+                            load: ld,
+                            tokens_view: token_view(update.trace, update.prompt_tokens, ""),
+                        }
+                        drawn_at = time.monotonic()
+                    yield view
                     continue
                 finished = True
                 colors = trace_colors(ws, update.trace)
                 hm, ld = figures_for(update.trace, colors)
+                tokens_v = token_view(update.trace, update.prompt_tokens, update.tail)
                 if update.run_id is None:  # stopped: shown, not stored
                     yield {
                         output: update.text,
                         heatmap: hm,
                         load: ld,
+                        tokens_view: tokens_v,
                         run_status: message_html(f"Stopped after {n} tokens; not saved."),
                     }
                     continue
@@ -186,6 +290,7 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
                     output: update.text,
                     heatmap: hm,
                     load: ld,
+                    tokens_view: tokens_v,
                     run_status: message_html(msg),
                     **refresh_runs(update.run_id),
                 }
@@ -208,7 +313,7 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
     run.click(
         on_run,
         [version, weights, prompt, *sampling, workspace],
-        [output, heatmap, load, run_status, runs, run_pick],
+        [output, heatmap, load, run_status, runs, run_pick, tokens_view],
         api_name="ui_run_prompt",
         api_visibility="undocumented",
         concurrency_limit=None,
@@ -217,25 +322,35 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
     prompt.submit(
         on_run,
         [version, weights, prompt, *sampling, workspace],
-        [output, heatmap, load, run_status, runs, run_pick],
+        [output, heatmap, load, run_status, runs, run_pick, tokens_view],
         api_visibility="private",
         concurrency_limit=None,
         concurrency_id="generation",
     )
     stop.click(on_stop, None, None, api_name="ui_stop_run", api_visibility="private", queue=False)
 
-    def on_version(version_id):
+    def on_version(version_id, current):
+        """A version's sources and weights: trained weights picked for it stay (an opened run's), else its
+        shipped trained weights when it has them (a shipped fusion runs trained), else as built."""
         try:
             aliases = list(ctl.recipe_sources(version_id))
             trained = ctl.weight_choices(version_id)
+            pick = (
+                current if current and current in [c[1] for c in trained] else ctl.default_weights(version_id)
+            )
         except Exception:
-            aliases, trained = [], ctl.weight_choices(None)
+            aliases, trained, pick = [], ctl.weight_choices(None), 0
         return {
             sources: gr.update(choices=aliases, value=aliases[:2]),
-            weights: gr.update(choices=trained, value=0),
+            weights: gr.update(choices=trained, value=pick),
         }
 
-    version.change(on_version, version, [sources, weights], api_visibility="private")
+    version.change(on_version, [version, weights], [sources, weights], api_visibility="private")
+
+    def on_sampling(do_sample_v):
+        return {c: gr.update(interactive=bool(do_sample_v)) for c in (temperature, top_k, top_p)}
+
+    do_sample.change(on_sampling, do_sample, [temperature, top_k, top_p], api_visibility="private")
 
     @gpu_task
     def on_sources(version_id, chosen, prompt_v, *rest):
@@ -265,7 +380,9 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
         hm, ld = figures_for(r.trace, trace_colors(ws, r.trace))
         return {
             version: gr.update(value=r.version_id),
-            weights: gr.update(value=r.settings.get("training_run_id") or 0),
+            weights: gr.update(
+                choices=ctl.weight_choices(r.version_id), value=r.settings.get("training_run_id") or 0
+            ),
             prompt: r.prompt,
             max_new: s["max_new_tokens"],
             do_sample: s["do_sample"],
@@ -276,6 +393,7 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
             output: r.output_text,
             heatmap: gr.update(value=hm),
             load: gr.update(value=ld),
+            tokens_view: token_view(r.trace, prompt=r.prompt, output=r.output_text),
             run_status: message_html(
                 f"Run #{r.id} of {r.recipe_name} v{r.version_number}, {fmt_time(r.created_at)} UTC."
             ),
@@ -284,7 +402,7 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
     open_run.click(
         on_open_run,
         [run_pick, workspace],
-        [version, weights, prompt, *sampling, output, heatmap, load, run_status],
+        [version, weights, prompt, *sampling, output, heatmap, load, run_status, tokens_view],
         api_name="ui_open_run",
         api_visibility="undocumented",
     )
@@ -306,6 +424,7 @@ def create_playground_tab(ctl: StudioController, workspace: gr.State) -> dict[st
         "output": output,
         "heatmap": heatmap,
         "load": load,
+        "tokens": tokens_view,
         "run_status": run_status,
         "sources": sources,
         "source_view": source_view,

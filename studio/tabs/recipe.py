@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from mol.errors import RecipeError
 from mol.export import FORMATS
 from mol.export.mergekit import export_mergekit
 from mol.recipe import ADAPTER_TYPES, DEFAULT_BOTTLENECK_RANK, AdapterSpec, RouterSpec
@@ -116,6 +117,70 @@ def _slot_text(slot: Any) -> str:
     return f"[{slot}]"  # shorthand: one expert or a range
 
 
+def palette_view(workspace: list[dict], marks: dict[str, str]) -> list[dict]:
+    """The palette's models: every usable one (marked with why it cannot join the recipe, where it cannot),
+    then the unreadable ones (no chips, their error)."""
+    colors = rb.model_colors([c["alias"] for c in workspace or []])
+    out = [{**m, "blocked": marks.get(m["alias"])} for m in palette_models(workspace)]
+    for c in workspace or []:
+        if "error" in c:
+            out.append(
+                {
+                    "alias": c["alias"],
+                    "color": colors[c["alias"]],
+                    "layers": 0,
+                    "family": "",
+                    "width": None,
+                    "blocked": marks.get(c["alias"]) or c["error"],
+                }
+            )
+    return out
+
+
+def _same_palette(a: Any, b: Any) -> bool:
+    def norm(v: Any) -> list:
+        models = (v or {}).get("models") if isinstance(v, dict) else None
+        return [{**m, "blocked": m.get("blocked")} for m in models or [] if isinstance(m, dict)]
+
+    return norm(a) == norm(b)
+
+
+def editing_html(loaded: dict | None, name: str, dirty: bool, has_slots: bool) -> str:
+    """The tab's header: which saved version the board edits, and whether it has unsaved changes."""
+    if loaded and loaded.get("version"):
+        head = f"editing {loaded.get('name') or name} v{loaded['version']}"
+    elif has_slots:
+        head = f"editing a new recipe '{(name or '').strip() or 'unnamed'}' (not saved yet)"
+    else:
+        head = "new recipe: nothing on the board yet"
+    suffix = ' · <span class="unsaved">unsaved changes</span>' if dirty else ""
+    kind = "dirty" if dirty else "clean"
+    return f'<div class="recipe-editing {kind}" role="status">{html.escape(head)}{suffix}</div>'
+
+
+def export_target_html(loaded: dict | None, dirty: bool, model: bool = False) -> str:
+    """What the exports take (every export takes the same: the saved version the board edits), said where
+    the export buttons are."""
+    weights = (
+        " Weights: as built (untrained adapters and routers), or those of the training run whose id you give."
+        if model
+        else ""
+    )
+    if not (loaded and loaded.get("version_id")):
+        text = (
+            "Exports take a saved version: save the board (or open a saved version) first. "
+            "Nothing is saved yet; the YAML box shows the unsaved board."
+        )
+    elif dirty:
+        text = (
+            f"Exports take the saved version {loaded.get('name', '')} v{loaded['version']}, not the board: "
+            "its unsaved changes are not exported until you save them."
+        )
+    else:
+        text = f"Exports take the saved version {loaded.get('name', '')} v{loaded['version']} (the board shows it)."
+    return f'<div class="export-target" role="note">{html.escape(text + weights)}</div>'
+
+
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
@@ -134,7 +199,14 @@ def _jsonable(obj: Any) -> Any:
 def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
     models = palette_models(workspace.value)
     aliases = [m["alias"] for m in models]
-    loaded = gr.State(None)  # {"recipe_id", "version", "version_id"} of the version being edited
+    # {"recipe_id", "version", "version_id", "name", "draft"} of the version being edited; "draft" is the board's
+    # YAML of it as opened or saved (the board differs from it: unsaved changes)
+    loaded = gr.State(None)
+    dirty_state = gr.State(False)
+    pending_save = gr.State(None)  # the name a save waits on a confirmation for
+    # the board while it has unsaved changes, kept in the browser (localStorage) so that it survives a reload
+    draft_store = gr.BrowserState(None, storage_key="mango-recipe-board-draft", secret="mango-recipe-board")
+    editing = gr.HTML(editing_html(None, "", False, False), elem_id="recipe-editing")
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             gr.Markdown("**Layer palette** — drag a chip onto the board")
@@ -155,6 +227,9 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                 apply_default_css=False,
             )
             plan_status = gr.HTML(plan_html(None), elem_id="plan-status")
+        with gr.Column(scale=1, min_width=260):
+            gr.Markdown("**The fused model** — as the board describes it")
+            diagram = gr.HTML(ctl.draft_diagram(None, workspace.value), elem_id="recipe-diagram")
         with gr.Column(scale=1, min_width=240):
             name = gr.Textbox(label="Recipe name", value="my-recipe", elem_id="recipe-name")
             base = gr.Dropdown(
@@ -173,10 +248,17 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                     precision=0,
                     minimum=1,
                     label="Bottleneck rank",
+                    info="only a bottleneck adapter has a rank",
+                    interactive=AdapterSpec.type == "bottleneck",
                     elem_id="recipe-rank",
                 )
             note = gr.Textbox(label="Version note", placeholder="what changed", elem_id="recipe-note")
             save = gr.Button("Save version", variant="primary", elem_id="save-recipe")
+            with gr.Row(visible=False, elem_id="confirm-save-row") as confirm_row:
+                confirm_btn = gr.Button(
+                    "Yes, add a version to it", variant="primary", size="sm", elem_id="confirm-save"
+                )
+                cancel_btn = gr.Button("Cancel", size="sm", elem_id="cancel-save")
             save_status = gr.HTML(elem_id="save-status")
 
     with gr.Accordion("Saved recipes and versions", open=True):
@@ -205,41 +287,45 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                     )
             with gr.Column(scale=2):
                 compare_with = gr.Dropdown(choices=[], label="Compare with", elem_id="compare-with")
-                compare_btn = gr.Button("Compare the two versions", size="sm", elem_id="compare-versions")
+                compare_btn = gr.Button(
+                    "Compare the two versions (older → newer)", size="sm", elem_id="compare-versions"
+                )
         versions_status = gr.HTML(elem_id="versions-status")
         diff_view = gr.HTML(elem_id="version-diff")
 
     with gr.Accordion("YAML: import and export", open=False):
         yaml_code = gr.Code(
             language="yaml",
-            label="Recipe YAML (Mango or mergekit passthrough)",
+            label="Recipe YAML of the board (Mango or mergekit passthrough)",
             elem_id="recipe-yaml",
             interactive=True,
         )
         with gr.Row():
             import_btn = gr.Button("Import YAML above", elem_id="import-yaml")
             upload = gr.UploadButton("Import file…", file_types=[".yaml", ".yml"], elem_id="upload-yaml")
-            export_btn = gr.Button("Export YAML", elem_id="export-yaml")
-            export_mk_btn = gr.Button("Export mergekit YAML", elem_id="export-mergekit")
-            examples = gr.Dropdown(
-                choices=ctl.example_names(),
-                label="Example recipes",
-                elem_id="recipe-examples",
-            )
+            export_btn = gr.Button("Export YAML (saved version)", elem_id="export-yaml")
+            export_mk_btn = gr.Button("Export mergekit YAML (saved version)", elem_id="export-mergekit")
+        examples = gr.Dropdown(  # a row of its own: the full file names fit
+            choices=ctl.example_names(),
+            label="Example recipes",
+            elem_id="recipe-examples",
+        )
+        yaml_target = gr.HTML(export_target_html(None, False), elem_id="yaml-export-target")
         export_file = gr.File(label="Exported recipe", elem_id="recipe-export", visible=True)
         import_status = gr.HTML(elem_id="import-status")
 
     with gr.Accordion("Export the model", open=False):
         gr.Markdown(
-            "The open version as a Hugging Face folder: a plain same-architecture stack in its own "
+            "The saved version being edited as a Hugging Face folder: a plain same-architecture stack in its own "
             "architecture, anything else as `MoLForCausalLM`."
         )
+        model_target = gr.HTML(export_target_html(None, False, model=True), elem_id="model-export-target")
         with gr.Row():
             export_format = gr.Radio(list(FORMATS), value=FORMATS[0], label="Format", elem_id="export-format")
-            export_run = gr.Number(
-                value=None,
-                precision=0,
-                label="Training run id (optional: its trained weights)",
+            export_run = gr.Dropdown(  # app.py keeps its choices those of the open version
+                choices=ctl.weight_choices(None),
+                value=0,
+                label="Weights",
                 elem_id="export-training-run",
             )
             export_model_btn = gr.Button("Export model (.zip)", elem_id="export-model")
@@ -254,24 +340,77 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
 
     settings = [name, base, adapter, rank]
 
+    # ---- what the board's state says: header, export targets, the copy kept in the browser ----
+    def state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v) -> dict:
+        try:
+            slots = rb.board_slots(board_v)
+        except Exception:
+            slots = None
+        try:
+            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots or [])
+            signature = rb.draft_yaml(draft)
+        except Exception:
+            draft, signature = None, None
+        if loaded_v and loaded_v.get("version_id"):
+            dirty = signature is None or signature != loaded_v.get("draft")
+        else:
+            dirty = bool(slots) or slots is None
+        stored = None
+        if dirty and slots:
+            used = {e.split(":", 1)[0] for s in slots for e in s["experts"]} | {base_v}
+            stored = {
+                "name": name_v if isinstance(name_v, str) else "",
+                "base": base_v,
+                "adapter": adapter_v,
+                "rank": int(rank_v) if isinstance(rank_v, int | float) and rank_v == rank_v else None,
+                "slots": slots,
+                "models": {a: r for a, r in workspace_refs(ws).items() if a in used},
+                "loaded": {k: loaded_v.get(k) for k in ("recipe_id", "version", "version_id")}
+                if loaded_v
+                else None,
+            }
+        return {
+            editing: editing_html(loaded_v, name_v, dirty, bool(slots)),
+            dirty_state: dirty,
+            draft_store: stored,
+            yaml_target: export_target_html(loaded_v, dirty),
+            model_target: export_target_html(loaded_v, dirty, model=True),
+        }
+
+    state_outputs = [editing, dirty_state, draft_store, yaml_target, model_target]
+
     # ---- validation: every edit of the board or the settings ----
-    def validate(name_v, base_v, adapter_v, rank_v, ws, board_v):
+    def validate(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v, palette_v):
+        views = state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v)
+        pm = {"models": palette_view(ws, ctl.join_marks(ws, base_v))}
+        # redrawn only when it changed: a redraw under a drag that starts from it would drop the drag
+        views[palette] = gr.update() if _same_palette(pm, palette_v) else pm
         try:
             slots = rb.board_slots(board_v)
             draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
         except Exception as exc:
-            return {plan_status: plan_html(PlanReport(False, user_message(exc)))}
-        return {plan_status: plan_html(ctl.check_draft(draft, slots)), yaml_code: rb.draft_yaml(draft)}
+            return {**views, plan_status: plan_html(PlanReport(False, user_message(exc)))}
+        report, plan = ctl.check_draft_with_plan(draft, slots)
+        return {
+            **views,
+            plan_status: plan_html(report),
+            yaml_code: rb.draft_yaml(draft),
+            diagram: ctl.draft_diagram(draft, ws, plan),
+        }
 
     for comp in (board, base, adapter, rank, name):
         comp.change(
             validate,
-            [*settings, workspace, board],
-            [plan_status, yaml_code],
+            [*settings, workspace, board, loaded, palette],
+            [plan_status, yaml_code, diagram, palette, *state_outputs],
             api_visibility="private",
             trigger_mode="always_last",
             show_progress="hidden",
         )
+
+    adapter.change(  # the rank belongs to the bottleneck adapter only
+        lambda a: gr.update(interactive=a == "bottleneck"), adapter, rank, api_visibility="private"
+    )
 
     # ---- versions list ----
     def refresh_versions(include_deleted: bool, keep: int | None = None) -> dict:
@@ -297,48 +436,119 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
 
     versions.select(on_select_row, versions, version_pick, api_visibility="private")
 
-    # ---- save ----
-    def on_save(name_v, base_v, adapter_v, rank_v, note_v, ws, board_v, loaded_v, include_deleted):
+    # ---- save: only a recipe that plans, and into another recipe only when confirmed ----
+    def on_save(
+        name_v, base_v, adapter_v, rank_v, note_v, ws, board_v, loaded_v, include_deleted, confirmed=False
+    ):
+        hide = {confirm_row: gr.update(visible=False), pending_save: None}
         try:
-            draft = rb.draft_recipe(
-                name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
-            )
+            slots = rb.board_slots(board_v)
+            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+            report = ctl.check_draft(draft, slots)
+            if report is not None and not report.ok:
+                raise RecipeError(
+                    f"{report.error} A recipe whose plan fails cannot be saved to run; fix it first."
+                )
+            taken = ctl.name_taken(draft["name"], loaded_v)
+            if taken is not None and not confirmed:
+                return {
+                    save_status: message_html(
+                        f"A recipe named '{taken.name}' already exists (latest version {taken.latest_version}). "
+                        f"Saving adds version {taken.latest_version + 1} to it. Confirm, cancel, or change "
+                        "the name."
+                    ),
+                    confirm_row: gr.update(visible=True),
+                    pending_save: draft["name"],
+                }
             version, warning = ctl.save_recipe(rb.draft_yaml(draft), note_v or "", loaded_v)
         except Exception as exc:
-            return {save_status: message_html("Not saved: " + user_message(exc), ok=False)}
-        state = {"recipe_id": version.recipe_id, "version": version.number, "version_id": version.id}
+            return {save_status: message_html("Not saved: " + user_message(exc), ok=False), **hide}
+        state = {
+            "recipe_id": version.recipe_id,
+            "version": version.number,
+            "version_id": version.id,
+            "name": version.recipe_name,
+            "draft": rb.draft_yaml(draft),
+        }
         msg = warning or f"Saved '{version.recipe_name}' as version {version.number}."
         return {
             save_status: message_html(msg, ok=warning is None),
             loaded: state,
             **refresh_versions(include_deleted, version.id),
             note: "",
+            **hide,
+            **state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, state),
         }
 
+    save_inputs = [*settings, note, workspace, board, loaded, show_deleted]
+    save_outputs = [save_status, loaded, *version_outputs, note, confirm_row, pending_save, *state_outputs]
     saved = save.click(
         on_save,
-        [*settings, note, workspace, board, loaded, show_deleted],
-        [save_status, loaded, *version_outputs, note],
+        save_inputs,
+        save_outputs,
         api_name="ui_save_recipe",
         api_visibility="undocumented",
     )
 
+    def refresh_state(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v):
+        # once more after a save: a validation still running when Save was clicked saw the state before it
+        return state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v)
+
+    state_inputs = [*settings, workspace, board, loaded]
+    saved.then(refresh_state, state_inputs, state_outputs, api_visibility="private")
+
+    def on_confirm(*args):
+        *values, pending_v = args
+        if not pending_v or (values[0] or "").strip() != pending_v:  # the name changed since: ask again
+            return on_save(*values)
+        return on_save(*values, confirmed=True)
+
+    confirmed_save = confirm_btn.click(
+        on_confirm, [*save_inputs, pending_save], save_outputs, api_visibility="private"
+    )
+    confirmed_save.then(refresh_state, state_inputs, state_outputs, api_visibility="private")
+    cancel_btn.click(
+        lambda: {
+            confirm_row: gr.update(visible=False),
+            pending_save: None,
+            save_status: message_html("Not saved: cancelled."),
+        },
+        None,
+        [confirm_row, pending_save, save_status],
+        api_visibility="private",
+    )
+
     # ---- open / import: a recipe into the board ----
-    def load_recipe(recipe, ws, state) -> dict:
+    def clean_state(recipe, ws, ids: dict | None) -> dict | None:
+        """The `loaded` state of a saved version opened into the board (None: not a saved version)."""
+        if not ids:
+            return None
+        rank_v = recipe.adapter.rank or DEFAULT_BOTTLENECK_RANK
+        draft = rb.draft_recipe(
+            recipe.name, recipe.base, recipe.adapter.type, rank_v, workspace_refs(ws), rb.slots_of(recipe)
+        )
+        return {**ids, "name": recipe.name, "draft": rb.draft_yaml(draft)}
+
+    def load_recipe(recipe, ws, ids) -> dict:
         ws = ctl.merge_models(ws, dict(recipe.models))
         pm = palette_models(ws)
+        state = clean_state(recipe, ws, ids)
         return {
             name: recipe.name,
             base: gr.update(choices=[c["alias"] for c in ws], value=recipe.base),
             adapter: recipe.adapter.type,
-            rank: recipe.adapter.rank or DEFAULT_BOTTLENECK_RANK,
+            rank: gr.update(
+                value=recipe.adapter.rank or DEFAULT_BOTTLENECK_RANK,
+                interactive=recipe.adapter.type == "bottleneck",
+            ),
             workspace: ws,
             palette: {"models": pm},
             board: {"models": pm, "slots": rb.slots_of(recipe)},
             loaded: state,
+            editing: editing_html(state, recipe.name, state is None, True),
         }
 
-    load_outputs = [name, base, adapter, rank, workspace, palette, board, loaded]
+    load_outputs = [name, base, adapter, rank, workspace, palette, board, loaded, editing]
 
     def on_open(version_id, ws):
         try:
@@ -432,7 +642,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
 
     def on_import(text_v, ws):
         try:
-            recipe, notes = ctl.import_text(text_v)
+            recipe, notes = ctl.import_reusing_aliases(text_v, ws)
         except Exception as exc:
             return {import_status: message_html("Not imported: " + user_message(exc), ok=False)}
         msg = f"Imported '{recipe.name}' ({len(recipe.slots)} slots)." + "".join(f" Note: {n}" for n in notes)
@@ -471,65 +681,126 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
         on_example, [examples, workspace], [*load_outputs, import_status], api_visibility="private"
     )
 
-    def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, fmt="mango"):
+    # ---- exports: all take the saved version the board edits, and say so ----
+    def unsaved_note(dirty_v) -> str:
+        return " The board's unsaved changes are not in it: save them to export them." if dirty_v else ""
+
+    def on_export(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v=None, dirty_v=False, fmt="mango"):
         try:
-            draft = rb.draft_recipe(
-                name_v, base_v, adapter_v, rank_v, workspace_refs(ws), rb.board_slots(board_v)
-            )
-            path = ctl.export_draft(draft, fmt)
+            path, v = ctl.export_saved_yaml(loaded_v, fmt)
         except Exception as exc:
             return {
                 export_file: None,
                 import_status: message_html("Not exported: " + user_message(exc), ok=False),
             }
-        return {export_file: str(path), import_status: message_html(f"Exported {path.name}.")}
+        kind = "mergekit passthrough YAML" if fmt == "mergekit" else "Mango recipe YAML"
+        return {
+            export_file: str(path),
+            import_status: message_html(
+                f"Exported the saved version '{v.recipe_name}' v{v.number} as {kind}: {path.name}."
+                + unsaved_note(dirty_v)
+            ),
+        }
 
+    export_inputs = [*settings, workspace, board, loaded, dirty_state]
     export_btn.click(
         on_export,
-        [*settings, workspace, board],
+        export_inputs,
         [export_file, import_status],
         api_name="ui_export_yaml",
         api_visibility="undocumented",
     )
     export_mk_btn.click(
         lambda *a: on_export(*a, fmt="mergekit"),
-        [*settings, workspace, board],
+        export_inputs,
         [export_file, import_status],
         api_name="ui_export_mergekit",
         api_visibility="undocumented",
     )
 
-    def on_export_model(fmt, run_id, loaded_v):
+    def weights_text(run_id) -> str:
+        return (
+            f"the weights of training run #{int(run_id)}"
+            if run_id
+            else "as built (untrained adapters and routers)"
+        )
+
+    def on_export_model(fmt, run_id, loaded_v, dirty_v=False):
         try:
+            v = ctl.saved_version(loaded_v)
             path = ctl.export_model(fmt, run_id, loaded_v)
         except Exception as exc:
             return {
                 model_file: None,
                 export_status: message_html("Not exported: " + user_message(exc), ok=False),
             }
-        return {model_file: str(path), export_status: message_html(f"Exported {path.name}.")}
+        return {
+            model_file: str(path),
+            export_status: message_html(
+                f"Exported the saved version '{v.recipe_name}' v{v.number}, {weights_text(run_id)}, "
+                f"format {fmt}: {path.name}." + unsaved_note(dirty_v)
+            ),
+        }
 
-    def on_push(repo_id, token, run_id, loaded_v):
+    def on_push(repo_id, token, run_id, loaded_v, dirty_v=False):
         try:
+            v = ctl.saved_version(loaded_v)
             url = ctl.push_model(repo_id, token, run_id, loaded_v)
         except Exception as exc:
             return {export_status: message_html("Not pushed: " + user_message(exc), ok=False)}
-        return {export_status: message_html(f"Pushed: {url}")}
+        return {
+            export_status: message_html(
+                f"Pushed the saved version '{v.recipe_name}' v{v.number}, {weights_text(run_id)}: {url}"
+                + unsaved_note(dirty_v)
+            )
+        }
 
     export_model_btn.click(
         on_export_model,
-        [export_format, export_run, loaded],
+        [export_format, export_run, loaded, dirty_state],
         [model_file, export_status],
         api_name="ui_export_model",
         api_visibility="undocumented",
     )
     push_btn.click(
         on_push,
-        [push_repo, push_token, export_run, loaded],
+        [push_repo, push_token, export_run, loaded, dirty_state],
         export_status,
         api_name="ui_push_model",
         api_visibility="undocumented",
     )
+
+    # ---- the board kept in the browser: restored when the page loads (app.py wires it to the load) ----
+    def restore_board(stored, ws) -> dict:
+        d = ctl.restore_draft(stored, ws)
+        if d is None:
+            return {draft_store: None}
+        ws = d["workspace"]
+        pm = palette_models(ws)
+        aliases = [c["alias"] for c in ws]
+        state = None
+        if d["loaded"]:
+            try:
+                v, recipe = ctl.open_version(d["loaded"]["version_id"])
+                state = clean_state(recipe, ws, d["loaded"])
+            except Exception:
+                state = None
+        rank_v = d["rank"] or DEFAULT_BOTTLENECK_RANK
+        return {
+            name: d["name"],
+            base: gr.update(choices=aliases, value=d["base"] if d["base"] in aliases else None),
+            adapter: d["adapter"],
+            rank: gr.update(value=rank_v, interactive=d["adapter"] == "bottleneck"),
+            workspace: ws,
+            palette: {"models": pm},
+            board: {"models": pm, "slots": d["slots"]},
+            loaded: state,
+            editing: editing_html(state, d["name"], True, True),
+            save_status: message_html("Restored the board's unsaved changes from this browser."),
+        }
+
+    restore_outputs = [name, base, adapter, rank, workspace, palette, board, loaded, editing, save_status]
+    restore_outputs.append(draft_store)
 
     _register_api(ctl)
     return {
@@ -553,11 +824,16 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
         "yaml_code": yaml_code,
         "import_status": import_status,
         "export_file": export_file,
+        "export_weights": export_run,
+        "diagram": diagram,
+        "editing": editing,
         "refresh_versions": refresh_versions,
         "version_outputs": version_outputs,
         "recipe_loaded": [opened, duplicated, imported, uploaded, example_loaded],
         "saved": saved,
-        "changed_versions": [deleted, restored],
+        "changed_versions": [deleted, restored, confirmed_save],
+        # the page's load event restores the board kept in the browser (app.py wires it)
+        "restore_board": (restore_board, [draft_store, workspace], restore_outputs),
     }
 
 

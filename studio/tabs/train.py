@@ -12,9 +12,9 @@ from mol.training import ADAPTER_INITS
 from studio import figures
 from studio.controller import BUILTIN_CORPORA, StudioController, train_defaults
 from studio.errors import names, record_id, whole
-from studio.tabs.common import api_errors, message_html, user_message
+from studio.tabs.common import BUSY_TICK_S, IDLE_TICK_S, api_errors, job_html, message_html, user_message
 
-TRAINING_COLUMNS = ["Id", "Recipe version", "Status", "Steps", "Final loss", "Started (UTC)"]
+TRAINING_COLUMNS = ["Id", "Recipe version", "Status", "Steps", "Final loss (smoothed)", "Started (UTC)"]
 DEFAULTS = train_defaults()  # mol.TrainConfig's, for every setting the tab offers
 
 
@@ -83,7 +83,9 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
                 label="Time limit, seconds (0: none)",
                 elem_id="train-max-seconds",
             )
-    start = gr.Button("Train", variant="primary", elem_id="train-start")
+    with gr.Row():
+        start = gr.Button("Train", variant="primary", elem_id="train-start")
+        stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
     status = gr.HTML(elem_id="train-status")
     curve = gr.Plot(label="Loss", elem_id="loss-curve")
     metrics = gr.JSON(label="Result", elem_id="train-metrics")
@@ -95,6 +97,11 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
         label="Training runs (newest first)",
         max_height=280,
     )
+    # The job lives on the server (studio.jobs); the page holds only its id and what it showed last. A reload
+    # starts with neither, and the timer's first tick finds the running job again.
+    job_id = gr.State(None)
+    shown = gr.State(None)
+    timer = gr.Timer(IDLE_TICK_S)
 
     def on_train(
         version_id,
@@ -111,7 +118,6 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
         router_init_v,
         max_tokens_v,
         max_seconds_v,
-        progress=gr.Progress(),
     ):
         try:
             settings = {
@@ -127,31 +133,61 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
                 "max_tokens": int(max_tokens_v) if max_tokens_v else None,
                 "max_seconds": float(max_seconds_v) if max_seconds_v else None,
             }
-            progressing = ctl.train(version_id, corpora_v, files, settings)
-            yield {status: message_html("Preparing: building the model and reading the data…")}
-            for p in progressing:
-                progress((p.step, p.steps), desc="training", unit="steps")
-                fig = figures.loss_curve(p.curve, title=f"Training run #{p.training_run_id}")
-                if p.status == "completed":
-                    msg = (
-                        f"Training run #{p.training_run_id} finished: {p.step} steps, final loss "
-                        f"{p.metrics.get('final_loss')}. Its weights are available in the Playground and Evaluate."
-                    )
-                    yield {
-                        status: message_html(msg),
-                        curve: fig,
-                        metrics: p.metrics,
-                        runs: ctl.training_rows(),
-                    }
-                else:
-                    yield {
-                        status: message_html(
-                            f"Training run #{p.training_run_id}: step {p.step} of {p.steps}"
-                        ),
-                        curve: fig,
-                    }
+            job = ctl.start_training(version_id, corpora_v, files, settings)
         except Exception as exc:
-            yield {status: message_html(user_message(exc), ok=False), runs: ctl.training_rows()}
+            return {status: message_html(user_message(exc), ok=False), runs: ctl.training_rows()}
+        return {
+            job_id: job.id,
+            shown: None,
+            status: job_html(ctl, job),
+            curve: figures.loss_curve([], title="Training loss"),
+            metrics: None,
+            timer: gr.Timer(BUSY_TICK_S),
+        }
+
+    def on_tick(job_id_v, shown_v):
+        job = ctl.shown_job("train", job_id_v)
+        if job is None:
+            return {shown: shown_v} if shown_v == "idle" else {shown: "idle", timer: gr.Timer(IDLE_TICK_S)}
+        key = [
+            job.id,
+            job.state,
+            job.step,
+            len(job.curve),
+            job.ahead,
+            job.stop_requested(),
+            job.training_run_id,
+        ]
+        if key == shown_v:
+            return {shown: shown_v}  # nothing new
+        out: dict = {job_id: job.id, shown: key, status: job_html(ctl, job)}
+        title = f"Training run #{job.training_run_id}" if job.training_run_id else "Training loss"
+        if not isinstance(shown_v, list) or shown_v[3] != len(job.curve):
+            out[curve] = figures.loss_curve(job.curve, title=title, smoothing=ctl.loss_smoothing())
+        if not isinstance(shown_v, list) or shown_v[1] != job.state or shown_v[6] != job.training_run_id:
+            out[runs] = ctl.training_rows()
+            out[timer] = gr.Timer(BUSY_TICK_S if job.active else IDLE_TICK_S)
+        if not job.active and job.result is not None:
+            p = job.result
+            out[status] = message_html(ctl.training_summary(p))
+            out[curve] = figures.loss_curve(
+                p.curve, title=f"Training run #{p.training_run_id}", smoothing=ctl.loss_smoothing()
+            )
+            out[metrics] = p.metrics
+        if not job.active:
+            out[job_id] = None  # shown to its end: a later tick shows the next running job, if any
+            out[shown] = "idle"
+        return out
+
+    def on_stop(job_id_v):
+        try:
+            job = ctl.shown_job("train", job_id_v)
+            if job is None or not job.active:
+                return {status: message_html("No training is running.")}
+            job = ctl.stop_job(job.id)
+        except Exception as exc:
+            return {status: message_html(user_message(exc), ok=False)}
+        return {status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
 
     start.click(
         on_train,
@@ -171,12 +207,19 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
             max_tokens,
             max_seconds,
         ],
-        [status, curve, metrics, runs],
+        [job_id, shown, status, curve, metrics, runs, timer],
         api_name="ui_train",
         api_visibility="undocumented",
-        concurrency_limit=1,
-        concurrency_id="training",
     )
+    timer.tick(
+        on_tick,
+        [job_id, shown],
+        [job_id, shown, status, curve, metrics, runs, timer],
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_limit=None,  # a quick read of the job's state: never waits behind long requests
+    )
+    stop.click(on_stop, job_id, [status, timer], api_visibility="private", concurrency_limit=None)
 
     @api_errors
     def train_recipe(
@@ -195,10 +238,13 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
             "seed": whole(seed, "seed"),
         }
         version_id = record_id(version_id, "recipe version")
-        *_, last = engine.train_version(
+        job = engine.start_training(
             version_id, engine.datasets(names(corpora, "Corpora"), [], "train"), settings
         )
-        t = engine.repo.get_training_run(last.training_run_id)
+        job = engine.jobs.wait(job.id)  # in the job queue, as the tab's trainings are
+        if job.state == "failed" or job.result is None:
+            raise gr.Error(job.error or "The training ended without a result.", print_exception=False)
+        t = engine.repo.get_training_run(job.result.training_run_id)
         return {
             "id": t.id,
             "version_id": t.version_id,
@@ -223,6 +269,44 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
             for t in runs_
         ]
 
-    gr.api(train_recipe, api_name="train", concurrency_limit=1, concurrency_id="training")
+    @api_errors
+    def stop_job(job_id: int) -> dict:
+        """Stop a training or evaluation job: a waiting one never starts, a running one ends after its current
+        step (a training keeps the steps done as a trained result)."""
+        job = ctl.stop_job(job_id)
+        if job is None:
+            raise gr.Error(f"There is no job {job_id}.", print_exception=False)
+        return job_dict(ctl, job)
+
+    @api_errors
+    def job_status(kind: str = "train") -> dict | None:
+        """The training ("train") or evaluation ("evaluate") job running or waiting now, with its progress."""
+        job = ctl.shown_job(kind)
+        return job_dict(ctl, job) if job else None
+
+    gr.api(train_recipe, api_name="train")
     gr.api(list_training_runs, api_name="list_training_runs")
-    return {"version": version, "status": status, "curve": curve, "runs": runs, "version_targets": [version]}
+    gr.api(stop_job, api_name="stop_job")
+    gr.api(job_status, api_name="job_status")
+    return {
+        "version": version,
+        "status": status,
+        "curve": curve,
+        "runs": runs,
+        "stop": stop,
+        "timer": timer,
+        "version_targets": [version],
+    }
+
+
+def job_dict(ctl: StudioController, job) -> dict:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "step": job.step,
+        "steps": job.steps,
+        "ahead": job.ahead,
+        "training_run_id": job.training_run_id,
+        "status": ctl.job_line(job),
+    }

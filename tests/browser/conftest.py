@@ -75,7 +75,9 @@ def studio(tmp_path_factory, tiny):
 
 @pytest.fixture
 def page(browser, studio):
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    # The shipped demo family (screenshots) has more models than the test copies: a taller window keeps the
+    # palette and the board in view together, as HTML drag and drop needs.
+    context = browser.new_context(viewport={"width": 1440, "height": 1800 if screenshots_wanted() else 1000})
     pg = context.new_page()
     problems: list[str] = []
     pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))

@@ -48,7 +48,7 @@ def watch_heatmap(page) -> None:
             const s = {cols: gd.data[0].z[0].length, range: (gd.layout.xaxis.range || []).slice()};
             const last = window.__heat[window.__heat.length - 1];
             if (!last || last.cols !== s.cols) window.__heat.push(s);
-        }, 15);
+        }, 50);
     }""")
 
 
@@ -67,7 +67,7 @@ def test_the_first_run_of_a_fresh_studio_routes_with_the_shipped_weights(page, s
     forward = mol.fused.FusedModel.forward
 
     def slow(self, *args, **kwargs):  # slow enough to watch the heatmap grow
-        time.sleep(0.04)
+        time.sleep(0.12)
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(mol.fused.FusedModel, "forward", slow)

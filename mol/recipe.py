@@ -203,23 +203,7 @@ class Recipe:
         for key in ("name", "models", "slots"):
             if key not in data or data[key] in (None, "", [], {}):
                 raise RecipeError(f"The recipe needs '{key}'.")
-        name = data["name"]
-        if not isinstance(name, str) or not name.strip():
-            raise RecipeError(f"'name' must be a non-empty string, got {_short(name)}.")
-        models = data["models"]
-        if isinstance(models, list):  # shorthand: a list of paths, aliases are folder names
-            models = {Path(str(m)).name.replace(" ", "_") or f"m{i}": m for i, m in enumerate(models)}
-        if not isinstance(models, dict):
-            raise RecipeError(
-                "'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}."
-            )
-        models = {str(k): v for k, v in models.items()}
-        _check_aliases(models)
-        for alias, ref in models.items():
-            if not isinstance(ref, str) or not ref.strip():
-                raise RecipeError(
-                    f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}."
-                )
+        name, models = _parse_name_and_models(data)
         base = data.get("base")
         if base is None:
             base = next(iter(models))
@@ -248,21 +232,7 @@ class Recipe:
             raise RecipeError(
                 "A recipe with 'lanes' gives each lane its slots; remove the top-level 'slots'."
             )
-        name = data.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise RecipeError(f"'name' must be a non-empty string, got {_short(name)}.")
-        models = data.get("models")
-        if not isinstance(models, dict) or not models:
-            raise RecipeError(
-                "'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}."
-            )
-        models = {str(k): v for k, v in models.items()}
-        _check_aliases(models)
-        for alias, ref in models.items():
-            if not isinstance(ref, str) or not ref.strip():
-                raise RecipeError(
-                    f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}."
-                )
+        name, models = _parse_name_and_models(data)
         raw_lanes = data["lanes"]
         if not isinstance(raw_lanes, dict) or len(raw_lanes) < 2:
             raise RecipeError("'lanes' maps two or more lane names to {base: alias, slots: [...]}.")
@@ -449,6 +419,28 @@ def to_recipe(value: Recipe | Path | str) -> Recipe:
     raise TypeError(
         f"Expected a Recipe, a Path to a recipe file or recipe YAML text, not {type(value).__name__}."
     )
+
+
+def _parse_name_and_models(data: dict) -> tuple[str, dict[str, str]]:
+    """The recipe's name and its models (alias -> folder or Hub id), checked."""
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecipeError(f"'name' must be a non-empty string, got {_short(name)}.")
+    models = data.get("models")
+    if isinstance(models, list):  # shorthand: a list of paths, aliases are folder names
+        models = {Path(str(m)).name.replace(" ", "_") or f"m{i}": m for i, m in enumerate(models)}
+    if not isinstance(models, dict) or not models:
+        raise RecipeError(
+            "'models' maps aliases to local folders or Hub ids, e.g. {bard: assets/models/mango-bard}."
+        )
+    models = {str(k): v for k, v in models.items()}
+    _check_aliases(models)
+    for alias, ref in models.items():
+        if not isinstance(ref, str) or not ref.strip():
+            raise RecipeError(
+                f"models.{alias}: give a local folder or a Hub id as a string, got {_short(ref)}."
+            )
+    return name, models
 
 
 def _check_aliases(models: dict) -> None:

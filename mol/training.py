@@ -213,28 +213,21 @@ def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
     for part, on in ((adapters, config.train_adapters), (routers, config.train_routers)):
         for _, p in part:
             p.requires_grad_(on)  # switched on again by a later run that trains it
-    groups = []
-    if config.train_adapters and adapters:
-        groups.append(
-            {
-                "params": [p for _, p in adapters],
-                "names": [n for n, _ in adapters],
-                "lr": config.lr,
-                "base_lr": config.lr,
-                "weight_decay": config.weight_decay,
-            }
-        )
-    if config.train_routers and routers:
-        groups.append(
-            {
-                "params": [p for _, p in routers],
-                "names": [n for n, _ in routers],
-                "lr": config.router_lr,
-                "base_lr": config.router_lr,
-                "weight_decay": 0.0,
-            }
-        )
-    return groups
+    wanted = (
+        (config.train_adapters, adapters, config.lr, config.weight_decay),
+        (config.train_routers, routers, config.router_lr, 0.0),
+    )
+    return [
+        {
+            "params": [p for _, p in part],
+            "names": [n for n, _ in part],
+            "lr": lr,
+            "base_lr": lr,
+            "weight_decay": decay,
+        }
+        for on, part, lr, decay in wanted
+        if on and part
+    ]
 
 
 def initialise(

@@ -100,24 +100,7 @@ class EvalReport:
                 writer.writerows(self.csv_rows())
 
     def table(self) -> str:
-        """Perplexity per domain (rows: models), then agreement and load per routed slot of the routed rows."""
-        domains = list(self.rows[0].domains) if self.rows else []
-        lines = [
-            "| model | " + " | ".join(domains) + " | trainable params |",
-            "|---|" + "---|" * len(domains) + "---|",
-        ]
-        for r in self.rows:
-            cells = [f"{r.domains[d].perplexity:.2f}" for d in domains]
-            lines.append(f"| {r.name} ({r.kind}) | " + " | ".join(cells) + f" | {r.trainable_parameters:,} |")
-        for r in self.rows:
-            for d in domains:
-                res = r.domains[d]
-                for slot, shares in res.load.items():
-                    load = ", ".join(f"{e} {s:.0%}" for e, s in shares.items())
-                    agree = res.agreement.get(slot)
-                    agree_text = f"agreement {agree:.0%}; " if agree is not None else ""
-                    lines.append(f"{r.name} on {d}, slot {slot}: {agree_text}load {load}")
-        return "\n".join(lines)
+        return report_table(self.to_dict())
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------
@@ -468,3 +451,34 @@ __all__ = [
     "source_model",
     "source_recipe",
 ]
+
+
+def report_table(results: dict) -> str:
+    """An evaluation (EvalReport.to_dict(), as stored) as Markdown: perplexity per domain (rows: models), then each
+    routed slot's agreement with the labels and its load. The CLI prints it; the studio shows it."""
+    rows = results.get("rows") or []
+    if not rows:
+        return ""
+    domains = list(rows[0]["domains"])
+    lines = [
+        "| model | " + " | ".join(f"{d} perplexity" for d in domains) + " | trainable parameters |",
+        "|---|" + "---:|" * len(domains) + "---:|",
+    ]
+    for r in rows:
+        cells = [f"{r['domains'][d]['perplexity']:.2f}" for d in domains]
+        lines.append(
+            f"| {r['name']} ({r['kind']}) | " + " | ".join(cells) + f" | {r['trainable_parameters']:,} |"
+        )
+    notes = []
+    for r in rows:
+        for d in domains:
+            res = r["domains"][d]
+            for slot, shares in (res.get("load") or {}).items():
+                agree = (res.get("agreement") or {}).get(slot)
+                load = ", ".join(f"{e} {s:.0%}" for e, s in shares.items())
+                notes.append(
+                    f"- {r['name']} on {d}, slot {slot}: "
+                    + (f"agreement with labels {agree:.0%}; " if agree is not None else "")
+                    + f"load {load}"
+                )
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")

@@ -15,13 +15,18 @@ const state = () => {
 };
 const clone = (x) => JSON.parse(JSON.stringify(x));
 
+// The router kinds mol has registered, the default first: [{type, takes_top_k}] (data-router-kinds, set by the
+// server from mol's registry, so a kind registered there is offered here too).
+const KINDS = JSON.parse(element.querySelector(".mango-board").dataset.routerKinds || "[]");
+const kindOf = (type) => KINDS.find((k) => k.type === type) || KINDS[0];
+
 function normalise(slot) {
   const experts = [...new Set(slot.experts || [])];
   let router = null;
   if (experts.length > 1) {
-    router = Object.assign({type: "token", top_k: 1}, slot.router || {});
-    if (router.type !== "pooled") router.type = "token";
-    router.top_k = router.type === "pooled" ? 1 : Math.max(1, Math.min(parseInt(router.top_k) || 1, experts.length));
+    const kind = kindOf((slot.router || {}).type);
+    router = {type: kind.type, top_k: 1};
+    if (kind.takes_top_k) router.top_k = Math.max(1, Math.min(parseInt((slot.router || {}).top_k) || 1, experts.length));
   }
   return {experts, router};
 }
@@ -99,14 +104,14 @@ function slotHtml(slot, i, n, models, colors) {
     .map((ref) => `<option value="${esc(ref)}">${esc(ref)}</option>`).join("");
   let router = "";
   if (routed) {
-    const r = slot.router || {type: "token", top_k: 1};
+    const r = slot.router || {type: KINDS[0].type, top_k: 1};
+    const choices = KINDS.map((k) => `<option value="${esc(k.type)}"${r.type === k.type ? " selected" : ""}>${esc(k.type)}</option>`).join("");
     router = `<label class="router-type">router <select data-action="router-type" data-slot="${i}" aria-label="Router of slot ${i}">
-        <option value="token"${r.type === "token" ? " selected" : ""}>token</option>
-        <option value="pooled"${r.type === "pooled" ? " selected" : ""}>pooled</option></select></label>` +
-      (r.type === "token" ? `<label class="router-topk">top-k <input type="number" data-action="top-k" data-slot="${i}"
+        ${choices}</select></label>` +
+      (kindOf(r.type).takes_top_k ? `<label class="router-topk">top-k <input type="number" data-action="top-k" data-slot="${i}"
         min="1" max="${slot.experts.length}" value="${r.top_k}" aria-label="top-k of slot ${i}"></label>` : "");
   }
-  const kind = routed ? `${esc((slot.router || {}).type || "token")}-routed` : "plain";
+  const kind = routed ? `${esc((slot.router || {}).type || KINDS[0].type)}-routed` : "plain";
   return `<div class="slot${routed ? " routed" : ""}" role="listitem" data-slot="${i}" aria-label="Slot ${i}">
     <div class="slot-head">
       <span class="slot-handle" draggable="true" data-slot="${i}" title="Drag to reorder">⠿</span>

@@ -8,42 +8,13 @@ from typing import Any
 
 import gradio as gr
 
+from mol.evaluation import report_table
 from studio import figures
 from studio.controller import BUILTIN_CORPORA, StudioController
 from studio.errors import flag, names, record_id, whole
 from studio.tabs.common import BUSY_TICK_S, IDLE_TICK_S, api_errors, job_html, message_html, user_message
 
 EVALUATION_COLUMNS = ["Id", "Name", "Time (UTC)", "Fused perplexity"]
-
-
-def report_markdown(results: dict) -> str:
-    """Perplexity per domain (rows: models), then each routed slot's agreement with the labels and its load."""
-    rows = results.get("rows") or []
-    if not rows:
-        return ""
-    domains = list(rows[0]["domains"])
-    lines = [
-        "| model | " + " | ".join(f"{d} perplexity" for d in domains) + " | trainable parameters |",
-        "|---|" + "---:|" * len(domains) + "---:|",
-    ]
-    for r in rows:
-        cells = [f"{r['domains'][d]['perplexity']:.2f}" for d in domains]
-        lines.append(
-            f"| {r['name']} ({r['kind']}) | " + " | ".join(cells) + f" | {r['trainable_parameters']:,} |"
-        )
-    notes = []
-    for r in rows:
-        for d in domains:
-            res = r["domains"][d]
-            for slot, shares in (res.get("load") or {}).items():
-                agree = (res.get("agreement") or {}).get(slot)
-                load = ", ".join(f"{e} {s:.0%}" for e, s in shares.items())
-                notes.append(
-                    f"- {r['name']} on {d}, slot {slot}: "
-                    + (f"agreement with labels {agree:.0%}; " if agree is not None else "")
-                    + f"load {load}"
-                )
-    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def create_evaluate_tab(
@@ -108,7 +79,7 @@ def create_evaluate_tab(
         return {
             bars: figures.perplexity_bars(results),
             routing: figures.routing_results(results),
-            table: report_markdown(results),
+            table: report_table(results),
         }
 
     def on_evaluate(version_id, weights_id, corpora_v, files, seq_v, max_tokens_v, sources_v):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +15,14 @@ import gradio as gr
 from mol.errors import RecipeError
 from mol.export import FORMATS
 from mol.export.mergekit import export_mergekit
-from mol.recipe import ADAPTER_TYPES, DEFAULT_BOTTLENECK_RANK, AdapterSpec, RouterSpec
+from mol.recipe import (
+    ADAPTER_TYPES,
+    DEFAULT_BOTTLENECK_RANK,
+    AdapterSpec,
+    RouterSpec,
+    router_kind,
+    router_types,
+)
 from studio import draft_recipe as rb
 from studio.controller import StudioController, checked_yaml, edit_yaml, save_recipe
 from studio.engine import PlanReport
@@ -196,6 +204,14 @@ def _jsonable(obj: Any) -> Any:
 # ---- the tab ----------------------------------------------------------------------------------------
 
 
+def router_kinds_attr() -> str:
+    """mol's registered router kinds, the default first, for the board (an HTML attribute value)."""
+    default = RouterSpec().type
+    kinds = [default] + [t for t in router_types() if t != default]
+    data = [{"type": t, "takes_top_k": router_kind(t).takes_top_k} for t in kinds]
+    return html.escape(json.dumps(data), quote=True)
+
+
 def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
     models = palette_models(workspace.value)
     aliases = [m["alias"] for m in models]
@@ -221,7 +237,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
             gr.Markdown("**Recipe board** — one row per slot; several candidates make a routed slot")
             board = gr.HTML(
                 value={"models": models, "slots": []},
-                html_template='<div class="mango-board"></div>',
+                html_template=f'<div class="mango-board" data-router-kinds="{router_kinds_attr()}"></div>',
                 js_on_load=(STATIC / "board.js").read_text(),
                 elem_id="recipe-board",
                 apply_default_css=False,

@@ -172,6 +172,12 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     expect(textbox(page, "output-text")).to_have_value(run.output_text)
     page.wait_for_selector("#router-heatmap .js-plotly-plot")
     page.wait_for_selector("#expert-load .js-plotly-plot")
+    # the heatmap is redrawn while tokens stream: wait until the browser shows the final one (it can lag)
+    page.wait_for_function(
+        """n => { const gd = document.querySelector('#router-heatmap .js-plotly-plot');
+            return gd && gd.data && gd.data[0] && gd.data[0].z[0].length === n; }""",
+        arg=len(trace["tokens"]),
+    )
     heat = page.evaluate("""() => { const gd = document.querySelector('#router-heatmap .js-plotly-plot');
         return {rows: gd.data[0].z.length, cols: gd.data[0].z[0].length, ticks: gd.layout.xaxis.ticktext.length,
                 keys: gd.data.slice(1).map(t => t.name), z: gd.data[0].z}; }""")

@@ -9,7 +9,6 @@ import dataclasses
 import html
 import json
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -591,19 +590,6 @@ class StudioController:
             )
         return rows
 
-    def train(
-        self, version_id: Any, corpora: list[str], files: Any, settings: dict[str, Any]
-    ) -> Iterator[TrainingProgress]:
-        """Train a version on the chosen corpora and uploaded files with the tab's settings (0 or empty for
-        max_tokens and max_seconds: no bound): the request is checked now, the returned iterator trains."""
-        if version_id is None:
-            raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-        data = self.engine.datasets(corpora, uploaded_paths(files), "train")
-        s = dict(settings)
-        for name in ("max_tokens", "max_seconds"):
-            s[name] = s.get(name) or None
-        return self.engine.train_version(version_id, data, s)
-
     def evaluation_rows(self, limit: int = 50) -> list[list]:
         rows = []
         for e in self.repo.list_evaluations(limit=limit):
@@ -611,30 +597,6 @@ class StudioController:
             ppl = ", ".join(f"{d} {v['perplexity']:.2f}" for d, v in (fused or {}).get("domains", {}).items())
             rows.append([e.id, e.name, fmt_time(e.created_at), ppl])
         return rows
-
-    def evaluate(
-        self,
-        version_id: Any,
-        weights_id: Any,
-        corpora: list[str],
-        files: Any,
-        seq_len: Any,
-        max_tokens: Any,
-        sources: Any,
-        on_progress=None,
-    ):
-        if version_id is None:
-            raise RecipeError("Pick a saved recipe version first (save one in the Recipe tab).")
-        data = self.engine.datasets(corpora, uploaded_paths(files), "test")
-        return self.engine.evaluate_version(
-            version_id,
-            data,
-            weights_id or None,
-            bool(sources),
-            int(seq_len),
-            int(max_tokens) if max_tokens else None,
-            on_progress=on_progress,
-        )
 
     # ---- long jobs (Train and Evaluate run in the background: Stop, a queue, re-attach after a reload) ------
     def start_training(

@@ -82,7 +82,9 @@ def calibrate(model: FusedModel, texts: list[str] | str, max_tokens: int = 512) 
             h_block = targets[e.alias][layer_index].reshape(-1, targets[e.alias][layer_index].shape[-1])
             e.adapter.float().fit(h_base, h_block)
             e.adapter.to(model.dtype)
-            pred = e.adapter.into(h_base.to(model.dtype)).float()
+            # the fit runs on the host; the adapter lives with its block
+            on = next(e.adapter.parameters()).device
+            pred = e.adapter.into(h_base.to(on, model.dtype)).float().cpu()
             report[f"slot {slot.index} {e.name}"] = float(
                 (pred - h_block).norm() / h_block.norm().clamp(min=1e-9)
             )

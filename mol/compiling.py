@@ -12,9 +12,17 @@ compiled graph, and the routing stays in Python.
     compile_blocks(model)          # then train or run forwards as usual
 
 A routed expert's MLP sees a varying number of tokens; those sizes are compiled as dynamic after the first
-change. The fast decoder (mol.fast) compiles its whole step itself and needs none of this."""
+change. The fast decoder (mol.fast) compiles its whole step itself and needs none of this.
+
+Compilation costs tens of seconds a process; `use_compile_cache` keeps its results (inductor's FX graph, AOT
+autograd and autotuning caches, and Triton's kernels, all under TORCHINDUCTOR_CACHE_DIR) in a folder that
+outlives the process, so that a new process compiles the same step from that cache. The fast decoder uses it
+whenever it compiles."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -23,6 +31,32 @@ from mol.fused import FusedModel
 # Every routed MLP size, padding change and block shape is a guard set on one code object; the default limit (8)
 # would silently fall back to eager on recipes with several families.
 _RECOMPILE_LIMIT = 64
+
+
+def default_compile_cache() -> Path:
+    """MOL_COMPILE_CACHE if set, else `mol/torch-compile` under the user's cache folder (XDG_CACHE_HOME)."""
+    if os.environ.get("MOL_COMPILE_CACHE"):
+        return Path(os.environ["MOL_COMPILE_CACHE"]).expanduser()
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+        / "mol"
+        / "torch-compile"
+    )
+
+
+def use_compile_cache(folder: str | Path | None = None) -> Path:
+    """Point torch.compile's on-disk caches at `folder` (created if missing) and return it. With no folder, a
+    TORCHINDUCTOR_CACHE_DIR already set (by the user, or by an earlier compilation of this process) is kept,
+    and otherwise `default_compile_cache()` is used; torch's own default lives in the temporary folder, which
+    a restarted machine or container loses. torch reads the variable at each cache access, so this holds for
+    compilations that follow; the caches themselves are on by default (inductor's `fx_graph_cache`,
+    `autotune_local_cache`, functorch's `enable_autograd_cache`)."""
+    if folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = Path(folder).expanduser() if folder is not None else default_compile_cache()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.resolve())
+    return path
 
 
 def _raise_recompile_limit() -> None:

@@ -113,8 +113,26 @@ class _Tally:
     labelled: dict[int, int] = field(default_factory=dict)
 
 
+MIXTURE = -1  # the trace's row for a lanes model's output mixture (its experts: the lanes)
+
+
+def _lane_aliases(model: FusedModel) -> list[str]:
+    """Each lane's base model, in lane order: the "experts" of the output mixture."""
+    return [model.plan.lanes[name].recipe.base for name in model.lanes]
+
+
 def _expert_aliases(model: FusedModel, slot_index: int) -> list[str]:
-    return [e.alias for e in model.slots[slot_index].experts]
+    if slot_index == MIXTURE:
+        return _lane_aliases(model)
+    return [e.alias for e in _slot(model, slot_index).experts]
+
+
+def _slot(model: FusedModel, slot_index: int):
+    return next(s for s in model.all_slots if s.index == slot_index)
+
+
+def _slot_key(slot_index: int) -> str:
+    return "mixture" if slot_index == MIXTURE else str(slot_index)
 
 
 @torch.no_grad()
@@ -164,11 +182,12 @@ def score(
     loss = tally.nll / max(tally.tokens, 1)
     result = DomainResult(tokens=tally.tokens, loss=loss, perplexity=math.exp(min(loss, 50.0)))
     for slot, counts in tally.load.items():
-        names = model.slots[slot].expert_names
+        names = list(model.lanes) if slot == MIXTURE else _slot(model, slot).expert_names
         total = float(counts.sum()) or 1.0
-        result.load[str(slot)] = {n: float(c) / total for n, c in zip(names, counts.tolist(), strict=True)}
+        key = _slot_key(slot)
+        result.load[key] = {n: float(c) / total for n, c in zip(names, counts.tolist(), strict=True)}
         if tally.labelled.get(slot):
-            result.agreement[str(slot)] = tally.hits[slot] / tally.labelled[slot]
+            result.agreement[key] = tally.hits[slot] / tally.labelled[slot]
     return result
 
 
@@ -178,6 +197,8 @@ def _gather(model: FusedModel, tally: _Tally, batch_nll: torch.Tensor) -> None:
     no batch has seen no slot)."""
     batch_nll.copy_(distributed.all_reduce_sum(batch_nll))
     slots = [(s.index, len(s.experts)) for s in model.routed_slots]
+    if model.lanes is not None:
+        slots.append((MIXTURE, len(model.lanes)))
     counts = torch.cat(
         [torch.tensor([tally.tokens])]
         + [
@@ -236,6 +257,8 @@ class LabelRouter(nn.Module):
     def __init__(self, original: nn.Module, expert_for_label: dict[int, int]):
         super().__init__()
         self.original = original
+        # fed what the gate it stands in for reads
+        self.reads = getattr(original, "reads", "states")
         self.expert_for_label = expert_for_label
         self.labels: torch.Tensor | None = None
 
@@ -264,18 +287,27 @@ def route_by_label(model: FusedModel, label_names: list[str], label_experts: Map
             for i, n in enumerate(label_names)
             if label_experts.get(n) in aliases
         }
-        swapped.append((slot, slot.router))
+        swapped.append((slot, "router", slot.router))
         slot.router = LabelRouter(slot.router, mapping)
+    if model.lanes is not None:  # the output mixture follows the labels too: the label's model's lane
+        lanes = _lane_aliases(model)
+        mapping = {
+            i: lanes.index(label_experts[n])
+            for i, n in enumerate(label_names)
+            if label_experts.get(n) in lanes
+        }
+        swapped.append((model, "gate", model.gate))
+        model.gate = LabelRouter(model.gate, mapping)
 
     def set_labels(labels: torch.Tensor) -> None:
-        for slot, _ in swapped:
-            slot.router.labels = labels
+        for owner, attr, _ in swapped:
+            getattr(owner, attr).labels = labels
 
     try:
         yield set_labels
     finally:
-        for slot, router in swapped:
-            slot.router = router
+        for owner, attr, original in swapped:
+            setattr(owner, attr, original)
 
 
 # ---- source models alone ---------------------------------------------------------------------------------
@@ -299,7 +331,8 @@ def source_model(model: FusedModel, alias: str) -> FusedModel:
 
 
 def routed_aliases(model: FusedModel) -> list[str]:
-    seen: list[str] = []
+    """The models a router or the output mixture chooses between."""
+    seen: list[str] = _lane_aliases(model) if model.lanes is not None else []
     for slot in model.routed_slots:
         for e in slot.experts:
             if e.alias not in seen:
@@ -373,14 +406,16 @@ def evaluate(
     """Evaluate a fused model (or a Recipe, a Path to a recipe file, or recipe YAML text) on named datasets
     (`--data` strings, a mapping name -> paths, or tokenised streams); with `sources`, every routed source model
     alone on the same tokens; with `oracle`,
-    the same recipe routed by the true labels. `on_progress(done, total, what)` is called after each model has
+    the same recipe routed by the true labels (every routed slot, and a lanes recipe's output mixture, sends each
+    token to its label's model). `on_progress(done, total, what)` is called after each model has
     scored each dataset."""
     model = _as_model(model_or_recipe, weights, device)
     tokens = _as_tokens(model, datasets, max_tokens)
     alone = []  # source models scored alone: shown with `sources`, needed to pick the oracle's domain experts
     if sources or oracle or domain_experts is None:
         alone = model.recipe.used_aliases if sources else routed_aliases(model)
-    total = len(tokens) * (len(alone) + 1 + int(oracle and bool(model.routed_slots)))
+    routes = bool(model.routed_slots) or model.lanes is not None
+    total = len(tokens) * (len(alone) + 1 + int(oracle and routes))
     done = 0
 
     def scored(what: str, dom: str) -> None:
@@ -409,7 +444,7 @@ def evaluate(
     for dom, t in tokens.items():
         rows[0].domains[dom] = score(model, t, seq_len, batch_size, domain_experts)
         scored(rows[0].name, dom)
-    if oracle and model.routed_slots:
+    if oracle and routes:
         row = ModelResult(f"{name or model.recipe.name} oracle", "oracle", count_trainable(model))
         for dom, t in tokens.items():
             with route_by_label(model, t.label_names, domain_experts) as set_labels:

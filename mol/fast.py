@@ -6,7 +6,8 @@ Here every slot-expert's keys and values live in a buffer of fixed capacity, eve
 its position, the attention mask) in a fixed tensor, so one whole step (embeddings, every slot, head, greedy
 pick, bookkeeping) is captured once as a CUDA graph and replayed with a single launch per token. With
 `compile=True` the step is first compiled (torch.compile), which fuses the elementwise kernels between the
-matrix products.
+matrix products; the compiler's results persist on disk (mol.compiling.use_compile_cache), so a new process pays
+a fraction of the first compilation.
 
     tokens = model.generate(ids, max_new_tokens=256, fast=True)          # decoders are cached per shape
     dec = FastDecoder(model, batch_size=8, capacity=512, compile=True)   # or hold one yourself
@@ -18,6 +19,8 @@ sit in a graph) and the mixing weights alone select, so the tokens are the same 
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -63,6 +66,7 @@ class FastDecoder:
         cuda_graph: bool | None = None,
         compile: bool = False,
         max_eos: int = 8,
+        compile_cache: str | Path | None = None,
     ):
         self.model, self.batch, self.capacity = model, batch_size, capacity
         dev = self.device = model.device
@@ -70,6 +74,7 @@ class FastDecoder:
         if self.cuda_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device.")
         self.compile = compile
+        self.compile_cache = compile_cache  # folder of torch.compile's caches (None: mol.compiling's default)
         b, n = batch_size, capacity
         self.kv = StaticKV(capacity)
         self.cache = FusedCache(kv=self.kv)
@@ -142,6 +147,9 @@ class FastDecoder:
             return fn()
         if self.compile:
             if greedy not in self._compiled:
+                from mol.compiling import use_compile_cache
+
+                use_compile_cache(self.compile_cache)  # a later process compiles this step from the cache
                 # Decode is matrix-vector work: tuning each generated kernel's launch shape pays off here.
                 options = {"coordinate_descent_tuning": True} if self.device.type == "cuda" else None
                 self._compiled[greedy] = torch.compile(fn, dynamic=False, options=options)

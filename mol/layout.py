@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mol.recipe import MixtureSpec
+
 ATTN = "sdpa"
 
 
@@ -80,7 +82,7 @@ def network_fields(the_plan) -> dict:
             base=base.alias,
             lanes={name: network_fields(p) for name, p in the_plan.lanes.items()},
             stitches=[{**s.to_dict(), "after": list(s.after)} for s in recipe.stitches],
-            mixture=(recipe.mixture.to_dict() if recipe.mixture else {"type": "token"}),
+            mixture=(recipe.mixture or MixtureSpec()).to_dict(),
             hidden_size=base.width,
             vocab_size=base.vocab_size,
             num_hidden_layers=the_plan.cache_layers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mol import dtypes
+from mol import costs, dtypes
 from mol.access import LOCAL, AccessPolicy
 from mol.errors import (
     CheckpointError,
@@ -14,7 +14,7 @@ from mol.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
-from mol.recipe import Recipe, Slot
+from mol.recipe import MixtureSpec, Recipe, Slot
 from mol.sources import ModelSource, TensorInfo, load_source, one_line
 
 
@@ -78,13 +78,21 @@ class Plan:
         total = 0
         for st in self.recipe.stitches:
             a, b = self.lanes[st.source].width, self.lanes[st.target].width
-            total += 1 + (a * b if st.type == "linear" else st.rank * (a + b))  # the gate scalar and the map
+            # the gate scalar and the map (cross-attention: queries and output on the target's side, keys and
+            # values on the source's, each of the attention's width)
+            if st.type == "cross-attention":
+                total += 1 + 2 * (st.rank or b) * (a + b)
+            else:
+                total += 1 + (a * b if st.type == "linear" else st.rank * (a + b))
         return total
 
     def gate_parameters(self) -> int:
-        """The output mixture's gate: from the lanes' final states to one score per lane."""
+        """The output mixture's gate: from the lanes' final states to one score per lane (an evidence gate: a prior
+        per lane, a scale and a decay)."""
         if not self.lanes:
             return 0
+        if self.recipe.mixture is not None and self.recipe.mixture.type == "evidence":
+            return len(self.lanes) + 2
         return (sum(p.width for p in self.lanes.values()) + 1) * len(self.lanes)
 
     def adapter_parameters(self) -> int:
@@ -125,12 +133,16 @@ class Plan:
         kv *= context_tokens * batch
         return {"weights": weights, "trainable": trainable, "kv_cache": kv, "total": weights + trainable + kv}
 
+    def flops_per_token(self, context_tokens: int = costs.DEFAULT_CONTEXT) -> dict:
+        """Forward FLOPs per token at `context_tokens`, and each source's alone (mol.costs.plan_flops)."""
+        return costs.plan_flops(self, context_tokens)
+
     def summary(self) -> str:
         r = self.recipe
         if self.lanes:
             lines = [
                 f"Recipe '{r.name}': {len(self.lanes)} lanes, {len(r.stitches)} stitches, "
-                f"{(r.mixture.type if r.mixture else 'token')} mixture of their outputs."
+                f"{(r.mixture or MixtureSpec()).type} mixture of their outputs."
             ]
             for name, lane in self.lanes.items():
                 routed = sum(s.routed for s in lane.slots)
@@ -141,6 +153,7 @@ class Plan:
             for st in r.stitches:
                 lines.append(
                     f"  stitch {st.source} (after slot {st.after[0]}) -> {st.target} (after slot {st.after[1]}), {st.type}"
+                    + _stitch_shape(st, self.lanes[st.target].width)
                 )
         else:
             lines = [
@@ -165,6 +178,7 @@ class Plan:
             lines.append(f"  slot {s.index}: {', '.join(parts)}{router}")
         mem = self.memory_estimate()
         lines.append(f"Reads {self.tensors_to_read} tensors, {_fmt_bytes(self.bytes_to_read)} from disk.")
+        lines.extend(costs.summary_lines(self.flops_per_token()))
         lines.append(
             f"Trainable: {self.adapter_parameters():,} adapter + {self.router_parameters():,} router"
             + (f" + {self.stitch_parameters():,} stitch" if self.lanes else "")
@@ -189,8 +203,21 @@ class Plan:
             "memory_estimate": self.memory_estimate(),
             "adapter_parameters": self.adapter_parameters(),
             "router_parameters": self.router_parameters(),
+            "flops_per_token": self.flops_per_token(),
             "warnings": list(self.warnings),
         }
+
+
+def _stitch_shape(st, target_width: int) -> str:
+    """A stitch's size in the plan summary: the rank of a low-rank map, the heads and width of a cross-attention."""
+    if st.type == "lowrank":
+        return f", rank {st.rank}"
+    if st.type == "cross-attention":
+        from mol.network.modeling_mol import stitch_heads
+
+        width = st.rank or target_width
+        return f", {st.heads or stitch_heads(width)} heads, width {width}"
+    return ""
 
 
 def _fmt_bytes(n: int) -> str:
@@ -314,6 +341,13 @@ def _plan_lanes(recipe: Recipe, sources: dict[str, ModelSource], policy: AccessP
                 raise RecipeError(
                     f"stitches[{k}]: lane '{lane}' has {len(lanes[lane].slots)} slots (0..{len(lanes[lane].slots) - 1}); "
                     f"'after' names slot {index}."
+                )
+        if st.type == "cross-attention":
+            width = st.rank or lanes[st.target].width
+            if st.heads is not None and width % st.heads:
+                raise RecipeError(
+                    f"stitches[{k}]: {st.heads} heads do not divide the attention's width {width} (lane "
+                    f"'{st.target}''s width unless 'rank' sets it); choose heads that divide it."
                 )
     from mol.network.modeling_mol import stitch_order
 

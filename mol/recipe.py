@@ -114,8 +114,14 @@ class Slot:
         return out
 
 
-MIXTURE_TYPES = ("token", "sequence")
-STITCH_TYPES = ("linear", "lowrank")
+MIXTURE_TYPES = ("token", "sequence", "evidence")
+MIXTURE_DESCRIPTIONS = {  # what each output mixture does, in a few words (the CLI and the studio show them)
+    "token": "a gate per token, read from the lanes' states",
+    "sequence": "one lane per sequence, chosen from the prompt",
+    "evidence": "a gate per token, by how well each lane predicted the last tokens",
+}
+STITCH_TYPES = ("linear", "lowrank", "cross-attention")
+MAX_STITCH_HEADS = 1024
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ class StitchSpec:
     target: str
     after: tuple[int, int]
     type: str = "linear"
-    rank: int | None = None  # lowrank only
+    rank: int | None = None  # lowrank: its bottleneck; cross-attention: its width (None: the target's)
+    heads: int | None = None  # cross-attention only (None: about one per 64 channels of its width)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {
@@ -153,15 +160,20 @@ class StitchSpec:
         }
         if self.rank is not None:
             out["rank"] = self.rank
+        if self.heads is not None:
+            out["heads"] = self.heads
         return out
 
 
 @dataclass(frozen=True)
 class MixtureSpec:
-    """The output mixture of the lanes' next-token distributions: a gate per token, or one decision per sequence
-    (taken from the prompt; only the chosen lane then runs for the generated tokens)."""
+    """The output mixture of the lanes' next-token distributions: a gate per token read from the lanes' states
+    (token), one decision per sequence taken from the prompt (sequence: only the chosen lane then runs for the
+    generated tokens), or a gate per token from how well each lane predicted the recent tokens (evidence: a
+    switching Bayesian mixture, which needs no labelled domain to fall back to the best lane; the default, being
+    the one that stays at least as good as the best lane on text unlike any it was tuned on)."""
 
-    type: str = "token"
+    type: str = "evidence"
 
     def to_dict(self) -> dict:
         return {"type": self.type}
@@ -485,11 +497,12 @@ def _parse_adapter(raw: Any) -> AdapterSpec:
 
 
 def router_types() -> list[str]:
-    """The router kinds a recipe may name: those registered in mol.network.routers (imported here, with torch,
-    only once a recipe has a router)."""
+    """The router kinds a recipe's slots may name: those registered in mol.network.routers that read a slot's
+    hidden states (not the lanes' evidence gate, which reads the lanes' predictions), imported here, with torch,
+    only once a recipe has a router."""
     from mol.network.routers import ROUTERS
 
-    return sorted(ROUTERS)
+    return sorted(k for k, cls in ROUTERS.items() if getattr(cls, "reads", "states") == "states")
 
 
 def router_kind(kind: str):
@@ -536,7 +549,7 @@ def _parse_stitch(raw: Any, where: str) -> StitchSpec:
         raise RecipeError(
             f"{where} is {{from: lane, to: lane, after: [i, j], type: linear}}, got {_short(raw)}."
         )
-    _reject_unknown(raw, ("after", "from", "rank", "to", "type"), f"{where}: unknown key(s)")
+    _reject_unknown(raw, ("after", "from", "heads", "rank", "to", "type"), f"{where}: unknown key(s)")
     after = raw.get("after")
     if (
         not isinstance(after, list)
@@ -554,12 +567,29 @@ def _parse_stitch(raw: Any, where: str) -> StitchSpec:
         rank = DEFAULT_BOTTLENECK_RANK if rank is None else rank
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_ADAPTER_RANK:
             raise RecipeError(f"{where}.rank must be an integer between 1 and {MAX_ADAPTER_RANK}.")
+    elif kind == "cross-attention":
+        if rank is not None and (
+            not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_ADAPTER_RANK
+        ):
+            raise RecipeError(
+                f"{where}.rank (the attention's width) must be an integer between 1 and {MAX_ADAPTER_RANK}."
+            )
     elif rank is not None:
-        raise RecipeError(f"{where}.rank applies to a lowrank stitch only.")
+        raise RecipeError(f"{where}.rank applies to a lowrank or cross-attention stitch only.")
+    heads = raw.get("heads")
+    if heads is not None:
+        if kind != "cross-attention":
+            raise RecipeError(f"{where}.heads applies to a cross-attention stitch only.")
+        if not isinstance(heads, int) or isinstance(heads, bool) or not 1 <= heads <= MAX_STITCH_HEADS:
+            raise RecipeError(
+                f"{where}.heads must be an integer between 1 and {MAX_STITCH_HEADS}, got {_short(heads)}."
+            )
+        if rank is not None and rank % heads:
+            raise RecipeError(f"{where}: {heads} heads do not divide the attention's width (rank {rank}).")
     source, target = raw.get("from"), raw.get("to")
     if not isinstance(source, str) or not isinstance(target, str):
         raise RecipeError(f"{where}: 'from' and 'to' name lanes.")
-    return StitchSpec(source, target, (after[0], after[1]), kind, rank)
+    return StitchSpec(source, target, (after[0], after[1]), kind, rank, heads)
 
 
 def _parse_mixture(raw: Any) -> MixtureSpec:
@@ -568,7 +598,7 @@ def _parse_mixture(raw: Any) -> MixtureSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, dict):
-        raise RecipeError("'mixture' is {type: token} or {type: sequence}.")
+        raise RecipeError("'mixture' is {type: token}, {type: sequence} or {type: evidence}.")
     _reject_unknown(raw, ("type",), "mixture: unknown key(s)")
     kind = raw.get("type", "token")
     if kind not in MIXTURE_TYPES:

@@ -26,8 +26,12 @@ def uniform_routers(model: FusedModel) -> None:
     """Zero projections: every expert (and every lane of an output mixture) equally likely (ties go to the
     first expert under top-k)."""
     for router in [s.router for s in model.routed_slots] + ([model.gate] if model.lanes is not None else []):
-        router.proj.weight.zero_()
-        router.proj.bias.zero_()
+        if hasattr(router, "proj"):
+            router.proj.weight.zero_()
+            router.proj.bias.zero_()
+        else:  # an evidence gate: no prior, and the evidence not counted
+            router.prior.zero_()
+            router.scale.zero_()
 
 
 @torch.no_grad()
@@ -164,6 +168,8 @@ def ridge_gate(
     names = list(model.lanes)
     target = input_ids[:, 1:].unsqueeze(-1)
     ll = torch.stack([logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in names], -1)  # [B, T-1, lanes]
+    if getattr(model.gate, "reads", "states") == "evidence":
+        return _fit_evidence_gate(model.gate, ll.float().cpu(), names)
     ll = ll.reshape(-1, len(names)).cpu()
     posterior = ll.softmax(-1)
     feats = model.gate.features(model.gate_input(finals), mask)[:, :-1]
@@ -181,6 +187,40 @@ def ridge_gate(
     report = {f"{n} alone": float(-ll[:, i].mean()) for i, n in enumerate(names)}
     report["uniform mixture"] = float(-(torch.logsumexp(ll, -1) - math.log(len(names))).mean())
     report["fitted gate"] = nll(s)
+    return report
+
+
+@torch.no_grad()
+def _fit_evidence_gate(gate, ll: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """An evidence gate's closed form is Bayes' rule itself (prior uniform, scale 1); what is fitted is how fast it
+    forgets: the decay and scale with the highest mixture likelihood of the sample, by grid search. `ll` [B, T-1,
+    lanes] holds each lane's log-probability of each next token."""
+    device = next(gate.parameters()).device
+    gate.cpu()
+    e = torch.cat(
+        [torch.zeros_like(ll[:, :1]), ll[:, :-1]], 1
+    )  # the evidence read at t: token t's probability
+
+    def nll() -> float:
+        return float(-torch.logsumexp(ll + gate(e).log_softmax(-1), -1).mean())
+
+    best = (math.inf, None, None)
+    gate.prior.zero_()
+    for decay in (0.3, 0.5, 0.65, 0.8, 0.9, 0.95, 0.98):
+        for scale in (0.5, 0.75, 1.0, 1.25):
+            gate.decay_logit.fill_(math.log(decay / (1 - decay)))
+            gate.scale.fill_(scale)
+            value = nll()
+            if value < best[0]:
+                best = (value, decay, scale)
+    _, decay, scale = best
+    gate.decay_logit.fill_(math.log(decay / (1 - decay)))
+    gate.scale.fill_(scale)
+    gate.to(device)
+    report = {f"{n} alone": float(-ll[..., i].mean()) for i, n in enumerate(names)}
+    report["uniform mixture"] = float(-(torch.logsumexp(ll, -1) - math.log(len(names))).mean())
+    report["fitted gate"] = best[0]
+    report["decay"], report["scale"] = decay, scale
     return report
 
 

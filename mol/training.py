@@ -1,4 +1,5 @@
-"""Training a fused model's adapters and routers (source blocks, embeddings, norm and head stay frozen).
+"""Training a fused model's adapters and routers (source blocks and embeddings stay frozen; the final norm and
+head too unless `train_head`).
 
     result = train(Path("assets/recipes/fused-token.yaml"), ["prose=prose.txt", "code=code.txt"], TrainConfig(steps=300))
 
@@ -9,7 +10,8 @@ uninterrupted one. Launched on N processes (torchrun, accelerate: mol.distribute
 each takes its rows of the global batch of N x batch_size, and the result is one process's with that batch (up
 to float rounding). A run writes three files next to each other (rank 0 writes them):
 
-    W.safetensors        adapters and routers only (load with `mol.build(recipe, weights=W)`)
+    W.safetensors        adapters and routers only, and the final norm and head with `train_head` (load with
+                         `mol.build(recipe, weights=W)`)
     W.train.json         config, data, metrics, loss curve, hardware
     W.optim.safetensors  optimizer moments, for `resume`"""
 
@@ -31,6 +33,7 @@ from mol.data import DomainTokens, TrainBatches, load_domains, tokenize_domains
 from mol.errors import CheckpointError, DataError
 from mol.fused import FusedModel, MoLOutput
 from mol.router_init import ROUTER_INITS, init_routers
+from mol.stitch_init import STITCH_INITS, init_stitches
 
 log = logging.getLogger(__name__)
 ADAPTER_INITS = ("identity", "lstsq", "lstsq-zero-out")
@@ -84,8 +87,19 @@ class TrainConfig:
     router_init: str = _option(
         "uniform", "uniform, random, ridge (closed form from the domain labels) or keep", choices=ROUTER_INITS
     )
+    # lstsq: each stitch's map fitted on sample text (source state -> target state); lstsq-gradient: fitted to
+    # the loss's descent direction where its update is added (mol.stitch_init). Gates stay at zero.
+    stitch_init: str = _option(
+        "random",
+        "random (the stitches' maps as built), lstsq (closed form on sample text: source state to target "
+        "state) or lstsq-gradient (to the loss's descent direction); gates stay at zero",
+        choices=STITCH_INITS,
+    )
     train_adapters: bool = _option(True, "train the adapters")
     train_routers: bool = _option(True, "train the routers")
+    # The head trains with the adapter learning rate (`lr`), in a group of its own without weight decay; a head
+    # tied to the input embedding is untied first (MoLNetwork.train_head), so the embedding stays the source's.
+    train_head: bool = _option(False, "also train the base's final norm and head (for lanes: every lane's)")
     init_tokens: int = _option(
         2048, "tokens per domain for closed-form inits (least-squares adapters, ridge routers)", low=1
     )
@@ -113,6 +127,8 @@ class TrainConfig:
             raise DataError(f"adapter_init '{self.adapter_init}' is not one of: {', '.join(ADAPTER_INITS)}.")
         if self.router_init not in ROUTER_INITS:
             raise DataError(f"router_init '{self.router_init}' is not one of: {', '.join(ROUTER_INITS)}.")
+        if self.stitch_init not in STITCH_INITS:
+            raise DataError(f"stitch_init '{self.stitch_init}' is not one of: {', '.join(STITCH_INITS)}.")
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be at least 1.")
@@ -204,18 +220,32 @@ def _tokens(model: FusedModel, datasets, config: TrainConfig) -> tuple[dict[str,
 
 
 def _param_groups(model: FusedModel, config: TrainConfig) -> list[dict]:
-    adapters, routers = [], []
+    if config.train_head:
+        model.train_head()
+    adapters, routers, head = [], [], []
+    heads = model.head_names()
     for name, p in model.trainable_parameters().items():
         owner, leaf = name.rsplit(".", 1)
         if leaf in getattr(model.get_submodule(owner), "fixed", ()):
             continue  # fixed by design, e.g. a bottleneck adapter's calibrated map
-        (routers if ".router." in name or name.startswith("gate.") else adapters).append((name, p))
-    for part, on in ((adapters, config.train_adapters), (routers, config.train_routers)):
+        if name in heads:
+            head.append((name, p))
+        else:
+            (routers if ".router." in name or name.startswith("gate.") else adapters).append((name, p))
+    for part, on in (
+        (adapters, config.train_adapters),
+        (routers, config.train_routers),
+        (
+            head,
+            config.train_head,
+        ),  # a head trained by an earlier run stays as it is unless this one trains it
+    ):
         for _, p in part:
             p.requires_grad_(on)  # switched on again by a later run that trains it
     wanted = (
         (config.train_adapters, adapters, config.lr, config.weight_decay),
         (config.train_routers, routers, config.router_lr, 0.0),
+        (config.train_head, head, config.lr, 0.0),
     )
     return [
         {
@@ -236,8 +266,9 @@ def initialise(
     config: TrainConfig,
     domain_experts: dict[str, str] | None = None,
 ) -> dict:
-    """Adapters (identity as built, or least squares) then routers (uniform, random or ridge), in that order:
-    the closed-form router reads the stream the initialised adapters make."""
+    """Adapters (identity as built, or least squares), stitches (as built, or least squares), then routers
+    (uniform, random or ridge), in that order: the closed-form router reads the stream the initialised adapters
+    make (a stitch's gate stays at zero, so its fit changes no stream)."""
     report: dict = {}
     adapted = [e for s in model.slots for e in s.experts if e.adapter is not None]
     if config.adapter_init.startswith("lstsq") and adapted:
@@ -249,6 +280,10 @@ def initialise(
     if config.adapter_init == "lstsq-zero-out":
         for e in adapted:
             silence_adapter_output(e.adapter)
+    if config.stitch_init != "random" and model.lanes is not None and len(model.stitches):
+        report["stitch_fit"] = init_stitches(
+            model, config.stitch_init, tokens, sample_tokens=config.init_tokens, seq_len=config.seq_len
+        )
     if config.router_init == "ridge" and model.routed_slots and domain_experts is None:
         from mol.evaluation import infer_domain_experts
 
@@ -470,7 +505,10 @@ def train(
         domain_experts = run["init"].get("domain_experts", domain_experts)
     groups = _param_groups(model, config)
     if not groups and config.steps > 0:
-        raise DataError("Nothing to train: the recipe has no adapters or routers (or both are switched off).")
+        raise DataError(
+            "Nothing to train: the recipe has no adapters or routers (or both are switched off); "
+            "train_head (--train-head) also trains the final norm and head."
+        )
     opt = torch.optim.AdamW(groups or [{"params": [], "names": []}], betas=(0.9, 0.95), eps=1e-8)
     if resumed:
         saved = _restore(model, opt, Path(out))

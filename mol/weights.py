@@ -1,4 +1,5 @@
-"""Trainable weights (adapters and routers) saved apart from the source models, in one small safetensors file."""
+"""Trainable weights (adapters and routers; the final norm and head where a run trained them) saved apart from the
+source models, in one small safetensors file."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def load_trainable(model, path: str | Path, strict: bool = True) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"'{path}' is not a valid weights file: {exc}.") from None
     expected = model.trainable_state_dict()
+    head = getattr(model, "head_names", None)
+    if head is not None and any(k in head() and k not in expected for k in state):
+        model.train_head(
+            requires_grad=False
+        )  # a run that trained the head (`train_head`): its weights are these
+        expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):

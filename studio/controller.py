@@ -84,6 +84,18 @@ def edit_yaml(yaml_text: str, op, *args, limit: int = Limits.recipe_chars) -> st
     return dr.Recipe.from_dict(draft).to_yaml()
 
 
+def edit_lanes_yaml(yaml_text: str, op, *args, limit: int = Limits.recipe_chars) -> str:
+    """Apply one lanes operation of the board (studio.draft_recipe: add_lane, add_stitch, set_mixture, ...) to
+    recipe YAML and return the new, validated YAML. A single-stream recipe gets lanes from its models first."""
+    recipe, _ = dr.parse_recipe_text(checked_yaml(yaml_text, limit))
+    part = dr.lanes_of(recipe) or dr.new_lanes([])
+    draft = dr.draft_lanes_recipe(
+        recipe.name, recipe.base, recipe.adapter.type, recipe.adapter.rank, recipe.models, op(part, *args)
+    )
+    draft["models"] = dict(recipe.models)  # the API caller listed them: keep the unused ones too
+    return dr.Recipe.from_dict(draft).to_yaml()
+
+
 def readme_summary(text: str, limit: int = 240) -> str:
     """A model card's first paragraph of prose (front matter and headings skipped), up to its first colon: for
     the demo models, what each is good at ("Llama-family prose specialist (Shakespeare only)")."""
@@ -295,7 +307,7 @@ class StudioController:
         widths, families and adapters), else from the draft and the workspace's cards."""
         from studio.diagram import plan_info, recipe_svg
 
-        if not draft or not draft.get("slots"):
+        if not draft or not (draft.get("slots") or draft.get("lanes")):
             return '<div class="recipe-diagram empty">The fused model is drawn here as you add slots.</div>'
         colors = dr.model_colors([c["alias"] for c in workspace or []] + list(draft.get("models") or {}))
         cards = {c["alias"]: c for c in workspace or [] if "error" not in c}
@@ -306,6 +318,8 @@ class StudioController:
                 "widths": {a: int(c["width"]) for a, c in cards.items() if c.get("width")},
                 "families": {a: str(c.get("family") or "") for a, c in cards.items()},
             }
+            if draft.get("lanes"):  # a lane without slots runs its base's layers: their number from the cards
+                info["layers"] = {a: int(c["layers"]) for a, c in cards.items() if c.get("layers")}
         try:
             svg = recipe_svg(draft, colors=colors, title=draft.get("name") or None, **info)
         except Exception as exc:  # a drawing bug must not take the board's validation with it
@@ -404,10 +418,11 @@ class StudioController:
         except OSError:
             return ref
 
-    def _is_saved(self, name, base, adapter, rank, models, slots) -> bool:
+    def _is_saved(self, name, base, adapter, rank, models, slots, lanes=None) -> bool:
         """Whether a board draft is, word for word, the latest version of the recipe it names."""
         try:
-            recipe = self.engine.recipe_from_dict(dr.draft_recipe(name, base, adapter, rank, models, slots))
+            board = {"slots": slots, **(lanes or {})}
+            recipe = self.engine.recipe_from_dict(dr.board_draft(name, base, adapter, rank, models, board))
             found = self.repo.find_recipe(recipe.name)
             return found is not None and self.repo.get_version(found.id).yaml_text == recipe.to_yaml()
         except Exception:
@@ -436,6 +451,8 @@ class StudioController:
             return None
         try:
             slots = dr.board_slots({"slots": stored.get("slots")})
+            part = stored.get("lanes")  # a lanes board: {"lanes", "stitches", "mixture"}
+            lanes = dr.board_lanes(part) if isinstance(part, dict) else None
             name = text_arg(stored.get("name") or "", "The recipe name", 10_000)
             models = stored.get("models") or {}
             if not isinstance(models, dict) or len(models) > 64:
@@ -452,9 +469,9 @@ class StudioController:
             base = stored.get("base") if isinstance(stored.get("base"), str) else None
         except Exception:
             return None
-        if not slots:
+        if not slots and not (lanes and lanes["lanes"]):
             return None
-        if self._is_saved(name, base, adapter, rank, models, slots):
+        if self._is_saved(name, base, adapter, rank, models, slots, lanes):
             return None  # kept before its save completed: nothing unsaved in it
         loaded = None
         saved = stored.get("loaded")
@@ -471,7 +488,8 @@ class StudioController:
             "base": base,
             "adapter": adapter,
             "rank": rank,
-            "slots": slots,
+            "slots": [] if lanes else slots,
+            "lanes": lanes,
             "workspace": workspace,
             "loaded": loaded,
         }
@@ -532,9 +550,13 @@ class StudioController:
         if best is None or best.version.id not in ids:
             return ids[0] if ids else None
         shipped = {r.version_id for r in self.repo.list_trained_results(shipped=True)}
-        newest = self.repo.get_version_by_id(ids[0])
+        seeded = shipped | self.repo.seeded_version_ids()  # a shipped example is nobody's newest work
+        mine = [i for i in ids if i not in seeded]
+        if not mine:
+            return best.version.id
+        newest = self.repo.get_version_by_id(mine[0])
         newest_shipped = max(self.repo.get_version_by_id(v).created_at for v in shipped)
-        return ids[0] if newest.id not in shipped and newest.created_at > newest_shipped else best.version.id
+        return newest.id if newest.created_at > newest_shipped else best.version.id
 
     # ---- playground ----------------------------------------------------------------------------------
     def run_rows(self, limit: int = 100) -> list[list]:
@@ -752,6 +774,7 @@ __all__ = [
     "BUILTIN_CORPORA",
     "StudioController",
     "checked_yaml",
+    "edit_lanes_yaml",
     "edit_yaml",
     "save_recipe",
     "train_defaults",

@@ -9,9 +9,10 @@ reference, no CDN: the string can go straight into a `gr.HTML`.
 Every user string (recipe name, aliases, expert names) is escaped; colours that are not plain hex are ignored.
 
 Layout: `_read_recipe` turns the input into a small view (`_Model`); each part of the picture is one function
-that draws into a `_Canvas` at its y cursor inside a `_Lane` (an x range). One lane today; a recipe with several
-lanes (DESIGN.md: lanes, stitches, an output mixture) gets one `_Lane` per stream side by side, the same row
-functions drawing into each."""
+that draws into a `_Canvas` at its y cursor inside a `_Lane` (an x range). A lanes recipe (several sources side by
+side, DESIGN.md) gets one `_Lane` per stream, each a `_Model` of its own drawn by the same row functions with its
+own y cursor; then its stitches (dashed links from one lane's slot into another's) and the output mixture below
+the lanes' heads."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
+from studio.draft_recipe import mixture_label
 from studio.figures import model_colors
 
 WIDTH = 420  # viewBox width: the SVG scales to its container (width 100%), readable down to ~360 px
@@ -80,6 +82,14 @@ class _Model:
 def plan_info(plan: Any) -> dict[str, Any]:
     """The keyword arguments of `recipe_svg` read from a `mol.planning.Plan` (duck-typed): widths and families per
     source, the adapter of every expert (by slot, as the plan decided it), which experts add positions."""
+    lanes = getattr(plan, "lanes", None) or {}
+    if lanes:  # each lane planned as a recipe of its own: its facts per lane, the sources' merged
+        per_lane = {name: plan_info(p) for name, p in lanes.items()}
+        widths = {a: w for info in per_lane.values() for a, w in info["widths"].items()}
+        families = {a: f for info in per_lane.values() for a, f in info["families"].items()}
+        for name, p in lanes.items():
+            per_lane[name]["layers"] = len(p.slots)
+        return {"widths": widths, "families": families, "lanes": per_lane}
     widths = {a: int(s.width) for a, s in plan.sources.items()}
     families = {
         a: str(getattr(getattr(s, "family", None), "name", "") or "") for a, s in plan.sources.items()
@@ -342,7 +352,7 @@ def _expert_box(m: _Model, s: _Slot, e: _Expert, x: float, y: float, w: float) -
     )
 
 
-def _slot_row(c: _Canvas, m: _Model, s: _Slot, lane: _Lane) -> None:
+def _slot_row(c: _Canvas, m: _Model, s: _Slot, lane: _Lane, label: bool = True) -> None:
     """One slot: its label, the router bar when routed, then its expert blocks (wrapping after PER_LINE), joined
     below by a mixing dot when several run."""
     top = c.y
@@ -367,7 +377,10 @@ def _slot_row(c: _Canvas, m: _Model, s: _Slot, lane: _Lane) -> None:
             + "</g>"
         )
         c.y += 14
-    c.add(_text(PAD, (top + c.y) / 2 + 4, f"slot {s.index}", size=11, fill=MUTED, **{"class": "slot-label"}))
+    if label:
+        c.add(
+            _text(PAD, (top + c.y) / 2 + 4, f"slot {s.index}", size=11, fill=MUTED, **{"class": "slot-label"})
+        )
     c.add("</g>")
 
 
@@ -411,6 +424,8 @@ def recipe_svg(
     positions: Iterable[Any] | None = None,
     colors: Mapping[str, str] | None = None,
     title: str | None = None,
+    layers: Mapping[str, int] | None = None,
+    lanes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The recipe's data flow as one `<svg>` string, width 100% of its container (viewBox `WIDTH` wide, as tall
     as the recipe needs).
@@ -422,8 +437,18 @@ def recipe_svg(
     {alias: family}, `positions` (experts that add their own position embedding), `colors` {alias: "#rrggbb"}
     (default: `studio.figures.model_colors` over the recipe's aliases). `plan_info(plan)` gives all but colours.
 
+    A lanes recipe ({"lanes": {name: {"base", "slots"?}}, "stitches", "mixture"}, or a board draft of one) is
+    drawn as its lanes side by side, each with its own embeddings, slots and head (a lane without slots: its base's
+    `layers` {alias: count} in order, else one box for them), its stitches and the output mixture. `lanes`
+    {lane: {"adapters", "positions", "layers"}} gives per-lane plan facts (`plan_info` of a lanes plan has it).
+
     Elements carry classes for tests and styling: `.expert` (one per expert of every slot, data-expert,
-    data-model, data-slot), `.adapter`, `.router`, `.slot`, `.embeddings`, `.head`, `.legend .source`."""
+    data-model, data-slot), `.adapter`, `.router`, `.slot`, `.embeddings`, `.head`, `.legend .source`; for lanes
+    also `.lane` (data-lane, data-model: its base), `.stitch` (data-from, data-to, data-after) and `.mixture`
+    (data-mixture: token or sequence)."""
+    data = _as_dict(recipe)
+    if data.get("lanes"):
+        return _lanes_svg(data, widths, families, colors, title, layers or {}, lanes or {})
     m = _read_recipe(recipe, widths, adapters, families, positions, colors)
     if title is not None:
         m.name = title
@@ -442,6 +467,191 @@ def recipe_svg(
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" class="mol-diagram" role="img" aria-label="{_attr(label)}" '
         f'viewBox="0 0 {WIDTH} {height:.0f}" width="100%" style="max-width:{WIDTH * 1.6:.0f}px;height:auto" '
+        f'font-family="{_attr(FONT)}"><title>{escape(label)}</title>' + "".join(c.parts) + "</svg>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- lanes
+
+LANE_GAP = 10
+LANE_MIN_W = 120  # a lane column's least width; wider recipes widen the viewBox
+MIXTURE_H = 30
+
+
+def _lane_slots(lane: Mapping[str, Any], base: str, layers: int | None) -> list[Any] | None:
+    """A lane's slots as written, or its base's layers in order (None: their number is unknown)."""
+    if lane.get("slots") is not None:
+        return list(lane.get("slots") or [])
+    return None if layers is None else [f"{base}:{i}" for i in range(layers)]
+
+
+def _stitch_view(raw: Any) -> dict | None:
+    if not isinstance(raw, Mapping):
+        return None
+    after = raw.get("after")
+    ok = isinstance(after, list | tuple) and len(after) == 2 and all(isinstance(a, int) for a in after)
+    return {
+        "from": str(raw.get("from") or ""),
+        "to": str(raw.get("to") or ""),
+        "after": tuple(after) if ok else None,
+        "type": str(raw.get("type") or "linear"),
+        "rank": raw.get("rank"),
+    }
+
+
+def _lanes_svg(
+    data: dict,
+    widths: Mapping[str, int] | None,
+    families: Mapping[str, str] | None,
+    colors: Mapping[str, str] | None,
+    title: str | None,
+    layers: Mapping[str, int],
+    facts: Mapping[str, Mapping[str, Any]],
+) -> str:
+    raw_lanes = data.get("lanes") or {}
+    if isinstance(raw_lanes, list):  # a board draft's list form
+        raw_lanes = {str(ln.get("name")): ln for ln in raw_lanes if isinstance(ln, Mapping)}
+    raw_lanes = {str(n): (ln if isinstance(ln, Mapping) else {"base": ln}) for n, ln in raw_lanes.items()}
+    models = data.get("models") or {}
+    all_aliases = [str(a) for a in models] + [str(ln.get("base") or "") for ln in raw_lanes.values()]
+    palette = dict(model_colors([a for a in dict.fromkeys(all_aliases) if a]))
+    palette.update({a: c for a, c in (colors or {}).items() if a in palette and _HEX.match(str(c))})
+    views: list[tuple[str, _Model, bool]] = []  # lane name, its model, whether its slots are known
+    for name, ln in raw_lanes.items():
+        base = str(ln.get("base") or "")
+        info = facts.get(name) or {}
+        n_layers = info.get("layers") if isinstance(info.get("layers"), int) else layers.get(base)
+        slots = _lane_slots(ln, base, n_layers if isinstance(n_layers, int) else None)
+        sub = {
+            "name": name,
+            "base": base,
+            "models": models,
+            "adapter": data.get("adapter"),
+            "slots": slots or [],
+        }
+        m = _read_recipe(sub, widths, info.get("adapters"), families, info.get("positions"), palette)
+        m.colors = {**palette, **m.colors}
+        views.append((name, m, slots is not None))
+    mixture = data.get("mixture") or {}
+    mix_type = str((mixture.get("type") if isinstance(mixture, Mapping) else mixture) or "token")
+    stitches = [v for v in (_stitch_view(s) for s in data.get("stitches") or []) if v is not None]
+
+    n = max(len(views), 1)
+    width = max(WIDTH, 2 * PAD + n * LANE_MIN_W + (n - 1) * LANE_GAP)
+    lane_w = (width - 2 * PAD - (n - 1) * LANE_GAP) / n
+    name = title if title is not None else str(data.get("name") or "recipe")
+    c = _Canvas()
+    c.add(_text(PAD, c.y + 13, _fit(name, width - 2 * PAD), size=14, font_weight="600", **{"class": "title"}))
+    sub_title = (
+        f"{len(views)} lanes side by side · {len(stitches)} stitch{'es' if len(stitches) != 1 else ''} · "
+        f"output mixture: {mixture_label(mix_type)}"
+    )
+    c.add(_text(PAD, c.y + 29, _fit(sub_title, width - 2 * PAD), size=11, fill=MUTED))
+    top = c.y + 38
+    bottoms: dict[tuple[str, int], float] = {}  # (lane, slot) -> y below that slot's row
+    ends: list[tuple[float, float]] = []  # each lane's head: (x centre, y bottom)
+    for k, (lane_name, m, known) in enumerate(views):
+        lane = _Lane(PAD + k * (lane_w + LANE_GAP), lane_w)
+        c.y = top
+        color = m.colors.get(m.base, "#868e96")
+        c.add(f'<g class="lane" data-lane="{_attr(lane_name)}" data-model="{_attr(m.base)}">')
+        c.add(
+            _text(
+                lane.x + lane.width / 2,
+                c.y + 12,
+                _fit(f"lane {lane_name}", lane.width),
+                size=12,
+                fill=color,
+                anchor="middle",
+                font_weight="600",
+                **{"class": "lane-title"},
+            )
+        )
+        c.y += 18
+        _base_box(c, m, lane, "embeddings", "embeddings")
+        if not known:
+            _arrow(c, lane.x + lane.width / 2)
+            c.add(
+                f'<g class="slot all-layers"><rect x="{lane.x:.1f}" y="{c.y:.1f}" width="{lane.width:.1f}" '
+                f'height="{EXPERT_H}" rx="5" fill="{color}"/>'
+                + _text(
+                    lane.x + 7,
+                    c.y + 23,
+                    _fit(f"all layers of {m.base}", lane.width - 12),
+                    fill=_ink_on(color),
+                )
+                + "</g>"
+            )
+            c.y += EXPERT_H
+        for s in m.slots:
+            _arrow(c, lane.x + lane.width / 2)
+            _slot_row(c, m, s, lane, label=False)
+            bottoms[(lane_name, s.index)] = c.y
+        _arrow(c, lane.x + lane.width / 2)
+        _base_box(c, m, lane, "head", "norm + head")
+        ends.append((lane.x + lane.width / 2, c.y))
+        c.add("</g>")
+    lane_x = {v[0]: PAD + k * (lane_w + LANE_GAP) for k, v in enumerate(views)}
+    for st in stitches:
+        a = st["after"]
+        if a is None or (st["from"], a[0]) not in bottoms or (st["to"], a[1]) not in bottoms:
+            continue  # the plan says what is wrong with it; nothing to draw
+        y0, y1 = bottoms[(st["from"], a[0])] + 2, bottoms[(st["to"], a[1])] + ARROW / 2
+        x0 = lane_x[st["from"]] + (lane_w if lane_x[st["from"]] < lane_x[st["to"]] else 0)
+        x1 = lane_x[st["to"]] + (0 if lane_x[st["from"]] < lane_x[st["to"]] else lane_w)
+        kind = st["type"] + (f" r={st['rank']}" if st["type"] == "lowrank" and st["rank"] else "")
+        tip = f"stitch: lane {st['from']} after slot {a[0]} → lane {st['to']} after slot {a[1]} ({kind})"
+        mx = (x0 + x1) / 2
+        c.add(
+            f'<g class="stitch" data-from="{_attr(st["from"])}" data-to="{_attr(st["to"])}" '
+            f'data-after="{a[0]},{a[1]}" data-type="{_attr(st["type"])}"><title>{escape(tip)}</title>'
+            f'<path d="M{x0:.1f},{y0:.1f} C{mx:.1f},{y0:.1f} {mx:.1f},{y1:.1f} {x1:.1f},{y1:.1f}" fill="none" '
+            f'stroke="#c92a2a" stroke-width="1.6" stroke-dasharray="4 3"/>'
+            f'<circle cx="{x1:.1f}" cy="{y1:.1f}" r="3" fill="#c92a2a"/></g>'
+        )
+    c.y = max((y for _, y in ends), default=c.y)
+    mix_top = c.y + ARROW + 4
+    for x, y in ends:  # each head's distribution flows into the mixture
+        c.add(
+            f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{mix_top:.1f}" stroke="{MUTED}" stroke-width="1.5"/>'
+        )
+    text = f"output mixture · {mixture_label(mix_type)}"
+    c.add(
+        f'<g class="mixture" data-mixture="{_attr(mix_type)}"><title>{escape(text)} over the lanes: p(x) = Σ g · p_lane(x)'
+        f'</title><rect x="{PAD:.1f}" y="{mix_top:.1f}" width="{width - 2 * PAD:.1f}" height="{MIXTURE_H}" rx="8" '
+        f'fill="#f1f3f5" stroke="{INK}" stroke-width="1.2"/>'
+        + _text(width / 2, mix_top + 19, _fit(text, width - 2 * PAD - 8), anchor="middle", font_weight="600")
+        + "</g>"
+    )
+    c.y = mix_top + MIXTURE_H
+    legend = _Model(
+        name=name,
+        base="",
+        adapter_type=views[0][1].adapter_type if views else "linear",
+        aliases=[a for a in dict.fromkeys(a for _, m, _ in views for a in m.aliases) if a],
+        widths={a: w for _, m, _ in views for a, w in m.widths.items()},
+        families={a: f for _, m, _ in views for a, f in m.families.items()},
+        colors=palette,
+        slots=[s for _, m, _ in views for s in m.slots],
+    )
+    legend.colors = {**palette, **{a: c2 for _, m, _ in views for a, c2 in m.colors.items()}}
+    _legend(c, legend)
+    if stitches:
+        c.add(
+            _text(
+                PAD,
+                c.y + 11,
+                _fit("red dashes: a stitch (gated adapter, zero at start)", width - 2 * PAD),
+                size=10,
+                fill=MUTED,
+            )
+        )
+        c.y += 15
+    height = c.y + PAD
+    label = f"Model diagram of {name}"
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="mol-diagram lanes" role="img" aria-label="{_attr(label)}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" width="100%" style="max-width:{width * 1.6:.0f}px;height:auto" '
         f'font-family="{_attr(FONT)}"><title>{escape(label)}</title>' + "".join(c.parts) + "</svg>"
     )
 

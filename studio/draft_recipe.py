@@ -206,6 +206,10 @@ def draft_yaml(draft: dict) -> str:
 
 def slots_of(recipe: Recipe) -> list[dict]:
     """The board's slot list for a (valid) recipe."""
+    return _slot_dicts(recipe.slots)
+
+
+def _slot_dicts(slots: Any) -> list[dict]:
     return [
         _normalise(
             {
@@ -213,7 +217,7 @@ def slots_of(recipe: Recipe) -> list[dict]:
                 "router": {"type": s.router.type, "top_k": s.router.top_k} if s.router else None,
             }
         )
-        for s in recipe.slots
+        for s in slots
     ]
 
 
@@ -240,3 +244,252 @@ def alias_for(ref: str, taken: dict[str, str] | list[str]) -> str:
     while out in taken:
         out, n = f"{alias}_{n}", n + 1
     return out
+
+
+# ---- lanes: several sources side by side, stitches between them, an output mixture -----------------------
+# The board's lanes part: {"lanes": [{"name": str, "base": alias, "slots": [slot, ...] | None}], "stitches":
+# [{"from": lane, "to": lane, "after": [i, j], "type": one of mol's STITCH_TYPES, "rank": int | None}],
+# "mixture": one of mol's MIXTURE_TYPES}. A lane's slots None: its base's layers in order (mol's default); a list:
+# any single-stream stack of slots on that base. The board value has it as "lanes" next to "slots" (then empty);
+# "lanes" absent or None: a single-stream recipe.
+
+
+def stitch_types() -> tuple[str, ...]:
+    """mol's stitch types, read when asked for (mol may add more)."""
+    return tuple(mol.recipe.STITCH_TYPES)
+
+
+def mixture_types() -> tuple[str, ...]:
+    return tuple(mol.recipe.MIXTURE_TYPES)
+
+
+def mixture_label(kind: str) -> str:
+    """mol's few words on what an output mixture of this type does (the type itself if mol has none)."""
+    return mol.recipe.MIXTURE_DESCRIPTIONS.get(kind, kind)
+
+
+def _lane_index(part: dict, lane: str) -> int:
+    names = [ln["name"] for ln in part["lanes"]]
+    if lane not in names:
+        raise RecipeError(f"There is no lane '{lane}'; the lanes are: {', '.join(names) or 'none'}.")
+    return names.index(lane)
+
+
+def free_lane_name(part: dict, wanted: str) -> str:
+    taken = {ln["name"] for ln in part.get("lanes") or []}
+    out, n = wanted, 2
+    while out in taken:
+        out, n = f"{wanted}_{n}", n + 1
+    return out
+
+
+def new_lanes(bases: list[str], mixture: str | None = None) -> dict:
+    """A lanes part with one lane per base (named after it), no stitches, the default mixture."""
+    part: dict = {"lanes": [], "stitches": [], "mixture": mixture or mol.recipe.MixtureSpec.type}
+    for b in bases:
+        part = add_lane(part, b)
+    return part
+
+
+def add_lane(part: dict, base: str, name: str | None = None) -> dict:
+    """One more lane: `base`'s layers in order (its slots can be edited afterwards)."""
+    out = copy.deepcopy(part)
+    out["lanes"].append({"name": free_lane_name(out, name or base), "base": base, "slots": None})
+    return out
+
+
+def remove_lane(part: dict, lane: str) -> dict:
+    """Remove a lane and the stitches that join it."""
+    out = copy.deepcopy(part)
+    del out["lanes"][_lane_index(out, lane)]
+    out["stitches"] = [s for s in out["stitches"] if lane not in (s.get("from"), s.get("to"))]
+    return out
+
+
+def set_lane_base(part: dict, lane: str, base: str) -> dict:
+    """Run lane `lane` on another base model, with that model's layers in order. A lane named after its old base
+    takes the new base's name where that is free (its stitches follow)."""
+    out = copy.deepcopy(part)
+    i = _lane_index(out, lane)
+    old = out["lanes"][i]
+    name = old["name"]
+    if name == old["base"] and base not in {ln["name"] for ln in out["lanes"]}:
+        name = base
+        for s in out["stitches"]:
+            s["from"] = name if s.get("from") == lane else s.get("from")
+            s["to"] = name if s.get("to") == lane else s.get("to")
+    out["lanes"][i] = {"name": name, "base": base, "slots": None}
+    return out
+
+
+def set_lane_slots(part: dict, lane: str, slots: list[dict] | None) -> dict:
+    """Give lane `lane` its own stack of slots (None: back to its base's layers in order). The slot operations
+    above (add_slot, remove_slot, ...) edit such a list."""
+    out = copy.deepcopy(part)
+    i = _lane_index(out, lane)
+    out["lanes"][i]["slots"] = None if slots is None else [_normalise(s) for s in slots]
+    return out
+
+
+def add_stitch(
+    part: dict, source: str, target: str, after: tuple[int, int] | list[int], kind: str = "linear", rank=None
+) -> dict:
+    """A stitch: lane `source`'s state after its slot after[0] added into lane `target` after its slot after[1]
+    (mol's plan checks that both slots exist)."""
+    out = copy.deepcopy(part)
+    _lane_index(out, source), _lane_index(out, target)
+    if source == target:
+        raise RecipeError(f"A stitch joins two lanes; '{source}' to itself is none.")
+    if kind not in stitch_types():
+        raise RecipeError(f"Stitch type '{kind}' is not one of: {', '.join(stitch_types())}.")
+    if not (isinstance(after, list | tuple) and len(after) == 2):
+        raise RecipeError("A stitch's 'after' is [slot of 'from', slot of 'to'].")
+    a, b = (_whole_number(x + 1, "A stitch's slot number", mol.recipe.MAX_SLOTS) - 1 for x in after)
+    out["stitches"].append(
+        {
+            "from": source,
+            "to": target,
+            "after": [a, b],
+            "type": kind,
+            "rank": rank if kind == "lowrank" else None,
+        }
+    )
+    return out
+
+
+def remove_stitch(part: dict, index: int) -> dict:
+    out = copy.deepcopy(part)
+    if not isinstance(index, int) or not 0 <= index < len(out["stitches"]):
+        raise RecipeError(f"There is no stitch {index}; the recipe has {len(out['stitches'])}.")
+    del out["stitches"][index]
+    return out
+
+
+def set_mixture(part: dict, kind: str) -> dict:
+    if kind not in mixture_types():
+        raise RecipeError(f"Mixture type '{kind}' is not one of: {', '.join(mixture_types())}.")
+    return {**copy.deepcopy(part), "mixture": kind}
+
+
+def lanes_of(recipe: Recipe) -> dict | None:
+    """The board's lanes part of a (valid) recipe; None for a single-stream one."""
+    if not recipe.lanes:
+        return None
+    return {
+        "lanes": [
+            {
+                "name": name,
+                "base": lane.base,
+                "slots": None if lane.slots is None else _slot_dicts(lane.slots),
+            }
+            for name, lane in recipe.lanes.items()
+        ],
+        "stitches": [
+            {"from": s.source, "to": s.target, "after": list(s.after), "type": s.type, "rank": s.rank}
+            for s in recipe.stitches
+        ],
+        "mixture": (recipe.mixture or mol.recipe.MixtureSpec()).type,
+    }
+
+
+def board_value(recipe: Recipe, models: list[dict]) -> dict:
+    """What the board shows for a recipe: its slots, or its lanes."""
+    part = lanes_of(recipe)
+    if part is None:
+        return {"models": models, "slots": slots_of(recipe)}
+    return {"models": models, "slots": [], **part}
+
+
+def board_lanes(board: Any) -> dict | None:
+    """The lanes part of the board widget's value, checked (it comes from the browser); None: one stream."""
+    if not isinstance(board, dict) or board.get("lanes") is None:
+        return None
+    lanes, stitches = board.get("lanes"), board.get("stitches") or []
+    if not isinstance(lanes, list) or len(lanes) > 256:
+        raise RecipeError("The board's lanes must be a list.")
+    if not isinstance(stitches, list) or len(stitches) > 10_000:
+        raise RecipeError("The board's stitches must be a list.")
+    out_lanes = []
+    for i, lane in enumerate(lanes):
+        if not isinstance(lane, dict) or not all(isinstance(lane.get(k), str) for k in ("name", "base")):
+            raise RecipeError(f"Lane {i} of the board has no name and base model.")
+        slots = None if lane.get("slots") is None else board_slots({"slots": lane["slots"]})
+        out_lanes.append({"name": lane["name"], "base": lane["base"], "slots": slots})
+    out_stitches = []
+    for k, st in enumerate(stitches):
+        after = st.get("after") if isinstance(st, dict) else None
+        if (
+            not isinstance(st, dict)
+            or not all(isinstance(st.get(e), str) for e in ("from", "to"))
+            or not isinstance(after, list)
+            or len(after) != 2
+            or not all(isinstance(a, int) and not isinstance(a, bool) for a in after)
+        ):
+            raise RecipeError(f"Stitch {k} of the board is not {{from, to, after: [i, j], type}}.")
+        rank = st.get("rank")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)):
+            raise RecipeError(f"Stitch {k} of the board has a rank that is not a number.")
+        out_stitches.append(
+            {"from": st["from"], "to": st["to"], "after": list(after), "type": st.get("type"), "rank": rank}
+        )
+    mixture = board.get("mixture") or mol.recipe.MixtureSpec.type
+    if not isinstance(mixture, str):
+        raise RecipeError(f"The board's mixture is a type name ({', '.join(mixture_types())}).")
+    return {"lanes": out_lanes, "stitches": out_stitches, "mixture": mixture}
+
+
+def draft_lanes_recipe(
+    name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str], part: dict
+) -> dict:
+    """The recipe dict of a lanes board (the key order of mol's `Recipe.to_dict`). Only the models the lanes use
+    are listed; the base stays the chosen one when a lane uses it, else it is the first lane's."""
+    used = [
+        a
+        for lane in part["lanes"]
+        for a in [lane["base"], *(e.split(":", 1)[0] for s in lane.get("slots") or [] for e in s["experts"])]
+    ]
+    if base not in used:
+        base = used[0] if used else next(iter(models), "")
+    single = draft_recipe(name, base, adapter, rank, models, [])
+    lanes: dict[str, Any] = {}
+    for lane in part["lanes"]:
+        entry: dict[str, Any] = {"base": lane["base"]}
+        if lane.get("slots") is not None:
+            entry["slots"] = draft_recipe("", lane["base"], adapter, rank, models, lane["slots"])["slots"]
+        lanes[lane["name"]] = entry
+    stitches = []
+    for st in part["stitches"]:
+        entry = {
+            "from": st["from"],
+            "to": st["to"],
+            "after": list(st["after"]),
+            "type": st.get("type") or "linear",
+        }
+        if entry["type"] == "lowrank" and st.get("rank") is not None:
+            entry["rank"] = _whole_number(st["rank"], "A stitch's rank", MAX_ADAPTER_RANK)
+        stitches.append(entry)
+    return {
+        "name": single["name"],
+        "base": base,
+        "models": {a: models[a] for a in dict.fromkeys([base, *used]) if a in models},
+        "adapter": single["adapter"],
+        "lanes": lanes,
+        "stitches": stitches,
+        "mixture": {"type": part.get("mixture") or mol.recipe.MixtureSpec.type},
+    }
+
+
+def board_draft(
+    name: str, base: str | None, adapter: str, rank: int | None, models: dict[str, str], board: Any
+) -> dict:
+    """The recipe dict of what the board shows, one stream or lanes."""
+    part = board_lanes(board)
+    if part is None:
+        return draft_recipe(name, base, adapter, rank, models, board_slots(board))
+    return draft_lanes_recipe(name, base, adapter, rank, models, part)
+
+
+def board_has_content(board: Any) -> bool:
+    """Whether the board holds anything to plan (slots, or lanes)."""
+    part = board_lanes(board)
+    return bool(part["lanes"]) if part is not None else bool(board_slots(board))

@@ -28,7 +28,7 @@ import mol
 from mol.access import LOCAL, AccessPolicy
 from mol.errors import DataError, MolError, ResourceError
 from mol.planning import Plan
-from mol.recipe import Recipe
+from mol.recipe import MixtureSpec, Recipe
 from mol.sources import load_source
 from mol.trace import SlotTrace, Trace
 from studio.errors import (
@@ -299,37 +299,66 @@ class TrainingProgress:
 
 
 class LiveTrace:
-    """The routing trace of a generation while it runs, for a live router heatmap. Inside `with`, a forward hook
-    on the model's last routed slot copies each step's routings (every routed slot of the step has routed by
-    then); `trace(fed)` joins them into what `Trace.to_dict` gives at the end, for the steps whose token has been
-    streamed. The fast decoder (a model on one CUDA device) replays captured graphs, which run no hooks: there
-    the trace comes only at the end, and this does nothing. No hook is left behind on exit."""
+    """The routing trace of a generation while it runs, for a live router heatmap. Inside `with`, forward hooks copy
+    each step's routings (on the last routed slot, which sees every routing of the step; on a lanes model on every
+    routed slot, since a lane may not run, and on the output mixture's gate); `end_step()` closes a step (the
+    generation's streamer calls it after each token); `trace(fed)` joins them into what `Trace.to_dict` gives at
+    the end, for the steps whose token has been streamed. The fast decoder (a one-stream model on one CUDA device)
+    replays captured graphs, which run no hooks: there the trace comes only at the end, and this does nothing. No
+    hook is left behind on exit."""
 
     def __init__(self, model: mol.FusedModel, prompt_ids: torch.Tensor):
         self.model = model
         self.prompt = [int(i) for i in prompt_ids[0].tolist()]
-        self.steps: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []  # appended by the worker thread
+        # per step: {slot index: (probs, chosen)} and the mixture's probabilities (appended by the worker thread)
+        self.steps: list[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = []
         self._texts: list[str] = []  # decoded tokens, by position (each decoded once)
-        self._handle = None
+        self._handles: list = []
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mixture: torch.Tensor | None = None
+        self._lanes = getattr(model, "lanes", None) is not None and getattr(model, "gate", None) is not None
 
     def __enter__(self) -> LiveTrace:
         m = self.model
         slots = list(getattr(m, "routed_slots", []))
-        replays = m.device.type == "cuda" and getattr(m, "placement", None) is None
-        if slots and not replays and getattr(m, "compiled_step_logits", None) is None:
-            self._handle = slots[-1].register_forward_hook(self._record)
+        replays = not self._lanes and m.device.type == "cuda" and getattr(m, "placement", None) is None
+        if replays or getattr(m, "compiled_step_logits", None) is not None:
+            return self
+        for slot in slots if self._lanes else slots[-1:]:
+            self._handles.append(slot.register_forward_hook(self._record))
+        if self._lanes:
+            self._handles.append(m.gate.register_forward_hook(self._record_mixture))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _record(self, module, args, output) -> None:
-        ctx = args[1]
-        self.steps.append(
-            [(i, r.probs[0].detach().float().cpu(), r.chosen[0].detach().cpu()) for i, r in ctx.routings]
-        )
+        routings = args[1].routings
+        if self._lanes:  # this slot's own routing: the one it has just appended
+            routings = (
+                [next((ir for ir in reversed(routings) if ir[0] == module.index), None)] if routings else []
+            )
+        for item in routings:
+            if item is not None:
+                i, r = item
+                self._pending[i] = (r.probs[0].detach().float().cpu(), r.chosen[0].detach().cpu())
+
+    def _record_mixture(self, module, args, output) -> None:
+        self._mixture = output[0].detach().float().softmax(-1).cpu()  # [tokens, lanes]
+
+    def end_step(self) -> None:
+        """One step done (its token streamed): what the hooks saw in it becomes a step of the trace. A per-sequence
+        mixture decided from the prompt runs no gate afterwards: its decision carries on."""
+        if not self._handles:
+            return
+        mixture = self._mixture
+        if mixture is None and self.steps and self.steps[-1][1] is not None:
+            mixture = self.steps[-1][1][-1:]
+        self.steps.append((self._pending, mixture))
+        self._pending, self._mixture = {}, None
 
     def trace(self, fed: list[int]) -> dict | None:
         """The trace of the prompt and of `fed` but its last token (as `Trace.to_dict`, with token texts), as
@@ -337,19 +366,45 @@ class LiveTrace:
         n = min(len(self.steps), len(fed))
         if n == 0:
             return None
-        steps = self.steps[:n]
+        steps = list(self.steps[:n])
         ids = self.prompt + [int(i) for i in fed[: n - 1]]
         tok = self.model.tokenizer
         while len(self._texts) < len(ids):
             self._texts.append(tok.decode([ids[len(self._texts)]]))
+        by_index = {s.index: s for s in self.model.all_slots}
         slots = []
-        for j, (index, _, _) in enumerate(steps[0]):
-            slot = self.model.slots[index]
-            probs = torch.cat([step[j][1] for step in steps], 0).unsqueeze(0)
-            chosen = torch.cat([step[j][2] for step in steps], 0).unsqueeze(0)
-            slots.append(SlotTrace(index, slot.expert_names, slot.router.kind, probs, chosen))
+        for index in sorted(steps[0][0]):
+            probs, chosen = [], []
+            for routed, _ in steps:  # a lane that did not run in a step keeps its last decision
+                p, c = routed.get(index, (probs[-1][-1:], chosen[-1][-1:]) if probs else (None, None))
+                if p is not None:
+                    probs.append(p)
+                    chosen.append(c)
+            slot = by_index[index]
+            slots.append(
+                SlotTrace(
+                    index,
+                    slot.expert_names,
+                    slot.router.kind,
+                    torch.cat(probs).unsqueeze(0),
+                    torch.cat(chosen).unsqueeze(0),
+                )
+            )
+        if self._lanes and steps[0][1] is not None:
+            probs = torch.cat([m for _, m in steps if m is not None]).unsqueeze(0)
+            kind = "sequence" if self.model.gate.per_sequence else "mixture"
+            slots.append(SlotTrace(-1, list(self.model.lanes), kind, probs, probs.argmax(-1, keepdim=True)))
         trace = Trace(token_ids=torch.tensor([ids]), slots=slots)
-        return trace.to_dict(0, self._texts[: len(ids)])
+        return _with_lanes(self.model, trace.to_dict(0, self._texts[: len(ids)]))
+
+
+def _with_lanes(model: mol.FusedModel, trace: dict) -> dict:
+    """A lanes model's trace says which model each lane runs on (its mixture row names lanes, not models), so
+    the figures colour a lane as its base model."""
+    lanes = getattr(getattr(model, "recipe", None), "lanes", None)
+    if lanes:
+        trace["lanes"] = {name: lane.base for name, lane in lanes.items()}
+    return trace
 
 
 BUILTIN_CORPORA = ("prose", "code")
@@ -507,6 +562,20 @@ class StudioEngine:
             "memory": mem,
             "trainable_parameters": d["adapter_parameters"] + d["router_parameters"],
         }
+        if plan.lanes:  # several streams side by side: each lane's base and depth, the stitches, the mixture
+            summary["lanes"] = [
+                {
+                    "name": n,
+                    "base": p.recipe.base,
+                    "width": p.width,
+                    "slots": len(p.slots),
+                    "routed_slots": sum(s.routed for s in p.recipe.slots),
+                }
+                for n, p in plan.lanes.items()
+            ]
+            summary["stitches"] = len(plan.recipe.stitches)
+            summary["mixture"] = (plan.recipe.mixture or MixtureSpec()).type
+            summary["trainable_parameters"] += plan.stitch_parameters()
         return PlanReport(True, None, summary, list(plan.warnings)), plan
 
     # ---- building -----------------------------------------------------------------------------------
@@ -653,7 +722,7 @@ class StudioEngine:
                             top_k=s["top_k"],
                             top_p=s["top_p"],
                             generator=gen,
-                            streamer=lambda t: events.put(("token", int(t[0]))),
+                            streamer=lambda t: (live and live.end_step(), events.put(("token", int(t[0])))),
                             stop=stop.is_set,
                             return_trace=True,
                         )
@@ -703,7 +772,7 @@ class StudioEngine:
         if trace.attention_mask is not None:
             ids = ids[trace.attention_mask[0].bool()]
         tokens = [model.tokenizer.decode([i]) for i in ids.tolist()]
-        return trace.to_dict(0, tokens)
+        return _with_lanes(model, trace.to_dict(0, tokens))
 
     def run_prompt(
         self,

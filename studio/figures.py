@@ -140,7 +140,17 @@ def _empty(message: str, title: str, height: int = 220) -> go.Figure:
     return fig
 
 
+MIXTURE_ROUTERS = ("mixture", "sequence")  # the trace row of a lanes model's output mixture (slot -1)
+
+
+def is_mixture(slot: Mapping[str, Any]) -> bool:
+    """Whether a trace row is a lanes model's output mixture (its experts are the lanes), not a routed slot."""
+    return slot.get("router") in MIXTURE_ROUTERS or slot.get("slot") == -1
+
+
 def _slot_label(slot: Mapping[str, Any]) -> str:
+    if is_mixture(slot):
+        return "lane mixture" + (" (per sequence)" if slot.get("router") == "sequence" else "")
     label = f"slot {slot.get('slot', '?')}"
     return label + " (pooled)" if slot.get("router") == "pooled" else label
 
@@ -400,6 +410,12 @@ def _router_text(slot: Mapping[str, Any]) -> str:
     """ "token, top-2" or "pooled"; top-k read from the width of the first "chosen" row (1 when unknown)."""
     if slot.get("router") == "pooled":
         return "pooled"
+    if is_mixture(slot):
+        return (
+            "one lane per sequence"
+            if slot.get("router") == "sequence"
+            else "the gate over the lanes, per token"
+        )
     first = next(iter(slot.get("chosen") or []), None)
     k = len(first) if isinstance(first, (list, tuple)) and first else 1
     return f"{html.escape(str(slot.get('router') or 'token'))}, top-{k}"
@@ -860,6 +876,7 @@ __all__ = [
     "expert_load",
     "format_prob",
     "gate_intensity",
+    "is_mixture",
     "loss_curve",
     "model_colors",
     "perplexity_bars",

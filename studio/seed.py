@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_SUFFIX = ".safetensors"
 RECORD_SUFFIX = ".train.json"
-# The shipped trained fusion the Playground opens on first when no run file records a mixed-text perplexity
-# (`recorded_mixed_perplexity`), best first; unlisted ones follow by name. fused-token leads: it is the fusion the
-# README shows, and its per-token routing is what the router heatmap is for (the pooled recipe decides once per
-# sequence, so its heatmap is one colour per slot; the two are within 0.2 perplexity of each other on mixed text,
-# bench/fusion/README.md).
-SHIPPED_FUSION_PREFERENCE = ("fused-token", "fused-pooled")
+# The shipped trained fusions the Playground opens on first when no run file records a mixed-text perplexity
+# (`recorded_mixed_perplexity`), best first; unlisted ones follow by name. Seeding follows the same order, so these
+# are also the first recipes listed. The lanes fusions lead: each demo model keeps its own stream and head, and the
+# output mixture carries the specialists' knowledge to the output, where a single stream through one frozen head
+# cannot (bench/fusion/README.md); the heatmap shows which lane the gate picks per token. fused-token follows: its
+# per-token routing is what the router heatmap is for (the pooled recipe decides once per sequence).
+SHIPPED_FUSION_PREFERENCE = ("lanes-trio", "lanes-branches", "fused-token", "fused-pooled")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Regional compilation (mol.compiling) gives the eager model's logits and gradients, routed slots included, and
 the per-expert token rows come from one grouping of the choices."""
 
+import os
+
 import torch
 
 import mol
-from mol.compiling import compile_blocks, compile_network, uncompile_network
+from mol.compiling import compile_blocks, compile_network, uncompile_network, use_compile_cache
 from mol.network.modeling_mol import rows_by_expert as _rows_by_expert
 
 
@@ -93,3 +95,13 @@ def test_compiled_network_matches_eager_and_breaks_only_at_routing(tiny):
     uncompile_network(model)
     assert model.compiled_step_logits is None
     torch.testing.assert_close(_loss_and_grads(model, batches[0])[0], eager[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_compile_cache_goes_to_a_folder_that_outlives_the_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MOL_COMPILE_CACHE", str(tmp_path / "default"))
+    assert use_compile_cache() == tmp_path / "default"  # no folder, none set: mol's default
+    assert (tmp_path / "default").is_dir()
+    assert use_compile_cache(tmp_path / "mine") == tmp_path / "mine"  # an explicit folder wins
+    assert use_compile_cache() == tmp_path / "mine"  # then stays (torch reads it at each cache access)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "mine").resolve())

@@ -159,8 +159,8 @@ def test_a_folder_that_fails_the_check_never_reaches_out(tiny, tmp_path, monkeyp
 
     real = standard.standard_config
 
-    def lying(the_plan, dtype):
-        cfg = real(the_plan, dtype)
+    def lying(the_plan, dtype, *args, **kwargs):
+        cfg = real(the_plan, dtype, *args, **kwargs)
         cfg.intermediate_size = 96
         return cfg
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from studio.figures import gate_intensity, slot_keys
-from studio.seed import best_shipped_fusion
+from studio.seed import SHIPPED_FUSION_PREFERENCE, best_shipped_fusion
 from studio.tabs.playground import DEFAULT_PROMPT, live_trace_every, prompt_length, token_view
 
 
@@ -42,7 +42,7 @@ def test_a_fresh_studio_is_seeded_and_the_playground_starts_on_the_shipped_fusio
 
     ctl = StudioController(engine)
     best = best_shipped_fusion(engine.repo)
-    assert best is not None and best.version.recipe_name == "fused-token"
+    assert best is not None and best.version.recipe_name in SHIPPED_FUSION_PREFERENCE
     assert ctl.starting_version() == best.version.id
     assert ctl.default_weights(best.version.id) == best.result.id  # its trained weights, not "as built"
     # the Playground's prompt is ready to run: prose and code, where the routers disagree
@@ -66,7 +66,7 @@ def test_weight_pickers_offer_trained_results_by_label(demo, engine):
     ctl = StudioController(engine)
     best = best_shipped_fusion(engine.repo)
     choices = ctl.weight_choices(best.version.id)
-    assert choices[0][1] == 0 and choices[1] == ("fused-token v1 · shipped", best.result.id)
+    assert choices[0][1] == 0 and choices[1] == (f"{best.version.recipe_name} v1 · shipped", best.result.id)
     for label, value in choices:
         assert not re.fullmatch(r"\s*#?\d+\s*", label) and str(value) != label
     assert ctl.weight_choices(None) == [ctl.AS_BUILT]
@@ -165,7 +165,7 @@ def test_reopening_a_run_shows_its_tokens_and_weights(demo, engine):
     assert "".join(view["tokens"][view["prompt"] :]) + view["tail"] == run.output_text
     weights = opened[component(demo, "run-weights")]
     assert weights["value"] == best.result.id and (
-        "fused-token v1 · shipped",
+        f"{best.version.recipe_name} v1 · shipped",
         best.result.id,
     ) in [tuple(c) for c in weights["choices"]]
 

@@ -329,6 +329,7 @@ def test_lanes_train_their_gate_and_stitches_from_the_closed_form_start(tiny, da
             "models": models,
             "lanes": {"x": {"base": "a"}, "y": {"base": "b"}},
             "stitches": [{"from": "y", "to": "x", "after": [1, 1]}],
+            "mixture": "token",  # the gate read from the lanes' states, fitted by ridge
         }
     )
     result = train(r, data, config(steps=4, router_init="ridge"), progress=False)

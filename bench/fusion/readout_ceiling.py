@@ -85,3 +85,34 @@ def readout_ceiling(
         "head_model_alone_ppl": head_alone,
         "best_linear_readout_ppl": mapped,
     }
+
+
+PAIRS = [  # (specialist, the model whose head reads it, the specialist's domain)
+    ("mango-bard", "mango-base", "prose"),
+    ("mango-coder", "mango-base", "code"),
+    ("mango-bard", "mango-coder", "prose"),
+    ("mango-coder", "mango-bard", "code"),
+]
+
+
+def main() -> int:
+    """`python -m bench.fusion.readout_ceiling`: the table in bench/fusion/README.md, on the demo models."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    models, corpora = root / "assets" / "models", root / "assets" / "corpora"
+    print("| specialist | head of | specialist alone | head's model alone | best linear readout |")
+    print("|---|---|---:|---:|---:|")
+    for s, h, d in PAIRS:
+        c = readout_ceiling(
+            str(models / s), str(models / h), str(corpora / d / "train.txt"), str(corpora / d / "test.txt")
+        )
+        print(
+            f"| {s} | {h} | {c['specialist_ppl']:.2f} | {c['head_model_alone_ppl']:.2f} | "
+            f"{c['best_linear_readout_ppl']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,10 @@
     python -m bench.perf                       # the whole suite on a CUDA machine -> bench/results/<card>-<date>.json
     python -m bench.perf --smoke --out DIR     # tiny CPU version of every section (CI), seconds
     python -m bench.perf --table FILE.json     # a result file as the Markdown table of bench/README.md
+    python -m bench.perf --sections S --add    # more sections into today's file, keeping the ones it has
+
+The file's top-level "targets" table (bench/perf/targets.py) holds one entry per target of the performance
+issue, each computed from the sections' figures: {"value", "target", "met"}, or value None with a reason.
 
 Models are random-initialised at realistic shapes (bench/perf/models.py: a ~1.1B Llama, TinyLlama's shape,
 and a ~0.5B Qwen2-style source of another width), saved to a temporary folder, and built from there. Each
@@ -28,6 +32,7 @@ import mol
 from bench.perf import models as M
 from bench.perf.common import environment
 from bench.perf.sections import SECTIONS, repo_root
+from bench.perf.targets import targets
 
 # Seconds a step needs, to decide whether it still fits the budget.
 ESTIMATES = {
@@ -92,6 +97,10 @@ class Bench:
             return M.identity_recipe(self.base_dir, lb)
         if name == "two_source":
             return M.two_source_recipe(self.base_dir, self.other_dir, lb, lo)
+        if name == "other":
+            return M.other_recipe(self.other_dir, lo)
+        if name == "lanes":
+            return M.lanes_recipe(self.base_dir, self.other_dir)
         return M.quarter_recipe(self.base_dir, self.other_dir, lb, lo)
 
     def model(self, name: str):
@@ -124,6 +133,7 @@ class Bench:
     def write(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.results["elapsed_s"] = time.time() - self.t0
+        self.results["targets"] = targets(self.results)
         self.out.write_text(json.dumps(self.results, indent=1, default=_jsonable) + "\n")
 
 
@@ -155,11 +165,15 @@ def run(
     budget: float = 540.0,
     compile: bool = True,
     work: str | Path | None = None,
+    add: bool = False,
 ) -> Path:
     b = Bench(smoke, Path(out_dir or repo_root() / "bench" / "results"), budget, compile, work)
+    names = sections or list(SECTIONS)
+    if add and b.out.exists():
+        _keep_earlier(b, json.loads(b.out.read_text()), names)
     try:
         b.prepare()
-        for name in sections or list(SECTIONS):
+        for name in names:
             if b.remaining() <= 0:
                 b.results[name] = {"skipped": "time budget"}
                 continue
@@ -180,6 +194,22 @@ def run(
     return b.out
 
 
+def _keep_earlier(b: Bench, earlier: dict, names: list[str]) -> None:
+    """--add: the sections of an earlier run of the same file that this run does not repeat stay (targets are
+    recomputed over both); the earlier runs' commands are listed."""
+    for name in SECTIONS:
+        if name in earlier and name not in names:
+            b.results[name] = earlier[name]
+            if name in earlier.get("errors", {}):
+                b.results["errors"][name] = earlier["errors"][name]
+    runs = earlier.get("runs") or [{"command": earlier.get("command"), "date": _get_date(earlier)}]
+    b.results["runs"] = [*runs, {"command": b.results["command"], "date": b.env["date"], "sections": names}]
+
+
+def _get_date(r: dict) -> str | None:
+    return (r.get("env") or {}).get("date")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU version of every section")
@@ -188,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later steps are skipped past it")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile decode variant")
     ap.add_argument("--work", help="folder for the random source models (default: a temporary one)")
+    ap.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the sections of an existing result file of the same name that this run does not repeat",
+    )
     ap.add_argument("--table", help="print a result JSON as the Markdown table of bench/README.md, and exit")
     args = ap.parse_args(argv)
     if args.table:
@@ -196,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(Path(args.table).read_text())))
         return 0
     sections = args.sections.split(",") if args.sections else None
-    out = run(args.smoke, args.out, sections, args.budget, not args.no_compile, args.work)
+    out = run(args.smoke, args.out, sections, args.budget, not args.no_compile, args.work, args.add)
     print(out)
     return 0
 

@@ -169,6 +169,36 @@ def routed_slot_recipe(base: Path) -> tuple[mol.Recipe, mol.Recipe]:
     return one, two
 
 
+def top2_of_4_recipe(base: Path) -> mol.Recipe:
+    """One slot of four equal-size experts (base layers 0-3) with top-2 token routing."""
+    return mol.Recipe.from_dict(
+        {
+            "name": "routed-slot-top2-of-4",
+            "models": {"base": str(base)},
+            "slots": [{"experts": [f"base:{i}" for i in range(4)], "router": {"type": "token", "top_k": 2}}],
+        }
+    )
+
+
+def other_recipe(other: Path, layers: int) -> mol.Recipe:
+    """The second source alone (every layer, one per slot): a lane's own model."""
+    return mol.Recipe.from_dict(
+        {"name": "other", "models": {"other": str(other)}, "slots": [f"other:0-{layers - 1}"]}
+    )
+
+
+def lanes_recipe(base: Path, other: Path) -> mol.Recipe:
+    """Two lanes, each a whole source on its own stream with its own head, and a per-token output mixture."""
+    return mol.Recipe.from_dict(
+        {
+            "name": "two-lanes",
+            "models": {"base": str(base), "other": str(other)},
+            "lanes": {"base": {"base": "base"}, "other": {"base": "other"}},
+            "mixture": "token",
+        }
+    )
+
+
 def randomise_routers(model, seed: int = 0, std: float = 1.0) -> None:
     """Routers start uniform (every token picks expert 0 on ties); random ones split tokens as trained ones do."""
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ from bench.perf.common import (
     sync,
     timeit,
 )
-from bench.perf.models import parameter_bytes, randomise_routers, routed_slot_recipe
+from bench.perf.models import parameter_bytes, randomise_routers, routed_slot_recipe, top2_of_4_recipe
 from mol.compiling import compile_blocks, compile_network
 from mol.fast import FastDecoder
 from mol.fused import StepContext
@@ -216,6 +216,8 @@ def routed_slot(b) -> dict:
     one = mol.build(one_recipe, device=b.device, dtype=b.dtype, load_tokenizer=False)
     two = mol.build(two_recipe, device=b.device, dtype=b.dtype, load_tokenizer=False)
     randomise_routers(two)
+    four = mol.build(top2_of_4_recipe(b.base_dir), device=b.device, dtype=b.dtype, load_tokenizer=False)
+    randomise_routers(four)  # top-2 of 4: reported beside the target's top-1 of 2
     bsz, length = b.prefill_shape
     h = torch.randn(bsz, length, b.width, generator=torch.Generator().manual_seed(3)).to(b.device, b.dtype)
     mask = torch.ones(bsz, length, dtype=torch.long, device=b.device)
@@ -230,6 +232,7 @@ def routed_slot(b) -> dict:
         t_one = timeit(lambda: run(one), repeat=b.repeat, warmup=2)["median_s"]
         t_two = timeit(lambda: run(two), repeat=b.repeat, warmup=2)["median_s"]
         t_dense = timeit(lambda: run(two, static=True), repeat=b.repeat, warmup=2)["median_s"]
+        t_four = timeit(lambda: run(four), repeat=b.repeat, warmup=2)["median_s"]
         _, ctx = run(two)
         share = ctx.routings[0][1].chosen[..., 0].float().mean().item()  # fraction routed to expert 1
         y_sub, _ = run(two)
@@ -253,6 +256,8 @@ def routed_slot(b) -> dict:
             "routed_slot_dense_s": t_dense,
             "routed_over_one_block": t_two / t_one,
             "dense_over_one_block": t_dense / t_one,
+            "top2_of_4_s": t_four,
+            "top2_of_4_over_one_block": t_four / t_one,
             "tokens_to_expert_1": share,
             "subset_vs_dense_max_abs_diff": float((y_sub - y_dense).abs().max()),
         }
@@ -266,9 +271,11 @@ def routed_slot(b) -> dict:
     if b.cuda and b.compile:  # both sides compiled block by block (mol.compiling), as training runs them
         compile_blocks(one, routers=True)
         compile_blocks(two, routers=True)
+        compile_blocks(four, routers=True)
         with torch.no_grad():
             t_one_c = timeit(lambda: run(one), repeat=b.repeat, warmup=3)["median_s"]
             t_two_c = timeit(lambda: run(two), repeat=b.repeat, warmup=3)["median_s"]
+            t_four_c = timeit(lambda: run(four), repeat=b.repeat, warmup=3)["median_s"]
             y_c, _ = run(two)
             profiles = {
                 "one_block": profile_top(lambda: run(one)),
@@ -278,6 +285,8 @@ def routed_slot(b) -> dict:
             "one_block_s": t_one_c,
             "routed_slot_s": t_two_c,
             "routed_over_one_block": t_two_c / t_one_c,
+            "top2_of_4_s": t_four_c,
+            "top2_of_4_over_one_block": t_four_c / t_one_c,
             "vs_eager_max_abs_diff": float((y_c.float() - y_sub.float()).abs().max()),
             "profiles": profiles,
         }
@@ -534,15 +543,208 @@ def placement(b) -> dict:
     return out
 
 
+# ---- the peer baseline ---------------------------------------------------------------------------------------
+def reference(b) -> dict:
+    """Greedy decode of the identity recipe's source by the gpt-fast-style reference decoder (bench/perf/
+    reference.py: the transformers model's own weights, static KV buffers, the one-token step compiled with
+    `mode="reduce-overhead"` where CUDA allows), at the decode section's prompt, length and batches."""
+    from bench.perf.reference import ReferenceDecoder
+
+    compiled = b.cuda and b.compile
+    out = {"compiled": compiled, "batches": {}}
+    for bsz in b.batches:
+        if b.remaining() < b.estimate("compile" if compiled else "decode_batch"):
+            out["batches"][str(bsz)] = {"skipped": "time budget"}
+            continue
+        ids = _prompt(b, bsz)
+        dec = ReferenceDecoder(b.hf_model(), bsz, b.prompt + b.new_tokens)
+        if compiled:
+            dec.compile_step()
+        sync()
+        t0 = time.perf_counter()
+        dec.generate(ids, b.new_tokens)
+        sync()
+        first = time.perf_counter() - t0
+        runs = []
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
+            toks = dec.generate(ids, b.new_tokens)
+            sync()
+            runs.append(time.perf_counter() - t0)
+        row = {**_rate(min(runs), bsz, b.new_tokens), "first_call_s": first}
+        if ("identity", bsz) in b.plain_tokens:
+            row["tokens_vs_plain"] = _agreement(toks, b.plain_tokens["identity", bsz], b.prompt)
+        out["batches"][str(bsz)] = row
+        del dec
+        b.free()
+    return out
+
+
+# ---- lanes -----------------------------------------------------------------------------------------------------
+def lanes(b) -> dict:
+    """A two-lane recipe (each source whole on its own stream, a per-token output mixture) against each lane's
+    source alone: decode (plain path, which lanes take) and prefill time, the lanes' over the sum of the
+    sources'. At most the sum means the lanes run one after the other; below it, they overlap on the device."""
+    new = min(64, b.new_tokens)
+    models = {k: b.model(k) for k in ("lanes", "identity", "other")}
+    out = {"new_tokens": new, "prompt": b.prompt, "decode": {}}
+    for bsz in (
+        b.batches[:1] if b.smoke else b.batches
+    ):  # smoke: one batch size is enough to check the plumbing
+        ids = _prompt(b, bsz, seed=6)
+        row = {}
+        for name, model in models.items():
+            model.generate(ids, max_new_tokens=4, eos_token_id=[], fast=False)
+            t = timeit(
+                lambda m=model, ids=ids: m.generate(ids, max_new_tokens=new, eos_token_id=[], fast=False),
+                repeat=1 if b.smoke else 2,
+                warmup=0,
+            )
+            row[name] = {**t, "ms_per_step": 1000 * t["median_s"] / new}
+        row["lanes_over_sum"] = row["lanes"]["median_s"] / (
+            row["identity"]["median_s"] + row["other"]["median_s"]
+        )
+        out["decode"][str(bsz)] = row
+        b.partial("lanes", out)
+    bsz, length = b.prefill_shape
+    ids = torch.randint(3, b.vocab, (bsz, length), generator=torch.Generator().manual_seed(7)).to(b.device)
+    pre = {"batch": bsz, "length": length}
+    with torch.no_grad():
+        for name, model in models.items():
+            pre[name] = timeit(lambda m=model: m(ids), repeat=b.repeat, warmup=2)
+    pre["lanes_over_sum"] = pre["lanes"]["median_s"] / (
+        pre["identity"]["median_s"] + pre["other"]["median_s"]
+    )
+    out["prefill"] = pre
+    for k in ("lanes", "other"):
+        b._models.pop(k, None)
+    return out
+
+
+# ---- the CPU ---------------------------------------------------------------------------------------------------
+def cpu(b) -> dict:
+    """The plain path against transformers on the CPU with 2 threads (the studio's Space has 2 vCPUs), float32:
+    batch-1 greedy decode and a batch-1 prefill of the identity recipe, on whatever machine runs the suite."""
+    from transformers import AutoModelForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    prompt, new, length = (8, 8, 16) if b.smoke else (32, 16, 64)
+    out = {"threads": 2, "dtype": "float32", "prompt": prompt, "new_tokens": new, "prefill_length": length}
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(b.base_dir), dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+        model = mol.build(b.recipe("identity"), device="cpu", dtype=torch.float32, load_tokenizer=False)
+        g = torch.Generator().manual_seed(8)
+        ids = torch.randint(3, b.vocab, (1, prompt), generator=g)
+        gen = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)
+        t0 = time.perf_counter()
+        hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen)
+        hf_s = time.perf_counter() - t0
+        model.generate(ids, max_new_tokens=2, eos_token_id=[])
+        t0 = time.perf_counter()
+        tokens = model.generate(ids, max_new_tokens=new, eos_token_id=[])  # the default path on the CPU
+        mol_s = time.perf_counter() - t0
+        out["decode"] = {
+            "transformers": _rate(hf_s, 1, new),
+            "plain": _rate(mol_s, 1, new),
+            "vs_transformers": hf_s / mol_s,
+            "tokens_vs_transformers": _agreement(tokens, hf_tokens, prompt),
+        }
+        ids = torch.randint(3, b.vocab, (1, length), generator=g)
+        with torch.no_grad():
+            t_hf = timeit(lambda: hf(ids), repeat=3, warmup=1)
+            t_mol = timeit(lambda: model(ids), repeat=3, warmup=1)
+        out["prefill"] = {
+            "transformers": t_hf,
+            "identity": t_mol,
+            "vs_transformers": t_hf["median_s"] / t_mol["median_s"],
+        }
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# ---- first call ------------------------------------------------------------------------------------------------
+def first_call(b) -> dict:
+    """The compiled fast path's first `generate` in a new process (bench/perf/first_call_probe.py), twice with
+    one compile-cache folder: cold (empty) and warm (the folder the first process filled), batch 1."""
+    import tempfile
+
+    from bench.perf.first_call_probe import probe
+
+    cfg = {
+        "base": str(b.base_dir),
+        "device": b.device,
+        "dtype": str(b.dtype).split(".")[-1],
+        "layers": b.shapes["base"]["num_hidden_layers"],
+        "vocab": b.vocab,
+        "batch": 1,
+        "prompt": b.prompt,
+        "new_tokens": b.new_tokens,
+        "compile": b.cuda and b.compile,
+    }
+    if b.smoke:  # in this process, uncompiled: the probe's plumbing, not its figure
+        cfg["cache"] = str(b.work / "compile-cache")
+        return {"in_process": probe(cfg), "skipped": "smoke run: the compiled fast path needs CUDA"}
+    out = {"compile": cfg["compile"]}
+    with tempfile.TemporaryDirectory(prefix="mol-compile-cache-") as cache:
+        cfg["cache"] = cache
+        env = dict(os.environ, PYTHONPATH=str(b.repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            res = subprocess.run(
+                [sys.executable, "-m", "bench.perf.first_call_probe"],
+                input=json.dumps(cfg),
+                capture_output=True,
+                text=True,
+                cwd=str(b.repo),
+                env=env,
+                timeout=600,
+            )
+            if res.returncode != 0:
+                out[label] = {"error": res.stderr[-2000:]}
+                break
+            out[label] = json.loads(res.stdout.strip().splitlines()[-1])
+            out[label]["process_s"] = time.perf_counter() - t0
+            b.partial("first_call", out)
+        out["cache_bytes"] = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file())
+    return out
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+def export(b) -> dict:
+    """Export against mergekit: the suite has no mergekit runner, so this only records whether mergekit is
+    installed; bench/export_memory.py measures mol's own export (peak RSS against the largest shard)."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("mergekit") is not None
+    reason = (
+        "mergekit is installed, but the suite has no mergekit runner yet"
+        if installed
+        else "mergekit is not installed on this machine"
+    )
+    return {"mergekit_installed": installed, "skipped": reason}
+
+
 SECTIONS = {
     "ceilings": ceilings,
     "prefill": prefill,
     "decode": decode,
+    "reference": reference,
     "routed_slot": routed_slot,
     "training": training,
+    "lanes": lanes,
+    "cpu": cpu,
     "build": build,
     "placement": placement,
+    "export": export,
     "decode_compiled": decode_compiled,
+    "first_call": first_call,
 }
 
 

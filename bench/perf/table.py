@@ -138,4 +138,46 @@ def markdown(r: dict) -> str:
             )
         elif isinstance(v, dict) and "skipped" in v:
             lines.append(f"Placement `{label}`: not run ({v['skipped']}).")
+    if r.get("targets"):
+        lines += ["", *targets_markdown(r)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _value(v, unit: str) -> str:
+    if v is None:
+        return "—"
+    if unit == "fraction":
+        return f"{100 * v:.1f}%"
+    if unit == "s":
+        return f"{v:.1f} s"
+    return f"{v:.2f}×"
+
+
+def targets_markdown(r: dict) -> list[str]:
+    """The result's targets table (bench/perf/targets.py): one row per target, measured value or the reason."""
+    lines = [
+        "Targets"
+        + (" (smoke sizes on the CPU: the plumbing, not the figures)" if r.get("smoke") else "")
+        + ":",
+        "",
+        "| target | value | goal | met | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for key, e in r["targets"].items():
+        unit = e.get("unit", "x")
+        notes = []
+        if e.get("value") is None:
+            notes.append(e.get("reason", ""))
+        for k in ("path", "variant", "worst", "shape"):
+            if e.get(k):
+                notes.append(f"{k} {e[k]}")
+        if e.get("cold_s") is not None:
+            notes.append(f"cold {e['cold_s']:.1f} s")
+        if e.get("top2_of_4") is not None:
+            notes.append(f"top-2 of 4: {e['top2_of_4']:.2f}×")
+        met = "**yes**" if e.get("met") else "no"
+        lines.append(
+            f"| `{key}`: {e.get('what', '')} | {_value(e.get('value'), unit)} | {e.get('op', '')} "
+            f"{_value(e.get('target'), unit)} | {met} | {'; '.join(notes)} |"
+        )
+    return lines

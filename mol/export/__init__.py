@@ -106,16 +106,18 @@ def export(
             + " ".join(blockers)
             + " Export it with format='mol' (MoLForCausalLM) instead."
         )
-    if fmt == "standard":
-        trained = False  # every adapter is the identity and there is no router: nothing trained is written
+    if (
+        fmt == "standard"
+    ):  # every adapter is the identity and there is no router: only a trained head is written
+        trained = parts.head_trained
 
     out = Path(out)
     recipe_dict = _public_recipe(the_plan)
     recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True, width=120)
     with staging(out, overwrite) as folder:
         if fmt == "standard":
-            entries = standard.standard_entries(the_plan, out_dtype)
-            standard.write_standard_config(the_plan, folder, out_dtype)
+            entries = standard.standard_entries(the_plan, out_dtype, parts)
+            standard.write_standard_config(the_plan, folder, out_dtype, untie=parts.head_trained)
             layers = len(the_plan.slots)
         else:
             entries = remote.remote_entries(the_plan, parts, out_dtype)
@@ -127,7 +129,7 @@ def export(
         verify.check_loadable(folder)  # still in staging: a folder that would not load never reaches `out`
         _copy_side_files(the_plan, folder)
         (folder / "mol_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        if fmt == "standard":
+        if fmt == "standard" and not parts.head_trained:  # mergekit cannot say "this head, trained"
             _write_mergekit_config(the_plan, folder, out_dtype)
         dtype_name = str(out_dtype).removeprefix("torch.")
         card.write_card(

@@ -235,6 +235,8 @@ def mergekit_blockers(the_plan, weights=None) -> list[str]:
 
         load_trainable(parts, weights)
     reasons = standard_blockers(the_plan, parts)
+    if parts.head_trained:
+        reasons.append("the final norm and head were trained; a passthrough config takes the base's.")
     if the_plan.lanes:
         return reasons
     base = the_plan.recipe.base

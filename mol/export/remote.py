@@ -37,16 +37,24 @@ def remote_config(the_plan: Plan, parts: nn.Module, dtype: torch.dtype, recipe_d
         auto_map=dict(AUTO_MAP),
     )
     cfg.dtype = str(dtype).removeprefix("torch.")
+    if parts.head_trained:  # a trained head is a tensor of its own, even where the source ties it
+        cfg.tie_word_embeddings = False
+        for lane in (cfg.lanes or {}).values():
+            lane["tie_word_embeddings"] = False
     return cfg
 
 
 def remote_entries(the_plan: Plan, parts: nn.Module, dtype: torch.dtype | None) -> list[TensorEntry]:
     """Every tensor of the network under its name in MoLForCausalLM: the parts read from the sources' files
-    (mol.layout.file_parts, as `mol.build` reads them), then the adapters and routers of `parts`."""
+    (mol.layout.file_parts, as `mol.build` reads them), then the adapters and routers of `parts` (and its final
+    norm and head where they were trained: those replace the source's)."""
     entries: list[TensorEntry] = []
+    trained = parts.trainable_state_dict()
     for path, alias, prefix in layout.file_parts(the_plan):
         src = the_plan.sources[alias]
         for name in parts.get_submodule(path).state_dict():
+            if f"{path}.{name}" in trained:
+                continue
             entries.append(entry_from_file(f"{PREFIX}{path}.{name}", src.tensors[f"{prefix}.{name}"], dtype))
     for name, tensor in parts.trainable_state_dict().items():
         # Routers run in float32 whatever the model's dtype (as in the runtime); adapters follow the model.

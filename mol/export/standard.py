@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mol.export.shards import TensorEntry, entry_from_file
+from mol.export.shards import TensorEntry, entry_from_file, entry_from_tensor
 from mol.export.trainable import is_identity
 from mol.planning import Plan
 
@@ -92,11 +92,14 @@ def _config_difference(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3]) + (" …" if len(keys) > 3 else "")
 
 
-def standard_config(the_plan: Plan, dtype: torch.dtype):
-    """The base's config with the new layer count (and per-layer attention types taken from each block)."""
+def standard_config(the_plan: Plan, dtype: torch.dtype, untie: bool = False):
+    """The base's config with the new layer count (and per-layer attention types taken from each block);
+    `untie`: the head is a tensor of its own (trained apart from the embedding)."""
     base = the_plan.base
     cfg = copy.deepcopy(base.config)
     cfg.num_hidden_layers = len(the_plan.slots)
+    if untie:
+        cfg.tie_word_embeddings = False
     if isinstance(getattr(base.config, "layer_types", None), list):
         types = []
         for sp in the_plan.slots:
@@ -107,8 +110,9 @@ def standard_config(the_plan: Plan, dtype: torch.dtype):
     return cfg
 
 
-def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEntry]:
-    """Every non-layer tensor of the base under its own name, then each slot's layer renumbered consecutively."""
+def standard_entries(the_plan: Plan, dtype: torch.dtype | None, parts=None) -> list[TensorEntry]:
+    """Every non-layer tensor of the base under its own name, then each slot's layer renumbered consecutively;
+    where `parts` (the trainable parts) trained the final norm and head, theirs replace the base's."""
     base = the_plan.base
     layers = base.family.layers + "."
     pre_roles = [base.family.embed, base.family.positions, base.family.project_in]
@@ -128,9 +132,26 @@ def standard_entries(the_plan: Plan, dtype: torch.dtype | None) -> list[TensorEn
         for name in sorted(n for n in src.tensors if n.startswith(prefix)):
             out = base.family.layer_prefix(sp.index) + name[len(prefix) :]
             entries.append(entry_from_file(out, src.tensors[name], dtype))
-    entries.extend(from_base(n) for n in post)
+    trained = _trained_head(the_plan, parts)
+    entries.extend(from_base(n) for n in post if n not in trained)
+    entries.extend(entry_from_tensor(n, t, dtype) for n, t in trained.items())
     return entries
 
 
-def write_standard_config(the_plan: Plan, folder: Path, dtype: torch.dtype) -> None:
-    standard_config(the_plan, dtype).save_pretrained(str(folder))
+def _trained_head(the_plan: Plan, parts) -> dict[str, torch.Tensor]:
+    """The trained final norm and head of `parts`, under the base's file names (a tied head as the family's
+    head); empty where they were not trained."""
+    if parts is None or not parts.head_trained:
+        return {}
+    fam = the_plan.base.family
+    where = {"final_norm": fam.final_norm, "head": fam.head_in_files(the_plan.base.tensors) or fam.head}
+    out = {}
+    for name, tensor in parts.trainable_state_dict().items():
+        role, _, rest = name.partition(".")
+        if role in where:
+            out[f"{where[role]}.{rest}"] = tensor
+    return out
+
+
+def write_standard_config(the_plan: Plan, folder: Path, dtype: torch.dtype, untie: bool = False) -> None:
+    standard_config(the_plan, dtype, untie).save_pretrained(str(folder))

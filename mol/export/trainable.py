@@ -19,7 +19,10 @@ def trainable_parts(the_plan: Plan) -> MoLNetwork:
 
 @torch.no_grad()
 def copy_trainable(parts: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Set the adapters and routers of `parts` from another model's trainable state (same recipe)."""
+    """Set the adapters and routers of `parts` from another model's trainable state (same recipe); its final
+    norm and head too where that model trained them."""
+    if any(k in parts.head_names() for k in state):
+        parts.train_head(requires_grad=False)
     own = parts.trainable_state_dict()
     for name, value in state.items():
         own[name].copy_(value.detach().to("cpu", own[name].dtype))

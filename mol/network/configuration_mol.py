@@ -40,7 +40,7 @@ class MoLConfig(PretrainedConfig):
         self.adapter_rank = adapter_rank
         self.router_code = router_code or {}
         self.lanes = lanes or {}  # lane name -> the fields of a one-stream MoLConfig
-        self.stitches = stitches or []  # [{"from", "to", "after": [i, j], "type", "rank"}]
+        self.stitches = stitches or []  # [{"from", "to", "after": [i, j], "type", "rank", "heads"}]
         self.mixture = mixture  # {"type": "token" | "sequence"} over the lanes' distributions
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size

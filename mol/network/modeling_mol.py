@@ -72,6 +72,7 @@ class FusedCache:
     mask: torch.Tensor | None = None  # [B, seen]
     pooled: dict[int, dict] = field(default_factory=dict)  # slot index (-1: the lanes' mixture) -> decision
     lanes: dict[str, FusedCache] = field(default_factory=dict)  # each lane's own caches (a lanes network)
+    stitches: dict[int, dict] = field(default_factory=dict)  # stitch index -> its source keys/values so far
 
     @property
     def length(self) -> int:
@@ -288,6 +289,7 @@ class MoLNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.compiled_step_logits = None  # step_logits compiled (mol.compiling.compile_network); None: eager
+        self.head_trained = False  # the final norm and head are trained weights too (`train_head`)
         self.lanes: nn.ModuleDict | None = None
         if config.lanes:
             self._build_lanes(config, init_device)
@@ -396,9 +398,10 @@ class MoLNetwork(nn.Module):
         made_here = nullcontext() if init_device is None else torch.device(init_device)
         with made_here:
             self.stitches = nn.ModuleList(
-                Stitch(st, widths[st["from"]], widths[st["to"]]) for st in config.stitches
+                make_stitch(st, widths[st["from"]], widths[st["to"]]) for st in config.stitches
             )
-            kind = "pooled" if (config.mixture or {}).get("type") == "sequence" else "token"
+            mixture = (config.mixture or {}).get("type", "token")
+            kind = {"sequence": "pooled", "evidence": "evidence"}.get(mixture, "token")
             self.gate = make_router(kind, sum(widths.values()), len(lanes)).float()
         self.order = stitch_order({n: len(lane.slots) for n, lane in lanes.items()}, self.stitches)
         self.slots = nn.ModuleList()  # the lanes hold the slots
@@ -429,11 +432,35 @@ class MoLNetwork(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Adapters, routers, stitches and the lanes' gate: the only parts of a fused model that train (source
-        blocks stay frozen)."""
-        return {n: p for n, p in self.named_parameters() if _trainable(n)}
+        blocks stay frozen); and the final norm and head once `train_head` has made them trained weights."""
+        return {n: p for n, p in self.named_parameters() if self._trains(n)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t for n, t in self.state_dict().items() if _trainable(n)}
+        return {n: t for n, t in self.state_dict().items() if self._trains(n)}
+
+    def _trains(self, name: str) -> bool:
+        return _trainable(name) or (self.head_trained and _head_part(name))
+
+    def head_names(self) -> set[str]:
+        """The state names of the final norm and head (every lane's), trained weights after `train_head`."""
+        return {n for n in self.state_dict() if _head_part(n)}
+
+    def train_head(self, requires_grad: bool = True) -> None:
+        """Make the final norm and head (every lane's) trained weights: saved, loaded and exported with the
+        adapters and routers, and trained where `requires_grad`. A head tied to the input embedding is untied
+        first (it gets a copy of its own), so training it never changes the embedding. Parts still on the meta
+        device (an export's trainable parts, which read nothing) are made on the CPU, to be set from weights."""
+        self.head_trained = True
+        for net in self.lanes.values() if self.lanes is not None else [self]:
+            net.head_trained = True
+            if net.head.weight is net.embed.weight:
+                net.head.weight = nn.Parameter(net.embed.weight.detach().clone())
+            for part in (net.head, net.final_norm):
+                if part is None:
+                    continue
+                if any(t.is_meta for t in part.state_dict().values()):
+                    part.to_empty(device="cpu")
+                part.requires_grad_(requires_grad)
 
     def adapters(self) -> dict[str, nn.Module]:
         """Expert path -> adapter, for every expert that has one."""
@@ -521,22 +548,25 @@ class MoLNetwork(nn.Module):
         log p(x) = log sum_l g_l p_l(x), the gate g read from the lanes' final states. A per-sequence gate decided
         from the prompt picks one lane per sequence, and only the lanes some sequence picked run after it."""
         names = list(self.lanes)
+        reads_evidence = getattr(self.gate, "reads", "states") == "evidence"
         state = None
-        if ctx.cache is not None and self.gate.per_sequence:
+        if ctx.cache is not None and (self.gate.per_sequence or reads_evidence):
             state = ctx.cache.pooled.setdefault(-1, {})
-        decided = state is not None and "logits" in state
+        decided = self.gate.per_sequence and state is not None and "logits" in state
         run = None
         if decided:
             run = _with_sources({names[i] for i in state["logits"].argmax(-1).tolist()}, self.stitches)
         finals, logp = self.run_lanes(input_ids, ctx, run)
         if decided:
             scores = state["logits"].unsqueeze(1).expand(-1, input_ids.shape[1], -1)
+        elif reads_evidence:
+            scores = self.gate(self.lane_evidence(input_ids, logp, ctx.mask2d, state), ctx.mask2d, state)
         else:  # every position: a per-sequence gate reads the whole prompt
             scores = self.gate(self.gate_input(finals), ctx.mask2d, state)
         if last_only:
             scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
         ctx.mixture = _routing(scores)
-        if state is None:
+        if not self.gate.per_sequence or state is None:
             return mix(logp, scores, names)
         out = None  # generating with one lane per sequence: that lane's distribution alone
         for i, n in enumerate(names):
@@ -544,6 +574,26 @@ class MoLNetwork(nn.Module):
                 pick = (ctx.mixture.chosen[..., 0] == i).unsqueeze(-1)  # [B, T, 1]
                 out = torch.where(pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30))
         return out
+
+    def lane_evidence(
+        self, input_ids: torch.Tensor, logp: dict[str, torch.Tensor], mask: torch.Tensor, state: dict | None
+    ) -> torch.Tensor:
+        """Each lane's log-probability of every input token, [B, Q, lanes]: token t's under the lane's prediction
+        at t - 1 (this step's, or while generating the previous step's last, kept in `state`); 0 where no real
+        token came before. Detached: it tells the gate which lane predicts well, and trains nothing upstream."""
+        names = list(self.lanes)
+        ids = input_ids.to(logp[names[0]].device)
+        m = mask.to(ids.device).float()
+        rest = torch.stack([logp[n][:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) for n in names], -1)
+        rest = rest * m[:, :-1, None]  # the token before was padding: nothing predicted this one
+        if state is not None and "last_logp" in state:
+            last = state["last_logp"]  # [B, lanes, V]
+            first = last.gather(-1, ids[:, :1, None].expand(-1, len(names), 1)).squeeze(-1).unsqueeze(1)
+        else:
+            first = torch.zeros(ids.shape[0], 1, len(names), device=ids.device)
+        if state is not None:
+            state["last_logp"] = torch.stack([logp[n][:, -1] for n in names], 1).detach()
+        return torch.cat([first.to(rest.dtype), rest], 1).detach()
 
     def gate_input(self, finals: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the gate reads: every lane's final state at unit RMS, side by side."""
@@ -561,9 +611,11 @@ class MoLNetwork(nn.Module):
             if name not in run:
                 continue
             lane = self.lanes[name]
-            for st in self.stitches:
+            for i, st in enumerate(self.stitches):
                 if st.target == name and st.after[1] + 1 == step:
-                    hs[name] = hs[name] + st(saved[st.source, st.after[0]]).to(hs[name].dtype)
+                    state = None if ctx.cache is None else ctx.cache.stitches.setdefault(i, {})
+                    update = st(saved[st.source, st.after[0]], hs[name], ctx.mask2d, state)
+                    hs[name] = hs[name] + update.to(hs[name].dtype)
             if step < len(lane.slots):
                 hs[name] = lane.slots[step](hs[name], ctx.lanes[name])
                 if (name, step) in sources:
@@ -599,7 +651,7 @@ class MoLNetwork(nn.Module):
 class Stitch(nn.Module):
     """A gated adapter: lane `source`'s state (at unit RMS) mapped into lane `target`'s width and added to its
     stream, scaled by tanh(gate); the gate starts at 0, so an untrained stitch changes nothing (as CALM and BTS
-    join frozen models)."""
+    join frozen models). `update` is the map's output before the gate (what a closed-form fit matches)."""
 
     def __init__(self, spec: dict, source_width: int, target_width: int):
         super().__init__()
@@ -613,9 +665,90 @@ class Stitch(nn.Module):
         else:
             self.map = nn.Linear(source_width, target_width, bias=False)
 
-    def forward(self, h_source: torch.Tensor) -> torch.Tensor:
-        x = unit_rms(h_source).to(next(self.map.parameters()).dtype)
-        return torch.tanh(self.gate).to(x.dtype) * self.map(x)
+    def update(self, h_source: torch.Tensor, h_target=None, mask=None, state=None) -> torch.Tensor:
+        return self.map(unit_rms(h_source).to(next(self.map.parameters()).dtype))
+
+    def forward(self, h_source: torch.Tensor, h_target=None, mask=None, state=None) -> torch.Tensor:
+        x = self.update(h_source, h_target, mask, state)
+        return torch.tanh(self.gate).to(x.dtype) * x
+
+
+class CrossAttentionStitch(nn.Module):
+    """A gated cross-attention from one lane into another (CALM): the target lane's state (at unit RMS) queries
+    the source lane's states (at unit RMS) at every real position up to its own; the attended values, projected
+    into the target's width, are added scaled by tanh(gate), zero at start. `width` (the recipe's rank; default
+    the target's width) is split over `heads`. While generating, `state` (this stitch's entry in the FusedCache)
+    keeps the source's keys and values of earlier tokens and their padding mask, so a step sees them all."""
+
+    def __init__(self, spec: dict, source_width: int, target_width: int):
+        super().__init__()
+        self.source, self.target, self.after = spec["from"], spec["to"], tuple(spec["after"])
+        self.gate = nn.Parameter(torch.zeros(()))
+        width = spec.get("rank") or target_width
+        self.heads = spec.get("heads") or stitch_heads(width)
+        if width % self.heads:
+            raise ValueError(
+                f"A cross-attention stitch of width {width} cannot split into {self.heads} heads."
+            )
+        self.query = nn.Linear(target_width, width, bias=False)
+        self.key = nn.Linear(source_width, width, bias=False)
+        self.value = nn.Linear(source_width, width, bias=False)
+        self.out = nn.Linear(width, target_width, bias=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, width] -> [B, heads, T, width / heads]
+        return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def _inputs(self, h_source, h_target, mask, state):
+        """Queries, keys, values and the mask [B, 1, Q, K] of who sees whom (a query with no real key yet, as
+        left padding is, is given key 0 so attention stays finite; `seen` [B, Q, 1] then zeroes its output)."""
+        dtype = self.out.weight.dtype
+        x = unit_rms(h_source).to(dtype)
+        q = self._split(self.query(unit_rms(h_target).to(dtype)))
+        k, v, keep = self._split(self.key(x)), self._split(self.value(x)), mask.bool()
+        if state is not None:
+            if "keys" in state:
+                k, v = torch.cat([state["keys"], k], 2), torch.cat([state["values"], v], 2)
+                keep = torch.cat([state["mask"], keep], 1)
+            state.update(keys=k, values=v, mask=keep)
+        n_q, n_k = q.shape[2], k.shape[2]
+        rows = torch.arange(n_q, device=q.device).unsqueeze(1) + (n_k - n_q)
+        cols = torch.arange(n_k, device=q.device).unsqueeze(0)
+        allowed = (cols <= rows).unsqueeze(0) & keep.unsqueeze(1)  # [B, Q, K]
+        seen = allowed.any(-1, keepdim=True)
+        allowed = allowed | (~seen & (cols == 0))
+        return q, k, v, allowed.unsqueeze(1), seen
+
+    def update(self, h_source: torch.Tensor, h_target: torch.Tensor, mask: torch.Tensor, state=None):
+        q, k, v, allowed, seen = self._inputs(h_source, h_target, mask, state)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        return self.out(y) * seen.to(y.dtype)
+
+    def attention(self, h_source: torch.Tensor, h_target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities [B, heads, Q, K] of a step with nothing cached (what a closed-form fit of
+        the value and output maps reads)."""
+        q, k, _, allowed, seen = self._inputs(h_source, h_target, mask, None)
+        scores = (q @ k.transpose(-1, -2)).float() / q.shape[-1] ** 0.5
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return probs * seen.unsqueeze(1)
+
+    def forward(self, h_source: torch.Tensor, h_target: torch.Tensor, mask: torch.Tensor, state=None):
+        x = self.update(h_source, h_target, mask, state)
+        return torch.tanh(self.gate).to(x.dtype) * x
+
+
+def stitch_heads(width: int) -> int:
+    """A cross-attention stitch's default number of heads: about one per 64 channels, dividing `width`."""
+    heads = max(1, width // 64)
+    while width % heads:
+        heads -= 1
+    return heads
+
+
+def make_stitch(spec: dict, source_width: int, target_width: int) -> nn.Module:
+    if spec.get("type") == "cross-attention":
+        return CrossAttentionStitch(spec, source_width, target_width)
+    return Stitch(spec, source_width, target_width)
 
 
 def stitch_order(lengths: dict[str, int], stitches) -> list[tuple[str, int]]:
@@ -667,9 +800,18 @@ def _routing(scores: torch.Tensor) -> Routing:
 
 
 def _trainable(name: str) -> bool:
-    """Adapters, routers, stitches and the lanes' gate train; everything read from the sources stays frozen."""
+    """Adapters, routers, stitches and the lanes' gate train; everything read from the sources stays frozen (but
+    for the final norm and head, where a model is told to train them: `MoLNetwork.train_head`)."""
     parts = name.split(".")
     return "adapter" in parts or "router" in parts or parts[0] in ("gate", "stitches")
+
+
+def _head_part(name: str) -> bool:
+    """A tensor of the base's final norm or head (a lane's: `lanes.<name>.head...`)."""
+    parts = name.split(".")
+    if parts[0] == "lanes" and len(parts) > 2:
+        parts = parts[2:]
+    return parts[0] in ("head", "final_norm")
 
 
 def _part(shell: nn.Module, path: str | None) -> nn.Module | None:

@@ -16,6 +16,8 @@ every kind. Kinds are registered by name (the recipe's `router.type`), so a new 
 TokenRouter: per token, from the slot input at unit RMS.
 PooledRouter: one decision per sequence, from the mean of the prompt's hidden states; in training (and any
 forward without a cache) a causal running mean, so no token's decision sees the future.
+EvidenceGate: the lanes' output gate from how well each lane predicted the recent tokens (reads log-probabilities,
+declared by `reads = "evidence"`).
 A kind defined outside this file travels with an export as its own file (see `router_code`)."""
 
 from __future__ import annotations
@@ -130,6 +132,56 @@ class PooledRouter(nn.Module):
         if "logits" not in state:
             state["logits"] = self.proj(self.features(h, attention_mask)[:, -1])  # [B, n]: the whole prompt
         return state["logits"].unsqueeze(1).expand(-1, h.shape[1], -1)
+
+
+@register_router
+class EvidenceGate(nn.Module):
+    """The lanes' output gate as a switching Bayesian mixture: each lane is weighted by how well it predicted the
+    tokens read so far, recent ones counting most. Its input is each lane's log-probability of every input token
+    ([B, T, lanes], 0 where nothing predicted it); the score of lane l at t is prior_l + scale * E_l(t), with
+    E(t) = decay * E(t - 1) + e(t). It reads no hidden state, so text unlike any training text still goes to the
+    lane that predicts it best (the mixture's loss is at most the best lane's plus log(lanes) and a switching cost).
+    While generating, `state["evidence"]` holds E at the last token read."""
+
+    kind = "evidence"
+    per_sequence = False
+    takes_top_k = False
+    top_k = 1
+    reads = "evidence"  # what the network feeds it: the lanes' log-probabilities of the tokens, not states
+
+    def __init__(self, width: int, n_experts: int, decay: float = 0.8):
+        super().__init__()
+        self.n_experts = n_experts
+        self.prior = nn.Parameter(torch.zeros(n_experts))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.decay_logit = nn.Parameter(torch.logit(torch.tensor(decay)))
+
+    @property
+    def decay(self) -> torch.Tensor:
+        return torch.sigmoid(self.decay_logit)
+
+    def features(self, e: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return e
+
+    def forward(
+        self, e: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None
+    ) -> torch.Tensor:
+        e = e.float()
+        if attention_mask is not None:
+            e = e * attention_mask.unsqueeze(-1).to(e.dtype)
+        q = e.shape[1]
+        t = torch.arange(q, device=e.device, dtype=e.dtype)
+        lag = t.unsqueeze(1) - t.unsqueeze(0)  # [t, s] = t - s
+        log_decay = nn.functional.logsigmoid(self.decay_logit).float()
+        weights = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_decay), torch.zeros_like(lag))
+        evidence = torch.einsum("ts,bsl->btl", weights, e)  # sum over s <= t of decay^(t - s) e(s)
+        if state is not None and "evidence" in state:  # what came before this step, decayed
+            evidence = evidence + torch.exp((t + 1) * log_decay).view(1, q, 1) * state["evidence"].unsqueeze(
+                1
+            )
+        if state is not None:
+            state["evidence"] = evidence[:, -1].detach()
+        return self.prior + self.scale * evidence
 
 
 SimpleRouter = TokenRouter  # the name used by the first quick start

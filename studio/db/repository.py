@@ -915,6 +915,14 @@ class Repository:
 
         return self._read(fn)
 
+    def seeded_version_ids(self) -> set[int]:
+        """The recipe versions seeded from shipped example recipes (studio.seed), not saved by a user."""
+
+        def fn(s: Session) -> set[int]:
+            return set(s.scalars(select(ShippedAsset.version_id).where(ShippedAsset.kind == "recipe")))
+
+        return self._read(fn)
+
     # -- trained results (finished training runs with weights, shipped or trained here) --------------
 
     def list_trained_results(

@@ -5,19 +5,28 @@
 // slot's handle to reorder. Each drag has a button/keyboard twin: chip click, "+ candidate", ↑, ↓, ✕.
 // The same operations exist in Python (studio/draft_recipe.py) for the API. An edit that is refused or
 // adjusted (a duplicate candidate, a top-k above the slot's candidates) says so in the board's note line.
+// A lanes recipe (props.value.lanes: [{name, base, slots: [...] | null}], stitches: [{from, to, after: [i, j],
+// type, rank}], mixture: "token" | "sequence") is drawn as its lanes side by side, each with its base model and
+// its layers (slots null: all of the base's layers, in order), then its stitches and its output mixture.
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const EXPERT = "application/x-mango-expert";
 const SLOT = "application/x-mango-slot";
 
 const state = () => {
   const v = props.value && typeof props.value === "object" ? props.value : {};
-  return {models: v.models || [], slots: v.slots || []};
+  const out = {models: v.models || [], slots: v.slots || []};
+  if (Array.isArray(v.lanes)) Object.assign(out, {lanes: v.lanes, stitches: v.stitches || [], mixture: v.mixture || MIXTURES[0]});
+  return out;
 };
 const clone = (x) => JSON.parse(JSON.stringify(x));
 
 // The router kinds mol has registered, the default first: [{type, takes_top_k}] (data-router-kinds, set by the
 // server from mol's registry, so a kind registered there is offered here too).
 const KINDS = JSON.parse(element.querySelector(".mango-board").dataset.routerKinds || "[]");
+// mol's stitch types and mixture types, the default first (data-stitch-types, data-mixture-types).
+const STITCHES = JSON.parse(element.querySelector(".mango-board").dataset.stitchTypes || '["linear"]');
+const MIXTURES = JSON.parse(element.querySelector(".mango-board").dataset.mixtureTypes || '["token"]');
+const MIXTURE_LABELS = JSON.parse(element.querySelector(".mango-board").dataset.mixtureLabels || "{}");
 const kindOf = (type) => KINDS.find((k) => k.type === type) || KINDS[0];
 
 function normalise(slot) {
@@ -129,9 +138,177 @@ function slotHtml(slot, i, n, models, colors) {
     </div></div>`;
 }
 
+
+// ---- lanes: the same operations as studio/draft_recipe.py's add_lane, set_lane_base, add_stitch, ...
+const layersOf = (alias) => ((state().models.find((m) => m.alias === alias) || {}).layers) || 0;
+const laneSlots = (lane) => lane.slots != null ? lane.slots
+  : Array.from({length: layersOf(lane.base)}, (_, j) => ({experts: [`${lane.base}:${j}`], router: null}));
+const freeLane = (lanes, wanted) => { let out = wanted, n = 2; while (lanes.some((l) => l.name === out)) out = `${wanted}_${n++}`; return out; };
+const lanesPart = () => { const v = state(); return {lanes: clone(v.lanes || []), stitches: clone(v.stitches || []), mixture: v.mixture || MIXTURES[0]}; };
+const laneOps = {
+  addLane(p, base) { p.lanes.push({name: freeLane(p.lanes, base), base, slots: null}); return p; },
+  removeLane(p, i) {
+    const name = p.lanes[i].name;
+    p.lanes.splice(i, 1);
+    const before = p.stitches.length;
+    p.stitches = p.stitches.filter((s) => s.from !== name && s.to !== name);
+    if (p.stitches.length < before) say(`Removed lane ${name} and the stitches that joined it.`);
+    return p;
+  },
+  setBase(p, i, base) {
+    const lane = p.lanes[i];
+    let name = lane.name;
+    if (name === lane.base && !p.lanes.some((l) => l.name === base)) {  // named after its base: follows it
+      name = base;
+      p.stitches.forEach((s) => { if (s.from === lane.name) s.from = name; if (s.to === lane.name) s.to = name; });
+    }
+    p.lanes[i] = {name, base, slots: null};
+    return p;
+  },
+  addLayer(p, i, expert) { p.lanes[i].slots = [...laneSlots(p.lanes[i]), {experts: [expert], router: null}]; return p; },
+  removeLayer(p, i, j) {
+    const slots = laneSlots(p.lanes[i]);
+    if (slots.length <= 1) { say(`Lane ${p.lanes[i].name} keeps at least one layer: remove the lane instead.`); return null; }
+    slots.splice(j, 1);
+    p.lanes[i].slots = slots;
+    return p;
+  },
+  resetLayers(p, i) { p.lanes[i].slots = null; return p; },
+  addStitch(p) {
+    if (p.lanes.length < 2) { say("A stitch joins two lanes: add another lane first."); return null; }
+    p.stitches.push({from: p.lanes[1].name, to: p.lanes[0].name, after: [0, 0], type: STITCHES[0], rank: null});
+    return p;
+  },
+  setStitch(p, k, patch) {
+    const s = {...p.stitches[k], ...patch};
+    if (s.type !== "lowrank") s.rank = null;
+    p.stitches[k] = s;
+    return p;
+  },
+  removeStitch(p, k) { p.stitches.splice(k, 1); return p; },
+};
+
+function commitLanes(part) {
+  note = said;
+  said = "";
+  if (!part) { render(); return; }
+  committed = {...state(), slots: [], ...part};
+  props.value = committed;
+  render();
+}
+
+function toLanes() {
+  const {models, slots} = state();
+  const used = [...new Set(slots.flatMap((s) => s.experts.map((e) => e.split(":")[0])))].filter((a) => models.some((m) => m.alias === a));
+  const bases = used.length >= 2 ? used : models.slice(0, 2).map((m) => m.alias);
+  const part = {lanes: [], stitches: [], mixture: MIXTURES[0]};
+  bases.forEach((b) => laneOps.addLane(part, b));
+  say(`Now ${bases.length} lanes side by side, each a model's own stream, layers and head; the output mixture picks among them.`);
+  commitLanes(part);
+}
+
+function toSingle() {
+  const v = state();
+  const first = (v.lanes || [])[0];
+  const slots = first ? laneSlots(first) : [];
+  note = first ? `One stream again: lane ${first.name}'s layers are the slots.` : "";
+  committed = {models: v.models, slots};
+  props.value = committed;
+  render();
+}
+
+function laneHtml(lane, i, models, colors) {
+  const color = colors[lane.base] || "#868e96";
+  const bases = models.map((m) => `<option value="${esc(m.alias)}"${m.alias === lane.base ? " selected" : ""}>${esc(m.alias)}</option>`).join("")
+    + (models.some((m) => m.alias === lane.base) ? "" : `<option value="${esc(lane.base)}" selected>${esc(lane.base)}</option>`);
+  const slots = laneSlots(lane);
+  const chips = slots.map((s, j) => {
+    const label = s.experts.join(" | ");
+    const alias = s.experts[0].split(":")[0];
+    const routed = s.experts.length > 1 ? ` title="${esc((s.router || {}).type || KINDS[0].type)}-routed"` : "";
+    return `<span class="expert-chip lane-layer${lane.slots == null ? " default" : ""}" style="--chip:${esc(colors[alias] || "#868e96")}"
+      data-lane="${esc(lane.name)}" data-slot="${j}"${routed}>${esc(label)}<button type="button" class="chip-x" data-action="lane-remove-layer"
+      data-lane="${i}" data-slot="${j}" aria-label="Remove slot ${j} of lane ${esc(lane.name)}">×</button></span>`;
+  }).join("");
+  const options = models.flatMap((m) => Array.from({length: m.layers || 0}, (_, j) => `${m.alias}:${j}`))
+    .map((ref) => `<option value="${esc(ref)}">${esc(ref)}</option>`).join("");
+  const what = lane.slots == null
+    ? `all ${slots.length || "the"} layers of ${esc(lane.base)}, in order (the default)`
+    : `${slots.length} slot${slots.length === 1 ? "" : "s"} of its own`;
+  return `<div class="lane" role="listitem" data-lane="${esc(lane.name)}" data-base="${esc(lane.base)}" style="--chip:${esc(color)}"
+      aria-label="Lane ${esc(lane.name)}">
+    <div class="lane-head"><span class="lane-title">lane ${esc(lane.name)}</span>
+      <button type="button" class="lane-x" data-action="remove-lane" data-lane="${i}" aria-label="Remove lane ${esc(lane.name)}">✕</button></div>
+    <label class="lane-base">base <select data-action="lane-base" data-lane="${i}" aria-label="Base model of lane ${esc(lane.name)}">${bases}</select></label>
+    <div class="lane-what">${what}</div>
+    <div class="lane-slots">${chips}</div>
+    <div class="slot-controls">
+      <select data-action="lane-add-layer" data-lane="${i}" aria-label="Add a layer to lane ${esc(lane.name)}"><option value="">+ layer…</option>${options}</select>
+      ${lane.slots != null ? `<button type="button" data-action="lane-reset" data-lane="${i}">all layers of ${esc(lane.base)}</button>` : ""}
+    </div></div>`;
+}
+
+function stitchHtml(st, k, lanes) {
+  const laneOpts = (sel) => lanes.map((l) => `<option value="${esc(l.name)}"${l.name === sel ? " selected" : ""}>${esc(l.name)}</option>`).join("");
+  const types = STITCHES.map((t) => `<option value="${esc(t)}"${t === st.type ? " selected" : ""}>${esc(t)}</option>`).join("");
+  const after = st.after || [0, 0];
+  return `<div class="stitch" role="listitem" data-stitch="${k}" aria-label="Stitch ${k}">
+    from <select data-action="stitch-from" data-stitch="${k}" aria-label="Stitch ${k}: from lane">${laneOpts(st.from)}</select>
+    after slot <input type="number" min="0" value="${after[0]}" data-action="stitch-after-from" data-stitch="${k}" aria-label="Stitch ${k}: after slot of the from lane">
+    → <select data-action="stitch-to" data-stitch="${k}" aria-label="Stitch ${k}: to lane">${laneOpts(st.to)}</select>
+    after slot <input type="number" min="0" value="${after[1]}" data-action="stitch-after-to" data-stitch="${k}" aria-label="Stitch ${k}: after slot of the to lane">
+    <select data-action="stitch-type" data-stitch="${k}" aria-label="Stitch ${k}: type">${types}</select>
+    ${st.type === "lowrank" ? `rank <input type="number" min="1" value="${st.rank || 64}" data-action="stitch-rank" data-stitch="${k}" aria-label="Stitch ${k}: rank">` : ""}
+    <button type="button" data-action="remove-stitch" data-stitch="${k}" aria-label="Remove stitch ${k}">✕</button></div>`;
+}
+
+function renderLanes(root) {
+  const {models, lanes, stitches, mixture} = state();
+  const colors = Object.fromEntries(models.map((m) => [m.alias, m.color]));
+  const addLane = models.map((m) => `<option value="${esc(m.alias)}">${esc(m.alias)}</option>`).join("");
+  const mixtures = MIXTURES.map((t) => `<option value="${esc(t)}"${t === mixture ? " selected" : ""}>${
+    esc(MIXTURE_LABELS[t] ? `${t}: ${MIXTURE_LABELS[t]}` : t)}</option>`).join("");
+  root.innerHTML = `<div class="board-count">${lanes.length} lane${lanes.length === 1 ? "" : "s"} side by side</div>` +
+    `<div class="board-note" role="status" aria-live="polite">${esc(note)}</div>` +
+    `<div class="board-lanes" role="list">${lanes.map((l, i) => laneHtml(l, i, models, colors)).join("")}
+      <div class="lane add"><select data-action="add-lane" aria-label="Add a lane"><option value="">+ lane…</option>${addLane}</select></div></div>` +
+    `<div class="board-stitches"><div class="board-section">Stitches <small>(a lane's state after one of its slots, added into another lane)</small></div>
+      <div role="list">${stitches.map((s, k) => stitchHtml(s, k, lanes)).join("")}</div>
+      <button type="button" data-action="add-stitch"${lanes.length < 2 ? " disabled" : ""}>+ stitch</button></div>` +
+    `<div class="board-mixture"><label>Output mixture <select data-action="mixture" aria-label="Output mixture">${mixtures}</select></label></div>` +
+    `<div class="board-mode"><button type="button" data-action="to-single">One stream instead</button></div>`;
+}
+
+function onLaneEvent(action, el) {
+  const p = lanesPart();
+  const i = parseInt(el.dataset.lane), k = parseInt(el.dataset.stitch);
+  const num = (x, lo) => { const n = parseInt(x); return Number.isNaN(n) ? lo : Math.max(lo, n); };
+  switch (action) {
+    case "add-lane": if (el.value) commitLanes(laneOps.addLane(p, el.value)); return true;
+    case "remove-lane": commitLanes(laneOps.removeLane(p, i)); return true;
+    case "lane-base": commitLanes(laneOps.setBase(p, i, el.value)); return true;
+    case "lane-add-layer": if (el.value) commitLanes(laneOps.addLayer(p, i, el.value)); return true;
+    case "lane-remove-layer": commitLanes(laneOps.removeLayer(p, i, parseInt(el.dataset.slot))); return true;
+    case "lane-reset": commitLanes(laneOps.resetLayers(p, i)); return true;
+    case "add-stitch": commitLanes(laneOps.addStitch(p)); return true;
+    case "remove-stitch": commitLanes(laneOps.removeStitch(p, k)); return true;
+    case "stitch-from": commitLanes(laneOps.setStitch(p, k, {from: el.value})); return true;
+    case "stitch-to": commitLanes(laneOps.setStitch(p, k, {to: el.value})); return true;
+    case "stitch-after-from": commitLanes(laneOps.setStitch(p, k, {after: [num(el.value, 0), p.stitches[k].after[1]]})); return true;
+    case "stitch-after-to": commitLanes(laneOps.setStitch(p, k, {after: [p.stitches[k].after[0], num(el.value, 0)]})); return true;
+    case "stitch-type": commitLanes(laneOps.setStitch(p, k, {type: el.value})); return true;
+    case "stitch-rank": commitLanes(laneOps.setStitch(p, k, {rank: num(el.value, 1)})); return true;
+    case "mixture": commitLanes({...p, mixture: el.value}); return true;
+    case "to-single": toSingle(); return true;
+    case "to-lanes": toLanes(); return true;
+  }
+  return false;
+}
+
 function render() {
   const root = element.querySelector(".mango-board");
   if (!root) return;
+  if (state().lanes) { renderLanes(root); return; }
   const {models, slots} = state();
   const colors = Object.fromEntries(models.map((m) => [m.alias, m.color]));
   const gap = (k, last) => `<div class="slot-gap${last ? " last" : ""}" data-gap="${k}">${last ? (slots.length
@@ -141,7 +318,8 @@ function render() {
   const shown = note;
   root.innerHTML = `<div class="board-count">${slots.length} slot${slots.length === 1 ? "" : "s"}</div>` +
     `<div class="board-note" role="status" aria-live="polite">${esc(shown)}</div>` +
-    `<div class="board-slots" role="list">${html}${gap(slots.length, true)}</div>`;
+    `<div class="board-slots" role="list">${html}${gap(slots.length, true)}</div>` +
+    `<div class="board-mode"><button type="button" data-action="to-lanes" title="Each model on its own stream with its own head, joined by stitches and an output mixture">Run models side by side (lanes)</button></div>`;
   if (focusAfter) {
     const [i, action] = focusAfter;
     focusAfter = null;
@@ -157,6 +335,7 @@ function render() {
 element.addEventListener("click", (e) => {
   const btn = e.target.closest && e.target.closest("button[data-action]");
   if (!btn) return;
+  if (onLaneEvent(btn.dataset.action, btn)) return;
   const {slots} = state();
   const i = parseInt(btn.dataset.slot);
   const action = btn.dataset.action;
@@ -169,6 +348,7 @@ element.addEventListener("click", (e) => {
 element.addEventListener("change", (e) => {
   const el = e.target;
   if (!el.dataset || !el.dataset.action) return;
+  if (state().lanes) { onLaneEvent(el.dataset.action, el); return; }
   const {slots} = state();
   const i = parseInt(el.dataset.slot);
   if (el.dataset.action === "add-expert" && el.value) commit(ops.addExpert(slots, i, el.value));
@@ -189,7 +369,7 @@ element.addEventListener("dragstart", (e) => {
   if (slotEl) e.dataTransfer.setDragImage(slotEl, 10, 10);
 });
 
-const dropTarget = (e) => e.target.closest && (e.target.closest(".slot") || e.target.closest(".slot-gap"));
+const dropTarget = (e) => e.target.closest && (e.target.closest(".slot") || e.target.closest(".slot-gap") || e.target.closest(".lane[data-lane]"));
 const clearHighlight = () => element.querySelectorAll(".drop-over").forEach((el) => el.classList.remove("drop-over"));
 
 element.addEventListener("dragover", (e) => {
@@ -209,6 +389,12 @@ element.addEventListener("drop", (e) => {
   if (!expert && from === "") return;
   e.preventDefault();
   clearHighlight();
+  if (state().lanes) {  // a layer dropped onto a lane joins it
+    const laneEl = e.target.closest && e.target.closest(".lane[data-lane]");
+    const i = laneEl ? state().lanes.findIndex((l) => l.name === laneEl.dataset.lane) : -1;
+    if (expert && i >= 0) commitLanes(laneOps.addLayer(lanesPart(), i, expert));
+    return;
+  }
   const {slots} = state();
   const t = dropTarget(e);
   const onSlot = t && t.classList.contains("slot") ? parseInt(t.dataset.slot) : null;
@@ -224,7 +410,15 @@ element.addEventListener("drop", (e) => {
 
 // Palette chips clicked (keyboard path) append a slot; one listener per page.
 if (window.__mangoAddSlot) window.removeEventListener("mango:add-slot", window.__mangoAddSlot);
-window.__mangoAddSlot = (e) => commit(ops.addSlot(state().slots, e.detail.expert, null));
+window.__mangoAddSlot = (e) => {
+  const v = state();
+  if (!v.lanes) { commit(ops.addSlot(v.slots, e.detail.expert, null)); return; }
+  // lanes: the layer joins the (last) lane on its model; elsewhere it is dragged onto the lane it joins
+  const alias = e.detail.expert.split(":")[0];
+  const i = v.lanes.map((l) => l.base).lastIndexOf(alias);
+  if (i < 0) { say(`No lane runs on ${alias}: drag ${e.detail.expert} onto the lane it should join, or add a lane on ${alias}.`); commitLanes(null); return; }
+  commitLanes(laneOps.addLayer(lanesPart(), i, e.detail.expert));
+};
 window.addEventListener("mango:add-slot", window.__mangoAddSlot);
 
 render();

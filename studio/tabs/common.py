@@ -149,9 +149,14 @@ def fusable_notes(workspace: list[dict]) -> dict[str, str]:
 def trace_colors(workspace: list[dict] | None, trace: dict | None) -> dict[str, str]:
     """Colours by the workspace's model order (as the palette draws them), so chips and plots agree."""
     aliases = [c["alias"] for c in workspace or []]
+    lanes = (trace or {}).get("lanes") or {}  # a lanes model's mixture row: lane name -> its base model
     for s in (trace or {}).get("slots") or []:
-        aliases += [e.rsplit(":", 1)[0] for e in s.get("experts") or []]
-    return model_colors(list(dict.fromkeys(aliases)))
+        aliases += [e.rsplit(":", 1)[0] for e in s.get("experts") or [] if e not in lanes]
+    colors = model_colors(list(dict.fromkeys([*aliases, *lanes.values()])))
+    for lane, base in lanes.items():  # a lane is drawn in its base model's colour
+        if isinstance(base, str) and base in colors:
+            colors[lane] = colors[base]
+    return colors
 
 
 # how to read the routing heatmap, in a line that fits a phone (hover a cell for every gate probability)

@@ -19,12 +19,13 @@ from mol.recipe import (
     ADAPTER_TYPES,
     DEFAULT_BOTTLENECK_RANK,
     AdapterSpec,
+    MixtureSpec,
     RouterSpec,
     router_kind,
     router_types,
 )
 from studio import draft_recipe as rb
-from studio.controller import StudioController, checked_yaml, edit_yaml, save_recipe
+from studio.controller import StudioController, checked_yaml, edit_lanes_yaml, edit_yaml, save_recipe
 from studio.engine import PlanReport
 from studio.errors import flag, record_id, whole
 from studio.errors import text as text_arg
@@ -72,6 +73,18 @@ def plan_html(report: PlanReport | None) -> str:
         f"Valid: {s['slots']} slot{'s' if s['slots'] != 1 else ''} ({s['routed_slots']} routed), "
         f"base {s['base']}, width {s['width']}"
     )
+    if s.get("lanes"):
+        lanes = "; ".join(
+            f"{ln['name']}: {ln['base']}, {ln['slots']} slots"
+            + (f" ({ln['routed_slots']} routed)" if ln["routed_slots"] else "")
+            + f", width {ln['width']}"
+            for ln in s["lanes"]
+        )
+        n = s.get("stitches") or 0
+        head = (
+            f"Valid: {len(s['lanes'])} lanes side by side ({lanes}), {n} stitch{'es' if n != 1 else ''}, "
+            f"output mixture: {rb.mixture_label(s.get('mixture') or 'token')}"
+        )
     return f'<div class="plan ok" role="status"><div class="plan-head">{html.escape(head)}</div><ul>{items}</ul></div>'
 
 
@@ -212,6 +225,16 @@ def router_kinds_attr() -> str:
     return html.escape(json.dumps(data), quote=True)
 
 
+def json_attr(value: Any) -> str:
+    return html.escape(json.dumps(list(value)), quote=True)
+
+
+def mixture_kinds() -> list[str]:
+    """mol's mixture types, the default first."""
+    default = MixtureSpec().type
+    return [default] + [t for t in rb.mixture_types() if t != default]
+
+
 def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, Any]:
     models = palette_models(workspace.value)
     aliases = [m["alias"] for m in models]
@@ -237,7 +260,12 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
             gr.Markdown("**Recipe board** — one row per slot; several candidates make a routed slot")
             board = gr.HTML(
                 value={"models": models, "slots": []},
-                html_template=f'<div class="mango-board" data-router-kinds="{router_kinds_attr()}"></div>',
+                html_template=(
+                    f'<div class="mango-board" data-router-kinds="{router_kinds_attr()}" '
+                    f'data-stitch-types="{json_attr(rb.stitch_types())}" '
+                    f'data-mixture-types="{json_attr(mixture_kinds())}" '
+                    f'data-mixture-labels="{html.escape(json.dumps({k: rb.mixture_label(k) for k in mixture_kinds()}), quote=True)}"></div>'
+                ),
                 js_on_load=(STATIC / "board.js").read_text(),
                 elem_id="recipe-board",
                 apply_default_css=False,
@@ -360,26 +388,30 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
     def state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v) -> dict:
         try:
             slots = rb.board_slots(board_v)
+            lanes = rb.board_lanes(board_v)
         except Exception:
-            slots = None
+            slots, lanes = None, None
         try:
-            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots or [])
+            draft = rb.board_draft(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), board_v)
             signature = rb.draft_yaml(draft)
         except Exception:
             draft, signature = None, None
+        if lanes is not None:  # a lanes board: "slots" below stands for what the board holds
+            slots = lanes["lanes"]
         if loaded_v and loaded_v.get("version_id"):
             dirty = signature is None or signature != loaded_v.get("draft")
         else:
             dirty = bool(slots) or slots is None
         stored = None
         if dirty and slots:
-            used = {e.split(":", 1)[0] for s in slots for e in s["experts"]} | {base_v}
+            used = set((draft or {}).get("models") or {}) | {base_v}
             stored = {
                 "name": name_v if isinstance(name_v, str) else "",
                 "base": base_v,
                 "adapter": adapter_v,
                 "rank": int(rank_v) if isinstance(rank_v, int | float) and rank_v == rank_v else None,
-                "slots": slots,
+                "slots": slots if lanes is None else [],
+                "lanes": lanes,
                 "models": {a: r for a, r in workspace_refs(ws).items() if a in used},
                 "loaded": {k: loaded_v.get(k) for k in ("recipe_id", "version", "version_id")}
                 if loaded_v
@@ -402,11 +434,11 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
         # redrawn only when it changed: a redraw under a drag that starts from it would drop the drag
         views[palette] = gr.update() if _same_palette(pm, palette_v) else pm
         try:
-            slots = rb.board_slots(board_v)
-            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
+            draft = rb.board_draft(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), board_v)
+            content = rb.board_has_content(board_v)
         except Exception as exc:
             return {**views, plan_status: plan_html(PlanReport(False, user_message(exc)))}
-        report, plan = ctl.check_draft_with_plan(draft, slots)
+        report, plan = ctl.check_draft_with_plan(draft, content)
         return {
             **views,
             plan_status: plan_html(report),
@@ -458,9 +490,8 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
     ):
         hide = {confirm_row: gr.update(visible=False), pending_save: None}
         try:
-            slots = rb.board_slots(board_v)
-            draft = rb.draft_recipe(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), slots)
-            report = ctl.check_draft(draft, slots)
+            draft = rb.board_draft(name_v, base_v, adapter_v, rank_v, workspace_refs(ws), board_v)
+            report = ctl.check_draft(draft, rb.board_has_content(board_v))
             if report is not None and not report.ok:
                 raise RecipeError(
                     f"{report.error} A recipe whose plan fails cannot be saved to run; fix it first."
@@ -540,8 +571,13 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
         if not ids:
             return None
         rank_v = recipe.adapter.rank or DEFAULT_BOTTLENECK_RANK
-        draft = rb.draft_recipe(
-            recipe.name, recipe.base, recipe.adapter.type, rank_v, workspace_refs(ws), rb.slots_of(recipe)
+        draft = rb.board_draft(
+            recipe.name,
+            recipe.base,
+            recipe.adapter.type,
+            rank_v,
+            workspace_refs(ws),
+            rb.board_value(recipe, []),
         )
         return {**ids, "name": recipe.name, "draft": rb.draft_yaml(draft)}
 
@@ -559,7 +595,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
             ),
             workspace: ws,
             palette: {"models": pm},
-            board: {"models": pm, "slots": rb.slots_of(recipe)},
+            board: rb.board_value(recipe, pm),
             loaded: state,
             editing: editing_html(state, recipe.name, state is None, True),
         }
@@ -661,7 +697,8 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
             recipe, notes = ctl.import_reusing_aliases(text_v, ws)
         except Exception as exc:
             return {import_status: message_html("Not imported: " + user_message(exc), ok=False)}
-        msg = f"Imported '{recipe.name}' ({len(recipe.slots)} slots)." + "".join(f" Note: {n}" for n in notes)
+        size = f"{len(recipe.lanes)} lanes" if recipe.lanes else f"{len(recipe.slots)} slots"
+        msg = f"Imported '{recipe.name}' ({size})." + "".join(f" Note: {n}" for n in notes)
         return {**load_recipe(recipe, ws, None), import_status: message_html(msg)}
 
     imported = import_btn.click(
@@ -809,7 +846,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
             rank: gr.update(value=rank_v, interactive=d["adapter"] == "bottleneck"),
             workspace: ws,
             palette: {"models": pm},
-            board: {"models": pm, "slots": d["slots"]},
+            board: {"models": pm, "slots": d["slots"], **(d.get("lanes") or {})},
             loaded: state,
             editing: editing_html(state, d["name"], True, True),
             save_status: message_html("Restored the board's unsaved changes from this browser."),
@@ -987,7 +1024,59 @@ def _register_api(ctl: StudioController) -> None:
             whole(top_k, "top_k"),
         )
 
+    def lanes_edited(yaml_text: str, op, *args) -> str:
+        return edit_lanes_yaml(yaml_text, op, *args, limit=engine.config.limits.recipe_chars)
+
+    def name_arg(value: object, what: str) -> str:
+        return text_arg(value, what, 200, allow_none=False)
+
+    @api_errors
+    def add_lane(yaml_text: str, base: str, name: str = "") -> str:
+        """One more lane running model `base`'s layers (a single-stream recipe's lanes start from nothing)."""
+        return lanes_edited(
+            yaml_text, rb.add_lane, name_arg(base, "The base"), text_arg(name, "The name", 200) or None
+        )
+
+    @api_errors
+    def remove_lane(yaml_text: str, lane: str) -> str:
+        return lanes_edited(yaml_text, rb.remove_lane, name_arg(lane, "The lane"))
+
+    @api_errors
+    def set_lane_base(yaml_text: str, lane: str, base: str) -> str:
+        return lanes_edited(
+            yaml_text, rb.set_lane_base, name_arg(lane, "The lane"), name_arg(base, "The base")
+        )
+
+    @api_errors
+    def add_stitch(
+        yaml_text: str, source: str, target: str, after_source: int, after_target: int, type: str = "linear"
+    ) -> str:
+        """A stitch from lane `source` after its slot `after_source` into lane `target` after `after_target`."""
+        return lanes_edited(
+            yaml_text,
+            rb.add_stitch,
+            name_arg(source, "The source lane"),
+            name_arg(target, "The target lane"),
+            [whole(after_source, "after_source"), whole(after_target, "after_target")],
+            text_arg(type, "The stitch type", 100),
+        )
+
+    @api_errors
+    def remove_stitch(yaml_text: str, index: int) -> str:
+        return lanes_edited(yaml_text, rb.remove_stitch, whole(index, "The stitch"))
+
+    @api_errors
+    def set_mixture(yaml_text: str, type: str) -> str:
+        """The output mixture: a gate per token ("token") or one lane per sequence ("sequence")."""
+        return lanes_edited(yaml_text, rb.set_mixture, text_arg(type, "The mixture type", 100))
+
     for fn, name in [
+        (add_lane, "add_lane"),
+        (remove_lane, "remove_lane"),
+        (set_lane_base, "set_lane_base"),
+        (add_stitch, "add_stitch"),
+        (remove_stitch, "remove_stitch"),
+        (set_mixture, "set_mixture"),
         (validate_recipe, "validate_recipe"),
         (save_recipe_api, "save_recipe"),
         (list_recipes, "list_recipes"),

@@ -58,11 +58,15 @@ def test_the_first_run_of_a_fresh_studio_routes_with_the_shipped_weights(page, s
     import mol.fused
 
     open_tab(page, "Playground")
-    # it opens on the shipped trained fusion, its weights chosen by name, and a prompt ready to run
-    expect(textbox(page, "run-version")).to_have_value(re.compile(r"^fused-token v1"))
-    expect(textbox(page, "run-weights")).to_have_value("fused-token v1 · shipped")
+    # it opens on the best shipped trained fusion (the lanes of the three demo models), its weights chosen by
+    # name, and a prompt ready to run
+    expect(textbox(page, "run-version")).to_have_value(re.compile(r"^lanes-trio v1"))
+    expect(textbox(page, "run-weights")).to_have_value("lanes-trio v1 · shipped")
     expect(textbox(page, "prompt")).not_to_have_value("")
     expect(page.locator("#prompt-examples")).to_contain_text("prose and code")
+    # the routed single-stream fusion, whose per-slot routing this test reads
+    pick(page, "run-version", re.compile(r"^fused-token v1"))
+    expect(textbox(page, "run-weights")).to_have_value("fused-token v1 · shipped")
 
     forward = mol.fused.FusedModel.forward
 
@@ -138,7 +142,11 @@ def test_the_first_run_of_a_fresh_studio_routes_with_the_shipped_weights(page, s
 
 def test_weights_are_chosen_by_label_everywhere(page):
     open_tab(page, "Playground")
-    expect(textbox(page, "run-version")).to_have_value(re.compile(r"^fused-token v1"))
+    expect(textbox(page, "run-version")).to_have_value(re.compile(r"^lanes-trio v1"))
+    names = options_of(page, "run-weights")
+    assert names == ["as built (untrained adapters and routers)", "lanes-trio v1 · shipped"]
+    expect(textbox(page, "run-weights")).to_have_value("lanes-trio v1 · shipped")
+    pick(page, "run-version", re.compile(r"^fused-token v1"))
     names = options_of(page, "run-weights")
     assert names == ["as built (untrained adapters and routers)", "fused-token v1 · shipped"]
     expect(textbox(page, "run-weights")).to_have_value("fused-token v1 · shipped")
@@ -171,7 +179,7 @@ def test_the_playground_fits_a_phone(browser, studio):
         pg.goto(studio.url)
         pg.wait_for_selector("#layer-palette .layer-chip")
         open_tab_narrow(pg, "Playground")
-        expect(textbox(pg, "run-weights")).to_have_value("fused-token v1 · shipped")
+        expect(textbox(pg, "run-weights")).to_have_value("lanes-trio v1 · shipped")
         pg.click("#run-prompt")
         expect(pg.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
         pg.wait_for_selector(HEATMAP)

@@ -211,6 +211,60 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     expect(textbox(page, "prompt")).to_have_value("To be, or not to be")
     expect(textbox(page, "output-text")).to_have_value(run.output_text)
 
+    # a newcomer opens the lanes example: the three models side by side, a stitch added on the board, saved, run
+    open_tab(page, "Recipe")
+    page.get_by_text("YAML: import and export").click()
+    pick(page, "recipe-examples", "lanes-trio.yaml")
+    expect(page.locator("#import-status")).to_contain_text("Loaded the example 'lanes-trio'")
+    lanes = page.locator("#recipe-board .lane[data-lane]")
+    expect(lanes).to_have_count(3)
+    assert [lanes.nth(i).get_attribute("data-base") for i in range(3)] == ["bard", "coder", "base"]
+    # each lane shows its base model's layers (all of them: the default)
+    example = studio.engine.recipe_from_file(studio.engine.config.recipes_dir / "lanes-trio.yaml")
+    layers = {a: studio.engine.model_card(a, ref)["layers"] for a, ref in example.models.items()}
+    for i, base in enumerate(["bard", "coder", "base"]):
+        expect(lanes.nth(i).locator(".lane-layer")).to_have_count(layers[base])
+    expect(page.locator("#recipe-board select[data-action=mixture]")).to_have_value("evidence")
+    expect(page.locator("#plan-status")).to_contain_text("Valid: 3 lanes side by side")
+    expect(page.locator("#recipe-diagram svg .lane")).to_have_count(3)
+    expect(page.locator("#recipe-diagram svg .mixture")).to_have_attribute("data-mixture", "evidence")
+    page.click("#recipe-board button[data-action=add-stitch]")
+    expect(page.locator("#recipe-board .stitch")).to_have_count(1)
+    expect(page.locator("#plan-status")).to_contain_text("1 stitch")
+    expect(page.locator("#recipe-diagram svg .stitch")).to_have_attribute("data-after", "0,0")
+    textbox(page, "recipe-name").fill("my-lanes")
+    textbox(page, "recipe-name").press("Tab")
+    page.click("#save-recipe")
+    expect(page.locator("#save-status")).to_contain_text("Saved 'my-lanes' as version 1")
+    saved = yaml.safe_load(repo.get_version(repo.find_recipe("my-lanes").id, 1).yaml_text)
+    assert list(saved["lanes"]) == ["bard", "coder", "base"] and saved["mixture"] == {"type": "evidence"}
+    assert saved["stitches"] == [{"from": "coder", "to": "bard", "after": [0, 0], "type": "linear"}]
+
+    page.reload()
+    page.wait_for_selector("#layer-palette .layer-chip")
+    open_tab(page, "Playground")
+    pick(page, "run-version", re.compile(r"^my-lanes v1"))
+    textbox(page, "prompt").fill("def main(argv):")
+    page.click("#run-prompt")
+    expect(page.locator("#run-status")).to_contain_text("Saved as run #", timeout=120_000)
+    lanes_run = repo.list_runs(recipe_id=repo.find_recipe("my-lanes").id, limit=1)[0]
+    trace = repo.get_run(lanes_run.id).trace
+    assert [s["slot"] for s in trace["slots"]] == [-1] and trace["slots"][0]["experts"] == [
+        "bard",
+        "coder",
+        "base",
+    ]
+    page.wait_for_function(
+        """n => { const gd = document.querySelector('#router-heatmap .js-plotly-plot');
+            return gd && gd.data && gd.data[0] && gd.data[0].z && gd.data[0].z[0].length === n; }""",
+        arg=len(trace["tokens"]),
+    )
+    rows = page.evaluate(
+        """() => document.querySelector('#router-heatmap .js-plotly-plot').layout.yaxis.ticktext"""
+    )
+    assert rows == ["lane mixture"]  # which lane the gate picks, per token
+    expect(page.locator("#expert-load")).to_contain_text("lane mixture")
+
 
 def test_invalid_recipes_show_inline_errors_not_tracebacks(page, tmp_path):
     # a model with its own tokenizer: valid on its own, not fusable with the demo family

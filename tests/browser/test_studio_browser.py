@@ -232,6 +232,7 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     expect(page.locator("#recipe-board .stitch")).to_have_count(1)
     expect(page.locator("#plan-status")).to_contain_text("1 stitch")
     expect(page.locator("#recipe-diagram svg .stitch")).to_have_attribute("data-after", "0,0")
+    shot(page, "lanes")
     textbox(page, "recipe-name").fill("my-lanes")
     textbox(page, "recipe-name").press("Tab")
     page.click("#save-recipe")
@@ -264,6 +265,7 @@ def test_run_a_prompt_and_see_the_routing(page, studio):
     )
     assert rows == ["lane mixture"]  # which lane the gate picks, per token
     expect(page.locator("#expert-load")).to_contain_text("lane mixture")
+    shot(page, "lanes-playground")
 
 
 def test_invalid_recipes_show_inline_errors_not_tracebacks(page, tmp_path):

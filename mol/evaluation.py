@@ -278,26 +278,23 @@ class LabelRouter(nn.Module):
 
 @contextlib.contextmanager
 def route_by_label(model: FusedModel, label_names: list[str], label_experts: Mapping[str, str]) -> Iterator:
-    """Within the block every routed slot follows the labels; yields `set_labels(labels [B, T])`."""
+    """Within the block every routed slot (and a lanes model's output mixture) follows the labels; yields
+    `set_labels(labels [B, T])`."""
+    # every routed slot's router, and a lanes model's output gate (its experts: the lanes' models)
+    routers = [(slot, "router", slot.index) for slot in model.routed_slots]
+    if model.lanes is not None:
+        routers.append((model, "gate", MIXTURE))
     swapped = []
-    for slot in model.routed_slots:
-        aliases = _expert_aliases(model, slot.index)
+    for owner, attr, index in routers:
+        aliases = _expert_aliases(model, index)
         mapping = {
             i: aliases.index(label_experts[n])
             for i, n in enumerate(label_names)
             if label_experts.get(n) in aliases
         }
-        swapped.append((slot, "router", slot.router))
-        slot.router = LabelRouter(slot.router, mapping)
-    if model.lanes is not None:  # the output mixture follows the labels too: the label's model's lane
-        lanes = _lane_aliases(model)
-        mapping = {
-            i: lanes.index(label_experts[n])
-            for i, n in enumerate(label_names)
-            if label_experts.get(n) in lanes
-        }
-        swapped.append((model, "gate", model.gate))
-        model.gate = LabelRouter(model.gate, mapping)
+        original = getattr(owner, attr)
+        swapped.append((owner, attr, original))
+        setattr(owner, attr, LabelRouter(original, mapping))
 
     def set_labels(labels: torch.Tensor) -> None:
         for owner, attr, _ in swapped:

@@ -166,8 +166,7 @@ def ridge_gate(
     finally:
         model.train(was_training)
     names = list(model.lanes)
-    target = input_ids[:, 1:].unsqueeze(-1)
-    ll = torch.stack([logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in names], -1)  # [B, T-1, lanes]
+    ll = model.lane_token_logp(input_ids, logp)  # [B, T-1, lanes]
     if getattr(model.gate, "reads", "states") == "evidence":
         return _fit_evidence_gate(model.gate, ll.float().cpu(), names)
     ll = ll.reshape(-1, len(names)).cpu()
@@ -184,9 +183,14 @@ def ridge_gate(
     gate = model.gate.proj
     gate.weight.copy_((w * s).to(gate.weight))
     gate.bias.copy_((b * s).to(gate.bias))
-    report = {f"{n} alone": float(-ll[:, i].mean()) for i, n in enumerate(names)}
+    return _sample_losses(ll, names, nll(s))
+
+
+def _sample_losses(ll: torch.Tensor, names: list[str], fitted: float) -> dict[str, float]:
+    """The sample's mean NLL under each lane alone, the uniform mixture and the fitted gate (`ll`: [..., lanes])."""
+    report = {f"{n} alone": float(-ll[..., i].mean()) for i, n in enumerate(names)}
     report["uniform mixture"] = float(-(torch.logsumexp(ll, -1) - math.log(len(names))).mean())
-    report["fitted gate"] = nll(s)
+    report["fitted gate"] = fitted
     return report
 
 
@@ -217,11 +221,7 @@ def _fit_evidence_gate(gate, ll: torch.Tensor, names: list[str]) -> dict[str, fl
     gate.decay_logit.fill_(math.log(decay / (1 - decay)))
     gate.scale.fill_(scale)
     gate.to(device)
-    report = {f"{n} alone": float(-ll[..., i].mean()) for i, n in enumerate(names)}
-    report["uniform mixture"] = float(-(torch.logsumexp(ll, -1) - math.log(len(names))).mean())
-    report["fitted gate"] = best[0]
-    report["decay"], report["scale"] = decay, scale
-    return report
+    return {**_sample_losses(ll, names, best[0]), "decay": decay, "scale": scale}
 
 
 def init_routers(

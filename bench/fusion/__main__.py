@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import mol  # noqa: E402
 from mol.data import load_domains, tokenize_domains, windows  # noqa: E402
-from mol.evaluation import evaluate  # noqa: E402
+from mol.evaluation import evaluate, source_recipe  # noqa: E402
 from mol.planning import plan  # noqa: E402
 from mol.training import TrainConfig, companion_paths, hardware, initialise, train  # noqa: E402
 
@@ -175,8 +175,7 @@ def best_lane_bound(model, tokens: dict, seq_len: int = SEQ_LEN, batch_size: int
             mask = w.attention_mask[s : s + batch_size].to(model.device).long()
             ctx = model.context(mask, ids.shape[1], mask, None)
             _, logp = model.run_lanes(ids, ctx)
-            target = ids[:, 1:].unsqueeze(-1)
-            per_lane = torch.stack([-logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in model.lanes], -1)
+            per_lane = -model.lane_token_logp(ids, logp)
             keep = (mask[:, 1:] * mask[:, :-1]).bool()
             nll_sum += float(per_lane.min(-1).values[keep].sum())
             count += int(keep.sum())
@@ -230,14 +229,12 @@ def run_pairing(p: Pairing, args, scratch: Path) -> dict:
 
     # Each source alone, and the lanes in closed form only (no gradient step): the evidence gate (Bayes' rule,
     # its forgetting rate fitted) and, for comparison, the token gate read from the lanes' states (ridge).
-    model, report, init, seconds = _closed_form(
-        lanes_recipe, lanes_cfg, *_data(lanes_recipe, max_tokens), build
-    )
-    train_tokens, tokens, valid = _data(lanes_recipe, max_tokens, with_valid=True)
+    train_tokens, tokens, valid = _data(lanes_recipe, max_tokens)
+    model, report, init, seconds = _closed_form(lanes_recipe, lanes_cfg, train_tokens, tokens, build)
     experts = report.domain_experts
     for r in report.rows:
         if r.kind == "source":
-            alone = _recipe_of_source(model, r.name.removesuffix(" alone"))
+            alone = source_recipe(model, r.name.removesuffix(" alone"))
             rows.append(row(r.name, "source", r, 0, None, None, flops(alone)))
     lanes_flops, n_gate = flops(lanes_recipe), report.rows[0].trainable_parameters
     closed_rows = [
@@ -388,28 +385,14 @@ def run_pairing(p: Pairing, args, scratch: Path) -> dict:
     return result
 
 
-_DATA: dict = {}
-
-
-def _data(recipe, max_tokens, with_valid=False):
-    """Training, test (and validation) token streams, tokenised once per pairing."""
-    key = (recipe.name, max_tokens)
-    if key not in _DATA:
-        tok = next(
-            iter(plan(recipe).sources.values())
-        ).load_tokenizer()  # the plan checked that they share it
-        _DATA[key] = (
-            tokenize_domains(tok, load_domains(TRAIN)),
-            tokenize_domains(tok, load_domains(TEST), max_tokens=max_tokens),
-            tokenize_domains(tok, load_domains(VALID), max_tokens=max_tokens or 16384),
-        )
-    return _DATA[key] if with_valid else _DATA[key][:2]
-
-
-def _recipe_of_source(model, alias: str) -> mol.Recipe:
-    from mol.evaluation import source_recipe
-
-    return source_recipe(model, alias)
+def _data(recipe, max_tokens):
+    """A pairing's training, test and validation token streams (its lanes share one tokenizer: the plan checks)."""
+    tok = next(iter(plan(recipe).sources.values())).load_tokenizer()
+    return (
+        tokenize_domains(tok, load_domains(TRAIN)),
+        tokenize_domains(tok, load_domains(TEST), max_tokens=max_tokens),
+        tokenize_domains(tok, load_domains(VALID), max_tokens=max_tokens or 16384),
+    )
 
 
 def check_bar(result: dict) -> dict:

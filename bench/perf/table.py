@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
+from bench.perf.targets import dig
+
 
 def _x(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 def _compiled_training(t: dict) -> str:
@@ -78,9 +72,9 @@ def markdown(r: dict) -> str:
     if p.get("transformers"):
         lines += [
             f"Prefill, batch {p['batch']} × {p['length']} (tokens/s): transformers "
-            f"{p['transformers']['tokens_per_s']:.0f}; identity {_x(_get(p, 'identity', 'tokens_per_s'), 0)} "
-            f"({_x(_get(p, 'identity', 'vs_transformers'))}×); two-source "
-            f"{_x(_get(p, 'two_source', 'tokens_per_s'), 0)} ({_x(_get(p, 'two_source', 'vs_transformers'))}×).",
+            f"{p['transformers']['tokens_per_s']:.0f}; identity {_x(dig(p, 'identity', 'tokens_per_s'), 0)} "
+            f"({_x(dig(p, 'identity', 'vs_transformers'))}×); two-source "
+            f"{_x(dig(p, 'two_source', 'tokens_per_s'), 0)} ({_x(dig(p, 'two_source', 'vs_transformers'))}×).",
             "",
         ]
     s = r.get("routed_slot", {})

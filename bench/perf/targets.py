@@ -8,7 +8,8 @@ ceiling), "x" (a ratio of two times or rates), "s" (seconds)."""
 from __future__ import annotations
 
 
-def _get(d, *keys):
+def dig(d, *keys):
+    """d[k1][k2]..., or None where a key is missing (a section not run, a value not measured)."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -41,7 +42,7 @@ def _why(r: dict, section: str, need_cuda: bool = False) -> str:
 
 
 def _cuda(r: dict) -> bool:
-    return not r.get("smoke") and (_get(r, "env", "gpus") or 0) > 0
+    return not r.get("smoke") and (dig(r, "env", "gpus") or 0) > 0
 
 
 # Fused decode paths, the default one on one CUDA device first (FusedModel.generate takes the graph there).
@@ -49,7 +50,7 @@ _PATHS = ("fast_graph", "fast_compiled", "plain")
 
 
 def _row(r: dict, recipe: str, bsz: int) -> dict:
-    return _get(r, "decode", "recipes", recipe, "batches", str(bsz)) or {}
+    return dig(r, "decode", "recipes", recipe, "batches", str(bsz)) or {}
 
 
 def _fastest(row: dict) -> tuple[str | None, float | None]:
@@ -65,7 +66,7 @@ def _decode_targets(r: dict) -> dict:
     cuda = _cuda(r)
     for bsz in (1, 8):
         row = _row(r, "identity", bsz)
-        v = _get(row, "fast_graph", "fraction_of_floor") if cuda else None
+        v = dig(row, "fast_graph", "fraction_of_floor") if cuda else None
         out[f"decode_default_floor_b{bsz}"] = _entry(
             f"identity recipe, default `generate` path (graph), batch {bsz}: fraction of the copy-bandwidth floor",
             "fraction",
@@ -76,7 +77,7 @@ def _decode_targets(r: dict) -> dict:
         )
     row = _row(r, "identity", 1)
     path, _ = _fastest(row)
-    v = _get(row, path, "fraction_of_floor") if cuda and path else None
+    v = dig(row, path, "fraction_of_floor") if cuda and path else None
     out["decode_fastest_floor_b1"] = _entry(
         "identity recipe, fastest fused path, batch 1: fraction of the copy-bandwidth floor",
         "fraction",
@@ -89,9 +90,9 @@ def _decode_targets(r: dict) -> dict:
     for kind in ("default", "fastest"):
         for bsz in (1, 8):
             row = _row(r, "identity", bsz)
-            ref = _get(r, "reference", "batches", str(bsz), "tokens_per_s")
+            ref = dig(r, "reference", "batches", str(bsz), "tokens_per_s")
             path = "fast_graph" if kind == "default" else _fastest(row)[0]
-            rate = _get(row, path, "tokens_per_s") if path else None
+            rate = dig(row, path, "tokens_per_s") if path else None
             v = rate / ref if cuda and rate and ref else None
             why = _why(r, "decode" if not rate else "reference", need_cuda=True)
             out[f"decode_{kind}_vs_reference_b{bsz}"] = _entry(
@@ -106,8 +107,8 @@ def _decode_targets(r: dict) -> dict:
             )
     by_batch = {}
     for bsz in (1, 8):
-        a = _get(_row(r, "two_source", bsz), "fast_graph", "fraction_of_floor")
-        i = _get(_row(r, "identity", bsz), "fast_graph", "fraction_of_floor")
+        a = dig(_row(r, "two_source", bsz), "fast_graph", "fraction_of_floor")
+        i = dig(_row(r, "identity", bsz), "fast_graph", "fraction_of_floor")
         if a and i:
             by_batch[str(bsz)] = a / i
     v = min(by_batch.values()) if cuda and len(by_batch) == 2 else None
@@ -126,7 +127,7 @@ def _decode_targets(r: dict) -> dict:
 
 def _first_call(r: dict) -> dict:
     fc = r.get("first_call") or {}
-    warm = _get(fc, "warm", "first_call_s") if fc.get("compile") else None
+    warm = dig(fc, "warm", "first_call_s") if fc.get("compile") else None
     why = _why(r, "first_call", need_cuda=True)
     if _cuda(r) and not fc.get("compile") and "first_call" in r:
         why = "the compiled fast path was not run (--no-compile)"
@@ -142,7 +143,7 @@ def _first_call(r: dict) -> dict:
             10.0,
             warm,
             why,
-            cold_s=_get(fc, "cold", "first_call_s") if warm is not None else None,
+            cold_s=dig(fc, "cold", "first_call_s") if warm is not None else None,
         )
     }
 
@@ -189,7 +190,7 @@ def _training(r: dict) -> dict:
     best = max(variants, key=lambda k: variants[k]["mfu"]) if variants else None
     why = _why(r, "training")
     if t and "tokens_per_s" in t and not variants:
-        why = f"no datasheet bf16 peak for this device ({_get(r, 'env', 'card')})"
+        why = f"no datasheet bf16 peak for this device ({dig(r, 'env', 'card')})"
     return {
         "training_mfu": _entry(
             "training step of the two-source recipe (adapters + routers, bf16): model FLOP utilisation of the "
@@ -208,7 +209,7 @@ def _training(r: dict) -> dict:
 def _lanes(r: dict) -> dict:
     s = r.get("lanes") or {}
     by_batch = {k: v["lanes_over_sum"] for k, v in (s.get("decode") or {}).items() if "lanes_over_sum" in v}
-    pre = _get(s, "prefill", "lanes_over_sum")
+    pre = dig(s, "prefill", "lanes_over_sum")
     return {
         "lanes_decode_vs_sum": _entry(
             "two-lane recipe with an output mixture: decode time over the sum of its lanes' sources' own decode "
@@ -227,7 +228,7 @@ def _lanes(r: dict) -> dict:
             0.9,
             pre,
             _why(r, "lanes"),
-            shape=f"{_get(s, 'prefill', 'batch')} x {_get(s, 'prefill', 'length')}" if pre else None,
+            shape=f"{dig(s, 'prefill', 'batch')} x {dig(s, 'prefill', 'length')}" if pre else None,
         ),
     }
 
@@ -235,18 +236,18 @@ def _lanes(r: dict) -> dict:
 def _vs_transformers(r: dict) -> dict:
     where = "cuda" if _cuda(r) else "cpu"
     shapes = {}
-    for bsz, row in (_get(r, "decode", "recipes", "identity", "batches") or {}).items():
+    for bsz, row in (dig(r, "decode", "recipes", "identity", "batches") or {}).items():
         for p in _PATHS:
-            v = _get(row, p, "vs_transformers")
+            v = dig(row, p, "vs_transformers")
             if v is not None:
                 shapes[f"decode b{bsz} {p} ({where})"] = v
     p = r.get("prefill") or {}
-    if _get(p, "identity", "vs_transformers") is not None:
+    if dig(p, "identity", "vs_transformers") is not None:
         shapes[f"prefill {p.get('batch')}x{p.get('length')} ({where})"] = p["identity"]["vs_transformers"]
     c = r.get("cpu") or {}
-    if _get(c, "decode", "vs_transformers") is not None:
+    if dig(c, "decode", "vs_transformers") is not None:
         shapes["decode b1 plain (cpu, 2 threads)"] = c["decode"]["vs_transformers"]
-    if _get(c, "prefill", "vs_transformers") is not None:
+    if dig(c, "prefill", "vs_transformers") is not None:
         shapes[f"prefill 1x{c.get('prefill_length')} (cpu, 2 threads)"] = c["prefill"]["vs_transformers"]
     worst = min(shapes, key=shapes.get) if shapes else None
     return {

@@ -575,6 +575,11 @@ class MoLNetwork(nn.Module):
                 out = torch.where(pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30))
         return out
 
+    def lane_token_logp(self, input_ids: torch.Tensor, logp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each lane's log-probability of each next token of `input_ids`: [B, T - 1, lanes], in lane order."""
+        target = input_ids[:, 1:, None].to(logp[next(iter(self.lanes))].device)
+        return torch.stack([logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in self.lanes], -1)
+
     def lane_evidence(
         self, input_ids: torch.Tensor, logp: dict[str, torch.Tensor], mask: torch.Tensor, state: dict | None
     ) -> torch.Tensor:
@@ -584,8 +589,7 @@ class MoLNetwork(nn.Module):
         names = list(self.lanes)
         ids = input_ids.to(logp[names[0]].device)
         m = mask.to(ids.device).float()
-        rest = torch.stack([logp[n][:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) for n in names], -1)
-        rest = rest * m[:, :-1, None]  # the token before was padding: nothing predicted this one
+        rest = self.lane_token_logp(ids, logp) * m[:, :-1, None]  # after padding: nothing predicted this one
         if state is not None and "last_logp" in state:
             last = state["last_logp"]  # [B, lanes, V]
             first = last.gather(-1, ids[:, :1, None].expand(-1, len(names), 1)).squeeze(-1).unsqueeze(1)

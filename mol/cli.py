@@ -26,28 +26,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; with `argv`, plug-in commands are imported only when argv names none of mol's own."""
+    """The parser; with `argv`, only the mol command that argv names is imported (`mol export` does not pay
+    for the modules behind `mol train`), and plug-in commands only when argv names none of mol's own."""
     parser = _Parser(prog="mol", description="Fuse transformer blocks from different language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS + OPTIONAL_COMMANDS:
-        try:
-            module = importlib.import_module(f"mol.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"mol.commands.{name}":
-                continue  # not part of this installation
-            raise
-        module.register(sub)
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    names = COMMANDS + OPTIONAL_COMMANDS
+    top_help = wanted is not None and any(a in ("-h", "--help") for a in argv[: argv.index(wanted)])
+    if not (wanted in names and not top_help and _register(sub, wanted)):
+        for name in names:  # `mol --help`, a usage error (which lists them all), or a plug-in's command
+            _register(sub, name)
     # Packages built on mol (the studio's `mol db`) add subcommands through this entry-point group, so mol
     # itself never imports them; nor does `mol plan` (or any own command): it neither pays for nor depends on
     # the plug-ins' packages.
-    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     if wanted not in sub.choices:
         for ep in entry_points(group="mol.commands"):
             if ep.name not in sub.choices:
                 _add_plugin(sub, ep)
     return parser
+
+
+def _register(sub, name: str) -> bool:
+    """Add mol's own command `name` to `sub` (False: it is not part of this installation)."""
+    if name in sub.choices:
+        return True
+    try:
+        module = importlib.import_module(f"mol.commands.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"mol.commands.{name}":
+            return False
+        raise
+    module.register(sub)
+    return True
 
 
 def _add_plugin(sub, ep) -> None:

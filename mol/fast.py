@@ -26,6 +26,7 @@ import torch
 
 from mol.errors import ResourceError
 from mol.fused import FusedCache, FusedModel, GenerateOutput, StepContext, next_tokens, sampling_warpers
+from mol.network.modeling_mol import CrossAttentionStitch
 from mol.trace import SlotTrace, Trace
 
 _KEEP = 2  # decoders kept per model (each holds its cache buffers and graph)
@@ -67,6 +68,7 @@ class FastDecoder:
         compile: bool = False,
         max_eos: int = 8,
         compile_cache: str | Path | None = None,
+        tune: bool = True,
     ):
         self.model, self.batch, self.capacity = model, batch_size, capacity
         dev = self.device = model.device
@@ -75,9 +77,23 @@ class FastDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device.")
         self.compile = compile
         self.compile_cache = compile_cache  # folder of torch.compile's caches (None: mol.compiling's default)
+        # Coordinate-descent tuning of the compiled step's kernels (CUDA). torch 2.11 re-runs it in every new
+        # process, cache or not (pytorch/pytorch#172819): about 20 s of a warm first call on a 22-layer model.
+        self.tune = tune
         b, n = batch_size, capacity
-        self.kv = StaticKV(capacity)
-        self.cache = FusedCache(kv=self.kv)
+        lanes = model.lanes
+        if lanes is None:
+            self.cache = FusedCache(kv=StaticKV(capacity))
+            self.kvs = [self.cache.kv]
+        else:  # each lane its own static caches; a step runs the lanes side by side on their own streams
+            if any(isinstance(st, CrossAttentionStitch) for st in model.stitches):
+                raise ValueError(
+                    "the fast decoder cannot hold cross-attention stitches' growing keys; use fast=False."
+                )
+            self.cache = FusedCache(lanes={name: FusedCache(kv=StaticKV(capacity)) for name in lanes})
+            self.kvs = [c.kv for c in self.cache.lanes.values()]
+        # Streams in a captured graph become its parallel branches; compiled steps keep to one stream.
+        self.streams = model.lane_streams() if lanes is not None and not compile else None
         self.pooled: dict[int, dict] = {}  # each pooled router's decision, in fixed buffers
         self.valid = torch.zeros(b, n, dtype=torch.long, device=dev)  # 1 where a real token sits in the cache
         self.cols = torch.arange(n, device=dev)
@@ -95,6 +111,9 @@ class FastDecoder:
             s.index: torch.zeros(b, n, s.router.top_k, dtype=torch.long, device=dev)
             for s in model.routed_slots
         }
+        if lanes is not None:  # the lanes' output mixture, traced like a routed slot
+            self.mix_probs = torch.zeros(b, n, len(lanes), device=dev)
+            self.mix_chosen = torch.zeros(b, n, 1, dtype=torch.long, device=dev)
         self.windows = model.windows  # sliding-window lengths, each with its own mask per step
         self.allocated = False  # the first decode step runs eagerly and allocates every cache buffer
         self._compiled: dict[bool, object] = {}
@@ -114,16 +133,36 @@ class FastDecoder:
             )
             for w in self.windows
         }
-        self.kv.write, self.kv.visible = self.pos, self.capacity
+        for kv in self.kvs:
+            kv.write, kv.visible = self.pos, self.capacity
         self.cache.pooled = self.pooled
-        ctx = StepContext(
-            mask4d, self.live, position_ids, self.cache, {}, self.model.rotary, static=True, windows=windows
-        )
+        ctx = self._context(mask4d, self.live, position_ids, windows, static=True)
         logits = self.model.step_logits(self.ids, ctx)[:, -1].float()
         for i, r in ctx.routings:  # the routing trace, by position
             self.probs[i].index_copy_(1, self.pos, r.probs.float())
             self.chosen[i].index_copy_(1, self.pos, r.chosen)
+        if ctx.mixture is not None:
+            self.mix_probs.index_copy_(1, self.pos, ctx.mixture.probs.float())
+            self.mix_chosen.index_copy_(1, self.pos, ctx.mixture.chosen)
         return logits
+
+    def _context(self, mask4d, mask2d, position_ids, windows, static: bool) -> StepContext:
+        """The step's shared inputs over the decoder's caches; a lanes model gives each lane its own context (its
+        static caches and rotary modules; the masks and positions are the same) and its stream."""
+        m = self.model
+        if m.lanes is None:
+            return StepContext(
+                mask4d, mask2d, position_ids, self.cache, {}, m.rotary, static=static, windows=windows
+            )
+        ctx = StepContext(None, mask2d, position_ids, self.cache, {}, None, static=static)
+        for name, lane in m.lanes.items():
+            sub = StepContext(
+                mask4d, mask2d, position_ids, self.cache.lanes[name], {}, lane.rotary, static=static
+            )
+            sub.windows, sub.routings = windows, ctx.routings  # one routing list for the whole model
+            ctx.lanes[name] = sub
+        ctx.lane_streams = self.streams
+        return ctx
 
     def _advance(self, nxt: torch.Tensor) -> None:
         """Take the picked tokens as the next step's input; the plain path's bookkeeping, on fixed buffers."""
@@ -151,7 +190,9 @@ class FastDecoder:
 
                 use_compile_cache(self.compile_cache)  # a later process compiles this step from the cache
                 # Decode is matrix-vector work: tuning each generated kernel's launch shape pays off here.
-                options = {"coordinate_descent_tuning": True} if self.device.type == "cuda" else None
+                options = (
+                    {"coordinate_descent_tuning": True} if self.device.type == "cuda" and self.tune else None
+                )
                 self._compiled[greedy] = torch.compile(fn, dynamic=False, options=options)
             fn = self._compiled[greedy]
         if not self.cuda_graph:
@@ -180,27 +221,26 @@ class FastDecoder:
         self.valid.zero_()
         self.valid[:, :q] = attention_mask
         self.finished.zero_()
-        self.kv.write, self.kv.visible = torch.arange(q, device=self.device), q
+        write = torch.arange(q, device=self.device)
+        for kv in self.kvs:
+            kv.write, kv.visible = write, q
         self.cache.pooled = {}  # pooled routers decide afresh from this prompt
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         mask4d = self.model._mask4d(attention_mask, q)  # over the prompt's own keys (None: plainly causal)
-        ctx = StepContext(
-            mask4d,
-            attention_mask,
-            position_ids,
-            self.cache,
-            {},
-            self.model.rotary,
-            windows=self.model.window_masks(attention_mask, q),
-        )
+        windows = self.model.window_masks(attention_mask, q)
+        ctx = self._context(mask4d, attention_mask, position_ids, windows, static=False)
         logits = self.model.step_logits(input_ids, ctx, last_only=True)[:, -1].float()
+        # What the routers and the gate keep between steps (a decision, evidence so far), in fixed buffers that
+        # the captured steps read and write in place (mol.network.routers.keep_state).
         for i, state in self.cache.pooled.items():
-            if i not in self.pooled:
-                self.pooled[i] = {"logits": torch.zeros_like(state["logits"])}
-            self.pooled[i]["logits"].copy_(state["logits"])
+            kept = self.pooled.setdefault(i, {})
+            for key, value in state.items():
+                if key not in kept or kept[key].shape != value.shape or kept[key].dtype != value.dtype:
+                    kept[key] = torch.zeros_like(value)
+                kept[key].copy_(value)
         self.pos.fill_(q - 1)
         self.live.fill_(1)
-        return logits, ctx.routings
+        return logits, ctx
 
     # ---- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -242,7 +282,7 @@ class FastDecoder:
         greedy = not do_sample
         warpers = None if greedy else sampling_warpers(temperature, top_k, top_p)
         try:
-            logits, prompt_routings = self._prefill(input_ids, attention_mask)
+            logits, prompt = self._prefill(input_ids, attention_mask)
             new = 0
             while new < max_new_tokens:
                 if new > 0:
@@ -264,17 +304,25 @@ class FastDecoder:
         tokens = torch.cat([input_ids, self.out[:, q : q + new]], 1)
         if not return_trace:
             return tokens
-        return GenerateOutput(tokens, self._trace(tokens[:, : q + new - 1], prompt_routings, q, new))
+        return GenerateOutput(tokens, self._trace(tokens[:, : q + new - 1], prompt, q))
 
-    def _trace(self, read_ids: torch.Tensor, prompt_routings: list, q: int, new: int) -> Trace:
-        """The routing trace of every token the model read: the prompt, then each fed new token."""
+    def _trace(self, read_ids: torch.Tensor, prompt: StepContext, q: int) -> Trace:
+        """The routing trace of every token the model read: the prompt, then each fed new token (the slots', then
+        the lanes' mixture, as the plain path traces them)."""
         read = read_ids.shape[1]
         slots = []
-        for i, r in prompt_routings:
-            slot = self.model.slots[i]
+        by_index = {s.index: s for s in self.model.all_slots}
+        for i, r in prompt.routings:
+            slot = by_index[i]
             probs = torch.cat([r.probs.float(), self.probs[i][:, q:read]], 1)
             chosen = torch.cat([r.chosen, self.chosen[i][:, q:read]], 1)
             slots.append(SlotTrace(i, slot.expert_names, slot.router.kind, probs.cpu(), chosen.cpu()))
+        if prompt.mixture is not None:
+            r = prompt.mixture
+            probs = torch.cat([r.probs.float(), self.mix_probs[:, q:read]], 1)
+            chosen = torch.cat([r.chosen, self.mix_chosen[:, q:read]], 1)
+            kind = self.model.mixture_kind
+            slots.append(SlotTrace(-1, list(self.model.lanes), kind, probs.cpu(), chosen.cpu()))
         return Trace(token_ids=read_ids.cpu(), attention_mask=self.valid[:, :read].cpu(), slots=slots)
 
 

@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 from mol.errors import ResourceError
 from mol.export.auto import register_auto_classes
 from mol.layout import network_config
-from mol.network.modeling_mol import FusedCache, MoLNetwork, StepContext, lm_loss
+from mol.network.modeling_mol import CrossAttentionStitch, FusedCache, MoLNetwork, StepContext, lm_loss
 from mol.network.routers import Routing, load_balancing_loss, z_loss
 from mol.trace import SlotTrace, Trace
 
@@ -78,19 +78,24 @@ class FusedModel(MoLNetwork):
         labels: torch.Tensor | None = None,
         use_cache: bool = False,
         trace: bool = True,
+        dense: bool | None = None,
+        losses: bool = True,
+        last_only: bool = False,
     ) -> MoLOutput:
         """One step over `input_ids` (after `cache`, if given). With `trace`, the output's `trace` holds the step's
         routing copied to the host (a synchronisation per routed slot, which training has no use for: it passes
-        `trace=False` and reads `routings`, gradients attached)."""
+        `trace=False` and reads `routings`, gradients attached). `dense`: the caller knows whether every token,
+        cached and new, is real (MoLNetwork.step); `losses=False` leaves the routers' auxiliary losses out
+        (generation has no use for them); `last_only`: the logits of the last position only, [B, 1, vocab]."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device).long()
         if cache is None and use_cache:
             cache = self.new_cache()
-        logits, ctx = self.step(input_ids, attention_mask, cache)
+        logits, ctx = self.step(input_ids, attention_mask, cache, dense, last_only)
 
-        by_index = {s.index: s for s in self.all_slots}
+        by_index = {s.index: s for s in self.all_slots} if trace else {}
         step_trace = (
             None
             if not trace
@@ -111,7 +116,7 @@ class FusedModel(MoLNetwork):
             )
         )
         out = MoLOutput(logits=logits, cache=cache, trace=step_trace, routings=ctx.routings)
-        if ctx.routings:
+        if ctx.routings and losses:
             on = {
                 r.probs.device: attention_mask.to(r.probs.device) for _, r in ctx.routings
             }  # slots may sit apart
@@ -133,10 +138,20 @@ class FusedModel(MoLNetwork):
         if ctx.mixture is None:
             return []
         r = ctx.mixture
-        kind = "sequence" if self.gate.per_sequence else "mixture"
         return [
-            SlotTrace(-1, list(self.lanes), kind, r.probs.detach().float().cpu(), r.chosen.detach().cpu())
+            SlotTrace(
+                -1,
+                list(self.lanes),
+                self.mixture_kind,
+                r.probs.detach().float().cpu(),
+                r.chosen.detach().cpu(),
+            )
         ]
+
+    @property
+    def mixture_kind(self) -> str:
+        """How the lanes' output mixture shows in a trace: "sequence" (one lane per sequence) or "mixture"."""
+        return "sequence" if self.gate.per_sequence else "mixture"
 
     # ---- generation --------------------------------------------------------------------------------------
     @property
@@ -166,6 +181,18 @@ class FusedModel(MoLNetwork):
                 f"{min(sizes)} positions of the recipe's learned position table; shorten the prompt or ask "
                 "for fewer new tokens."
             )
+
+    def decodes_fast(self, eos_ids: int = 1) -> bool:
+        """Whether `generate(fast=None)` takes the fast decoder (mol.fast): on one CUDA device, in eval mode, with
+        at most 8 end-of-sequence ids and no cross-attention stitch (whose keys grow with the text). Its steps
+        replay captured graphs, which run no forward hooks."""
+        return (
+            self.device.type == "cuda"
+            and not self.training
+            and self.placement is None
+            and eos_ids <= 8
+            and not any(isinstance(st, CrossAttentionStitch) for st in getattr(self, "stitches", ()))
+        )
 
     @torch.no_grad()
     def generate(
@@ -205,13 +232,7 @@ class FusedModel(MoLNetwork):
             pad_token_id = next(iter(eos), 0)
         warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
         if fast is None:
-            fast = (
-                self.device.type == "cuda"
-                and not self.training
-                and self.placement is None
-                and len(eos) <= 8
-                and self.lanes is None  # the fast decoder's static caches are one stream's
-            )
+            fast = self.decodes_fast(len(eos))
         if fast and max_new_tokens > 0:
             from mol.fast import decoder_for
 
@@ -275,25 +296,47 @@ class FusedModel(MoLNetwork):
         streamer,
         stop,
     ):
-        """The plain decoding loop; `traces` (None: not kept) receives each step's routing trace."""
+        """The plain decoding loop; `traces` (None: not kept) receives each step's routing trace. Its host reads:
+        one of the prompt's mask, then, where some token ends a sequence (`eos`), one count per step (which says
+        both whether all have finished and whether the next step is still free of padding); with no `eos`
+        nothing finishes, every new token is real and no step waits for the device."""
         step_ids, step_mask = tokens[0], masks[0]
-        finished = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=self.device)
+        bsz = step_ids.shape[0]
+        dense = bool(
+            step_mask.all()
+        )  # no padding so far: a step needs no attention mask (MoLNetwork._mask4d)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(sorted(eos), device=self.device, dtype=torch.long)
+        real = torch.ones(bsz, 1, dtype=torch.long, device=self.device)
+        done = 0  # sequences finished, as last read
         for _ in range(max_new_tokens):
-            out = self.forward(step_ids, step_mask, cache=cache, trace=traces is not None)
+            out = self.forward(
+                step_ids,
+                step_mask,
+                cache=cache,
+                trace=traces is not None,
+                dense=dense,
+                losses=False,
+                last_only=True,
+            )
             if traces is not None:
                 traces.append(out.trace)
             nxt = next_tokens(out.logits[:, -1].float(), step_ids, warpers, generator)
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-            step_mask = (~finished).long().unsqueeze(1)
             if eos:
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+                step_mask = (~finished).long().unsqueeze(1)
+                dense = dense and done == 0
                 finished = finished | torch.isin(nxt, eos_ids)
+            else:
+                step_mask = real
             step_ids = nxt.unsqueeze(1)
             tokens.append(step_ids)
             masks.append(step_mask)
             if streamer is not None:
                 streamer(nxt)
-            if bool(finished.all()) or (stop is not None and stop()):
+            if eos:
+                done = int(finished.sum())
+            if done == bsz or (stop is not None and stop()):
                 break
 
 

@@ -304,8 +304,8 @@ class LiveTrace:
     routed slot, since a lane may not run, and on the output mixture's gate); `end_step()` closes a step (the
     generation's streamer calls it after each token); `trace(fed)` joins them into what `Trace.to_dict` gives at
     the end, for the steps whose token has been streamed. The fast decoder (a one-stream model on one CUDA device)
-    replays captured graphs, which run no hooks: there the trace comes only at the end, and this does nothing. No
-    hook is left behind on exit."""
+    replays captured graphs, which run no hooks (`FusedModel.decodes_fast`): there the trace comes only at the end,
+    and this does nothing. No hook is left behind on exit."""
 
     def __init__(self, model: mol.FusedModel, prompt_ids: torch.Tensor):
         self.model = model
@@ -321,7 +321,7 @@ class LiveTrace:
     def __enter__(self) -> LiveTrace:
         m = self.model
         slots = list(getattr(m, "routed_slots", []))
-        replays = not self._lanes and m.device.type == "cuda" and getattr(m, "placement", None) is None
+        replays = m.decodes_fast() if hasattr(m, "decodes_fast") else False
         if replays or getattr(m, "compiled_step_logits", None) is not None:
             return self
         for slot in slots if self._lanes else slots[-1:]:

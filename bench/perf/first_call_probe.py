@@ -51,7 +51,17 @@ def probe(cfg: dict) -> dict:
     dec.generate(ids, max_new_tokens=new)
     sync()
     second = time.perf_counter() - t
+    try:  # where the compilation's time went (dynamo's own phase timings), for the first call's breakdown
+        phases = torch._dynamo.utils.compile_times(repr="str")[:3000]
+    except Exception as e:  # a release without it
+        phases = f"unavailable: {type(e).__name__}"
+    from torch._dynamo.utils import counters
+
+    # cache hits, misses and bypasses, and tuning benchmarks: what a warm start still compiled or tuned anew
+    caches = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd") and v}
     return {
+        "compile_phases": phases,
+        "compile_counters": caches,
         "import_s": imported,
         "build_s": built,
         "first_call_s": first,

@@ -76,13 +76,16 @@ def config(shape: dict):
     return AutoConfig.for_model(kw.pop("model_type"), bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
 
 
-def make_source(folder: Path, shape: dict, device: str, seed: int, keep: bool = False):
-    """Random-initialise a source at `shape` on `device` (bf16 on GPU) and save it as a Hugging Face folder.
-    Returns the in-memory model when `keep` (the transformers baseline), else None."""
+def make_source(
+    folder: Path, shape: dict, device: str, seed: int, keep: bool = False, dtype: torch.dtype | None = None
+):
+    """Random-initialise a source at `shape` on `device` (`dtype`, default bf16 on GPU, float32 on the CPU) and
+    save it as a Hugging Face folder. Returns the in-memory model when `keep` (the transformers baseline), else
+    None."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config(shape), dtype=dtype, attn_implementation="sdpa")
     model.eval()

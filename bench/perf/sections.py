@@ -100,7 +100,8 @@ def decode(b, compiled: bool = False) -> dict:
                     runs.append(time.perf_counter() - t0)
                 row[label] = _rate(min(runs), bsz, new)
                 row[label]["first_call_s"] = first  # capture (and compilation)
-                row[label]["tokens_vs_plain"] = _agreement(toks, b.plain_tokens[name, bsz], b.prompt)
+                if (name, bsz) in b.plain_tokens:  # (a run of decode_compiled alone has no plain tokens)
+                    row[label]["tokens_vs_plain"] = _agreement(toks, b.plain_tokens[name, bsz], b.prompt)
                 dec = None
             floor = bsz * bw / step_bytes if bw else None  # tokens/s if a step only read the weights once
             row["floor_tokens_per_s"] = floor
@@ -584,27 +585,33 @@ def reference(b) -> dict:
 # ---- lanes -----------------------------------------------------------------------------------------------------
 def lanes(b) -> dict:
     """A two-lane recipe (each source whole on its own stream, a per-token output mixture) against each lane's
-    source alone: decode (plain path, which lanes take) and prefill time, the lanes' over the sum of the
-    sources'. At most the sum means the lanes run one after the other; below it, they overlap on the device."""
+    source alone: decode on the default path (`generate`: on one CUDA device the fast decoder, its lanes side by
+    side on two streams of one captured graph) and on the plain path, and prefill (a no-grad forward, the lanes
+    on their streams), the lanes' time over the sum of the sources'. At the sum the lanes run one after the
+    other; below it, they overlap on the device."""
     new = min(64, b.new_tokens)
     models = {k: b.model(k) for k in ("lanes", "identity", "other")}
     out = {"new_tokens": new, "prompt": b.prompt, "decode": {}}
-    for bsz in (
-        b.batches[:1] if b.smoke else b.batches
-    ):  # smoke: one batch size is enough to check the plumbing
+    paths = {"default": None, "plain": False}
+    for bsz in b.batches[:1] if b.smoke else b.batches:  # smoke: one batch size checks the plumbing
         ids = _prompt(b, bsz, seed=6)
         row = {}
-        for name, model in models.items():
-            model.generate(ids, max_new_tokens=4, eos_token_id=[], fast=False)
-            t = timeit(
-                lambda m=model, ids=ids: m.generate(ids, max_new_tokens=new, eos_token_id=[], fast=False),
-                repeat=1 if b.smoke else 2,
-                warmup=0,
+        for path, fast in paths.items():
+            cell = row[path] = {}
+            for name, model in models.items():
+                model.generate(ids, max_new_tokens=4 if fast is False else new, eos_token_id=[], fast=fast)
+                t = timeit(  # (the fast path's first call above captured its graph)
+                    lambda m=model, ids=ids, fast=fast: m.generate(
+                        ids, max_new_tokens=new, eos_token_id=[], fast=fast
+                    ),
+                    repeat=1 if b.smoke or fast is False else 3,
+                    warmup=0,
+                )
+                cell[name] = {**t, "ms_per_step": 1000 * t["median_s"] / new}
+            cell["lanes_over_sum"] = cell["lanes"]["median_s"] / (
+                cell["identity"]["median_s"] + cell["other"]["median_s"]
             )
-            row[name] = {**t, "ms_per_step": 1000 * t["median_s"] / new}
-        row["lanes_over_sum"] = row["lanes"]["median_s"] / (
-            row["identity"]["median_s"] + row["other"]["median_s"]
-        )
+        row["lanes_over_sum"] = row["default"]["lanes_over_sum"]
         out["decode"][str(bsz)] = row
         b.partial("lanes", out)
     bsz, length = b.prefill_shape
@@ -619,6 +626,28 @@ def lanes(b) -> dict:
     out["prefill"] = pre
     for k in ("lanes", "other"):
         b._models.pop(k, None)
+    return out
+
+
+# ---- where a decode step's time goes ---------------------------------------------------------------------------
+def decode_profile(b) -> dict:
+    """One decode step of the fast path (identity recipe, each batch size): its time replayed as a CUDA graph, and
+    a profile of the same step run eagerly on the same buffers (kernels, their device time, the costliest
+    operators). Device time under the replayed step's time is what the launches between kernels cost."""
+    if not b.cuda:
+        return {"skipped": "needs CUDA"}
+    model = b.model("identity")
+    out = {}
+    for bsz in b.batches:
+        dec = FastDecoder(model, bsz, b.prompt + b.new_tokens)
+        ids = _prompt(b, bsz)
+        dec.generate(ids, max_new_tokens=8)  # allocates, warms up and captures
+        with torch.no_grad():
+            replay = timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"]
+            prof = profile_top(lambda dec=dec: dec._greedy_step(), rows=16)
+        out[str(bsz)] = {"replayed_step_ms": 1000 * replay, "eager_step": prof}
+        del dec
+        b.free()
     return out
 
 
@@ -718,17 +747,14 @@ def first_call(b) -> dict:
 
 # ---- export ----------------------------------------------------------------------------------------------------
 def export(b) -> dict:
-    """Export against mergekit: the suite has no mergekit runner, so this only records whether mergekit is
-    installed; bench/export_memory.py measures mol's own export (peak RSS against the largest shard)."""
-    import importlib.util
+    """`mol export` (standard checkpoint) against `mergekit-yaml` on a 28-layer passthrough frankenmerge of the
+    base shape (0-13 then 8-21 of 22 layers, bfloat16 on disk): wall time and whole-process peak RSS of each, in
+    fresh processes, alternating, best of three, warm page cache; the two outputs compared tensor by tensor
+    (bench/perf/export_bench.py). mergekit: $MERGEKIT_YAML, else `mergekit-yaml` on PATH, else skipped. Smoke:
+    the tiny base shape, one round. bench/export_memory.py measures mol's export memory against its shards."""
+    from bench.perf.export_bench import run
 
-    installed = importlib.util.find_spec("mergekit") is not None
-    reason = (
-        "mergekit is installed, but the suite has no mergekit runner yet"
-        if installed
-        else "mergekit is not installed on this machine"
-    )
-    return {"mergekit_installed": installed, "skipped": reason}
+    return run(b.work, b.shapes["base"], b.smoke, rounds=1 if b.smoke else 3)
 
 
 SECTIONS = {
@@ -739,6 +765,7 @@ SECTIONS = {
     "routed_slot": routed_slot,
     "training": training,
     "lanes": lanes,
+    "decode_profile": decode_profile,
     "cpu": cpu,
     "build": build,
     "placement": placement,

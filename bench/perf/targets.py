@@ -213,7 +213,7 @@ def _lanes(r: dict) -> dict:
     return {
         "lanes_decode_vs_sum": _entry(
             "two-lane recipe with an output mixture: decode time over the sum of its lanes' sources' own decode "
-            "times (plain path; the higher over the batches)",
+            "times (default `generate` path; the higher over the batches)",
             "x",
             "<=",
             0.9,

@@ -76,8 +76,10 @@ def export(
 
     from mol.errors import RecipeError
     from mol.export import card, remote, standard, verify
+    from mol.export import early as early_copy
     from mol.export.shards import parse_size, write_shards
-    from mol.export.trainable import copy_trainable, trainable_parts
+    from mol.export.trainable import copy_trainable, parts_matter, trainable_parts
+    from mol.recipe import Recipe, to_recipe
 
     if format not in FORMATS:
         raise RecipeError(f"Unknown export format '{format}'; use one of: {', '.join(FORMATS)}.")
@@ -86,66 +88,82 @@ def export(
         limit = parse_size(max_size, zero_ok=True) if max_size is not None else 0
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    the_plan, model = _resolve(recipe_or_model)
-    parts = trainable_parts(the_plan)
-    trained = weights is not None
-    if model is not None:
-        copy_trainable(parts, model.trainable_state_dict())
-        trained = True
-    if weights is not None:
-        from mol.weights import load_trainable
+    early = None
+    if weights is None and format != "mol" and isinstance(recipe_or_model, Recipe | Path | str):
+        recipe_or_model = to_recipe(recipe_or_model)
+        # the weights of a plain frankenmerge start copying now, while the plan is made (mol.export.early)
+        early = early_copy.start(recipe_or_model, Path(out), dtype, shard_bytes, limit, overwrite)
+    try:
+        the_plan, model = _resolve(recipe_or_model)
+        trained = weights is not None or model is not None
+        # None for a plain stack of the base's own layers with nothing trained (standard, no adapters or routers)
+        parts = trainable_parts(the_plan) if format == "mol" or parts_matter(the_plan, trained) else None
+        if model is not None:
+            copy_trainable(parts, model.trainable_state_dict())
+        if weights is not None:
+            from mol.weights import load_trainable
 
-        load_trainable(parts, weights)
-    out_dtype = _dtype(dtype, model, the_plan)
+            load_trainable(parts, weights)
+        head_trained = parts is not None and parts.head_trained
+        out_dtype = _dtype(dtype, model, the_plan)
 
-    blockers = standard.standard_blockers(the_plan, parts)
-    fmt = format if format != "auto" else ("standard" if not blockers else "mol")
-    if fmt == "standard" and blockers:
-        raise RecipeError(
-            "This recipe cannot be exported as a standard checkpoint: "
-            + " ".join(blockers)
-            + " Export it with format='mol' (MoLForCausalLM) instead."
-        )
-    if (
-        fmt == "standard"
-    ):  # every adapter is the identity and there is no router: only a trained head is written
-        trained = parts.head_trained
+        blockers = standard.standard_blockers(the_plan, parts)
+        fmt = format if format != "auto" else ("standard" if not blockers else "mol")
+        if fmt == "standard" and blockers:
+            raise RecipeError(
+                "This recipe cannot be exported as a standard checkpoint: "
+                + " ".join(blockers)
+                + " Export it with format='mol' (MoLForCausalLM) instead."
+            )
+        if (
+            fmt == "standard"
+        ):  # every adapter is the identity and there is no router: only a trained head is written
+            trained = head_trained
 
-    out = Path(out)
-    recipe_dict = _public_recipe(the_plan)
-    recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True, width=120)
-    with staging(out, overwrite) as folder:
-        if fmt == "standard":
-            entries = standard.standard_entries(the_plan, out_dtype, parts)
-            standard.write_standard_config(the_plan, folder, out_dtype, untie=parts.head_trained)
-            layers = len(the_plan.slots)
-        else:
-            entries = remote.remote_entries(the_plan, parts, out_dtype)
-            remote.remote_config(the_plan, parts, out_dtype, recipe_dict).save_pretrained(str(folder))
-            remote.copy_code(folder, parts)
-            layers = the_plan.cache_layers
-        _check_size(sum(e.nbytes for e in entries), limit, folder)
-        shards = write_shards(folder, entries, shard_bytes)
-        verify.check_loadable(folder)  # still in staging: a folder that would not load never reaches `out`
-        _copy_side_files(the_plan, folder)
-        (folder / "mol_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        if fmt == "standard" and not parts.head_trained:  # mergekit cannot say "this head, trained"
-            _write_mergekit_config(the_plan, folder, out_dtype)
-        dtype_name = str(out_dtype).removeprefix("torch.")
-        card.write_card(
-            folder,
-            card.model_card(
-                the_plan,
-                fmt,
-                recipe_yaml,
-                dtype=dtype_name,
-                shards=len(shards),
-                trained=trained,
-                evaluation=evaluation,
-                blockers=blockers,
-            ),
-        )
-    return ExportResult(out, fmt, shards, layers, dtype_name, blockers)
+        out = Path(out)
+        recipe_dict = _public_recipe(the_plan)
+        recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False, allow_unicode=True, width=120)
+        with staging(out, overwrite) as folder:
+            if fmt == "standard":
+                entries = standard.standard_entries(the_plan, out_dtype, parts)
+                standard.write_standard_config(the_plan, folder, out_dtype, untie=head_trained)
+                layers = len(the_plan.slots)
+            else:
+                entries = remote.remote_entries(the_plan, parts, out_dtype)
+                remote.remote_config(the_plan, parts, out_dtype, recipe_dict).save_pretrained(str(folder))
+                remote.copy_code(folder, parts)
+                layers = the_plan.cache_layers
+                register_auto_classes()  # the check below loads the folder with this network, no remote code
+            _check_size(sum(e.nbytes for e in entries), limit, folder)
+            shards = (
+                early.take(entries, shard_bytes, folder) if early is not None and fmt == "standard" else None
+            )
+            if shards is None:  # nothing copied early, or not these entries (the early copy is then deleted)
+                shards = write_shards(folder, entries, shard_bytes)
+            # still in staging: a folder that would not load never reaches `out`
+            verify.check_loadable(folder)
+            _copy_side_files(the_plan, folder)
+            (folder / "mol_recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+            if fmt == "standard" and not head_trained:  # mergekit cannot say "this head, trained"
+                _write_mergekit_config(the_plan, folder, out_dtype)
+            dtype_name = str(out_dtype).removeprefix("torch.")
+            card.write_card(
+                folder,
+                card.model_card(
+                    the_plan,
+                    fmt,
+                    recipe_yaml,
+                    dtype=dtype_name,
+                    shards=len(shards),
+                    trained=trained,
+                    evaluation=evaluation,
+                    blockers=blockers,
+                ),
+            )
+        return ExportResult(out, fmt, shards, layers, dtype_name, blockers)
+    finally:
+        if early is not None:
+            early.discard()  # cancelled and deleted, unless its shards were taken
 
 
 def _check_size(total: int, limit: int, folder: Path) -> None:

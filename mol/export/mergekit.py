@@ -227,15 +227,15 @@ def import_mergekit(config: Any, name: str | None = None) -> MergekitImport:
 def mergekit_blockers(the_plan, weights=None) -> list[str]:
     """Why this recipe has no passthrough equivalent (empty: it has one)."""
     from mol.export.standard import standard_blockers
-    from mol.export.trainable import trainable_parts
+    from mol.export.trainable import parts_matter, trainable_parts
 
-    parts = trainable_parts(the_plan)
+    parts = trainable_parts(the_plan) if parts_matter(the_plan, weights is not None) else None
     if weights is not None:
         from mol.weights import load_trainable
 
         load_trainable(parts, weights)
     reasons = standard_blockers(the_plan, parts)
-    if parts.head_trained:
+    if parts is not None and parts.head_trained:
         reasons.append("the final norm and head were trained; a passthrough config takes the base's.")
     if the_plan.lanes:
         return reasons

@@ -37,7 +37,8 @@ _LAYER_NEUTRAL_KEYS = {
 
 
 def standard_blockers(the_plan: Plan, parts) -> list[str]:
-    """Why this recipe cannot be written as a standard checkpoint (empty: it can)."""
+    """Why this recipe cannot be written as a standard checkpoint (empty: it can). `parts` (the trainable parts)
+    may be None where `parts_matter` says they do not."""
     if the_plan.lanes:
         return [
             f"it runs {len(the_plan.lanes)} lanes side by side and mixes their outputs; a standard "
@@ -45,7 +46,7 @@ def standard_blockers(the_plan: Plan, parts) -> list[str]:
         ]
     base = the_plan.base
     reasons: list[str] = []
-    adapters = parts.adapters()
+    adapters = parts.adapters() if parts is not None else {}
     base_layer_config = _layer_config(base.config)
     for sp in the_plan.slots:
         if sp.routed:

@@ -4,17 +4,32 @@ so its names are the model's and trained weights load onto it with `mol.load_tra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from mol.layout import network_config
-from mol.network.modeling_mol import MoLNetwork
 from mol.planning import Plan
+
+if TYPE_CHECKING:
+    from mol.network.modeling_mol import MoLNetwork
 
 
 def trainable_parts(the_plan: Plan) -> MoLNetwork:
+    from mol.network.modeling_mol import MoLNetwork  # transformers' model classes: seconds to import
+
     with torch.device("meta"):
         return MoLNetwork(network_config(the_plan), init_device="cpu")
+
+
+def parts_matter(the_plan: Plan, trained: bool) -> bool:
+    """Whether an export needs the trainable parts at all. Not for a plain stack of the base's own layers with
+    nothing trained: it has no adapters or routers, and its head is the base's; so that export (and mergekit
+    export) never builds the network, nor imports its modelling code."""
+    if trained or the_plan.lanes:
+        return True
+    return any(sp.routed or sp.experts[0].alias != the_plan.base.alias for sp in the_plan.slots)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -26,8 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Generat
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import make_adapter
+from .attention import NAME as ATTENTION_NAME
 from .configuration_mol import MoLConfig
-from .routers import ROUTERS, Routing, make_router, route, unit_rms
+from .routers import ROUTERS, Routing, keep_state, make_router, route, unit_rms
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
 # past_key_values -> cache; GPT-NeoX layer_past). An unknown keyword would be swallowed by **kwargs and lose the
@@ -57,7 +59,8 @@ def source_config(entry: dict, attn_implementation: str = "sdpa", layers: int | 
         cfg.num_hidden_layers = layers
         if isinstance(getattr(cfg, "layer_types", None), list):
             cfg.layer_types = cfg.layer_types[:layers]
-    cfg._attn_implementation = attn_implementation
+    # SDPA, with mol's one-token grouped-query step (mol.network.attention: the cache read as it is)
+    cfg._attn_implementation = ATTENTION_NAME if attn_implementation == "sdpa" else attn_implementation
     cfg.use_cache = True
     return cfg
 
@@ -83,7 +86,7 @@ class FusedCache:
 class StepContext:
     """What every block of one forward step shares."""
 
-    mask4d: torch.Tensor | None  # [B, 1, Q, K] additive; None: plain causal (no padding, nothing cached)
+    mask4d: torch.Tensor | None  # [B, 1, Q, K] additive; None: no padding, plainly causal or one query
     mask2d: torch.Tensor  # [B, Q] 1 for real tokens of this step
     position_ids: torch.Tensor  # [B, Q]
     cache: FusedCache | None
@@ -97,6 +100,8 @@ class StepContext:
     windows: dict = field(default_factory=dict)  # sliding-window length -> its additive mask (None: causal)
     lanes: dict = field(default_factory=dict)  # lane name -> its own context (a lanes network)
     mixture: Routing | None = None  # the lanes' output mixture of this step
+    # lane name -> the CUDA stream its blocks run on, so that the lanes overlap on the device (None: one stream)
+    lane_streams: dict | None = None
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         """The attention mask of a block: the step's own, or its sliding window's."""
@@ -478,39 +483,73 @@ class MoLNetwork(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: FusedCache | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: FusedCache | None,
+        dense: bool | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, StepContext]:
         """One step over `input_ids` [B, Q] after what `cache` has seen; `attention_mask` [B, Q] covers the new
         tokens. Positions count the real tokens seen so far. Returns the logits and the step's context (its
-        routings)."""
+        routings). `dense`: the caller knows that every token, cached and new, is real (True) or not (False), so
+        a decode step needs no attention mask and no host read of the mask to find that out (see `_mask4d`);
+        None: the mask is read where that matters. `last_only`: the logits of the last position only."""
         q = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         full_mask = attention_mask if past == 0 else torch.cat([cache.mask, attention_mask], 1)
-        ctx = self.context(full_mask, q, attention_mask, cache)
-        logits = (self.compiled_step_logits or self.step_logits)(input_ids, ctx)
+        ctx = self.context(full_mask, q, attention_mask, cache, dense)
+        run = self.compiled_step_logits or self.step_logits
+        logits = run(input_ids, ctx, last_only=True) if last_only else run(input_ids, ctx)
         if cache is not None:
             cache.mask = full_mask
         return logits, ctx
 
-    def context(self, full_mask: torch.Tensor, q: int, attention_mask: torch.Tensor, cache) -> StepContext:
+    def context(
+        self, full_mask: torch.Tensor, q: int, attention_mask: torch.Tensor, cache, dense: bool | None = None
+    ) -> StepContext:
         """The shared inputs of one step over `q` new tokens, `full_mask` covering every token seen; a lanes
-        network gives each lane its own context (its cache, rotary modules and masks)."""
+        network gives each lane its own context (its cache, rotary modules and masks). `dense` as in `step`."""
+        bsz, k = full_mask.shape
+        if dense is None and k == q and q > 1:  # a prompt: one host read for every mask of the step
+            dense = bool(full_mask.all())
+        if dense:  # every token real: positions count from the cache's length, no cumulative sum to run
+            position_ids = torch.arange(k - q, k, device=full_mask.device).expand(bsz, q)
+        else:
+            position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, k - q :]
         ctx = StepContext(
-            mask4d=None if self.lanes is not None else self._mask4d(full_mask, q),
+            mask4d=None if self.lanes is not None else self._mask4d(full_mask, q, dense=dense),
             mask2d=attention_mask,
-            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)[:, full_mask.shape[1] - q :],
+            position_ids=position_ids,
             cache=cache,
             rotary={},
             rotary_modules=self.rotary if self.lanes is None else nn.ModuleDict(),
-            windows={} if self.lanes is not None else self.window_masks(full_mask, q),
+            windows={} if self.lanes is not None else self.window_masks(full_mask, q, dense),
         )
         if self.lanes is not None:
             for name, lane in self.lanes.items():
                 lane_cache = None if cache is None else cache.lanes.setdefault(name, FusedCache())
-                sub = lane.context(full_mask, q, attention_mask, lane_cache)
+                sub = lane.context(full_mask, q, attention_mask, lane_cache, dense)
                 sub.routings = ctx.routings  # one list for the whole model
                 ctx.lanes[name] = sub
+            if not torch.is_grad_enabled():  # training keeps one stream: autograd's order stays plain
+                ctx.lane_streams = self.lane_streams()
         return ctx
+
+    def lane_streams(self) -> dict | None:
+        """One CUDA stream per lane (made once), where every lane and slot sits on one CUDA device: inference
+        runs the lanes on them side by side, so one lane's small kernels fill the gaps of the other's. None where
+        there is nothing to overlap."""
+        if self.lanes is None or len(self.lanes) < 2 or any(s.device is not None for s in self.all_slots):
+            return None
+        devices = {lane.device for lane in self.lanes.values()}
+        device = next(iter(devices))
+        if len(devices) != 1 or device.type != "cuda":
+            return None
+        made = _LANE_STREAMS.get(self)
+        if made is None or made[0] != device:
+            made = _LANE_STREAMS[self] = (device, {n: torch.cuda.Stream(device) for n in self.lanes})
+        return made[1]
 
     def step_logits(self, input_ids: torch.Tensor, ctx: StepContext, last_only: bool = False) -> torch.Tensor:
         """The network itself: embeddings, every slot, final norm and head (also the body of mol.fast's step).
@@ -554,7 +593,9 @@ class MoLNetwork(nn.Module):
             state = ctx.cache.pooled.setdefault(-1, {})
         decided = self.gate.per_sequence and state is not None and "logits" in state
         run = None
-        if decided:
+        if (
+            decided and not ctx.static
+        ):  # (a captured step reads nothing back: every lane runs, weights select)
             run = _with_sources({names[i] for i in state["logits"].argmax(-1).tolist()}, self.stitches)
         finals, logp = self.run_lanes(input_ids, ctx, run)
         if decided:
@@ -563,15 +604,16 @@ class MoLNetwork(nn.Module):
             scores = self.gate(self.lane_evidence(input_ids, logp, ctx.mask2d, state), ctx.mask2d, state)
         else:  # every position: a per-sequence gate reads the whole prompt
             scores = self.gate(self.gate_input(finals), ctx.mask2d, state)
+        ctx.mixture = _routing(scores)  # every position's, as the slots' routings
         if last_only:
             scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
-        ctx.mixture = _routing(scores)
         if not self.gate.per_sequence or state is None:
             return mix(logp, scores, names)
-        out = None  # generating with one lane per sequence: that lane's distribution alone
+        chosen = _routing(scores).chosen[..., 0]  # generating, one lane per sequence: its distribution alone
+        out = None
         for i, n in enumerate(names):
             if n in logp:
-                pick = (ctx.mixture.chosen[..., 0] == i).unsqueeze(-1)  # [B, T, 1]
+                pick = (chosen == i).unsqueeze(-1)  # [B, T, 1]
                 out = torch.where(pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30))
         return out
 
@@ -596,7 +638,7 @@ class MoLNetwork(nn.Module):
         else:
             first = torch.zeros(ids.shape[0], 1, len(names), device=ids.device)
         if state is not None:
-            state["last_logp"] = torch.stack([logp[n][:, -1] for n in names], 1).detach()
+            keep_state(state, "last_logp", torch.stack([logp[n][:, -1] for n in names], 1).detach())
         return torch.cat([first.to(rest.dtype), rest], 1).detach()
 
     def gate_input(self, finals: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -608,39 +650,75 @@ class MoLNetwork(nn.Module):
         """The lanes in `run` (None: all), in the order the stitches allow: each lane's final states (after its
         final norm) and next-token log-probabilities, by lane name."""
         run = set(self.lanes) if run is None else run
-        hs = {n: self.lanes[n].embed_tokens(input_ids, ctx.lanes[n]) for n in self.lanes if n in run}
+        streams = ctx.lane_streams or {}
+        if streams:  # each lane's work on its own stream, after what the step queued so far
+            main = torch.cuda.current_stream(self.device)
+            for n in run:
+                streams[n].wait_stream(main)
+
+        def on(name):
+            return torch.cuda.stream(streams[name]) if streams else nullcontext()
+
+        hs = {}
+        for n in self.lanes:
+            if n in run:
+                with on(n):
+                    hs[n] = self.lanes[n].embed_tokens(input_ids, ctx.lanes[n])
         finals, logp, saved = {}, {}, {}
         sources = {(st.source, st.after[0]) for st in self.stitches}
         for name, step in self.order:
             if name not in run:
                 continue
             lane = self.lanes[name]
-            for i, st in enumerate(self.stitches):
-                if st.target == name and st.after[1] + 1 == step:
-                    state = None if ctx.cache is None else ctx.cache.stitches.setdefault(i, {})
-                    update = st(saved[st.source, st.after[0]], hs[name], ctx.mask2d, state)
-                    hs[name] = hs[name] + update.to(hs[name].dtype)
-            if step < len(lane.slots):
-                hs[name] = lane.slots[step](hs[name], ctx.lanes[name])
-                if (name, step) in sources:
-                    saved[name, step] = hs[name]
-            else:
-                finals[name] = lane.final_states(hs[name])
-                logp[name] = lane.readout(finals[name]).float().log_softmax(-1)
+            with on(name):
+                for i, st in enumerate(self.stitches):
+                    if st.target == name and st.after[1] + 1 == step:
+                        if streams:  # the source lane's state must be there first
+                            streams[name].wait_stream(streams[st.source])
+                        state = None if ctx.cache is None else ctx.cache.stitches.setdefault(i, {})
+                        update = st(saved[st.source, st.after[0]], hs[name], ctx.mask2d, state)
+                        hs[name] = hs[name] + update.to(hs[name].dtype)
+                if step < len(lane.slots):
+                    hs[name] = lane.slots[step](hs[name], ctx.lanes[name])
+                    if (name, step) in sources:
+                        saved[name, step] = hs[name]
+                else:
+                    finals[name] = lane.final_states(hs[name])
+                    logp[name] = lane.readout(finals[name]).log_softmax(-1, dtype=torch.float32)
+        if streams:  # the mixture reads every lane
+            for n in run:
+                main.wait_stream(streams[n])
         return finals, logp
 
-    def window_masks(self, full_mask: torch.Tensor, q: int) -> dict[int, torch.Tensor | None]:
-        return {w: self._mask4d(full_mask, q, w) for w in self.windows}
+    def window_masks(
+        self, full_mask: torch.Tensor, q: int, dense: bool | None = None
+    ) -> dict[int, torch.Tensor | None]:
+        return {w: self._mask4d(full_mask, q, w, dense) for w in self.windows}
 
-    def _mask4d(self, full_mask: torch.Tensor, q: int, window: int | None = None) -> torch.Tensor | None:
+    def _mask4d(
+        self, full_mask: torch.Tensor, q: int, window: int | None = None, dense: bool | None = None
+    ) -> torch.Tensor | None:
         """Additive causal mask over every key seen so far; its key length equals each slot's cache length. With
         a sliding `window`, a query also sees only the keys less than `window` positions behind it, as
-        transformers does. None when there is no padding, nothing cached and no window to cut: attention is
-        then plainly causal, and SDPA can take its flash kernel (given a mask, it cannot)."""
+        transformers does. None when there is no padding and no window to cut, and either nothing is cached
+        (attention is then plainly causal) or, under SDPA on an accelerator, the step is one token with the
+        caller saying that every token is real (`dense`; it then sees every key), as transformers does: SDPA can
+        then take its flash kernel (given a mask, it cannot) and grouped-query attention without repeating keys.
+        Elsewhere such a step's mask is all zeros, made in one op. `dense` None: read from `full_mask` for a
+        prompt (a host sync); a one-token step then builds its mask in full."""
         bsz, k = full_mask.shape
         past = k - q
-        if past == 0 and q > 1 and bool(full_mask.all()) and (window is None or q <= window):
-            return None
+        # The network's blocks run eager or SDPA attention (see __init__). On the CPU a one-token step keeps a
+        # mask: its masked path (mol.network.attention) ran faster there than grouped SDPA without one.
+        sdpa = self.config._attn_implementation != "eager" and full_mask.device.type != "cpu"
+        plain = (past == 0 and q > 1) or (q == 1 and past > 0)
+        if plain and (window is None or k <= window):
+            if dense is None and past == 0:
+                dense = bool(full_mask.all())
+            if dense and (past == 0 or sdpa):
+                return None
+            if dense:  # one query that sees every key: the mask built below would be these very zeros
+                return torch.zeros(bsz, 1, 1, k, dtype=self.dtype, device=full_mask.device)
         device = full_mask.device
         rows = torch.arange(q, device=device).unsqueeze(1) + past
         cols = torch.arange(k, device=device).unsqueeze(0)
@@ -650,6 +728,10 @@ class MoLNetwork(nn.Module):
         allowed = seen.unsqueeze(0) & full_mask.bool().unsqueeze(1)  # [B, Q, K]
         mask = torch.zeros(bsz, 1, q, k, dtype=self.dtype, device=device)
         return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(self.dtype).min)
+
+
+# network -> (device, lane name -> stream): kept beside the modules, which copy and pickle without them
+_LANE_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Stitch(nn.Module):
@@ -793,8 +875,11 @@ def _with_sources(lanes: set[str], stitches) -> set[str]:
 def mix(logp: dict[str, torch.Tensor], scores: torch.Tensor, names: list[str]) -> torch.Tensor:
     """log sum_l softmax(scores)_l p_l(x): the lanes' distributions mixed by the gate, [B, T, V]."""
     log_gate = scores.float().log_softmax(-1)  # [B, T, lanes]
-    stacked = torch.stack([logp[n] for n in names], -2)  # [B, T, lanes, V]
-    return torch.logsumexp(stacked + log_gate.unsqueeze(-1).to(stacked.device), dim=-2)
+    out = None  # folded pairwise: a few passes over [B, T, V], where stacking the lanes first took many
+    for i, n in enumerate(names):
+        term = logp[n] + log_gate[..., i : i + 1].to(logp[n].device)
+        out = term if out is None else torch.logaddexp(out, term)
+    return out
 
 
 def _routing(scores: torch.Tensor) -> Routing:

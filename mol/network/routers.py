@@ -73,6 +73,21 @@ def route(router: nn.Module, h: torch.Tensor, attention_mask, state: dict | None
     return Routing(probs, chosen, weights, logits)
 
 
+def keep_state(state: dict, key: str, value: torch.Tensor) -> None:
+    """state[key] = value, written in place where a tensor of that shape and dtype already sits there: mol.fast
+    replays its steps as CUDA graphs, which read and write fixed buffers (a new tensor would go unseen)."""
+    old = state.get(key)
+    if (
+        old is not None
+        and old.shape == value.shape
+        and old.dtype == value.dtype
+        and old.device == value.device
+    ):
+        old.copy_(value)
+    else:
+        state[key] = value
+
+
 def unit_rms(h: torch.Tensor) -> torch.Tensor:
     """The input at unit RMS (float32), so that one router works whatever the stream's scale."""
     h = h.float()
@@ -180,7 +195,7 @@ class EvidenceGate(nn.Module):
                 1
             )
         if state is not None:
-            state["evidence"] = evidence[:, -1].detach()
+            keep_state(state, "evidence", evidence[:, -1].detach())
         return self.prior + self.scale * evidence
 
 

@@ -7,17 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mol
+from tests.tiny_models import identity_recipe as identity
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def identity(folder, layers=4):
-    return mol.Recipe(
-        name="identity",
-        base="m",
-        models={"m": str(folder)},
-        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
-    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,18 +7,10 @@ import torch
 import mol
 from mol import fast as mol_fast
 from mol.fast import FastDecoder, StaticKV, decoder_for
+from tests.tiny_models import identity_recipe as identity
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gpt_neox", "opt", "phi"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def identity(folder, layers=4):
-    return mol.Recipe(
-        name="identity",
-        base="m",
-        models={"m": str(folder)},
-        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
-    )
 
 
 @pytest.fixture(scope="module")

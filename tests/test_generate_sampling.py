@@ -8,15 +8,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import mol
 from mol.errors import ResourceError
 from mol.fused import GenerateOutput, sampling_warpers
-
-
-def identity(folder, layers=4):
-    return mol.Recipe(
-        name="identity",
-        base="m",
-        models={"m": str(folder)},
-        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
-    )
+from tests.tiny_models import identity_recipe as identity
 
 
 @pytest.fixture(scope="module")

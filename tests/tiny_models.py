@@ -121,3 +121,15 @@ def make_model(
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+def identity_recipe(folder, layers: int = 4):
+    """Every layer of one model, in order, one per slot: the fused model must be that model."""
+    import mol
+
+    return mol.Recipe(
+        name="identity",
+        base="m",
+        models={"m": str(folder)},
+        slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
+    )

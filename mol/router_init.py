@@ -26,12 +26,16 @@ def uniform_routers(model: FusedModel) -> None:
     """Zero projections: every expert (and every lane of an output mixture) equally likely (ties go to the
     first expert under top-k)."""
     for router in [s.router for s in model.routed_slots] + ([model.gate] if model.lanes is not None else []):
-        if hasattr(router, "proj"):
+        if hasattr(router, "uniform_"):  # a kind with parameters of its own says what uniform is for it
+            router.uniform_()
+        elif hasattr(router, "proj"):
             router.proj.weight.zero_()
             router.proj.bias.zero_()
-        else:  # an evidence gate: no prior, and the evidence not counted
-            router.prior.zero_()
-            router.scale.zero_()
+        else:
+            raise TypeError(
+                f"router kind {router.kind!r} has no `proj` and no `uniform_()` method; give it one (see "
+                "mol.network.routers) to start it uniform."
+            )
 
 
 @torch.no_grad()

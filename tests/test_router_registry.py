@@ -124,3 +124,57 @@ def test_a_router_kind_registered_here_builds_trains_exports_and_loads_without_m
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["router"] == "SignRouter"
     assert (torch.tensor(got["logits"]) - ours).abs().max().item() <= 1e-5
+
+
+def test_uniform_start_for_every_kind_and_a_clear_refusal_otherwise(tiny, tmp_path):
+    """`--router-init uniform`: every expert of every slot, and every lane of the output mixture, equally likely;
+    a registered kind with neither `proj` nor `uniform_()` is refused with what to add."""
+    from mol.router_init import init_routers
+
+    llama, gpt2 = str(tiny("llama")), str(tiny("gpt2", width=48))
+    ids = torch.randint(1, 380, (2, 9), generator=torch.Generator().manual_seed(1))
+    for mixture in ("evidence", "token"):
+        lanes = mol.build(
+            mol.Recipe.from_dict(
+                {
+                    "name": "uniform-lanes",
+                    "models": {"l": llama, "g": gpt2},
+                    "lanes": {
+                        "a": {"base": "l", "slots": ["l:0", {"experts": ["l:1", "g:1"]}, "l:2"]},
+                        "b": {"base": "g", "slots": ["g:0", {"experts": ["g:1", "l:1"], "router": "pooled"}]},
+                    },
+                    "mixture": mixture,
+                }
+            ),
+            device="cpu",
+            dtype=torch.float32,
+        )
+        with torch.no_grad():
+            for p in lanes.trainable_parameters().values():
+                p.normal_()
+            init_routers(lanes, "uniform")
+            trace = lanes(ids).trace
+        assert [s.slot for s in trace.slots][-1] == -1 and len(trace.slots) == 3
+        for s in trace.slots:
+            assert torch.allclose(s.probs, torch.full_like(s.probs, 1 / s.probs.shape[-1]))
+
+    class Opaque(torch.nn.Module):
+        kind, per_sequence, takes_top_k = "opaque", False, False
+
+        def __init__(self, width, n_experts, top_k=1):
+            super().__init__()
+            self.top_k, self.w = 1, torch.nn.Parameter(torch.zeros(width, n_experts))
+
+        def features(self, h, attention_mask=None):
+            return h
+
+        def forward(self, h, attention_mask=None, state=None):
+            return h.float() @ self.w
+
+    register_router(Opaque)
+    try:
+        model = mol.build(recipe(tiny, {"type": "opaque"}), device="cpu", dtype=torch.float32)
+        with pytest.raises(TypeError, match="no `proj` and no `uniform_"):
+            init_routers(model, "uniform")
+    finally:
+        ROUTERS.pop("opaque", None)

@@ -11,6 +11,7 @@ every kind. Kinds are registered by name (the recipe's `router.type`), so a new 
         def __init__(self, width: int, n_experts: int, top_k: int = 1): ...
         def features(self, h, attention_mask) -> Tensor: ...   # [B, T, width]: what the scores read
         def forward(self, h, attention_mask, state) -> Tensor:  # [B, T, n] scores
+        def uniform_(self) -> None: ...  # optional: every expert equally likely (mol.router_init); default: proj zeroed
 
 `features` is also what the closed-form (ridge) initialisation fits `proj` on. Built in:
 TokenRouter: per token, from the slot input at unit RMS.
@@ -177,6 +178,12 @@ class EvidenceGate(nn.Module):
 
     def features(self, e: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return e
+
+    @torch.no_grad()
+    def uniform_(self) -> None:
+        """No prior, and the evidence not counted: every lane equally likely."""
+        self.prior.zero_()
+        self.scale.zero_()
 
     def forward(
         self, e: torch.Tensor, attention_mask: torch.Tensor | None = None, state: dict | None = None

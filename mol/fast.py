@@ -12,6 +12,10 @@ a fraction of the first compilation.
     tokens = model.generate(ids, max_new_tokens=256, fast=True)          # decoders are cached per shape
     dec = FastDecoder(model, batch_size=8, capacity=512, compile=True)   # or hold one yourself
     tokens = dec.generate(ids, max_new_tokens=256)
+    FastDecoder(model, 8, 512, compile=True, tune=False)   # no kernel tuning: a quicker first call in a new process
+
+A lanes model decodes here too: each lane has its own static caches, and on CUDA its own stream, so that in the
+captured graph the lanes run side by side (bench/README.md: a two-lane step takes 0.7x its lanes' steps added).
 
 The prompt runs once through the ordinary forward (writing the static cache); only the one-token steps are
 captured. In a captured step every expert of a routed slot runs on every token (no data-dependent choice can

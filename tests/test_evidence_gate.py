@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 import mol
 from mol.data import DomainTokens
-from mol.export import export, register_auto_classes
+from mol.export import register_auto_classes
 from mol.router_init import init_routers
+from tests.tiny_models import assert_round_trips, greedy_by_full_forward
 
 IDS = torch.randint(1, 380, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -62,10 +63,7 @@ def test_cached_and_padded_generation_equal_full_forwards(tiny):
     ids[1, :3], mask[1, :3] = 0, 0  # row 1 left-padded
     with torch.no_grad():
         got = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
-        seq, m = ids, mask
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq, m).logits[:, -1].argmax(-1, keepdim=True)], 1)
-            m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+        seq = greedy_by_full_forward(model, ids, 6, mask)
         alone = model(ids[1:, 3:]).logits
         padded = model(ids, mask).logits[1:, 3:]
         # step by step with the cache: every step's distribution equals the full forward's at that position
@@ -105,16 +103,4 @@ def test_an_evidence_recipe_trains_saves_and_exports(tiny, tmp_path):
         model.gate.prior.copy_(torch.tensor([0.5, -0.5]))
         model.gate.decay_logit.fill_(1.0)
         want = model(IDS).logits
-    again = mol.build(
-        recipe,
-        device="cpu",
-        dtype=torch.float32,
-        weights=mol.save_trainable(model, tmp_path / "w.safetensors"),
-    )
-    with torch.no_grad():
-        assert torch.equal(again(IDS).logits, want)
-    loaded = AutoModelForCausalLM.from_pretrained(str(export(model, tmp_path / "out").path)).eval()
-    with torch.no_grad():
-        assert (loaded(IDS).logits - want).abs().max().item() <= 1e-5
-        theirs = loaded.generate(IDS[:, :6], max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert theirs.tolist() == model.generate(IDS[:, :6], max_new_tokens=5, eos_token_id=[]).tolist()
+    assert_round_trips(model, recipe, tmp_path, IDS, want)

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 import mol
 from mol.errors import RecipeError
-from mol.export import export, register_auto_classes
+from mol.export import register_auto_classes
+from tests.tiny_models import assert_round_trips, greedy_by_full_forward
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "opt", "phi"]
 
@@ -102,9 +103,7 @@ def test_lanes_keep_their_caches_through_generate(tiny):
         model.stitches[0].gate.fill_(0.3)
         ids = IDS[:, :6]
         got = model.generate(ids, max_new_tokens=6, eos_token_id=[])
-        seq = ids
-        for _ in range(6):  # each next token from a full-sequence forward, no cache
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        seq = greedy_by_full_forward(model, ids, 6)
     assert got.tolist() == seq.tolist()
 
 
@@ -145,17 +144,7 @@ def test_a_lanes_recipe_round_trips_saves_and_exports(tiny, tmp_path):
         for p in model.trainable_parameters().values():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
         want = model(IDS).logits
-    again = mol.build(
-        r, device="cpu", dtype=torch.float32, weights=mol.save_trainable(model, tmp_path / "w.safetensors")
-    )
-    with torch.no_grad():
-        assert torch.equal(again(IDS).logits, want)
-    folder = export(model, tmp_path / "out").path
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    with torch.no_grad():
-        assert (loaded(IDS).logits - want).abs().max().item() <= 1e-5
-        theirs = loaded.generate(IDS[:, :6], max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert theirs.tolist() == model.generate(IDS[:, :6], max_new_tokens=5, eos_token_id=[]).tolist()
+    assert_round_trips(model, r, tmp_path, IDS, want)
 
 
 def test_the_plan_counts_lanes_and_refuses_what_cannot_run(tiny, tmp_path):

@@ -3,15 +3,15 @@ closed-form fit of every kind's map, which leaves the fused model unchanged."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import mol
 from mol.data import DomainTokens
 from mol.errors import DataError, RecipeError
-from mol.export import export, register_auto_classes
+from mol.export import register_auto_classes
 from mol.stitch_init import fit_stitches
 from mol.training import TrainConfig, initialise
 from tests.test_lanes import IDS, force_lane, lanes_recipe
+from tests.tiny_models import assert_round_trips, greedy_by_full_forward
 
 CROSS = {"from": "a", "to": "b", "after": [1, 0], "type": "cross-attention", "heads": 2, "rank": 32}
 
@@ -74,10 +74,7 @@ def test_cached_generation_equals_full_forwards_on_a_padded_batch(tiny):
         model(ids, mask, cache=cache)
         assert cache.stitches[0]["keys"].shape == (2, 2, 7, 16)  # the source's keys of every token so far
         got = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
-        seq, m = ids, mask
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq, m).logits[:, -1].argmax(-1, keepdim=True)], 1)
-            m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+        seq = greedy_by_full_forward(model, ids, 6, mask)
         # the padding is invisible: the padded row's real positions see what the same tokens alone see
         alone = model(ids[1:, 3:]).logits
         padded = model(ids, mask).logits[1:, 3:]
@@ -91,9 +88,7 @@ def test_a_per_sequence_mixture_runs_the_stitch_source_with_its_chosen_lane(tiny
     force_lane(model, 1)  # lane b, which reads lane a through the stitch
     with torch.no_grad():
         got = model.generate(IDS[:, :5], max_new_tokens=5, eos_token_id=[])
-        seq = IDS[:, :5]
-        for _ in range(5):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        seq = greedy_by_full_forward(model, IDS[:, :5], 5)
     assert got.tolist() == seq.tolist()
 
 
@@ -110,17 +105,7 @@ def test_a_cross_attention_recipe_round_trips_saves_and_exports(tiny, tmp_path):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
         open_gates(model, 0.5)
         want = model(IDS).logits
-    again = mol.build(
-        r, device="cpu", dtype=torch.float32, weights=mol.save_trainable(model, tmp_path / "w.safetensors")
-    )
-    with torch.no_grad():
-        assert torch.equal(again(IDS).logits, want)
-    folder = export(model, tmp_path / "out").path
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    with torch.no_grad():
-        assert (loaded(IDS).logits - want).abs().max().item() <= 1e-5
-        theirs = loaded.generate(IDS[:, :6], max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert theirs.tolist() == model.generate(IDS[:, :6], max_new_tokens=5, eos_token_id=[]).tolist()
+    assert_round_trips(model, r, tmp_path, IDS, want)
 
 
 def test_the_plan_counts_and_describes_cross_attention_stitches(tiny):

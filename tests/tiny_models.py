@@ -133,3 +133,39 @@ def identity_recipe(folder, layers: int = 4):
         models={"m": str(folder)},
         slots=[mol.Slot((mol.ExpertRef("m", i),)) for i in range(layers)],
     )
+
+
+def assert_round_trips(model, recipe, tmp_path: Path, ids: torch.Tensor, want: torch.Tensor) -> None:
+    """Its trained parts saved and built again give the logits `want` exactly; exported and loaded by
+    transformers, the same logits (to 1e-5) and the same greedy continuation of `ids[:, :6]`."""
+    from transformers import AutoModelForCausalLM
+
+    import mol
+    from mol.export import export
+
+    again = mol.build(
+        recipe,
+        device="cpu",
+        dtype=torch.float32,
+        weights=mol.save_trainable(model, tmp_path / "w.safetensors"),
+    )
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+    loaded = AutoModelForCausalLM.from_pretrained(str(export(model, tmp_path / "out").path)).eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - want).abs().max().item() <= 1e-5
+        theirs = loaded.generate(ids[:, :6], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert theirs.tolist() == model.generate(ids[:, :6], max_new_tokens=5, eos_token_id=[]).tolist()
+
+
+def greedy_by_full_forward(
+    model, ids: torch.Tensor, steps: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`ids` and `steps` greedy tokens, each from a full-sequence forward with no cache (the reference a cached
+    decode must equal); `mask` covers `ids`, and every new token is real."""
+    seq, m = ids, torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq, m).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=m.dtype)], 1)
+    return seq

@@ -87,19 +87,9 @@ def decode(b, compiled: bool = False) -> dict:
             )
             for label, opts in variants:
                 dec = FastDecoder(model, bsz, b.prompt + new, **opts)
-                t0 = time.perf_counter()
-                dec.generate(ids, max_new_tokens=new)
-                sync()
-                first = time.perf_counter() - t0
-                runs = []
-                for _ in range(2):
-                    sync()
-                    t0 = time.perf_counter()
-                    toks = dec.generate(ids, max_new_tokens=new)
-                    sync()
-                    runs.append(time.perf_counter() - t0)
-                row[label] = _rate(min(runs), bsz, new)
-                row[label]["first_call_s"] = first  # capture (and compilation)
+                row[label], toks = _first_then_best(
+                    lambda dec=dec, ids=ids: dec.generate(ids, max_new_tokens=new), bsz, new
+                )
                 if (name, bsz) in b.plain_tokens:  # (a run of decode_compiled alone has no plain tokens)
                     row[label]["tokens_vs_plain"] = _agreement(toks, b.plain_tokens[name, bsz], b.prompt)
                 dec = None
@@ -152,6 +142,24 @@ def _plain_and_transformers(b, name, model, ids, row) -> None:
     b.plain_tokens[name, bsz] = plain
     if name == "identity":
         row["plain_vs_transformers_tokens"] = _agreement(plain, hf_tokens, b.prompt)
+
+
+def _first_then_best(run, bsz: int, new: int, repeat: int = 2) -> tuple[dict, torch.Tensor]:
+    """A decoder's first call (capture, compilation: `first_call_s`), then its rate at the best of `repeat`
+    calls; and the tokens of the last call."""
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        toks = run()
+        sync()
+        runs.append(time.perf_counter() - t0)
+    return {**_rate(min(runs), bsz, new), "first_call_s": first}, toks
 
 
 def _rate(seconds: float, bsz: int, new: int) -> dict:
@@ -561,19 +569,9 @@ def reference(b) -> dict:
         dec = ReferenceDecoder(b.hf_model(), bsz, b.prompt + b.new_tokens)
         if compiled:
             dec.compile_step()
-        sync()
-        t0 = time.perf_counter()
-        dec.generate(ids, b.new_tokens)
-        sync()
-        first = time.perf_counter() - t0
-        runs = []
-        for _ in range(2):
-            sync()
-            t0 = time.perf_counter()
-            toks = dec.generate(ids, b.new_tokens)
-            sync()
-            runs.append(time.perf_counter() - t0)
-        row = {**_rate(min(runs), bsz, b.new_tokens), "first_call_s": first}
+        row, toks = _first_then_best(
+            lambda dec=dec, ids=ids: dec.generate(ids, b.new_tokens), bsz, b.new_tokens
+        )
         if ("identity", bsz) in b.plain_tokens:
             row["tokens_vs_plain"] = _agreement(toks, b.plain_tokens["identity", bsz], b.prompt)
         out["batches"][str(bsz)] = row

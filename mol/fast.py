@@ -30,7 +30,6 @@ import torch
 
 from mol.errors import ResourceError
 from mol.fused import FusedCache, FusedModel, GenerateOutput, StepContext, next_tokens, sampling_warpers
-from mol.network.modeling_mol import CrossAttentionStitch
 from mol.trace import SlotTrace, Trace
 
 _KEEP = 2  # decoders kept per model (each holds its cache buffers and graph)
@@ -86,18 +85,18 @@ class FastDecoder:
         self.tune = tune
         b, n = batch_size, capacity
         lanes = model.lanes
+        if model.grows_stitch_keys:
+            raise ValueError(
+                "the fast decoder cannot hold cross-attention stitches' growing keys; use fast=False."
+            )
         if lanes is None:
             self.cache = FusedCache(kv=StaticKV(capacity))
             self.kvs = [self.cache.kv]
         else:  # each lane its own static caches; a step runs the lanes side by side on their own streams
-            if any(isinstance(st, CrossAttentionStitch) for st in model.stitches):
-                raise ValueError(
-                    "the fast decoder cannot hold cross-attention stitches' growing keys; use fast=False."
-                )
             self.cache = FusedCache(lanes={name: FusedCache(kv=StaticKV(capacity)) for name in lanes})
             self.kvs = [c.kv for c in self.cache.lanes.values()]
         # Streams in a captured graph become its parallel branches; compiled steps keep to one stream.
-        self.streams = model.lane_streams() if lanes is not None and not compile else None
+        self.streams = None if compile else model.lane_streams()
         self.pooled: dict[int, dict] = {}  # each pooled router's decision, in fixed buffers
         self.valid = torch.zeros(b, n, dtype=torch.long, device=dev)  # 1 where a real token sits in the cache
         self.cols = torch.arange(n, device=dev)

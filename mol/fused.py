@@ -191,8 +191,14 @@ class FusedModel(MoLNetwork):
             and not self.training
             and self.placement is None
             and eos_ids <= 8
-            and not any(isinstance(st, CrossAttentionStitch) for st in getattr(self, "stitches", ()))
+            and not self.grows_stitch_keys
         )
+
+    @property
+    def grows_stitch_keys(self) -> bool:
+        """Whether a cross-attention stitch keeps keys that grow with the text (the fast decoder's buffers are
+        fixed)."""
+        return any(isinstance(st, CrossAttentionStitch) for st in getattr(self, "stitches", ()))
 
     @torch.no_grad()
     def generate(

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mol.fused import FusedModel
+from mol.network.subset_block import layer_on_rows
 
 # Every routed MLP size, padding change and block shape is a guard set on one code object; the default limit (8)
 # would silently fall back to eager on recipes with several families.
@@ -51,6 +52,7 @@ def use_compile_cache(folder: str | Path | None = None) -> Path:
     a restarted machine or container loses. torch reads the variable at each cache access, so this holds for
     compilations that follow; the caches themselves are on by default (inductor's `fx_graph_cache`,
     `autotune_local_cache`, functorch's `enable_autograd_cache`)."""
+    keep_tuned_kernels()
     if folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     path = Path(folder).expanduser() if folder is not None else default_compile_cache()
@@ -59,7 +61,70 @@ def use_compile_cache(folder: str | Path | None = None) -> Path:
     return path
 
 
+def keep_tuned_kernels() -> bool:
+    """Make a warm compile cache keep the kernel launch shapes that coordinate-descent tuning found. Some torch
+    releases (2.11 among them; pytorch/pytorch#172819) drop the cached result's "tuned" mark when a kernel has a
+    single configuration, so every new process tunes every kernel again: about 20 s of a warm first call of the
+    fast decoder. Where the installed inductor has that defect, its cache recheck is replaced by one that keeps
+    the mark; elsewhere nothing changes. Returns whether the fix is in place. Idempotent."""
+    try:
+        import inspect
+
+        from torch._inductor.runtime import triton_heuristics as th
+    except Exception:  # no inductor runtime (a minimal torch build): nothing to fix
+        return False
+    autotuner = th.CachingAutotuner
+    recheck = getattr(autotuner, "recheck_autotune_cache", None)
+    if recheck is None:
+        return False
+    if getattr(recheck, "_mol_keeps_tuned", False):
+        return True
+    try:
+        source = inspect.getsource(recheck)
+    except (OSError, TypeError):
+        return False
+    if "len(configs) > 1" not in source:  # a release with the fix, or a different recheck: leave it be
+        return False
+    required = ("check_autotune_cache", "triton_config_to_hashable", "dynamo_timed")
+    if not all(hasattr(th, name) for name in required) or not hasattr(autotuner, "_precompile_config"):
+        return False
+
+    def recheck_keeping_tuned(self, reload_kernel_from_src):
+        configs = [result.config for result in self.compile_results]
+        cached, _, self.autotune_cache_info = th.check_autotune_cache(
+            configs, self.filename, self.inductor_meta
+        )
+        if len(cached) != 1:  # no cached choice: inductor autotunes (and tunes) as it would anyway
+            return
+        best = cached[0]
+        tuned = getattr(best, "found_by_coordesc", False)
+        key = th.triton_config_to_hashable(best)
+        match = next((r for r in self.compile_results if th.triton_config_to_hashable(r.config) == key), None)
+        if match is None:  # tuning found a shape outside the precompiled ones: build that one
+            with th.dynamo_timed("CachingAutotuner.slow_precompile_config"):
+                if self.fn.fn is None:
+                    self.fn = reload_kernel_from_src().fn
+                match = self._precompile_config(best)
+        match.config.found_by_coordesc = tuned  # what run() reads to skip tuning
+        self.compile_results = [match]
+
+    recheck_keeping_tuned._mol_keeps_tuned = True
+    recheck_keeping_tuned.__doc__ = recheck.__doc__
+    autotuner.recheck_autotune_cache = recheck_keeping_tuned
+    return True
+
+
+_COMPILED_ROWS: dict = {}  # (backend, mode) -> layer_on_rows compiled: one for every block, as layers share
+
+
+def _compiled_rows(backend: str, mode: str | None):
+    if (backend, mode) not in _COMPILED_ROWS:
+        _COMPILED_ROWS[backend, mode] = torch.compile(layer_on_rows, backend=backend, mode=mode, dynamic=True)
+    return _COMPILED_ROWS[backend, mode]
+
+
 def _raise_recompile_limit() -> None:
+    keep_tuned_kernels()
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across releases
         if hasattr(config, name):
@@ -99,6 +164,9 @@ def compile_blocks(
     _raise_recompile_limit()
     for slot in model.slots:
         parts = [block.layer for block in slot.experts]
+        for block in slot.experts:  # a routed expert run for its own tokens: that function, its sizes dynamic
+            if block.subsets and block.rows_fn is layer_on_rows:
+                block.rows_fn = _compiled_rows(backend, mode)
         # A compiled router fuses its float32 normalisation, projection, softmax and top-k: faster for a forward
         # alone, but in training steps (bench/README.md) its extra compiled call cost more than it saved.
         if routers and slot.router is not None:

@@ -4,7 +4,7 @@ compiled FastDecoder (prompt, compilation or its cache, CUDA-graph capture) and 
     python -m bench.perf.first_call_probe < CONFIG.json     # prints one JSON line
 
 CONFIG: {"base": folder, "device", "dtype", "batch", "prompt", "new_tokens", "vocab", "cache": folder,
-"compile": bool}. The cache folder is handed to FastDecoder (mol.compiling.use_compile_cache)."""
+"compile": bool, "tune": bool (default true)}. The cache folder is handed to FastDecoder (mol.compiling.use_compile_cache)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def probe(cfg: dict) -> dict:
         cuda_graph=dev == "cuda",
         compile=cfg["compile"],
         compile_cache=cfg["cache"],
+        tune=cfg.get("tune", True),
     )
     sync()
     t = time.perf_counter()
@@ -67,6 +68,7 @@ def probe(cfg: dict) -> dict:
         "first_call_s": first,
         "second_call_s": second,
         "compile": cfg["compile"],
+        "tune": cfg.get("tune", True),
         "cache_dir_set": os.environ.get("TORCHINDUCTOR_CACHE_DIR") == os.path.realpath(cfg["cache"]),
     }
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from mol.fused import FusedModel
-from mol.network.subset_block import layer_on_rows
 
 # Every routed MLP size, padding change and block shape is a guard set on one code object; the default limit (8)
 # would silently fall back to eager on recipes with several families.
@@ -114,15 +113,6 @@ def keep_tuned_kernels() -> bool:
     return True
 
 
-_COMPILED_ROWS: dict = {}  # (backend, mode) -> layer_on_rows compiled: one for every block, as layers share
-
-
-def _compiled_rows(backend: str, mode: str | None):
-    if (backend, mode) not in _COMPILED_ROWS:
-        _COMPILED_ROWS[backend, mode] = torch.compile(layer_on_rows, backend=backend, mode=mode, dynamic=True)
-    return _COMPILED_ROWS[backend, mode]
-
-
 def _raise_recompile_limit() -> None:
     keep_tuned_kernels()
     config = torch._dynamo.config
@@ -164,9 +154,6 @@ def compile_blocks(
     _raise_recompile_limit()
     for slot in model.slots:
         parts = [block.layer for block in slot.experts]
-        for block in slot.experts:  # a routed expert run for its own tokens: that function, its sizes dynamic
-            if block.subsets and block.rows_fn is layer_on_rows:
-                block.rows_fn = _compiled_rows(backend, mode)
         # A compiled router fuses its float32 normalisation, projection, softmax and top-k: faster for a forward
         # alone, but in training steps (bench/README.md) its extra compiled call cost more than it saved.
         if routers and slot.router is not None:

@@ -12,7 +12,7 @@ a fraction of the first compilation.
     tokens = model.generate(ids, max_new_tokens=256, fast=True)          # decoders are cached per shape
     dec = FastDecoder(model, batch_size=8, capacity=512, compile=True)   # or hold one yourself
     tokens = dec.generate(ids, max_new_tokens=256)
-    FastDecoder(model, 8, 512, compile=True, tune=False)   # no kernel tuning: a quicker first call in a new process
+    FastDecoder(model, 8, 512, compile=True, tune=False)   # no kernel tuning: a quicker first compilation
 
 A lanes model decodes here too: each lane has its own static caches, and on CUDA its own stream, so that in the
 captured graph the lanes run side by side (bench/README.md: a two-lane step takes 0.7x its lanes' steps added).
@@ -80,8 +80,9 @@ class FastDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device.")
         self.compile = compile
         self.compile_cache = compile_cache  # folder of torch.compile's caches (None: mol.compiling's default)
-        # Coordinate-descent tuning of the compiled step's kernels (CUDA). torch 2.11 re-runs it in every new
-        # process, cache or not (pytorch/pytorch#172819): about 20 s of a warm first call on a 22-layer model.
+        # Coordinate-descent tuning of the compiled step's kernels (CUDA): about half of a first compilation; a
+        # warm compile cache keeps its results (mol.compiling.keep_tuned_kernels, for the torch releases that
+        # dropped them, pytorch/pytorch#172819).
         self.tune = tune
         b, n = batch_size, capacity
         lanes = model.lanes

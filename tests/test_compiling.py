@@ -7,7 +7,7 @@ import torch
 
 import mol
 from mol.compiling import compile_blocks, compile_network, uncompile_network, use_compile_cache
-from mol.network.modeling_mol import group_tokens
+from mol.network.modeling_mol import rows_by_expert as _rows_by_expert
 
 
 def _routed(tiny):
@@ -65,15 +65,14 @@ def test_compiled_blocks_match_eager_logits_and_gradients(tiny):
     assert plain.shape == (2, 16)
 
 
-def test_group_tokens_groups_every_choice_once_and_counts_by_sequence():
+def test_rows_by_expert_groups_every_choice_once():
     chosen = torch.tensor([[[0, 2], [1, 0], [2, 1]], [[0, 1], [2, 0], [0, 2]]])  # [B=2, T=3, k=2]
-    groups = group_tokens(chosen, 4)
+    rows = _rows_by_expert(chosen, 4)
     flat = chosen.reshape(-1, 2)
     for i in range(4):
         expected = (flat == i).any(-1).nonzero().squeeze(1)
-        assert groups[i].rows.tolist() == expected.tolist()
-        assert groups[i].per_sequence == [int((chosen[b] == i).any(-1).sum()) for b in range(2)]
-    assert groups[3].rows.numel() == 0 and groups[3].per_sequence == [0, 0]
+        assert rows[i].tolist() == expected.tolist()
+    assert rows[3].numel() == 0
 
 
 def test_compiled_network_matches_eager_and_breaks_only_at_routing(tiny):

@@ -30,7 +30,6 @@ from .adapters import make_adapter
 from .attention import NAME as ATTENTION_NAME
 from .configuration_mol import MoLConfig
 from .routers import ROUTERS, Routing, keep_state, make_router, route, unit_rms
-from .subset_block import layer_on_rows, runs_on_subsets
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
 # past_key_values -> cache; GPT-NeoX layer_past). An unknown keyword would be swallowed by **kwargs and lose the
@@ -188,10 +187,6 @@ class ExpertBlock(nn.Module):
         self.positions = positions  # absolute-position embedding of the block's own model (foreign stream)
         self.position_offset = position_offset
         self.mlp_tokens = TokenSubset(mlp) if mlp is not None else None  # routed slots: the family's MLP part
-        # A routed expert whose layer mol can run for its own tokens alone (mol.network.subset_block); `rows_fn`
-        # is that function, or its compiled form (mol.compiling.compile_blocks)
-        self.subsets = mlp is not None and positions is None and runs_on_subsets(layer)
-        self.rows_fn = layer_on_rows
 
     def forward(self, h: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`rows`: flat indices of the tokens whose MLP must run (None: all)."""
@@ -219,28 +214,6 @@ class ExpertBlock(nn.Module):
         delta = y - x
         return h + (delta if self.adapter is None else self.adapter.out(delta))
 
-    def runs_on_rows(self) -> bool:
-        """Whether `on_rows` computes this expert (not while training with attention dropout, which it leaves
-        out)."""
-        return self.subsets and not (self.layer.training and self.layer.self_attn.attention_dropout > 0)
-
-    def on_rows(self, h: torch.Tensor, ctx: StepContext, group: TokenGroup) -> torch.Tensor:
-        """This expert's output [n, D] at the tokens of `group` alone (its keys and values for every token, in
-        the cache where there is one), as `forward` gives it there."""
-        x = h if self.adapter is None else self.adapter.into(h)
-        cache = ctx.cache.kv if ctx.cache is not None else None
-        embeddings = ctx.position_embeddings(self.alias, x)
-        counts = torch.tensor(group.per_sequence, device=h.device)
-        starts = torch.cumsum(counts, 0) - counts
-        widest = max(group.per_sequence)
-        y = self.rows_fn(
-            self.layer, x, group.rows, starts, widest, embeddings, ctx.mask_for(self.window), cache
-        )
-        if self.adapter is None:
-            return y
-        x_rows = x.reshape(-1, x.shape[-1])[group.rows]
-        return h.reshape(-1, h.shape[-1])[group.rows] + self.adapter.out(y - x_rows)
-
 
 class FusedSlot(nn.Module):
     def __init__(self, index: int, experts: list[ExpertBlock], router: nn.Module | None = None):
@@ -266,54 +239,27 @@ class FusedSlot(nn.Module):
             state = ctx.cache.pooled.setdefault(self.index, {})
         routing = route(self.router, h, ctx.mask2d, state)
         ctx.routings.append((self.index, routing))
-        # Every expert of a token router sees every token, so each expert's KV cache stays whole; the rest of its
-        # layer (mol.network.subset_block), or at least its MLP (TokenSubset), runs only for the tokens that chose
-        # it. A per-sequence router with a fixed decision runs only the experts some sequence chose.
-        groups = None if ctx.static else group_tokens(routing.chosen, len(self.experts))
-        out = on_rows = (
-            None  # on_rows [B * T, D]: the experts computed at their own tokens alone, at their rows
-        )
+        # Every expert of a token router sees every token, so each expert's KV cache stays whole; its MLP runs
+        # only for the tokens that chose it. A per-sequence router with a fixed decision runs only the experts
+        # some sequence chose.
+        rows = None if ctx.static else rows_by_expert(routing.chosen, len(self.experts))
+        out = torch.zeros_like(h)
         for i, expert in enumerate(self.experts):
-            group = None if groups is None else groups[i]
-            if group is not None and state is not None and group.rows.numel() == 0:
+            if rows is not None and state is not None and rows[i].numel() == 0:
                 continue  # a per-sequence decision no sequence took: never needed in this generation
             w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
-            if group is not None and expert.runs_on_rows():
-                if group.rows.numel() == 0 and ctx.cache is None:
-                    continue  # no token chose it, and no cache needs its keys and values
-                y = expert.on_rows(h, ctx, group)
-                if on_rows is None:
-                    on_rows = h.new_zeros(h.shape[:-1].numel(), h.shape[-1])
-                w_rows = w.reshape(-1, 1)[group.rows].to(h.dtype)
-                on_rows = on_rows.index_add(0, group.rows, w_rows * y)
-                continue
-            y = expert(h, ctx, None if group is None else group.rows)
-            out = torch.addcmul(torch.zeros_like(h) if out is None else out, w.to(h.dtype), y)
-        if on_rows is not None:
-            out = on_rows.view_as(h) if out is None else out + on_rows.view_as(h)
-        return torch.zeros_like(h) if out is None else out
+            out = torch.addcmul(out, w.to(h.dtype), expert(h, ctx, None if rows is None else rows[i]))
+        return out
 
 
-@dataclass
-class TokenGroup:
-    """The tokens that chose one expert of a routed slot: flat indices into [B * T], ascending, and how many of
-    them each sequence holds."""
-
-    rows: torch.Tensor
-    per_sequence: list[int]
-
-
-def group_tokens(chosen: torch.Tensor, n_experts: int) -> list[TokenGroup]:
-    """Each expert's tokens from the slot's choices [B, T, k], with one host sync for the whole slot (the counts)
-    rather than one per expert: each sync stalls the GPU until the host queues work again."""
-    bsz, length, k = chosen.shape
+def rows_by_expert(chosen: torch.Tensor, n_experts: int) -> list[torch.Tensor]:
+    """Flat token indices that chose each expert ([B, T, k] choices), with one host sync for the whole slot
+    (the counts) rather than one per expert: each sync stalls the GPU until the host queues work again."""
+    k = chosen.shape[-1]
     expert_of = chosen.reshape(-1)
     order = torch.argsort(expert_of, stable=True)  # grouped by expert, tokens ascending within each group
-    tokens = order // k
-    counts = torch.bincount(expert_of[order] * bsz + tokens // length, minlength=n_experts * bsz).tolist()
-    per_sequence = [counts[e * bsz : (e + 1) * bsz] for e in range(n_experts)]
-    rows = tokens.split([sum(c) for c in per_sequence])
-    return [TokenGroup(r, c) for r, c in zip(rows, per_sequence, strict=True)]
+    counts = torch.bincount(expert_of, minlength=n_experts).tolist()
+    return list((order // k).split(counts))
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

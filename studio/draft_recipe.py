@@ -322,6 +322,37 @@ def set_lane_base(part: dict, lane: str, base: str) -> dict:
     return out
 
 
+def lane_name_problem(part: dict, lane: str, name: str) -> str | None:
+    """Why lane `lane` cannot be called `name` (None: it can). A lane name is a key of the recipe's `lanes`, so
+    mol's rule for it (ALIAS_RE) applies, and no two lanes may share one."""
+    if not name:
+        return "a lane needs a name"
+    if name != lane and name in {ln["name"] for ln in part["lanes"]}:
+        return f"there is a lane '{name}' already; each lane needs a name of its own"
+    if not ALIAS_RE.match(name):
+        return (
+            f"'{name}' is not a lane name: it starts with a letter or '_' and has only letters, digits, "
+            "'_', '-' and '.' (at most 64)"
+        )
+    return None
+
+
+def rename_lane(part: dict, lane: str, name: str) -> dict:
+    """Call lane `lane` `name` (surrounding spaces dropped); its stitches follow. The mixture names no lane (its
+    gate follows the lanes' order, which stays), so it is unchanged."""
+    out = copy.deepcopy(part)
+    i = _lane_index(out, lane)
+    name = name.strip() if isinstance(name, str) else ""
+    problem = lane_name_problem(out, lane, name)
+    if problem is not None:
+        raise RecipeError(f"Lane '{lane}' is not renamed: {problem}.")
+    out["lanes"][i]["name"] = name
+    for s in out["stitches"]:
+        s["from"] = name if s.get("from") == lane else s.get("from")
+        s["to"] = name if s.get("to") == lane else s.get("to")
+    return out
+
+
 def set_lane_slots(part: dict, lane: str, slots: list[dict] | None) -> dict:
     """Give lane `lane` its own stack of slots (None: back to its base's layers in order). The slot operations
     above (add_slot, remove_slot, ...) edit such a list."""

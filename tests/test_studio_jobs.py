@@ -97,6 +97,36 @@ def test_a_page_without_the_job_id_finds_the_running_job(engine):
     assert ctl.shown_job("train", None) is None
 
 
+def test_train_and_evaluate_stop_through_one_callback(engine):
+    from studio.app import build_app
+
+    demo = build_app(engine)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+
+    def on_click(elem_id):
+        return next(f for f in demo.fns.values() if (by_id[elem_id]._id, "click") in f.targets)
+
+    train_stop, eval_stop = on_click("train-stop"), on_click("eval-stop")
+    for stop in (train_stop, eval_stop):  # one function, written once (studio.tabs.common)
+        assert (stop.fn.__module__, stop.fn.__qualname__) == (
+            "studio.tabs.common",
+            "stop_job_callback.<locals>.on_stop",
+        )
+    train_status, eval_status = by_id["train-status"], by_id["eval-status"]
+    assert "No training is running." in train_stop.fn(None)[train_status]
+    assert "No evaluation is running." in eval_stop.fn(None)[eval_status]
+
+    release, started = threading.Event(), threading.Event()
+    job = engine.jobs.submit("evaluate", "e v1", blocking_work(release, started))
+    assert started.wait(WAIT)
+    assert "No training is running." in train_stop.fn(None)[train_status]  # each tab stops its own kind
+    assert not engine.jobs.get(job.id).stop_requested()
+    shown = eval_stop.fn(None)  # a page without the id (a reload) stops the running job all the same
+    assert engine.jobs.get(job.id).stop_requested() and "stopping" in shown[eval_status]
+    assert set(shown) == set(eval_stop.outputs)  # its status, and its timer back to reading it often
+    assert engine.jobs.wait(job.id, WAIT).state == "stopped"
+
+
 @pytest.fixture
 def corpus(tmp_path):
     from tests.tiny_models import CORPUS

@@ -1,10 +1,12 @@
 """Lanes recipes in the studio: the board's draft of lanes, stitches and the output mixture (studio.draft_recipe),
-the YAML <-> board round trip, the drawn model (studio.diagram), plan errors from mol, the mixture row of the
-routing figures, and the shipped lanes fusions seeded and offered first."""
+lane renames, the adapter setting (shown only where a lane takes another model's layer), the YAML <-> board round
+trip, the drawn model (studio.diagram), plan errors from mol, the mixture row of the routing figures, and the
+shipped lanes fusions seeded and offered first."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -135,6 +137,71 @@ def test_lanes_api_operations_edit_yaml():
     assert out.mixture.type == "sequence" and len(out.stitches) == 1
     out = Recipe.from_yaml(edit_lanes_yaml(out.to_yaml(), dr.remove_lane, "coder"))
     assert list(out.lanes) == ["bard", "base"] and out.stitches == []
+
+
+def test_a_renamed_lane_takes_its_stitches_along_and_a_refused_name_changes_nothing():
+    part = dr.lanes_of(Recipe.from_yaml(STITCHED))
+    out = dr.rename_lane(part, "code", "  python ")  # surrounding spaces dropped
+    assert [ln["name"] for ln in out["lanes"]] == ["bard", "python", "base"]
+    assert {**out["lanes"][1], "name": "code"} == part["lanes"][1]  # its base and slots stay
+    assert [(s["from"], s["to"]) for s in out["stitches"]] == [("python", "bard"), ("base", "python")]
+    assert out["mixture"] == part["mixture"] == "sequence"  # it names no lane
+    assert [ln["name"] for ln in part["lanes"]] == ["bard", "code", "base"]  # the input is never mutated
+    assert dr.rename_lane(part, "code", "code") == part
+    for bad, why in [
+        ("", "a lane needs a name"),
+        ("   ", "a lane needs a name"),
+        ("base", "there is a lane 'base' already"),
+        ("two words", "'two words' is not a lane name"),
+        ("9lives", "'9lives' is not a lane name"),
+        ("x" * 65, f"'{'x' * 65}' is not a lane name"),
+    ]:
+        with pytest.raises(RecipeError, match=re.escape(f"Lane 'code' is not renamed: {why}")):
+            dr.rename_lane(part, "code", bad)
+    with pytest.raises(RecipeError, match="no lane 'nope'"):
+        dr.rename_lane(part, "nope", "fine")
+    # the rule is mol's: a name the board takes is a lane name mol takes, and the other way round
+    data = Recipe.from_yaml(STITCHED).to_dict()
+    for candidate in ["_x", "a.b-c", "x" * 64, "x" * 65, "9lives", "two words", "ünï", "a/b"]:
+        lanes = {(candidate if k == "code" else k): v for k, v in data["lanes"].items()}
+        try:
+            Recipe.from_dict({**data, "lanes": lanes, "stitches": []})
+            mol_takes = True
+        except RecipeError:
+            mol_takes = False
+        assert (dr.lane_name_problem(part, "code", candidate) is None) == mol_takes, candidate
+    # the API endpoint's path: recipe YAML in, recipe YAML out
+    recipe = Recipe.from_yaml(STITCHED)
+    back = Recipe.from_yaml(edit_lanes_yaml(recipe.to_yaml(), dr.rename_lane, "code", "python"))
+    assert list(back.lanes) == ["bard", "python", "base"] and back.lanes["python"] == recipe.lanes["code"]
+    assert [(s.source, s.target) for s in back.stitches] == [("python", "bard"), ("base", "python")]
+    assert back.mixture == recipe.mixture
+
+
+def test_the_adapter_setting_shows_only_where_a_lane_takes_another_models_layer():
+    from studio.tabs.recipe import adapter_view
+
+    assert adapter_view(dr.board_value(Recipe.from_file(RECIPES / "prose-code-token.yaml"), [])) == (True, "")
+    assert adapter_view({"models": [], "slots": []}) == (True, "")
+    shown, note = adapter_view(dr.board_value(Recipe.from_file(RECIPES / "lanes-trio.yaml"), []))
+    assert not shown and note.startswith("No adapter for lanes: each lane runs its own model's layers")
+    shown, note = adapter_view(dr.board_value(Recipe.from_yaml(STITCHED), []))  # lane bard takes base:1
+    assert shown and "only to the layers a lane takes from another model (here in lane bard)" in note
+
+
+def test_the_recipe_tab_hides_the_adapter_row_for_lanes_and_shows_it_for_one_stream(engine):
+    from studio.app import build_app
+
+    demo = build_app(engine)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    row, note = by_id["recipe-adapter-row"], by_id["recipe-adapter-note"]
+    validate = next(f for f in demo.fns.values() if (by_id["recipe-board"]._id, "change") in f.targets)
+    lanes = dr.board_value(Recipe.from_file(RECIPES / "lanes-trio.yaml"), [])
+    out = validate.fn("l", "bard", "linear", 64, [], lanes, None, None)
+    assert out[row]["visible"] is False and out[note]["visible"] is True
+    assert "No adapter for lanes" in out[note]["value"]
+    out = validate.fn("s", "bard", "linear", 64, [], {"models": [], "slots": []}, None, None)
+    assert out[row]["visible"] is True and out[note]["visible"] is False
 
 
 def test_plan_errors_of_a_lanes_board_are_mols(engine):

@@ -6,8 +6,9 @@
 // The same operations exist in Python (studio/draft_recipe.py) for the API. An edit that is refused or
 // adjusted (a duplicate candidate, a top-k above the slot's candidates) says so in the board's note line.
 // A lanes recipe (props.value.lanes: [{name, base, slots: [...] | null}], stitches: [{from, to, after: [i, j],
-// type, rank}], mixture: "token" | "sequence") is drawn as its lanes side by side, each with its base model and
-// its layers (slots null: all of the base's layers, in order), then its stitches and its output mixture.
+// type, rank}], mixture: "token" | "sequence") is drawn as its lanes side by side, each with its name (editable:
+// its stitches follow a rename), its base model and its layers (slots null: all of the base's layers, in order),
+// then its stitches and its output mixture.
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const EXPERT = "application/x-mango-expert";
 const SLOT = "application/x-mango-slot";
@@ -27,6 +28,9 @@ const KINDS = JSON.parse(element.querySelector(".mango-board").dataset.routerKin
 const STITCHES = JSON.parse(element.querySelector(".mango-board").dataset.stitchTypes || '["linear"]');
 const MIXTURES = JSON.parse(element.querySelector(".mango-board").dataset.mixtureTypes || '["token"]');
 const MIXTURE_LABELS = JSON.parse(element.querySelector(".mango-board").dataset.mixtureLabels || "{}");
+// mol's rule for a lane name (a key of the recipe's lanes: its ALIAS_RE, data-lane-name-pattern; without it any
+// name passes here and the plan says what mol makes of it)
+const LANE_NAME = new RegExp(element.querySelector(".mango-board").dataset.laneNamePattern || "");
 const kindOf = (type) => KINDS.find((k) => k.type === type) || KINDS[0];
 
 function normalise(slot) {
@@ -165,6 +169,18 @@ const laneOps = {
     p.lanes[i] = {name, base, slots: null};
     return p;
   },
+  rename(p, i, wanted) {  // as studio/draft_recipe.py's rename_lane: a refused name changes nothing and says why
+    const old = p.lanes[i].name, name = String(wanted).trim();
+    const problem = !name ? "a lane needs a name"
+      : name !== old && p.lanes.some((l) => l.name === name) ? `there is a lane '${name}' already; each lane needs a name of its own`
+      : !LANE_NAME.test(name) ? `'${name}' is not a lane name: it starts with a letter or '_' and has only letters, digits, '_', '-' and '.' (at most 64)`
+      : null;
+    if (problem) { say(`Lane '${old}' is not renamed: ${problem}.`); return null; }
+    if (name === old) return null;
+    p.lanes[i].name = name;
+    p.stitches.forEach((s) => { if (s.from === old) s.from = name; if (s.to === old) s.to = name; });
+    return p;
+  },
   addLayer(p, i, expert) { p.lanes[i].slots = [...laneSlots(p.lanes[i]), {experts: [expert], router: null}]; return p; },
   removeLayer(p, i, j) {
     const slots = laneSlots(p.lanes[i]);
@@ -237,7 +253,8 @@ function laneHtml(lane, i, models, colors) {
     : `${slots.length} slot${slots.length === 1 ? "" : "s"} of its own`;
   return `<div class="lane" role="listitem" data-lane="${esc(lane.name)}" data-base="${esc(lane.base)}" style="--chip:${esc(color)}"
       aria-label="Lane ${esc(lane.name)}">
-    <div class="lane-head"><span class="lane-title">lane ${esc(lane.name)}</span>
+    <div class="lane-head"><label class="lane-title">lane <input type="text" class="lane-name" data-action="lane-name" data-lane="${i}"
+        value="${esc(lane.name)}" spellcheck="false" aria-label="Name of lane ${esc(lane.name)}"></label>
       <button type="button" class="lane-x" data-action="remove-lane" data-lane="${i}" aria-label="Remove lane ${esc(lane.name)}">✕</button></div>
     <label class="lane-base">base <select data-action="lane-base" data-lane="${i}" aria-label="Base model of lane ${esc(lane.name)}">${bases}</select></label>
     <div class="lane-what">${what}</div>
@@ -287,6 +304,7 @@ function onLaneEvent(action, el) {
     case "add-lane": if (el.value) commitLanes(laneOps.addLane(p, el.value)); return true;
     case "remove-lane": commitLanes(laneOps.removeLane(p, i)); return true;
     case "lane-base": commitLanes(laneOps.setBase(p, i, el.value)); return true;
+    case "lane-name": commitLanes(laneOps.rename(p, i, el.value)); return true;
     case "lane-add-layer": if (el.value) commitLanes(laneOps.addLayer(p, i, el.value)); return true;
     case "lane-remove-layer": commitLanes(laneOps.removeLayer(p, i, parseInt(el.dataset.slot))); return true;
     case "lane-reset": commitLanes(laneOps.resetLayers(p, i)); return true;

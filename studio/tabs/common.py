@@ -43,6 +43,23 @@ def job_html(ctl, job) -> str:
     return html_
 
 
+def stop_job_callback(ctl, kind: str, what: str, status, timer) -> Callable[[Any], dict]:
+    """The Stop button's callback of a tab's long job (`kind`: "train" or "evaluate"; `what` names it for
+    people: "training"): it stops the job the tab shows and says so in `status`, reading it again soon."""
+
+    def on_stop(job_id_v):
+        try:
+            job = ctl.shown_job(kind, job_id_v)
+            if job is None or not job.active:
+                return {status: message_html(f"No {what} is running.")}
+            job = ctl.stop_job(job.id)
+        except Exception as exc:
+            return {status: message_html(user_message(exc), ok=False)}
+        return {status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
+
+    return on_stop
+
+
 __all__ = ["fmt_time", "user_message"]  # re-exported: the tabs take the error boundary from here
 
 

@@ -12,7 +12,15 @@ from mol.evaluation import report_table
 from studio import figures
 from studio.controller import BUILTIN_CORPORA, StudioController
 from studio.errors import flag, names, record_id, whole
-from studio.tabs.common import BUSY_TICK_S, IDLE_TICK_S, api_errors, job_html, message_html, user_message
+from studio.tabs.common import (
+    BUSY_TICK_S,
+    IDLE_TICK_S,
+    api_errors,
+    job_html,
+    message_html,
+    stop_job_callback,
+    user_message,
+)
 
 EVALUATION_COLUMNS = ["Id", "Name", "Time (UTC)", "Fused perplexity"]
 
@@ -115,16 +123,6 @@ def create_evaluate_tab(
             out[job_id], out[shown] = None, "idle"
         return out
 
-    def on_stop(job_id_v):
-        try:
-            job = ctl.shown_job("evaluate", job_id_v)
-            if job is None or not job.active:
-                return {status: message_html("No evaluation is running.")}
-            job = ctl.stop_job(job.id)
-        except Exception as exc:
-            return {status: message_html(user_message(exc), ok=False)}
-        return {status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
-
     def on_pick(rows, evt: gr.SelectData):
         try:
             row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
@@ -149,7 +147,13 @@ def create_evaluate_tab(
         show_progress="hidden",
         concurrency_limit=None,  # a quick read of the job's state: never waits behind long requests
     )
-    stop.click(on_stop, job_id, [status, timer], api_visibility="private", concurrency_limit=None)
+    stop.click(
+        stop_job_callback(ctl, "evaluate", "evaluation", status, timer),
+        job_id,
+        [status, timer],
+        api_visibility="private",
+        concurrency_limit=None,
+    )
     evaluations.select(on_pick, evaluations, [bars, routing, table, status], api_visibility="private")
 
     @api_errors

@@ -202,6 +202,37 @@ def export_target_html(loaded: dict | None, dirty: bool, model: bool = False) ->
     return f'<div class="export-target" role="note">{html.escape(text + weights)}</div>'
 
 
+def adapter_view(board_v: Any) -> tuple[bool, str]:
+    """Whether the board's adapter setting applies (shown), and a note on it for a lanes recipe. A lane runs its
+    own model's layers on that model's stream, so it needs no adapter; only a layer it takes from another model
+    enters its stream through one (then the setting applies to those layers alone)."""
+    try:
+        part = rb.board_lanes(board_v)
+    except Exception:  # a board the browser sent wrong: the plan says why, the setting stays as it is
+        return True, ""
+    if part is None:
+        return True, ""
+    borrowing = [
+        ln["name"]
+        for ln in part["lanes"]
+        if any(e.split(":", 1)[0] != ln["base"] for s in ln["slots"] or [] for e in s["experts"])
+    ]
+    if borrowing:
+        lanes = ("lane " if len(borrowing) == 1 else "lanes ") + ", ".join(borrowing)
+        return True, (
+            f"Lanes: the adapter applies only to the layers a lane takes from another model (here in {lanes}); "
+            "each lane's own layers need none."
+        )
+    return False, (
+        "No adapter for lanes: each lane runs its own model's layers on that model's stream, and stitches join "
+        "the lanes. The setting comes back when a lane takes a layer of another model."
+    )
+
+
+def adapter_note_html(text: str) -> str:
+    return f'<div class="adapter-note" role="note">{html.escape(text)}</div>' if text else ""
+
+
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
@@ -264,6 +295,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                     f'<div class="mango-board" data-router-kinds="{router_kinds_attr()}" '
                     f'data-stitch-types="{json_attr(rb.stitch_types())}" '
                     f'data-mixture-types="{json_attr(mixture_kinds())}" '
+                    f'data-lane-name-pattern="{html.escape(rb.ALIAS_RE.pattern, quote=True)}" '
                     f'data-mixture-labels="{html.escape(json.dumps({k: rb.mixture_label(k) for k in mixture_kinds()}), quote=True)}"></div>'
                 ),
                 js_on_load=(STATIC / "board.js").read_text(),
@@ -283,7 +315,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                 info="embeddings, final norm and head come from it",
                 elem_id="recipe-base",
             )
-            with gr.Row():
+            with gr.Row(elem_id="recipe-adapter-row") as adapter_row:  # hidden for lanes: see adapter_view
                 adapter = gr.Radio(
                     list(ADAPTER_TYPES), value=AdapterSpec.type, label="Adapter", elem_id="recipe-adapter"
                 )
@@ -296,6 +328,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
                     interactive=AdapterSpec.type == "bottleneck",
                     elem_id="recipe-rank",
                 )
+            adapter_note = gr.HTML("", visible=False, elem_id="recipe-adapter-note")
             note = gr.Textbox(label="Version note", placeholder="what changed", elem_id="recipe-note")
             save = gr.Button("Save version", variant="primary", elem_id="save-recipe")
             with gr.Row(visible=False, elem_id="confirm-save-row") as confirm_row:
@@ -430,6 +463,9 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
     # ---- validation: every edit of the board or the settings ----
     def validate(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v, palette_v):
         views = state_views(name_v, base_v, adapter_v, rank_v, ws, board_v, loaded_v)
+        shown, adapter_text = adapter_view(board_v)
+        views[adapter_row] = gr.update(visible=shown)
+        views[adapter_note] = gr.update(value=adapter_note_html(adapter_text), visible=bool(adapter_text))
         pm = {"models": palette_view(ws, ctl.join_marks(ws, base_v))}
         # redrawn only when it changed: a redraw under a drag that starts from it would drop the drag
         views[palette] = gr.update() if _same_palette(pm, palette_v) else pm
@@ -450,7 +486,7 @@ def create_recipe_tab(ctl: StudioController, workspace: gr.State) -> dict[str, A
         comp.change(
             validate,
             [*settings, workspace, board, loaded, palette],
-            [plan_status, yaml_code, diagram, palette, *state_outputs],
+            [plan_status, yaml_code, diagram, palette, adapter_row, adapter_note, *state_outputs],
             api_visibility="private",
             trigger_mode="always_last",
             show_progress="hidden",
@@ -1042,6 +1078,13 @@ def _register_api(ctl: StudioController) -> None:
         return lanes_edited(yaml_text, rb.remove_lane, name_arg(lane, "The lane"))
 
     @api_errors
+    def rename_lane(yaml_text: str, lane: str, name: str) -> str:
+        """Call lane `lane` `name` (a name of mol's lane rule, no other lane's); its stitches follow."""
+        return lanes_edited(
+            yaml_text, rb.rename_lane, name_arg(lane, "The lane"), text_arg(name, "The name", 200)
+        )
+
+    @api_errors
     def set_lane_base(yaml_text: str, lane: str, base: str) -> str:
         return lanes_edited(
             yaml_text, rb.set_lane_base, name_arg(lane, "The lane"), name_arg(base, "The base")
@@ -1073,6 +1116,7 @@ def _register_api(ctl: StudioController) -> None:
     for fn, name in [
         (add_lane, "add_lane"),
         (remove_lane, "remove_lane"),
+        (rename_lane, "rename_lane"),
         (set_lane_base, "set_lane_base"),
         (add_stitch, "add_stitch"),
         (remove_stitch, "remove_stitch"),

@@ -12,7 +12,15 @@ from mol.training import ADAPTER_INITS
 from studio import figures
 from studio.controller import BUILTIN_CORPORA, StudioController, train_defaults
 from studio.errors import names, record_id, whole
-from studio.tabs.common import BUSY_TICK_S, IDLE_TICK_S, api_errors, job_html, message_html, user_message
+from studio.tabs.common import (
+    BUSY_TICK_S,
+    IDLE_TICK_S,
+    api_errors,
+    job_html,
+    message_html,
+    stop_job_callback,
+    user_message,
+)
 
 TRAINING_COLUMNS = ["Id", "Recipe version", "Status", "Steps", "Final loss (smoothed)", "Started (UTC)"]
 DEFAULTS = train_defaults()  # mol.TrainConfig's, for every setting the tab offers
@@ -179,16 +187,6 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
             out[shown] = "idle"
         return out
 
-    def on_stop(job_id_v):
-        try:
-            job = ctl.shown_job("train", job_id_v)
-            if job is None or not job.active:
-                return {status: message_html("No training is running.")}
-            job = ctl.stop_job(job.id)
-        except Exception as exc:
-            return {status: message_html(user_message(exc), ok=False)}
-        return {status: job_html(ctl, job), timer: gr.Timer(BUSY_TICK_S)}
-
     start.click(
         on_train,
         [
@@ -219,7 +217,13 @@ def create_train_tab(ctl: StudioController, recipe: dict[str, Any]) -> dict[str,
         show_progress="hidden",
         concurrency_limit=None,  # a quick read of the job's state: never waits behind long requests
     )
-    stop.click(on_stop, job_id, [status, timer], api_visibility="private", concurrency_limit=None)
+    stop.click(
+        stop_job_callback(ctl, "train", "training", status, timer),
+        job_id,
+        [status, timer],
+        api_visibility="private",
+        concurrency_limit=None,
+    )
 
     @api_errors
     def train_recipe(

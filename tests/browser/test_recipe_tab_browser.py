@@ -1,8 +1,9 @@
 """The Recipe tab's guardrails and board in headless Chromium, on a studio of its own (a fresh database): a real
 mouse drag onto the last zone, a recipe whose plan fails is neither saved nor offered to run, a save under a
 taken name asks first, the header says what is edited and whether it has unsaved changes, the board survives a
-reload, the drawn model follows the board, versions compare older to newer, and board edits that change
-nothing (or something else than asked) say so."""
+reload, the drawn model follows the board, versions compare older to newer, board edits that change
+nothing (or something else than asked) say so, and a lane renamed on the board takes its stitches along (a refused
+name loses nothing; a lanes recipe shows no adapter setting)."""
 
 from __future__ import annotations
 
@@ -273,3 +274,62 @@ def test_a_mergekit_import_reuses_the_loaded_alias(page, studio):
     page.wait_for_function("document.querySelectorAll('#recipe-board .slot').length === 2")
     assert board_slots(page) == [["bard:0"], ["bard:1"]]
     assert page.locator("#layer-palette .palette-model").count() == 3  # no second alias for bard
+
+
+def board_lanes(page) -> list[str]:
+    return page.evaluate(
+        "() => Array.from(document.querySelectorAll('#recipe-board .lane[data-lane]')).map(l => l.dataset.lane)"
+    )
+
+
+def test_a_lane_is_renamed_on_the_board_its_stitches_follow_and_a_bad_name_loses_nothing(page, studio):
+    page.get_by_text("YAML: import and export").click()
+    pick(page, "recipe-examples", "lanes-trio.yaml")
+    expect(page.locator("#recipe-board .lane[data-lane]")).to_have_count(3)
+    # lanes need no adapter: the setting is hidden and a note says why
+    expect(page.locator("#recipe-adapter")).to_be_hidden()
+    expect(page.locator("#recipe-adapter-note")).to_contain_text("No adapter for lanes")
+    page.click("#recipe-board button[data-action=add-stitch]")  # from coder into bard
+    expect(page.locator("#recipe-board select[data-action=stitch-from]")).to_have_value("coder")
+
+    note = page.locator("#recipe-board .board-note")
+    for bad, why in [
+        ("", "a lane needs a name"),
+        ("bard", "there is a lane 'bard' already"),
+        ("two words", "'two words' is not a lane name"),
+    ]:
+        name = page.locator('#recipe-board .lane[data-lane="coder"] input[data-action=lane-name]')
+        name.fill(bad)
+        name.press("Enter")
+        expect(note).to_contain_text(f"Lane 'coder' is not renamed: {why}")
+        expect(name).to_have_value("coder")  # nothing lost: the lane, its stitch and the plan as they were
+        assert board_lanes(page) == ["bard", "coder", "base"]
+        expect(page.locator("#recipe-board select[data-action=stitch-from]")).to_have_value("coder")
+    expect(page.locator("#plan-status")).to_contain_text("Valid: 3 lanes side by side")
+
+    name = page.locator('#recipe-board .lane[data-lane="coder"] input[data-action=lane-name]')
+    name.fill("python")
+    name.press("Enter")
+    renamed = page.locator('#recipe-board .lane[data-lane="python"]')
+    expect(renamed).to_have_attribute("data-base", "coder")
+    assert board_lanes(page) == ["bard", "python", "base"]
+    expect(note).to_have_text("")
+    expect(page.locator("#recipe-board select[data-action=stitch-from]")).to_have_value("python")
+    expect(page.locator("#plan-status")).to_contain_text("python: coder")
+    expect(page.locator('#recipe-diagram svg .lane[data-lane="python"]')).to_have_count(1)
+    textbox(page, "recipe-name").fill("renamed-lanes")
+    textbox(page, "recipe-name").press("Tab")
+    page.click("#save-recipe")
+    expect(page.locator("#save-status")).to_contain_text("Saved 'renamed-lanes' as version 1")
+    repo = studio.engine.repo
+    saved = yaml.safe_load(repo.get_version(repo.find_recipe("renamed-lanes").id, 1).yaml_text)
+    assert list(saved["lanes"]) == ["bard", "python", "base"] and saved["lanes"]["python"] == {
+        "base": "coder"
+    }
+    assert saved["stitches"] == [{"from": "python", "to": "bard", "after": [0, 0], "type": "linear"}]
+    assert saved["mixture"] == {"type": "evidence"}
+
+    # one stream again: the adapter setting is back, the note gone
+    page.click("#recipe-board button[data-action=to-single]")
+    expect(page.locator("#recipe-adapter")).to_be_visible()
+    expect(page.locator("#recipe-adapter-note")).to_be_hidden()

@@ -159,12 +159,19 @@ class FastDecoder:
                 mask4d, mask2d, position_ids, self.cache, {}, m.rotary, static=static, windows=windows
             )
         ctx = StepContext(None, mask2d, position_ids, self.cache, {}, None, static=static)
-        for name, lane in m.lanes.items():
-            sub = StepContext(
-                mask4d, mask2d, position_ids, self.cache.lanes[name], {}, lane.rotary, static=static
-            )
-            sub.windows, sub.routings = windows, ctx.routings  # one routing list for the whole model
-            ctx.lanes[name] = sub
+        m.add_lane_contexts(
+            ctx,
+            lambda name, lane: StepContext(
+                mask4d,
+                mask2d,
+                position_ids,
+                self.cache.lanes[name],
+                {},
+                lane.rotary,
+                static=static,
+                windows=windows,
+            ),
+        )
         ctx.lane_streams = self.streams
         return ctx
 

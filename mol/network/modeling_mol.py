@@ -527,13 +527,23 @@ class MoLNetwork(nn.Module):
             windows={} if self.lanes is not None else self.window_masks(full_mask, q, dense),
         )
         if self.lanes is not None:
-            for name, lane in self.lanes.items():
+
+            def lane_context(name, lane):
                 lane_cache = None if cache is None else cache.lanes.setdefault(name, FusedCache())
-                sub = lane.context(full_mask, q, attention_mask, lane_cache, dense)
-                sub.routings = ctx.routings  # one list for the whole model
-                ctx.lanes[name] = sub
+                return lane.context(full_mask, q, attention_mask, lane_cache, dense)
+
+            self.add_lane_contexts(ctx, lane_context)
             if not torch.is_grad_enabled():  # training keeps one stream: autograd's order stays plain
                 ctx.lane_streams = self.lane_streams()
+        return ctx
+
+    def add_lane_contexts(self, ctx: StepContext, lane_context) -> StepContext:
+        """Give a lanes network's step context each lane's own, `lane_context(name, lane)`; they share the step's
+        one list of routings."""
+        for name, lane in self.lanes.items():
+            sub = lane_context(name, lane)
+            sub.routings = ctx.routings  # one list for the whole model
+            ctx.lanes[name] = sub
         return ctx
 
     def lane_streams(self) -> dict | None:

@@ -30,6 +30,7 @@ import torch
 
 from mol.errors import ResourceError
 from mol.fused import FusedCache, FusedModel, GenerateOutput, StepContext, next_tokens, sampling_warpers
+from mol.network.routers import keep_state
 from mol.trace import SlotTrace, Trace
 
 _KEEP = 2  # decoders kept per model (each holds its cache buffers and graph)
@@ -246,9 +247,7 @@ class FastDecoder:
         for i, state in self.cache.pooled.items():
             kept = self.pooled.setdefault(i, {})
             for key, value in state.items():
-                if key not in kept or kept[key].shape != value.shape or kept[key].dtype != value.dtype:
-                    kept[key] = torch.zeros_like(value)
-                kept[key].copy_(value)
+                keep_state(kept, key, value)
         self.pos.fill_(q - 1)
         self.live.fill_(1)
         return logits, ctx

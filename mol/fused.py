@@ -308,9 +308,8 @@ class FusedModel(MoLNetwork):
         nothing finishes, every new token is real and no step waits for the device."""
         step_ids, step_mask = tokens[0], masks[0]
         bsz = step_ids.shape[0]
-        dense = bool(
-            step_mask.all()
-        )  # no padding so far: a step needs no attention mask (MoLNetwork._mask4d)
+        # no padding so far: a step needs no attention mask (MoLNetwork._mask4d)
+        dense = bool(step_mask.all())
         finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         eos_ids = torch.tensor(sorted(eos), device=self.device, dtype=torch.long)
         real = torch.ones(bsz, 1, dtype=torch.long, device=self.device)

@@ -33,6 +33,9 @@ print(json.dumps(dict(counters["inductor"])))
 
 def test_a_fixed_release_is_left_alone():
     before = triton_heuristics.CachingAutotuner.recheck_autotune_cache
+    if getattr(before, "_mol_keeps_tuned", False):  # an earlier compilation in this process put the fix in
+        assert keep_tuned_kernels() is True
+        return
     defective = "len(configs) > 1" in inspect.getsource(before)
     assert keep_tuned_kernels() is defective
     after = triton_heuristics.CachingAutotuner.recheck_autotune_cache

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import mol
 import mol.export.early as early
@@ -19,17 +19,17 @@ import mol.export.shards as shards
 from mol.errors import CheckpointError
 from mol.export import export
 from mol.sources import read_safetensors_header
+from tests.tiny_models import config_for
 
 
 def tiny_llama(folder, tied=False, shard=None, dtype=torch.bfloat16, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = config_for(
+        "llama",
+        64,
+        6,
         vocab_size=320,
-        hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=tied,
     )

@@ -615,12 +615,12 @@ class MoLNetwork(nn.Module):
         else:  # every position: a per-sequence gate reads the whole prompt
             scores = self.gate(self.gate_input(finals), ctx.mask2d, state)
         ctx.mixture = _routing(scores)  # every position's, as the slots' routings
+        chosen = ctx.mixture.chosen[..., 0]
         if last_only:
-            scores, logp = scores[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
+            scores, chosen, logp = scores[:, -1:], chosen[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
         if not self.gate.per_sequence or state is None:
             return mix(logp, scores, names)
-        chosen = _routing(scores).chosen[..., 0]  # generating, one lane per sequence: its distribution alone
-        out = None
+        out = None  # generating, one lane per sequence: its distribution alone
         for i, n in enumerate(names):
             if n in logp:
                 pick = (chosen == i).unsqueeze(-1)  # [B, T, 1]

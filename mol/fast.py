@@ -75,6 +75,7 @@ class FastDecoder:
         tune: bool = True,
     ):
         self.model, self.batch, self.capacity = model, batch_size, capacity
+        model.fuse_kernels()
         dev = self.device = model.device
         self.cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and dev.type != "cuda":

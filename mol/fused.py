@@ -237,6 +237,7 @@ class FusedModel(MoLNetwork):
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
         warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
+        self.fuse_kernels()
         if fast is None:
             fast = self.decodes_fast(len(eos))
         if fast and max_new_tokens > 0:

@@ -129,11 +129,14 @@ def build(
     policy: AccessPolicy = LOCAL,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    fuse_kernels: bool = True,
 ) -> FusedModel:
     """Turn a recipe (a Recipe, a Plan, a Path to a recipe file, or YAML text: a str is never a path) into a
     FusedModel on one device, or spread over several GPUs and CPU offload with `device_map` ("auto", "balanced",
     "sequential" or {"slots.3": 1, ...}; `max_memory` as accelerate takes it): see mol.placement. A recipe is
-    planned under `policy` (see mol.plan); a Plan keeps the policy it was made under."""
+    planned under `policy` (see mol.plan); a Plan keeps the policy it was made under. On a GPU the source layers'
+    projections of one input run as one matrix product and their RMSNorms as one kernel (`FusedModel.fuse_kernels`);
+    `fuse_kernels=False` keeps them as their families wrote them."""
     the_plan = recipe if isinstance(recipe, Plan) else plan(to_recipe(recipe), policy=policy)
     device = resolve_device(device)
     if isinstance(dtype, str):
@@ -163,6 +166,8 @@ def build(
         load_trainable(model, weights)
     if load_tokenizer:
         model.tokenizer = the_plan.base.load_tokenizer()
+    model.kernel_fusion = fuse_kernels
+    model.fuse_kernels()  # after placement: offloaded layers keep their own kernels
     return model
 
 

@@ -631,21 +631,37 @@ def lanes(b) -> dict:
 def decode_profile(b) -> dict:
     """One decode step of the fast path (identity recipe, each batch size): its time replayed as a CUDA graph, and
     a profile of the same step run eagerly on the same buffers (kernels, their device time, the costliest
-    operators). Device time under the replayed step's time is what the launches between kernels cost."""
+    operators). Device time under the replayed step's time is what the launches between kernels cost. And the
+    same step's replayed time with the layers as their families wrote them (no `fuse_kernels`), built anew: what
+    the fused projections and norms save."""
     if not b.cuda:
         return {"skipped": "needs CUDA"}
     model = b.model("identity")
+    unfused = mol.build(
+        b.recipe("identity"), device=b.device, dtype=b.dtype, load_tokenizer=False, fuse_kernels=False
+    )
     out = {}
     for bsz in b.batches:
-        dec = FastDecoder(model, bsz, b.prompt + b.new_tokens)
         ids = _prompt(b, bsz)
-        dec.generate(ids, max_new_tokens=8)  # allocates, warms up and captures
-        with torch.no_grad():
-            replay = timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"]
-            prof = profile_top(lambda dec=dec: dec._greedy_step(), rows=16)
-        out[str(bsz)] = {"replayed_step_ms": 1000 * replay, "eager_step": prof}
-        del dec
+        row, tokens = {}, {}
+        for label, net in (("unfused", unfused), ("fused", model)):
+            dec = FastDecoder(net, bsz, b.prompt + b.new_tokens)
+            tokens[label] = dec.generate(ids, max_new_tokens=8)  # allocates, warms up and captures
+            with torch.no_grad():
+                row[label] = 1000 * timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"]
+                if label == "fused":
+                    row["eager_step"] = profile_top(lambda dec=dec: dec._greedy_step(), rows=16)
+            del dec
+        out[str(bsz)] = {
+            "replayed_step_ms": row["fused"],
+            "replayed_step_ms_unfused": row["unfused"],
+            "fusion_speedup": row["unfused"] / row["fused"],
+            "fused_vs_unfused_tokens": _agreement(tokens["fused"], tokens["unfused"], b.prompt),
+            "eager_step": row["eager_step"],
+        }
         b.free()
+    del unfused
+    b.free()
     return out
 
 

@@ -34,6 +34,9 @@ class Family:
     # The layer's MLP submodule, called on the normed stream alone (mlp(x) -> update). A token-routed slot runs it
     # only for the tokens that chose the expert; None where the MLP is not one module (OPT's fc1/fc2).
     mlp: str | None = None
+    # Linear projections of the layer that read one input (paths relative to the layer, each group in output
+    # order), run as one matrix product on a GPU (mol.network.fusing): Llama's q/k/v and gate/up.
+    fused_projections: tuple[tuple[str, ...], ...] = ()
     # Config fields of scalars the model applies around its layers: embeddings multiplied by one, logits divided
     # by the other (Granite's `embedding_multiplier` and `logits_scaling`).
     embedding_multiplier: str | None = None

@@ -16,5 +16,9 @@ FAMILY = Family(
     rotary="model.rotary_emb",
     layer_takes=("position_ids", "position_embeddings"),
     mlp="mlp",
+    fused_projections=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ),
     examples=("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M"),
 )

@@ -14,5 +14,6 @@ FAMILY = Family(
     project_in="model.decoder.project_in",
     project_out="model.decoder.project_out",
     layer_takes=("position_ids",),
+    fused_projections=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     examples=("facebook/opt-125m",),
 )

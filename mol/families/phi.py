@@ -12,5 +12,6 @@ FAMILY = Family(
     rotary="model.rotary_emb",
     layer_takes=("position_ids", "position_embeddings"),
     mlp="mlp",
+    fused_projections=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     examples=("microsoft/phi-1_5",),
 )

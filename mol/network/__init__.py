@@ -4,4 +4,11 @@ an exported routed folder carries them, byte for byte, as its remote code: `mol.
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` run the very same modules."""
 
 # The files an export copies beside the weights (transformers loads them as one package of remote code).
-NETWORK_FILES = ("configuration_mol.py", "adapters.py", "attention.py", "routers.py", "modeling_mol.py")
+NETWORK_FILES = (
+    "configuration_mol.py",
+    "adapters.py",
+    "attention.py",
+    "fusing.py",
+    "routers.py",
+    "modeling_mol.py",
+)

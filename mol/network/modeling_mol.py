@@ -29,6 +29,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .adapters import make_adapter
 from .attention import NAME as ATTENTION_NAME
 from .configuration_mol import MoLConfig
+from .fusing import DEVICES as FUSED_DEVICES
+from .fusing import fuse_layer, fused_norm
 from .routers import ROUTERS, Routing, keep_state, make_router, route, unit_rms
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
@@ -177,9 +179,12 @@ class ExpertBlock(nn.Module):
         position_offset: int = 0,
         mlp: nn.Module | None = None,
         window: int | None = None,
+        projections: tuple[tuple[str, ...], ...] = (),
     ):
         super().__init__()
         self.name, self.alias = name, alias
+        # Its projections that read one input, by group (Family.fused_projections): mol.network.fusing
+        self.projections = tuple(tuple(g) for g in projections)
         self.window = window  # its source's sliding window for this layer (None: the whole context)
         self.layer = layer
         self.cache_keyword, self.takes = cache_keyword(layer), tuple(takes)
@@ -295,6 +300,8 @@ class MoLNetwork(nn.Module):
         self.config = config
         self.compiled_step_logits = None  # step_logits compiled (mol.compiling.compile_network); None: eager
         self.head_trained = False  # the final norm and head are trained weights too (`train_head`)
+        # Whether `fuse_kernels` fuses (False: the layers stay as their families wrote them)
+        self.kernel_fusion = True
         self.lanes: nn.ModuleDict | None = None
         if config.lanes:
             self._build_lanes(config, init_device)
@@ -360,6 +367,7 @@ class MoLNetwork(nn.Module):
                         position_offset=src.get("position_offset", 0),
                         mlp=layer.get_submodule(src["mlp"]) if routed and src.get("mlp") else None,
                         window=e.get("window"),
+                        projections=src.get("fused_projections", ()),
                     )
                 )
             router = None
@@ -434,6 +442,21 @@ class MoLNetwork(nn.Module):
     def windows(self) -> list[int]:
         """The sliding-window lengths of this model's blocks (each gets its own attention mask)."""
         return sorted({e.window for s in self.all_slots for e in s.experts if e.window is not None})
+
+    def fuse_kernels(self, devices: tuple[str, ...] = FUSED_DEVICES) -> None:
+        """Run each source layer's projections of one input as one matrix product and its RMSNorms as one kernel
+        (mol.network.fusing), for the layers on a device of a type in `devices` (CUDA: on the CPU it does not
+        pay), unless `kernel_fusion` is off: same tensors and memory, outputs as before to rounding. Layers fused
+        already are skipped, so building, generating and a fast decoder each call it (a model moved to a GPU after
+        building is fused at its first `generate`)."""
+        if not self.kernel_fusion:
+            return
+        for slot in self.all_slots:
+            for e in slot.experts:
+                fuse_layer(e.layer, e.projections, devices)
+        for net in self.lanes.values() if self.lanes is not None else [self]:
+            if net.final_norm is not None:
+                net.final_norm = fused_norm(net.final_norm, devices)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Adapters, routers, stitches and the lanes' gate: the only parts of a fused model that train (source

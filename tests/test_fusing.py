@@ -3,6 +3,8 @@ RMSNorms as one F.rms_norm, with the same tensors, and the model's outputs stay 
 families wrote them. Checked on the CPU with `devices=("cpu",)` (by default only CUDA layers are fused)."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -125,8 +127,11 @@ def test_replaced_moved_or_training_weights_fall_back_to_each_members_own(tiny):
     assert group.weight is not None and torch.equal(group.weight[: new.shape[0]], new)
     assert q_fused.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
 
+    old = weakref.ref(group.weight)
     for m in (plain, fused):  # converted: the old concatenation is dropped and made again in the new dtype
         m.to(torch.float64)
+    gc.collect()
+    assert group.weight is None and old() is None  # nothing holds the old tensors' memory
     with torch.no_grad():
         torch.testing.assert_close(fused(ids.long()).logits, plain(ids).logits, rtol=1e-9, atol=1e-9)
     assert group.weight.dtype == torch.float64

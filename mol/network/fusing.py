@@ -49,8 +49,7 @@ class ProjectionGroup:
 
     def fuse(self) -> bool:
         """Concatenate the members' weights and make each a view of its rows. False where they cannot be."""
-        self.weight = self.bias = None
-        self.input, self.parts = None, ()
+        self.release()
         weights = [m.weight for m in self.members]
         if (
             any(w.device.type not in self.devices or w.requires_grad for w in weights)
@@ -87,8 +86,15 @@ class ProjectionGroup:
             return self.weight is not None
         if self.weight is not None and self._pointers() == self.pointers:
             return True
-        self.refuses += 1
+        if self.weight is not None:  # replaced behind the group's back (not moved: that releases it)
+            self.refuses += 1
         return self.refuses <= MAX_REFUSES and self.fuse()
+
+    def release(self) -> None:
+        """Drop the concatenated weight (its members are being moved or converted, each to a tensor of its own):
+        the old device's memory goes with them, and the next call fuses the new tensors."""
+        self.weight = self.bias = None
+        self.input, self.parts = None, ()
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member `i`'s output for `x`: its slice of the one product of `x` (made now, where not yet made or its
@@ -118,6 +124,10 @@ class FusedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.index, x)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): each weight becomes a tensor of its own
+        self.group.release()
+        return super()._apply(fn, recurse)
 
 
 def fuse_projections(layer: nn.Module, paths, devices: tuple[str, ...] = DEVICES) -> ProjectionGroup | None:

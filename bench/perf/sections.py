@@ -633,7 +633,8 @@ def decode_profile(b) -> dict:
     a profile of the same step run eagerly on the same buffers (kernels, their device time, the costliest
     operators). Device time under the replayed step's time is what the launches between kernels cost. And the
     same step's replayed time with the layers as their families wrote them (no `fuse_kernels`), built anew: what
-    the fused projections and norms save."""
+    the fused projections and norms save; and the two-source routed recipe's step, replayed and profiled, for
+    where its routed slots' time goes."""
     if not b.cuda:
         return {"skipped": "needs CUDA"}
     model = b.model("identity")
@@ -662,6 +663,18 @@ def decode_profile(b) -> dict:
         b.free()
     del unfused
     b.free()
+    routed, out["two_source"] = b.model("two_source"), {}
+    for bsz in b.batches:
+        dec = FastDecoder(routed, bsz, b.prompt + b.new_tokens)
+        dec.generate(_prompt(b, bsz), max_new_tokens=8)
+        with torch.no_grad():
+            out["two_source"][str(bsz)] = {
+                "replayed_step_ms": 1000
+                * timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"],
+                "eager_step": profile_top(lambda dec=dec: dec._greedy_step(), rows=24),
+            }
+        del dec
+        b.free()
     return out
 
 

@@ -143,6 +143,7 @@ def fuse_projections(layer: nn.Module, paths, devices: tuple[str, ...] = DEVICES
         or any(type(m) is not nn.Linear or hasattr(m, "_hf_hook") for m in linears)  # (offloaded: accelerate)
         or len({m.in_features for m in linears}) != 1
         or len({m.bias is None for m in linears}) != 1
+        or any(m.weight.device.type not in devices for m in linears)
     ):
         return None  # subclasses (quantised, LoRA-wrapped, fused already) keep their own forward
     group = ProjectionGroup(linears, devices)

@@ -237,10 +237,9 @@ class FusedModel(MoLNetwork):
         if pad_token_id is None:
             pad_token_id = next(iter(eos), 0)
         warpers = sampling_warpers(temperature, top_k, top_p) if do_sample else None
-        self.fuse_kernels()
         if fast is None:
             fast = self.decodes_fast(len(eos))
-        if fast and max_new_tokens > 0:
+        if fast and max_new_tokens > 0:  # (the fast decoder fuses the model's kernels itself)
             from mol.fast import decoder_for
 
             return decoder_for(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens).generate(
@@ -258,6 +257,7 @@ class FusedModel(MoLNetwork):
                 stop=stop,
                 return_trace=return_trace,
             )
+        self.fuse_kernels()  # a model moved to a GPU after building
         cache = self.new_cache()
         tokens, masks, traces = [input_ids], [attention_mask], []
         try:

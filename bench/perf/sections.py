@@ -637,6 +637,10 @@ def decode_profile(b) -> dict:
     where its routed slots' time goes."""
     if not b.cuda:
         return {"skipped": "needs CUDA"}
+
+    def replayed_ms(dec) -> float:
+        return 1000 * timeit(lambda: dec._step(True), repeat=50, warmup=5)["median_s"]
+
     model = b.model("identity")
     unfused = mol.build(
         b.recipe("identity"), device=b.device, dtype=b.dtype, load_tokenizer=False, fuse_kernels=False
@@ -649,7 +653,7 @@ def decode_profile(b) -> dict:
             dec = FastDecoder(net, bsz, b.prompt + b.new_tokens)
             tokens[label] = dec.generate(ids, max_new_tokens=8)  # allocates, warms up and captures
             with torch.no_grad():
-                row[label] = 1000 * timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"]
+                row[label] = replayed_ms(dec)
                 if label == "fused":
                     row["eager_step"] = profile_top(lambda dec=dec: dec._greedy_step(), rows=16)
             del dec
@@ -669,8 +673,7 @@ def decode_profile(b) -> dict:
         dec.generate(_prompt(b, bsz), max_new_tokens=8)
         with torch.no_grad():
             out["two_source"][str(bsz)] = {
-                "replayed_step_ms": 1000
-                * timeit(lambda dec=dec: dec._step(True), repeat=50, warmup=5)["median_s"],
+                "replayed_step_ms": replayed_ms(dec),
                 "eager_step": profile_top(lambda dec=dec: dec._greedy_step(), rows=24),
             }
         del dec

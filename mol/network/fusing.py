@@ -150,8 +150,7 @@ def fuse_projections(layer: nn.Module, paths, devices: tuple[str, ...] = DEVICES
     if not group.fuse():
         return None
     for path, member in zip(paths, group.members, strict=True):
-        parent, _, name = path.rpartition(".")
-        setattr(layer.get_submodule(parent) if parent else layer, name, member)
+        layer.set_submodule(path, member)
     return group
 
 
@@ -242,13 +241,12 @@ def fused_norm(module: nn.Module, devices: tuple[str, ...] = DEVICES) -> nn.Modu
 
 
 # ---- a layer --------------------------------------------------------------------------------------------------
-def fuse_layer(layer: nn.Module, groups, devices: tuple[str, ...] = DEVICES) -> list[ProjectionGroup]:
+def fuse_layer(layer: nn.Module, groups, devices: tuple[str, ...] = DEVICES) -> None:
     """Swap in `layer` the FusedLinears of each group of projections (paths relative to the layer) that can be
-    fused, and FusedRMSNorms for its norms, where their weights sit on a device of a type in `devices`. The
-    groups made (none for a layer fused already)."""
-    made = [g for paths in groups if (g := fuse_projections(layer, paths, devices)) is not None]
+    fused, and FusedRMSNorms for its norms, where their weights sit on a device of a type in `devices` (a layer
+    fused already is left as it is)."""
+    for paths in groups:
+        fuse_projections(layer, paths, devices)
     for path, module in list(layer.named_modules()):
         if path and (norm := fused_norm(module, devices)) is not module:
-            parent, _, name = path.rpartition(".")
-            setattr(layer.get_submodule(parent) if parent else layer, name, norm)
-    return made
+            layer.set_submodule(path, norm)

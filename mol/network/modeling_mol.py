@@ -447,8 +447,8 @@ class MoLNetwork(nn.Module):
         """Run each source layer's projections of one input as one matrix product and its RMSNorms as one kernel
         (mol.network.fusing), for the layers on a device of a type in `devices` (CUDA: on the CPU it does not
         pay), unless `kernel_fusion` is off: same tensors and memory, outputs as before to rounding. Layers fused
-        already are skipped, so building, generating and a fast decoder each call it (a model moved to a GPU after
-        building is fused at its first `generate`)."""
+        already are skipped, so building, a fast decoder and the plain `generate` each call it (a model moved to a GPU
+        after building is fused at its first `generate`)."""
         if not self.kernel_fusion:
             return
         for slot in self.all_slots:

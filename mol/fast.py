@@ -112,11 +112,21 @@ class FastDecoder:
         self.pad = torch.zeros((), dtype=torch.long, device=dev)
         self.mask_zero = torch.zeros(b, 1, 1, n, dtype=model.dtype, device=dev)
         self.mask_min = torch.finfo(model.dtype).min
-        self.probs = {s.index: torch.zeros(b, n, len(s.experts), device=dev) for s in model.routed_slots}
-        self.chosen = {
-            s.index: torch.zeros(b, n, s.router.top_k, dtype=torch.long, device=dev)
-            for s in model.routed_slots
-        }
+        # The routing trace by position: one buffer per shape (experts, top-k) of routed slot, [B, capacity,
+        # slots, ...], written once a step for all its slots (two small kernels a slot added up over a step);
+        # `probs[i]` / `chosen[i]` are slot i's views of them.
+        self.probs: dict[int, torch.Tensor] = {}
+        self.chosen: dict[int, torch.Tensor] = {}
+        self._trace_groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for s in model.routed_slots:
+            shapes.setdefault((len(s.experts), s.router.top_k), []).append(s.index)
+        for (experts, k), indices in shapes.items():
+            probs = torch.zeros(b, n, len(indices), experts, device=dev)
+            chosen = torch.zeros(b, n, len(indices), k, dtype=torch.long, device=dev)
+            self._trace_groups.append((indices, probs, chosen))
+            for j, i in enumerate(indices):
+                self.probs[i], self.chosen[i] = probs[:, :, j], chosen[:, :, j]
         if lanes is not None:  # the lanes' output mixture, traced like a routed slot
             self.mix_probs = torch.zeros(b, n, len(lanes), device=dev)
             self.mix_chosen = torch.zeros(b, n, 1, dtype=torch.long, device=dev)
@@ -144,9 +154,10 @@ class FastDecoder:
         self.cache.pooled = self.pooled
         ctx = self._context(mask4d, self.live, position_ids, windows, static=True)
         logits = self.model.step_logits(self.ids, ctx)[:, -1].float()
-        for i, r in ctx.routings:  # the routing trace, by position
-            self.probs[i].index_copy_(1, self.pos, r.probs.float())
-            self.chosen[i].index_copy_(1, self.pos, r.chosen)
+        routings = dict(ctx.routings)
+        for indices, probs, chosen in self._trace_groups:  # the routing trace, by position
+            probs.index_copy_(1, self.pos, _stacked([routings[i].probs.float() for i in indices]))
+            chosen.index_copy_(1, self.pos, _stacked([routings[i].chosen for i in indices]))
         if ctx.mixture is not None:
             self.mix_probs.index_copy_(1, self.pos, ctx.mixture.probs.float())
             self.mix_chosen.index_copy_(1, self.pos, ctx.mixture.chosen)
@@ -335,6 +346,11 @@ class FastDecoder:
             kind = self.model.mixture_kind
             slots.append(SlotTrace(-1, list(self.model.lanes), kind, probs.cpu(), chosen.cpu()))
         return Trace(token_ids=read_ids.cpu(), attention_mask=self.valid[:, :read].cpu(), slots=slots)
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, 1, ...] tensors as [B, 1, len(parts), ...] (a view for one)."""
+    return parts[0].unsqueeze(2) if len(parts) == 1 else torch.stack(parts, 2)
 
 
 def decoder_for(model: FusedModel, batch_size: int, length: int, **options) -> FastDecoder:

@@ -50,6 +50,14 @@ class LinearAdapter(nn.Module):
     def out(self, delta: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(delta, self.out_of_block.weight)  # a delta carries no bias
 
+    def add_out(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """h + out(delta), the add done inside the matrix product where the dtypes allow (one kernel, not two)."""
+        w = self.out_of_block.weight
+        if h.dtype == delta.dtype == w.dtype and not torch.is_autocast_enabled(h.device.type):
+            flat = torch.addmm(h.reshape(-1, h.shape[-1]), delta.reshape(-1, delta.shape[-1]), w.t())
+            return flat.view(h.shape)
+        return h + self.out(delta)
+
     @torch.no_grad()
     def fit(self, h_base: torch.Tensor, h_block: torch.Tensor) -> None:
         """Least squares from paired activations: base stream -> block stream, and back for the update."""
@@ -87,6 +95,9 @@ class BottleneckAdapter(nn.Module):
 
     def out(self, delta: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(delta, self.out_base) + self.out_up(self.out_down(delta))
+
+    def add_out(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return h + self.out(delta)
 
     @torch.no_grad()
     def fit(self, h_base: torch.Tensor, h_block: torch.Tensor) -> None:

@@ -217,7 +217,7 @@ class ExpertBlock(nn.Module):
         if self.adapter is None and self.positions is None:
             return y
         delta = y - x
-        return h + (delta if self.adapter is None else self.adapter.out(delta))
+        return h + delta if self.adapter is None else self.adapter.add_out(h, delta)
 
 
 class FusedSlot(nn.Module):
@@ -248,13 +248,23 @@ class FusedSlot(nn.Module):
         # only for the tokens that chose it. A per-sequence router with a fixed decision runs only the experts
         # some sequence chose.
         rows = None if ctx.static else rows_by_expert(routing.chosen, len(self.experts))
-        out = torch.zeros_like(h)
+        # Each expert's mixing weight for every token, [B, T, n] (0 where it was not chosen), in a few kernels:
+        # a decode step runs this in every routed slot.
+        # Top-1 with no gradient wanted (generation): every weight is exactly 1, so the sum is a selection.
+        select = routing.chosen.shape[-1] == 1 and not routing.weights.requires_grad
+        if not select:
+            weights = torch.zeros_like(routing.probs).scatter(-1, routing.chosen, routing.weights).to(h.dtype)
+        out = None
         for i, expert in enumerate(self.experts):
             if rows is not None and state is not None and rows[i].numel() == 0:
                 continue  # a per-sequence decision no sequence took: never needed in this generation
-            w = (routing.weights * (routing.chosen == i)).sum(-1, keepdim=True)  # [B, T, 1]
-            out = torch.addcmul(out, w.to(h.dtype), expert(h, ctx, None if rows is None else rows[i]))
-        return out
+            y = expert(h, ctx, None if rows is None else rows[i])
+            if select:
+                out = y if out is None else torch.where(routing.chosen == i, y, out)
+            else:
+                w = weights[..., i : i + 1]
+                out = y * w if out is None else torch.addcmul(out, w, y)
+        return torch.zeros_like(h) if out is None else out
 
 
 def rows_by_expert(chosen: torch.Tensor, n_experts: int) -> list[torch.Tensor]:

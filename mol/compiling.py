@@ -113,12 +113,18 @@ def keep_tuned_kernels() -> bool:
     return True
 
 
-def _raise_recompile_limit() -> None:
+def _configure_dynamo() -> None:
     keep_tuned_kernels()
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across releases
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    # A routed expert's MLP runs its chosen tokens alone through hooks (TokenSubset) that a plain slot's layer
+    # of the same class does not have. By default dynamo does not guard on hooks, so every layer reused the graph
+    # of whichever compiled first: a plain one's left every routed MLP running on every token (right values,
+    # twice the MLP work). With the guard, layers with and without the hooks each get their own graph.
+    if hasattr(config, "skip_nnmodule_hook_guards"):
+        config.skip_nnmodule_hook_guards = False
 
 
 def compile_network(
@@ -128,7 +134,7 @@ def compile_network(
     head) in place. The graph breaks only where a routed slot asks the host how many tokens each expert got,
     so a step is a handful of graphs rather than one per block: far less host work per step than
     `compile_blocks`, for training and full-sequence forwards (the fast decoder compiles its own step)."""
-    _raise_recompile_limit()
+    _configure_dynamo()
     if model.compiled_step_logits is None:
         model.compiled_step_logits = torch.compile(
             model.step_logits, backend=backend, mode=mode, dynamic=dynamic
@@ -151,7 +157,7 @@ def compile_blocks(
 ) -> FusedModel:
     """Compile every expert block's source layer (and, with `routers`, every router) in place (torch.compile).
     Returns the model. Idempotent."""
-    _raise_recompile_limit()
+    _configure_dynamo()
     for slot in model.slots:
         parts = [block.layer for block in slot.experts]
         # A compiled router fuses its float32 normalisation, projection, softmax and top-k: faster for a forward

@@ -105,3 +105,41 @@ def test_the_compile_cache_goes_to_a_folder_that_outlives_the_process(tmp_path, 
     assert use_compile_cache(tmp_path / "mine") == tmp_path / "mine"  # an explicit folder wins
     assert use_compile_cache() == tmp_path / "mine"  # then stays (torch reads it at each cache access)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "mine").resolve())
+
+
+def test_compiled_routed_experts_run_their_mlp_on_their_tokens_only(tiny):
+    """A plain slot's layer and routed experts' layers of the same class each keep their own compiled graph: the
+    experts' token-subset hooks are not dropped for the graph the plain layer compiled first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()  # no graph of an earlier test stands in for these layers
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "plain-then-routed",
+            "base": "a",
+            "models": {"a": str(tiny("llama", seed=0)), "b": str(tiny("llama", seed=1))},
+            "slots": ["a:0", {"experts": ["a:1", "b:1"]}],
+        }
+    )
+    model = mol.build(recipe, device="cpu")
+    torch.nn.init.normal_(model.slots[1].router.proj.weight, std=2.0)
+    ids = torch.randint(1, 380, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+        compile_blocks(model, backend="aot_eager")
+        for _ in range(2):
+            got = model(ids).logits
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = model(ids, trace=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    counts = torch.bincount(out.trace.slots[0].chosen.flatten(), minlength=2).tolist()
+    assert 0 < min(counts)
+    inner = model.slots[0].experts[0].layer.mlp.down_proj.weight.shape[1]
+    rows = sorted(  # the M of every down projection: B * T for the plain layer, each expert's own tokens
+        s[0][0]
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::mm"
+        for s in [e.input_shapes] * e.count
+        if len(s) >= 2 and len(s[0]) == 2 and s[0][1] == inner
+    )
+    assert rows == sorted([32, *counts])

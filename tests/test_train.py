@@ -14,6 +14,7 @@ from mol.errors import CheckpointError, DataError
 from mol.evaluation import score
 from mol.network.routers import load_balancing_loss
 from mol.training import TrainConfig, companion_paths, lr_factor, train
+from tests.host_reads import HostReads
 
 PROSE = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings. " * 30
@@ -138,6 +139,29 @@ def test_load_balancing_loss_known_values():
     assert load_balancing_loss(
         collapsed, torch.zeros(1, tokens, 1, dtype=torch.long)
     ).item() == pytest.approx(n)
+
+
+def test_load_balancing_loss_counts_only_the_real_tokens():
+    """Padding neither counts as a choice nor as gate probability: the loss over a masked batch is the loss over
+    its real tokens alone (a hand computation of N * sum_i f_i * P_i), and nothing real gives 0."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 5, 3, generator=g).softmax(-1).requires_grad_()
+    chosen = probs.detach().topk(2, dim=-1).indices
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    keep = mask.reshape(-1).bool()
+    p, c = probs.reshape(-1, 3)[keep], chosen.reshape(-1, 2)[keep]
+    f = torch.stack([(c == i).sum() for i in range(3)]).float() / c.numel()
+    want = 3 * (f * p.mean(0)).sum()
+    got = load_balancing_loss(probs, chosen, mask)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert (
+        probs.grad[0, 3:].abs().sum() == 0 and probs.grad[0, :3].abs().sum() > 0
+    )  # padding gets no gradient
+    assert load_balancing_loss(probs, chosen, torch.zeros_like(mask)).item() == 0.0
+    with HostReads() as reads:  # a selection's size would be a host read: a stall per routed slot per step
+        load_balancing_loss(probs, chosen, mask)
+    assert not reads.ops, reads.ops
 
 
 def test_closed_form_router_follows_the_domain_labels(recipe, data):

@@ -215,18 +215,18 @@ def load_balancing_loss(
     probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Switch Transformer form: N * sum_i f_i * P_i, where f_i is the fraction of (token, choice) assignments
-    sent to expert i and P_i the mean gate probability of expert i. Equals 1 for perfectly uniform routing."""
+    sent to expert i and P_i the mean gate probability of expert i, over the real tokens (`mask`). Equals 1 for
+    perfectly uniform routing, 0 with no real token. Masked by weights rather than by selecting the real tokens:
+    a selection's size is a host read, which would stall the device once per routed slot of every step."""
     n = probs.shape[-1]
-    p = probs.reshape(-1, n)
+    p = probs.reshape(-1, n).float()
     c = chosen.reshape(p.shape[0], -1)
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        p, c = p[keep], c[keep]
-    if p.shape[0] == 0:
-        return probs.new_zeros(())
-    f = torch.zeros(n, device=p.device).scatter_add_(0, c.reshape(-1), torch.ones(c.numel(), device=p.device))
-    f = f / c.numel()
-    return n * (f * p.mean(0)).sum()
+    m = p.new_ones(p.shape[0]) if mask is None else mask.reshape(-1).to(p)
+    f = p.new_zeros(n).scatter_add_(0, c.reshape(-1), m.unsqueeze(1).expand_as(c).reshape(-1))
+    real = m.sum()
+    f = f / (real * c.shape[1]).clamp(min=1)
+    mean_p = (p * m.unsqueeze(1)).sum(0) / real.clamp(min=1)
+    return n * (f * mean_p).sum()
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,8 +3,8 @@
 An eager transformer block spends much of its time outside its matrix products: RMS norms computed in float32,
 rotary embeddings, activations and residual adds, each a separate pass over the activations. Compiling fuses them.
 `compile_network` compiles one step's whole network; it breaks only where a routed slot asks the host how many
-tokens each expert got, and runs fastest (bench/README.md: 45.7% MFU in training against 39.0% block by block
-and 25.5% eager). `compile_blocks` compiles each block on its own: blocks of one family and shape share one
+tokens each expert got, and runs fastest (bench/README.md: 43.3% MFU in training against 38.5% block by block
+and 29.3% eager). `compile_blocks` compiles each block on its own: blocks of one family and shape share one
 compiled graph, and the routing stays in Python.
 
     model = mol.build(recipe, device="cuda", dtype=torch.bfloat16)

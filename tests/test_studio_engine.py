@@ -106,6 +106,25 @@ def test_run_prompt_streams_stores_the_run_and_caches_the_model(engine):
     assert len(engine.repo.list_runs()) == 2
 
 
+class StopCheckedInStep(threading.Event):
+    """A stop flag whose every check by the generating thread waits until the reader has taken the update of
+    that step (`taken()`): a tiny model otherwise runs more tokens ahead of a reader that is slow to get the
+    CPU than the bounds below allow, and whether the stop works would depend on the machine's load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader = threading.current_thread()
+        self._taken = threading.Semaphore(0)
+
+    def taken(self) -> None:
+        self._taken.release()
+
+    def is_set(self) -> bool:
+        if threading.current_thread() is not self.reader:
+            self._taken.acquire(timeout=60)
+        return super().is_set()
+
+
 def test_stopping_ends_generation_early(engine):
     version = engine.repo.create_recipe(
         "plain",
@@ -116,12 +135,13 @@ def test_stopping_ends_generation_early(engine):
     model, _ = engine.fused_for_version(version.id)
     unstopped = sum(1 for _ in engine.stream(model, "def main", {"max_new_tokens": 30}))
     assert unstopped > 10  # this prompt does not hit end-of-text early, so a short run means the stop worked
-    stop = threading.Event()
+    stop = StopCheckedInStep()
     seen = 0
     for _update in engine.stream(model, "def main", {"max_new_tokens": 30}, stop):
         seen += 1
         if seen == 3:
             stop.set()
+        stop.taken()
     assert seen < 10
 
 
@@ -134,12 +154,13 @@ def test_a_stopped_run_is_shown_not_stored_and_the_next_one_is_whole(engine):
             )
         ),
     )
-    stop = threading.Event()
+    stop = StopCheckedInStep()
     updates = []
     for update in engine.run_prompt(version.id, "def main", {"max_new_tokens": 30}, stop):
         updates.append(update)
         if len(updates) == 3:
             stop.set()
+        stop.taken()
     final = updates[-1]
     assert final.done and final.run_id is None and final.trace is not None  # shown with its trace, not saved
     assert len(updates) < 10

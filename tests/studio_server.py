@@ -28,6 +28,15 @@ def make_models_dir(folder: Path, tiny) -> Path:
     return folder
 
 
+def local_client(url: str):
+    """A gradio_client for the studio served at `url`, over plain HTTP on 127.0.0.1. Without certificate
+    verification because gradio_client opens a new httpx client for every request, and a verifying one loads the
+    CA bundle each time: half of a call's CPU time, for a connection that has no TLS to verify."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, ssl_verify=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.studio_server import free_port, make_models_dir
+from tests.studio_server import free_port, local_client, make_models_dir
 
 REPO = Path(__file__).resolve().parents[1]
 LIFETIME_S = 600  # the child ends itself after this, should the test not stop it
@@ -184,9 +184,7 @@ class World:
                         f"the hosted studio did not start:\n{self.server_output()}"
                     ) from None
                 time.sleep(0.5)
-        from gradio_client import Client
-
-        self.client = Client(self.url, verbose=False)
+        self.client = local_client(self.url)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.studio_server import serving_studio
+from tests.studio_server import local_client, serving_studio
 
 ENDPOINTS = {
     "/list_models",
@@ -47,9 +47,7 @@ def studio(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def client(studio):
-    from gradio_client import Client
-
-    return Client(studio.url, verbose=False)
+    return local_client(studio.url)
 
 
 def recipe_yaml(studio, name="api-recipe", slots=("bard:0",)) -> str:

@@ -19,7 +19,7 @@ import mol.fused
 import mol.loading
 from mol.errors import DataError, ResourceError
 from studio.engine import GenerationGate, StudioConfig, StudioEngine
-from tests.studio_server import make_models_dir, serving_studio
+from tests.studio_server import local_client, make_models_dir, serving_studio
 
 WORKER = "mango-generate"
 
@@ -32,9 +32,7 @@ def studio(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def client(studio):
-    from gradio_client import Client
-
-    return Client(studio.url, verbose=False)
+    return local_client(studio.url)
 
 
 def save(

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.studio_server import serving_studio
+from tests.studio_server import local_client, serving_studio
 
 LEAKS = re.compile(
     r"Traceback|File \"|line \d+, in |\b\w+(Error|Exception|Exit|Interrupt)\b|"
@@ -237,9 +237,7 @@ def studio(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def client(studio):
-    from gradio_client import Client
-
-    c = Client(studio.url, verbose=False)
+    c = local_client(studio.url)
     models = studio.engine.embedded_models()
     for name, slots in (("routed", ["bard:0", ["bard:1", "coder:1"]]), ("plain", ["bard:0-1"])):
         c.predict(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.studio_server import make_models_dir, serving_studio
+from tests.studio_server import local_client, make_models_dir, serving_studio
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, ROUNDS = 8, 12
@@ -30,14 +30,12 @@ def recipe_yaml(models: dict, name: str, i: int) -> str:
 def test_parallel_first_saves_of_a_new_name_all_land(tmp_path_factory, tiny):
     """Round after round, every client saves a recipe name nobody has used yet, all at once: each save is
     acknowledged with a version, and each name ends up one recipe numbered 1..CLIENTS."""
-    from gradio_client import Client
-
     with serving_studio(tmp_path_factory, tiny, "saves") as studio:
         models = studio.engine.embedded_models()
         # a fresh studio holds the shipped examples (seeded at start, version 1 each): none named burst-*
         seeded = sorted(r.name for r in studio.engine.repo.list_recipes(deleted=None))
         assert not any(name.startswith("burst-") for name in seeded)
-        clients = [Client(studio.url, verbose=False) for _ in range(CLIENTS)]
+        clients = [local_client(studio.url) for _ in range(CLIENTS)]
         returned: list[dict] = []
         errors: list[str] = []
         barrier = threading.Barrier(CLIENTS)
@@ -128,8 +126,6 @@ class StudioProcess:
 
 
 def test_sigkill_mid_burst_keeps_every_acknowledged_save(tmp_path, tiny):
-    from gradio_client import Client
-
     models_dir = make_models_dir(tmp_path / "models", tiny)
     db, log = tmp_path / "studio.db", tmp_path / "server.log"
     models = {"bard": str(models_dir / "mango-bard")}
@@ -142,7 +138,7 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_save(tmp_path, tiny):
 
         def client_saves(c: int, url: str, round_: int, stop: threading.Event) -> None:
             nonlocal tried
-            client = Client(url, verbose=False)
+            client = local_client(url)
             i = 0
             while not stop.is_set():
                 note = f"r{round_} c{c} s{i}"
@@ -180,7 +176,7 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_save(tmp_path, tiny):
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     server = StudioProcess(models_dir, db, log)  # restarted on the same database
     try:
-        client = Client(server.url, verbose=False)
+        client = local_client(server.url)
         [recipe] = [r for r in client.predict(True, api_name="/list_recipes") if r["name"] == "killed"]
         stored = {v["id"]: v for v in client.predict(recipe["id"], api_name="/list_versions")}
         missing = [a for a in acknowledged if a["id"] not in stored]

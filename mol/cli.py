@@ -26,8 +26,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; with `argv`, only the mol command that argv names is imported (`mol export` does not pay
-    for the modules behind `mol train`), and plug-in commands only when argv names none of mol's own."""
+    """The parser; with `argv`, only the command that argv names is imported (`mol export` does not pay for
+    the modules behind `mol train`, nor `mol db` for torch), and plug-in commands only when argv names none of
+    mol's own."""
     parser = _Parser(prog="mol", description="Fuse transformer blocks from different language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -35,6 +36,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     names = COMMANDS + OPTIONAL_COMMANDS
     top_help = wanted is not None and any(a in ("-h", "--help") for a in argv[: argv.index(wanted)])
+    if wanted is not None and wanted not in names and not top_help:
+        plugin = next((ep for ep in entry_points(group="mol.commands") if ep.name == wanted), None)
+        if plugin is not None:  # a plug-in's command: it alone (mol's own names are never a plug-in's)
+            _add_plugin(sub, plugin)
+            return parser
     if not (wanted in names and not top_help and _register(sub, wanted)):
         for name in names:  # `mol --help`, a usage error (which lists them all), or a plug-in's command
             _register(sub, name)

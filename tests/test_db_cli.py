@@ -56,3 +56,16 @@ def test_restore_of_a_junk_file_is_a_clear_error(filled, tmp_path):
     proc = mol("restore", str(junk), url=filled)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
+
+
+def test_a_db_command_loads_neither_torch_nor_mols_own_commands(filled):
+    """`mol db` is a plug-in's command: the parser loads that plug-in alone, not the modules behind mol's own
+    commands (torch and transformers: seconds of imports for a database check)."""
+    code = (
+        "import sys\nfrom mol.cli import main\nrc = main(['db', 'check'])\n"
+        "print(rc, [m for m in ('torch', 'transformers', 'mol.commands.train') if m in sys.modules])"
+    )
+    env = {**os.environ, "MANGO_DB_URL": filled, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout

@@ -22,10 +22,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mol.distributed import memory_line, memory_per_rank
-
     the_plan = plan(load_recipe(args.recipe), policy=access_policy(args))
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "0"))
+    if world:  # only then: mol.distributed imports torch, which a plan does not need
+        from mol.distributed import memory_line, memory_per_rank
     if args.json:
         print_json(
             {**the_plan.to_dict(), **({"per_rank": memory_per_rank(the_plan, world)} if world else {})}

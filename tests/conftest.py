@@ -8,8 +8,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.tiny_models import make_model, make_tokenizer  # noqa: E402
+
+# Under pytest-xdist every worker gets its share of the cores: torch's default of one thread per core in each
+# worker oversubscribes the machine, and its OpenMP threads spin while they wait for a core.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
 
 
 @pytest.fixture(scope="session")

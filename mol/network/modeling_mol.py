@@ -162,7 +162,16 @@ class TokenSubset:
         if self.shape is None:
             return None
         shape, self.shape = self.shape, None
-        return y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, self.rows, y).view(*shape[:-1], -1)
+        # Put back as a gather: row r of the output reads row source[r] of [zeros; y] (0 for the tokens that did
+        # not choose this expert). A scatter of y into zeros (index_copy, index_put) is what the eager step needs
+        # too, but inductor miscompiled it in a compiled training step on torch 2.13's CPU backend: the layer's
+        # residual add after it read wrong values (tests/test_compiling.py).
+        n = shape[:-1].numel()
+        rows = self.rows
+        source = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_copy(
+            0, rows, torch.arange(1, rows.numel() + 1, dtype=rows.dtype, device=rows.device)
+        )
+        return torch.cat([y.new_zeros(1, y.shape[-1]), y]).index_select(0, source).view(*shape[:-1], -1)
 
 
 class ExpertBlock(nn.Module):

@@ -42,7 +42,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             _add_plugin(sub, plugin)
             return parser
     if not (wanted in names and not top_help and _register(sub, wanted)):
-        for name in names:  # `mol --help`, a usage error (which lists them all), or a plug-in's command
+        for name in names:  # `mol --help`, or a usage error (which lists them all)
             _register(sub, name)
     # Packages built on mol (the studio's `mol db`) add subcommands through this entry-point group, so mol
     # itself never imports them; nor does `mol plan` (or any own command): it neither pays for nor depends on

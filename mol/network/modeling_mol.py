@@ -163,9 +163,9 @@ class TokenSubset:
             return None
         shape, self.shape = self.shape, None
         # Put back as a gather: row r of the output reads row source[r] of [zeros; y] (0 for the tokens that did
-        # not choose this expert). A scatter of y into zeros (index_copy, index_put) is what the eager step needs
-        # too, but inductor miscompiled it in a compiled training step on torch 2.13's CPU backend: the layer's
-        # residual add after it read wrong values (tests/test_compiling.py).
+        # not choose this expert). A scatter of y into zeros (index_copy, index_put) computes the same, but
+        # inductor miscompiled it in a compiled training step on torch 2.13's CPU backend: the layer's residual
+        # add after it read wrong values (tests/test_compiling.py).
         n = shape[:-1].numel()
         rows = self.rows
         source = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_copy(

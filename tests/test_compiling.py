@@ -147,10 +147,22 @@ def test_compiled_routed_experts_run_their_mlp_on_their_tokens_only(tiny):
     assert rows == sorted([32, *counts])
 
 
-@pytest.mark.skipif(
-    not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend needs a C++ compiler"
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(
+                not (shutil.which("c++") or shutil.which("g++")),
+                reason="inductor's CPU backend needs a C++ compiler",
+            ),
+        ),
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+        ),
+    ],
 )
-def test_inductor_compiled_training_step_matches_eager(tiny):
+def test_inductor_compiled_training_step_matches_eager(tiny, device):
     """Inductor itself, beyond the graph capture the other tests check: with gradients on, a routed expert's
     MLP output put back among all tokens, and its layer's residual add after it, give eager's logits, loss and
     gradients (inductor once computed that add from wrong values when the put-back was a scatter)."""
@@ -163,10 +175,10 @@ def test_inductor_compiled_training_step_matches_eager(tiny):
             "slots": ["a:0", {"experts": ["a:1", "w:1"]}],
         }
     )
-    model = mol.build(recipe, device="cpu")
+    model = mol.build(recipe, device=device, dtype=torch.float32)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.routed_slots[0].router.proj.weight, std=2.0)  # tokens split both ways
-    ids = torch.randint(1, 380, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 380, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     logits, grads = _loss_and_grads(model, ids)
     compile_network(model)
     c_logits, c_grads = _loss_and_grads(model, ids)

@@ -21,7 +21,13 @@ def check_loadable(folder: Path) -> None:
     hf_logging.disable_progress_bar()
     try:
         _, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True
+            str(folder),
+            device_map="meta",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            # No hub kernels: with Triton installed (torch's CUDA wheels) transformers would swap them in on
+            # loading by default, and it refuses to on the meta device.
+            use_kernels=False,
         )  # reported, not raised
     except Exception as exc:  # whatever transformers raises for a config or checkpoint it cannot load
         raise CheckpointError(

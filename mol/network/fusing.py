@@ -11,8 +11,10 @@ they saw:
   product when called with the input the product was made from, and runs its own `F.linear` otherwise (another
   input, weights that train, weights replaced since and not fusable again).
 - **RMSNorm modules** become `FusedRMSNorm`s, one `F.rms_norm` in the form that matches the module's forward,
-  checked on a probe; a module no form matches is left as it is. Under `torch.compile` they compute the form
-  step by step, which inductor fuses with the operations around it (the one kernel would stand between them).
+  checked on a probe; a module no form matches is left as it is. With no gradient wanted on CUDA the whole
+  form is one Triton kernel (mol.network.kernels), where the torch form is four (a cast, the norm, a cast back,
+  the scale). Under `torch.compile` they compute the form step by step, which inductor fuses with the operations
+  around it (the one kernel would stand between them).
 
 `fuse_layer` swaps them in a layer, on the device types in `devices`: CUDA by default, since on the CPU, where a
 step is bound by its products' arithmetic rather than by launches, the slices' strided outputs cost more than
@@ -25,6 +27,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 # After this many times its members' weights were found replaced (moved, converted, offloaded per call), a group
 # stops fusing them again and its members run on their own.
@@ -209,6 +213,8 @@ class FusedRMSNorm(nn.Module):
         self.eps = self.variance_epsilon = eps  # under both names families give it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.runs_on(x.device):  # one kernel, where torch's form takes four (casts, norm, scale)
+            return kernels.rms_norm(x, self.weight, self.eps, self.form)
         rms = _rms_steps if torch.compiler.is_compiling() else _rms_kernel
         return RMS_FORMS[self.form](x, self.weight, self.eps, rms)
 

@@ -31,6 +31,8 @@ from .attention import NAME as ATTENTION_NAME
 from .configuration_mol import MoLConfig
 from .fusing import DEVICES as FUSED_DEVICES
 from .fusing import fuse_layer, fused_norm
+from .kernels import runs_on
+from .mixing import can_fuse, fused_mix, log_normaliser, mix
 from .routers import ROUTERS, Routing, keep_state, make_router, route, unit_rms
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
@@ -649,24 +651,35 @@ class MoLNetwork(nn.Module):
             decided and not ctx.static
         ):  # (a captured step reads nothing back: every lane runs, weights select)
             run = _with_sources({names[i] for i in state["logits"].argmax(-1).tolist()}, self.stitches)
-        finals, logp = self.run_lanes(input_ids, ctx, run)
+        # Every lane's distribution mixed, where mol.network.mixing's kernels run: the lanes' raw logits, mixed
+        # in one kernel (no log-softmax over every position written out).
+        mixes_all = not self.gate.per_sequence or state is None
+        raw = mixes_all and runs_on(self.device)
+        finals, lane_out = self.run_lanes(input_ids, ctx, run, raw=raw)  # log-probabilities, or logits
         if decided:
             scores = state["logits"].unsqueeze(1).expand(-1, input_ids.shape[1], -1)
         elif reads_evidence:
-            scores = self.gate(self.lane_evidence(input_ids, logp, ctx.mask2d, state), ctx.mask2d, state)
+            evidence = self.lane_evidence(input_ids, lane_out, ctx.mask2d, state, raw)
+            scores = self.gate(evidence, ctx.mask2d, state)
         else:  # every position: a per-sequence gate reads the whole prompt
             scores = self.gate(self.gate_input(finals), ctx.mask2d, state)
         ctx.mixture = _routing(scores)  # every position's, as the slots' routings
         chosen = ctx.mixture.chosen[..., 0]
         if last_only:
-            scores, chosen, logp = scores[:, -1:], chosen[:, -1:], {n: v[:, -1:] for n, v in logp.items()}
-        if not self.gate.per_sequence or state is None:
-            return mix(logp, scores, names)
+            scores, chosen = scores[:, -1:], chosen[:, -1:]
+            lane_out = {n: v[:, -1:] for n, v in lane_out.items()}
+        if mixes_all:
+            if raw and can_fuse(logits := [lane_out[n] for n in names]):
+                return fused_mix(logits, scores)
+            if raw:  # (lanes on several devices)
+                lane_out = {n: z.log_softmax(-1, dtype=torch.float32) for n, z in lane_out.items()}
+            return mix(lane_out, scores, names)
         out = None  # generating, one lane per sequence: its distribution alone
         for i, n in enumerate(names):
-            if n in logp:
+            if n in lane_out:
                 pick = (chosen == i).unsqueeze(-1)  # [B, T, 1]
-                out = torch.where(pick, logp[n], out if out is not None else torch.full_like(logp[n], -1e30))
+                fill = out if out is not None else torch.full_like(lane_out[n], -1e30)
+                out = torch.where(pick, lane_out[n], fill)
         return out
 
     def lane_token_logp(self, input_ids: torch.Tensor, logp: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -675,22 +688,33 @@ class MoLNetwork(nn.Module):
         return torch.stack([logp[n][:, :-1].gather(-1, target).squeeze(-1) for n in self.lanes], -1)
 
     def lane_evidence(
-        self, input_ids: torch.Tensor, logp: dict[str, torch.Tensor], mask: torch.Tensor, state: dict | None
+        self,
+        input_ids: torch.Tensor,
+        logp: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        state: dict | None,
+        raw: bool = False,
     ) -> torch.Tensor:
         """Each lane's log-probability of every input token, [B, Q, lanes]: token t's under the lane's prediction
         at t - 1 (this step's, or while generating the previous step's last, kept in `state`); 0 where no real
-        token came before. Detached: it tells the gate which lane predicts well, and trains nothing upstream."""
+        token came before. Detached: it tells the gate which lane predicts well, and trains nothing upstream.
+        `raw`: `logp` holds the lanes' logits, less each row's log-normaliser for their log-probabilities."""
         names = list(self.lanes)
         ids = input_ids.to(logp[names[0]].device)
         m = mask.to(ids.device).float()
-        rest = self.lane_token_logp(ids, logp) * m[:, :-1, None]  # after padding: nothing predicted this one
+        token_logp = self.lane_token_logp(ids, logp).float()  # [B, Q - 1, lanes]
+        last = torch.stack([logp[n][:, -1].float() for n in names], 1)  # [B, lanes, V]: for the next step
+        if raw:
+            norms = torch.stack([log_normaliser(logp[n]).to(ids.device) for n in names], -1)  # [B, Q, lanes]
+            token_logp, last = token_logp - norms[:, :-1], last - norms[:, -1, :, None]
+        rest = token_logp * m[:, :-1, None]  # after padding: nothing predicted this one
         if state is not None and "last_logp" in state:
-            last = state["last_logp"]  # [B, lanes, V]
-            first = last.gather(-1, ids[:, :1, None].expand(-1, len(names), 1)).squeeze(-1).unsqueeze(1)
+            kept = state["last_logp"]  # [B, lanes, V]
+            first = kept.gather(-1, ids[:, :1, None].expand(-1, len(names), 1)).squeeze(-1).unsqueeze(1)
         else:
             first = torch.zeros(ids.shape[0], 1, len(names), device=ids.device)
         if state is not None:
-            keep_state(state, "last_logp", torch.stack([logp[n][:, -1] for n in names], 1).detach())
+            keep_state(state, "last_logp", last.detach())
         return torch.cat([first.to(rest.dtype), rest], 1).detach()
 
     def gate_input(self, finals: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -698,9 +722,12 @@ class MoLNetwork(nn.Module):
         device = next(iter(finals.values())).device
         return torch.cat([unit_rms(finals[n]).to(device) for n in self.lanes], -1)
 
-    def run_lanes(self, input_ids: torch.Tensor, ctx: StepContext, run: set[str] | None = None):
+    def run_lanes(
+        self, input_ids: torch.Tensor, ctx: StepContext, run: set[str] | None = None, raw: bool = False
+    ):
         """The lanes in `run` (None: all), in the order the stitches allow: each lane's final states (after its
-        final norm) and next-token log-probabilities, by lane name."""
+        final norm) and next-token log-probabilities (float32; with `raw`, its logits as the head made them), by
+        lane name."""
         run = set(self.lanes) if run is None else run
         streams = ctx.lane_streams or {}
         if streams:  # each lane's work on its own stream, after what the step queued so far
@@ -736,7 +763,8 @@ class MoLNetwork(nn.Module):
                         saved[name, step] = hs[name]
                 else:
                     finals[name] = lane.final_states(hs[name])
-                    logp[name] = lane.readout(finals[name]).log_softmax(-1, dtype=torch.float32)
+                    logits = lane.readout(finals[name])
+                    logp[name] = logits if raw else logits.log_softmax(-1, dtype=torch.float32)
         if streams:  # the mixture reads every lane
             for n in run:
                 main.wait_stream(streams[n])
@@ -921,16 +949,6 @@ def _with_sources(lanes: set[str], stitches) -> set[str]:
             if st.target in out and st.source not in out:
                 out.add(st.source)
                 grew = True
-    return out
-
-
-def mix(logp: dict[str, torch.Tensor], scores: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """log sum_l softmax(scores)_l p_l(x): the lanes' distributions mixed by the gate, [B, T, V]."""
-    log_gate = scores.float().log_softmax(-1)  # [B, T, lanes]
-    out = None  # folded pairwise: a few passes over [B, T, V], where stacking the lanes first took many
-    for i, n in enumerate(names):
-        term = logp[n] + log_gate[..., i : i + 1].to(logp[n].device)
-        out = term if out is None else torch.logaddexp(out, term)
     return out
 
 

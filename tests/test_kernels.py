@@ -148,17 +148,22 @@ def test_fused_mix_equals_torch_mix_in_the_triton_interpreter():
     assert done.stdout.split() == ["ok", str(len(CASES))]
 
 
-@cuda
-@pytest.mark.parametrize("mixture", ["token", "evidence"])
-def test_a_lanes_forward_on_cuda_mixes_in_the_kernel_as_torch_does(tiny, monkeypatch, mixture):
+def _two_lanes(tiny, mixture, device):
+    """A two-lane recipe (widths 64 and 48) with a gate that really mixes, in float32, and a batch of ids."""
     models = {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=48))}
     lanes = {"a": {"base": "l"}, "b": {"base": "g"}}
     recipe = mol.Recipe.from_dict({"name": "lanes", "models": models, "lanes": lanes, "mixture": mixture})
-    model = mol.build(recipe, device="cuda", dtype=torch.float32)
+    model = mol.build(recipe, device=device, dtype=torch.float32)
     with torch.no_grad():
         for p in model.gate.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p.device))
-    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(2)).to("cuda")
+    return model, torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(2)).to(device)
+
+
+@cuda
+@pytest.mark.parametrize("mixture", ["token", "evidence"])
+def test_a_lanes_forward_on_cuda_mixes_in_the_kernel_as_torch_does(tiny, monkeypatch, mixture):
+    model, ids = _two_lanes(tiny, mixture, "cuda")
     calls = []
     monkeypatch.setattr(modeling_mol, "fused_mix", lambda *a: calls.append(1) or fused_mix(*a))
     with torch.no_grad():
@@ -178,14 +183,7 @@ def test_the_lanes_logits_path_equals_the_log_softmax_path(tiny, monkeypatch, mi
     """Where the kernels run, the lanes hand their raw logits on (an evidence gate takes their log-normalisers);
     on the CPU, with torch standing in for the kernels, that path gives the log-softmax path's logits, and the
     same generated tokens (the evidence kept between steps)."""
-    models = {"l": str(tiny("llama", width=64)), "g": str(tiny("gpt2", width=48))}
-    lanes = {"a": {"base": "l"}, "b": {"base": "g"}}
-    recipe = mol.Recipe.from_dict({"name": "lanes", "models": models, "lanes": lanes, "mixture": mixture})
-    model = mol.build(recipe, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.gate.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    model, ids = _two_lanes(tiny, mixture, "cpu")
     with torch.no_grad():
         want = model(ids).logits
     plain = model.generate(ids, max_new_tokens=8, eos_token_id=[], fast=False)

@@ -1,7 +1,7 @@
 """The fused network, written once: adapters, routers, expert blocks, slots and the stack (`MoLNetwork`), and
 `MoLForCausalLM` around it. These files import only torch and transformers (and Triton where torch has it) and
-each other (relatively), because an exported routed folder carries them, byte for byte, as its remote code: `mol.build` and
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` run the very same modules."""
+each other (relatively), because an exported routed folder carries them, byte for byte, as its remote code:
+`mol.build` and `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` run the very same modules."""
 
 # The files an export copies beside the weights (transformers loads them as one package of remote code).
 NETWORK_FILES = (

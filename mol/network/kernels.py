@@ -15,12 +15,12 @@ try:
 except ImportError:  # the CPU wheels of torch come without Triton
     triton = None
 
-BLOCK = (
-    1024  # columns a program reads at once: 0.94 ms for a two-lane mixture of [8, 1024, 32000], 1.23 at 4096
-)
+# Columns a program of the mixture reads at once: 0.94 ms for two lanes of [8, 1024, 32000] on an H200, 1.23 at 4096
+BLOCK = 1024
 
 
 def runs_on(device: torch.device) -> bool:
+    """Whether the kernels run on `device` now."""
     return (
         triton is not None
         and device.type == "cuda"

@@ -213,7 +213,8 @@ class FusedRMSNorm(nn.Module):
         self.eps = self.variance_epsilon = eps  # under both names families give it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.runs_on(x.device):  # one kernel, where torch's form takes four (casts, norm, scale)
+        # One kernel where it runs, where torch's form takes four (a cast, the norm, a cast back, the scale)
+        if kernels.runs_on(x.device) and x.shape[-1] <= kernels.MAX_NORM_WIDTH:
             return kernels.rms_norm(x, self.weight, self.eps, self.form)
         rms = _rms_steps if torch.compiler.is_compiling() else _rms_kernel
         return RMS_FORMS[self.form](x, self.weight, self.eps, rms)

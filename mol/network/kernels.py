@@ -77,6 +77,7 @@ def log_normalisers(logits: torch.Tensor) -> torch.Tensor:
 # ---- RMSNorm --------------------------------------------------------------------------------------------------
 # mol.network.fusing.RMS_FORMS by number: how the weight is applied around the float32 normalisation
 FORMS = {"scale_after_cast": 0, "scale_before_cast": 1, "one_plus_weight": 2}
+MAX_NORM_WIDTH = 16384  # a row is held in one program's registers; wider rows take torch's form
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, form: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ from mol.compiling import compile_blocks, compile_network
 from mol.fast import FastDecoder
 from mol.fused import StepContext
 from mol.network import kernels
-from mol.network.mixing import can_fuse, fused_mix, mix
+from mol.network.mixing import can_fuse, fused_mix, mix_logits
 
 
 # ---- ceilings ------------------------------------------------------------------------------------------------
@@ -632,7 +632,7 @@ def lanes(b) -> dict:
 
 def _mixture_kernel(b, model, bsz: int, length: int) -> dict:
     """The lanes' output mixture alone over a prefill's logits ([bsz, length, vocabulary] per lane, the model's
-    dtype): torch's operations (each lane's float32 log-softmax, then `mix`) against the Triton kernel
+    dtype): torch's operations (`mix_logits`: each lane's float32 log-softmax, then `mix`) against the Triton kernel
     (mol.network.mixing.fused_mix), device-synchronised wall time, and their largest difference."""
     with torch.no_grad():
         if not kernels.runs_on(torch.device(b.device)):
@@ -643,20 +643,13 @@ def _mixture_kernel(b, model, bsz: int, length: int) -> dict:
             for _ in model.lanes
         ]
         scores = torch.randn(bsz, length, len(logits), generator=g, device=b.device)
-        names = [str(i) for i in range(len(logits))]
         assert can_fuse(logits)
-
-        def by_torch():
-            return mix(
-                {n: z.log_softmax(-1, dtype=torch.float32) for n, z in zip(names, logits, strict=True)},
-                scores,
-                names,
-            )
-
         row = {"shape": [bsz, length, b.vocab], "lanes": len(logits)}
-        row["torch"] = timeit(by_torch, repeat=b.repeat, warmup=2)
+        row["torch"] = timeit(lambda: mix_logits(logits, scores), repeat=b.repeat, warmup=2)
         row["kernel"] = timeit(lambda: fused_mix(logits, scores), repeat=b.repeat, warmup=2)
-        row["max_abs_difference"] = (fused_mix(logits, scores) - by_torch()).abs().max().item()
+        row["max_abs_difference"] = (
+            (fused_mix(logits, scores) - mix_logits(logits, scores)).abs().max().item()
+        )
     row["speedup"] = row["torch"]["median_s"] / row["kernel"]["median_s"]
     return row
 

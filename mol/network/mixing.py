@@ -26,21 +26,31 @@ def mix(logp: dict[str, torch.Tensor], scores: torch.Tensor, names: list[str]) -
     return out
 
 
-def can_fuse(logits: list[torch.Tensor]) -> bool:
-    """Whether `fused_mix` can take these lanes' logits: [B, T, V] each, of one shape, on one device where the
-    kernels run."""
-    first = logits[0]
-    return (
-        kernels.runs_on(first.device)
-        and first.dim() == 3
-        and all(z.device == first.device and z.shape == first.shape and z.stride(-1) == 1 for z in logits)
+def mix_logits(logits: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+    """`mix` of the lanes' raw logits (in the order of the gate's `scores`' last dimension), through each lane's
+    float32 log-softmax: what `fused_mix` computes, with torch's operations."""
+    lanes = list(range(len(logits)))
+    return mix(
+        {i: z.log_softmax(-1, dtype=torch.float32) for i, z in zip(lanes, logits, strict=True)}, scores, lanes
     )
+
+
+def _kernel_reads(z: torch.Tensor) -> bool:
+    """Whether the kernels can read these logits now: [B, T, V], the last dimension contiguous, where they run."""
+    return kernels.runs_on(z.device) and z.dim() == 3 and z.stride(-1) == 1
+
+
+def can_fuse(logits: list[torch.Tensor]) -> bool:
+    """Whether `fused_mix` can take these lanes' logits: each readable by the kernels, all of one shape and
+    device."""
+    first = logits[0]
+    return all(_kernel_reads(z) and z.device == first.device and z.shape == first.shape for z in logits)
 
 
 def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
     """log sum_x exp(z(x)) of each row of `logits` ([B, T, V]), [B, T] float32: a row's log-softmax is its
     logits less this. One pass over the logits where the kernels run; elsewhere through a float32 copy."""
-    if kernels.runs_on(logits.device) and logits.dim() == 3 and logits.stride(-1) == 1:
+    if _kernel_reads(logits):
         return kernels.log_normalisers(logits)
     return torch.logsumexp(logits.float(), -1)
 

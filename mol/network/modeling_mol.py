@@ -32,7 +32,7 @@ from .configuration_mol import MoLConfig
 from .fusing import DEVICES as FUSED_DEVICES
 from .fusing import fuse_layer, fused_norm
 from .kernels import runs_on
-from .mixing import can_fuse, fused_mix, log_normaliser, mix
+from .mixing import can_fuse, fused_mix, log_normaliser, mix, mix_logits
 from .routers import ROUTERS, Routing, keep_state, make_router, route, unit_rms
 
 # The decoder layers' cache keyword differs by family and transformers release (past_key_value ->
@@ -668,11 +668,10 @@ class MoLNetwork(nn.Module):
         if last_only:
             scores, chosen = scores[:, -1:], chosen[:, -1:]
             lane_out = {n: v[:, -1:] for n, v in lane_out.items()}
+        if mixes_all and raw:  # (torch's operations where the lanes sit on several devices)
+            logits = [lane_out[n] for n in names]
+            return fused_mix(logits, scores) if can_fuse(logits) else mix_logits(logits, scores)
         if mixes_all:
-            if raw and can_fuse(logits := [lane_out[n] for n in names]):
-                return fused_mix(logits, scores)
-            if raw:  # (lanes on several devices)
-                lane_out = {n: z.log_softmax(-1, dtype=torch.float32) for n, z in lane_out.items()}
             return mix(lane_out, scores, names)
         out = None  # generating, one lane per sequence: its distribution alone
         for i, n in enumerate(names):

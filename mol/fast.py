@@ -38,7 +38,8 @@ _KEEP = 2  # decoders kept per model (each holds its cache buffers and graph)
 
 class StaticKV:
     """A transformers cache with fixed buffers: layer i's keys and values are [B, heads, capacity, head_dim],
-    written in place at the positions `write`. It answers only `update`, the one call attention layers make."""
+    written in place at the positions `write`. It answers `update`, the one call attention layers make, and
+    `static_buffers` for the layers that write them themselves (mol.network.rotary)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -58,6 +59,16 @@ class StaticKV:
         k.index_copy_(2, self.write, key_states)
         v.index_copy_(2, self.write, value_states)
         return k[:, :, : self.visible], v[:, :, : self.visible]
+
+    def static_buffers(self, layer_idx: int, values: torch.Tensor, key_dtype: torch.dtype):
+        """Layer `layer_idx`'s key and value buffers (made on first use, for values like `values`, [B, T, heads,
+        D], and keys of `key_dtype`), for an attention layer that writes them itself at the positions `write`
+        (mol.network.rotary) and reads the first `visible`."""
+        if layer_idx not in self.keys:
+            b, _, h, d = values.shape
+            self.keys[layer_idx] = values.new_zeros(b, h, self.capacity, d, dtype=key_dtype)
+            self.values[layer_idx] = values.new_zeros(b, h, self.capacity, d)
+        return self.keys[layer_idx], self.values[layer_idx]
 
 
 class FastDecoder:

@@ -11,6 +11,7 @@ NETWORK_FILES = (
     "fusing.py",
     "kernels.py",
     "mixing.py",
+    "rotary.py",
     "routers.py",
     "modeling_mol.py",
 )

@@ -1,6 +1,6 @@
 """Fewer, larger kernels for the frozen source layers, with the layers' own code and tensors.
 
-At batch 1 a decode step is bound by its kernels' count and by matrix products too small to fill the GPU. Two
+At batch 1 a decode step is bound by its kernels' count and by matrix products too small to fill the GPU. Three
 module swaps take much of that away without touching an architecture's forward; each new module holds the very
 parameters of the one it replaces, under the same names, so `state_dict`, loading, saving and export see what
 they saw:
@@ -10,6 +10,8 @@ they saw:
   weights concatenated, each weight a view of its rows (no second copy). Each member takes its slice of the
   product when called with the input the product was made from, and runs its own `F.linear` otherwise (another
   input, weights that train, weights replaced since and not fusable again).
+- **Attention layers of the Llama form** run their rotary embedding and cache write as one kernel
+  (mol.network.rotary), where a probe finds the kernel's forward equal to theirs.
 - **RMSNorm modules** become `FusedRMSNorm`s, one `F.rms_norm` in the form that matches the module's forward,
   checked on a probe; a module no form matches is left as it is. With no gradient wanted on CUDA the whole
   form is one Triton kernel (mol.network.kernels), where the torch form is four (a cast, the norm, a cast back,
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .rotary import fused_attention
 
 # After this many times its members' weights were found replaced (moved, converted, offloaded per call), a group
 # stops fusing them again and its members run on their own.
@@ -257,3 +260,8 @@ def fuse_layer(layer: nn.Module, groups, devices: tuple[str, ...] = DEVICES) -> 
     for path, module in list(layer.named_modules()):
         if path and (norm := fused_norm(module, devices)) is not module:
             layer.set_submodule(path, norm)
+    for path, module in list(layer.named_modules()):  # after the norms: it takes over the fused ones
+        weight = getattr(getattr(module, "q_proj", None), "weight", None)
+        if path and weight is not None and weight.device.type in devices:
+            if (attention := fused_attention(module)) is not module:
+                layer.set_submodule(path, attention)

@@ -1,6 +1,7 @@
 """Hand-written Triton kernels for the work between the matrix products that torch runs as several small kernels
-(each a launch and a pass over memory): the lanes' output mixture (mol.network.mixing) and an RMSNorm in each of
-its forms (mol.network.fusing). They run where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels
+(each a launch and a pass over memory): the lanes' output mixture (mol.network.mixing), an RMSNorm in each of
+its forms (mol.network.fusing), and an attention layer's rotary embedding with its cache write
+(mol.network.rotary). They run where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels
 bring it), no gradient wanted (they have no backward), not under torch.compile (which fuses the same work
 itself); elsewhere their callers run the torch operations they stand for. Triton compiles each kernel once per
 process on first use (a second or so) and keeps it on disk."""
@@ -19,14 +20,14 @@ except ImportError:  # the CPU wheels of torch come without Triton
 BLOCK = 1024
 
 
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device` (Triton and CUDA)."""
+    return triton is not None and device.type == "cuda"
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels run on `device` now."""
-    return (
-        triton is not None
-        and device.type == "cuda"
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    return available(device) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _block(v: int) -> int:
@@ -101,6 +102,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, form: str) -> to
             num_warps=min(16, max(1, d // 512)),
         )
     return out.view(*x.shape[:-1], d)
+
+
+# ---- rotary embedding -----------------------------------------------------------------------------------------
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' rotary embedding (`x * cos + rotate_half(x) * sin`, rounded as its operations round) of
+    `q` [B, T, H, D] and `k` [B, T, KV heads, D] (the last dimension contiguous) by `cos`, `sin` [B or 1, T, D]:
+    (q, k) rotated, [B, T, heads, D] each, in one kernel where torch takes ten."""
+    b, t, _, d = k.shape
+    k_out = torch.empty(k.shape, dtype=torch.result_type(k, cos), device=k.device)
+    return _rotary(
+        q, k, None, cos, sin, k_out, None, None, k_out.stride(0), k_out.stride(2), k_out.stride(1)
+    ), k_out
+
+
+def rotate_into(
+    q, k, v, cos, sin, keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor
+) -> torch.Tensor:
+    """`rotate`, with k rotated and `v` [B, T, KV heads, D] written into a cache's `keys`, `values` [B, KV heads,
+    capacity, D] at the positions `write` [T] (what the cache's update does, in the same kernel): q rotated."""
+    return _rotary(q, k, v, cos, sin, keys, values, write, keys.stride(0), keys.stride(1), keys.stride(2))
+
+
+def _rotary(q, k, v, cos, sin, k_out, v_out, write, ko_sb, ko_sh, ko_st) -> torch.Tensor:
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    cos, sin = cos.expand(b, t, d), sin.expand(b, t, d)
+    q_out = torch.empty(q.shape, dtype=torch.result_type(q, cos), device=q.device)
+    if b * t == 0:
+        return q_out
+    vs = v.stride() if v is not None else (0, 0, 0, 0)
+    vo = (v_out.stride(0), v_out.stride(1), v_out.stride(2)) if v_out is not None else (0, 0, 0)
+    _rotary_rows[(b * t,)](
+        q_out,
+        k_out,
+        v_out if v_out is not None else k_out,
+        q,
+        k,
+        v if v is not None else k,
+        cos,
+        sin,
+        write if write is not None else q_out,
+        t,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *vs[:3],
+        *cos.stride()[:2],
+        *sin.stride()[:2],
+        q_out.stride(0),
+        q_out.stride(1),
+        ko_sb,
+        ko_sh,
+        ko_st,
+        *vo,
+        heads,
+        kv_heads,
+        d // 2,
+        HEADS=triton.next_power_of_2(heads),
+        KV_HEADS=triton.next_power_of_2(kv_heads),
+        HALF=triton.next_power_of_2(d // 2),
+        WRITE=write is not None,
+    )
+    return q_out
 
 
 if triton is not None:
@@ -187,3 +250,92 @@ if triton is not None:
         else:  # (normed * (1 + w.float())).to(x.dtype)
             y = normed * (1.0 + g.to(tl.float32))
         tl.store(out + r * d + cols, y.to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rotated_heads(src, sh, heads, c1, s1, c2, s2, half, ROWS: tl.constexpr, HALF: tl.constexpr, OUT):
+        """One token's heads rotated, in two halves: x1 cos - x2 sin and x2 cos + x1 sin, each product rounded to
+        the result's dtype before the sum (as torch's x * cos + rotate_half(x) * sin rounds them)."""
+        h = tl.arange(0, ROWS)[:, None]
+        c = tl.arange(0, HALF)[None, :]
+        ok = (h < heads) & (c < half)
+        x1 = tl.load(src + h * sh + c, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + h * sh + half + c, mask=ok, other=0.0).to(tl.float32)
+        o1 = (x1 * c1).to(OUT).to(tl.float32) - (x2 * s1).to(OUT).to(tl.float32)
+        o2 = (x2 * c2).to(OUT).to(tl.float32) + (x1 * s2).to(OUT).to(tl.float32)
+        return o1.to(OUT), o2.to(OUT), h, c, ok
+
+    @triton.jit
+    def _rotary_rows(
+        q_out,
+        k_out,
+        v_out,
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        write,
+        t,
+        q_sb,
+        q_st,
+        q_sh,
+        k_sb,
+        k_st,
+        k_sh,
+        v_sb,
+        v_st,
+        v_sh,
+        cos_sb,
+        cos_st,
+        sin_sb,
+        sin_st,
+        qo_sb,
+        qo_st,
+        ko_sb,
+        ko_sh,
+        ko_st,
+        vo_sb,
+        vo_sh,
+        vo_st,
+        heads,
+        kv_heads,
+        half,
+        HEADS: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        HALF: tl.constexpr,
+        WRITE: tl.constexpr,
+    ):
+        """One token: its query heads rotated into q_out, its key heads into k_out at its position (`write`'s
+        entry for it where WRITE, else its own), and where WRITE its value heads copied into v_out there too."""
+        r = tl.program_id(0).to(tl.int64)
+        b = r // t
+        i = r % t
+        pos = i
+        if WRITE:
+            pos = tl.load(write + i).to(tl.int64)
+        p = tl.arange(0, HALF)[None, :]
+        on = p < half
+        cs = cos + b * cos_sb + i * cos_st
+        sn = sin + b * sin_sb + i * sin_st
+        c1 = tl.load(cs + p, mask=on, other=0.0).to(tl.float32)
+        c2 = tl.load(cs + half + p, mask=on, other=0.0).to(tl.float32)
+        s1 = tl.load(sn + p, mask=on, other=0.0).to(tl.float32)
+        s2 = tl.load(sn + half + p, mask=on, other=0.0).to(tl.float32)
+        out = q_out.dtype.element_ty
+        o1, o2, h, c, ok = _rotated_heads(
+            q + b * q_sb + i * q_st, q_sh, heads, c1, s1, c2, s2, half, HEADS, HALF, out
+        )
+        dst = q_out + b * qo_sb + i * qo_st + h * (2 * half) + c
+        tl.store(dst, o1, mask=ok)
+        tl.store(dst + half, o2, mask=ok)
+        out = k_out.dtype.element_ty
+        src = k + b * k_sb + i * k_st
+        o1, o2, h, c, ok = _rotated_heads(src, k_sh, kv_heads, c1, s1, c2, s2, half, KV_HEADS, HALF, out)
+        dst = k_out + b * ko_sb + pos * ko_st + h * ko_sh + c
+        tl.store(dst, o1, mask=ok)
+        tl.store(dst + half, o2, mask=ok)
+        if WRITE:
+            src = v + b * v_sb + i * v_st + h * v_sh + c
+            dst = v_out + b * vo_sb + pos * vo_st + h * vo_sh + c
+            tl.store(dst, tl.load(src, mask=ok), mask=ok)
+            tl.store(dst + half, tl.load(src + half, mask=ok), mask=ok)

@@ -8,6 +8,7 @@ NETWORK_FILES = (
     "configuration_mol.py",
     "adapters.py",
     "attention.py",
+    "decode_attention.py",
     "fusing.py",
     "kernels.py",
     "mixing.py",

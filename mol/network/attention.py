@@ -2,13 +2,17 @@
 grouped-query attention under a mask (decoding). There transformers copies each key-value head once per query
 head it serves (`repeat_kv`: the whole cache, every step) or, in some releases, packs the query heads itself;
 here each key-value head's query heads are stacked as query rows, so the cache is read as it is and the result is
-the same (the same products, summed the same way). Registered with transformers under `NAME`."""
+the same (the same products, summed the same way). Where Triton's kernels run, that step is one kernel that reads
+only the keys the mask lets through (mol.network.decode_attention). Registered with transformers under `NAME`."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .decode_attention import decode_attention, supports
+from .kernels import runs_on
 
 NAME = "mol_sdpa"
 
@@ -27,6 +31,12 @@ def mol_sdpa(
     plain = (
         kwargs.get("softcap") is None and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
     )
+    if plain and dropout == 0.0 and runs_on(query.device) and supports(query, key, attention_mask):
+        b, heads, _, d = query.shape
+        rows = query.reshape(b, key.shape[1], groups, d)
+        scale = scaling if scaling is not None else d**-0.5
+        out = decode_attention(rows, key, value, attention_mask, scale)
+        return out.reshape(b, heads, 1, d).transpose(1, 2), None
     if groups > 1 and query.shape[2] == 1 and attention_mask is not None and dropout == 0.0 and plain:
         b, heads, _, d = query.shape
         rows = query.reshape(b, key.shape[1], groups, d)  # [B, kv heads, its query heads, D]

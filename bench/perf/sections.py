@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -705,7 +706,84 @@ def decode_profile(b) -> dict:
             }
         del dec
         b.free()
+    out["attention"] = _decode_attention_kernel(b)
     return out
+
+
+def _decode_attention_kernel(b) -> dict:
+    """A decode step's attention alone, in the identity model's shape over the fast decoder's static cache (keys
+    up to `at` written, the rest masked): torch's SDPA on the stacked query rows (what mol.network.attention runs
+    without the kernels) against mol.network.decode_attention, each call's time in a replayed CUDA graph of 50."""
+    if not kernels.available(torch.device(b.device)):
+        return {"skipped": "needs CUDA and Triton"}
+    from mol.network.decode_attention import decode_attention
+
+    attn = next(m for m in b.model("identity").modules() if hasattr(m, "num_key_value_groups"))
+    groups, d = attn.num_key_value_groups, attn.head_dim
+    kv_heads = attn.config.num_key_value_heads
+    capacity = -(-(b.prompt + b.new_tokens) // 128) * 128
+    g = torch.Generator(device=b.device).manual_seed(9)
+    out = {
+        "kv_heads": kv_heads,
+        "queries_per_kv_head": groups,
+        "head_dim": d,
+        "capacity": capacity,
+        "cases": [],
+    }
+    for bsz in b.batches:
+        rows = torch.randn(bsz, kv_heads, groups, d, generator=g, device=b.device).to(b.dtype)
+        keys, values = (
+            torch.randn(bsz, kv_heads, capacity, d, generator=g, device=b.device).to(b.dtype)
+            for _ in range(2)
+        )
+        for at in (b.prompt, b.prompt + b.new_tokens // 2, b.prompt + b.new_tokens):
+            mask = torch.zeros(bsz, 1, 1, capacity, dtype=b.dtype, device=b.device)
+            mask[..., at:] = torch.finfo(b.dtype).min
+            wide = mask.expand(bsz, 1, groups, capacity)
+            sdpa = partial(
+                torch.nn.functional.scaled_dot_product_attention,
+                rows,
+                keys,
+                values,
+                attn_mask=wide,
+                scale=d**-0.5,
+            )
+            kernel = partial(decode_attention, rows, keys, values, mask, d**-0.5)
+            with torch.no_grad():
+                gap = (kernel().float() - sdpa().float()).abs().max().item()
+                sdpa_us, kernel_us = _replayed_us(sdpa), _replayed_us(kernel)
+            out["cases"].append(
+                {
+                    "batch": bsz,
+                    "keys_written": at,
+                    "sdpa_us": sdpa_us,
+                    "kernel_us": kernel_us,
+                    "speedup": sdpa_us / kernel_us,
+                    "max_abs_difference": gap,
+                }
+            )
+    return out
+
+
+def _replayed_us(fn, calls: int = 50, replays: int = 20) -> float:
+    """Microseconds a call of `fn` takes with `calls` of them captured in one CUDA graph (no launch costs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # (compilation, library handles: outside the capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1000 * start.elapsed_time(end) / (replays * calls)
 
 
 # ---- the CPU ---------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ NETWORK_FILES = (
     "attention.py",
     "decode_attention.py",
     "fusing.py",
+    "gated_mlp.py",
     "kernels.py",
     "mixing.py",
     "rotary.py",
     "routers.py",
+    "subclassing.py",
     "modeling_mol.py",
 )

@@ -1,17 +1,17 @@
 """Fewer, larger kernels for the frozen source layers, with the layers' own code and tensors.
 
-At batch 1 a decode step is bound by its kernels' count and by matrix products too small to fill the GPU. Three
-module swaps take much of that away without touching an architecture's forward; each new module holds the very
-parameters of the one it replaces, under the same names, so `state_dict`, loading, saving and export see what
-they saw:
+At batch 1 a decode step is bound by its kernels' count and by matrix products too small to fill the GPU. Module
+swaps take much of that away; each new module holds the very parameters of the one it replaces, under the same
+names, so `state_dict`, loading, saving and export see what they saw:
 
 - **Projections of one input** (a Llama layer's q, k and v; its MLP's gate and up), named by the family
   (`Family.fused_projections`), become `FusedLinear`s of one `ProjectionGroup`: one matrix product over their
   weights concatenated, each weight a view of its rows (no second copy). Each member takes its slice of the
   product when called with the input the product was made from, and runs its own `F.linear` otherwise (another
   input, weights that train, weights replaced since and not fusable again).
-- **Attention layers of the Llama form** run their rotary embedding and cache write as one kernel
-  (mol.network.rotary), where a probe finds the kernel's forward equal to theirs.
+- **Attention layers and gated MLPs of the Llama form** run their rotary embedding and cache write
+  (mol.network.rotary), and their activation and product (mol.network.gated_mlp), as one kernel each, where a
+  probe finds the kernel's forward equal to theirs.
 - **RMSNorm modules** become `FusedRMSNorm`s, one `F.rms_norm` in the form that matches the module's forward,
   checked on a probe; a module no form matches is left as it is. With no gradient wanted on CUDA the whole
   form is one Triton kernel (mol.network.kernels), where the torch form is four (a cast, the norm, a cast back,
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .gated_mlp import fused_mlp
 from .rotary import fused_attention
 
 # After this many times its members' weights were found replaced (moved, converted, offloaded per call), a group
@@ -260,8 +261,11 @@ def fuse_layer(layer: nn.Module, groups, devices: tuple[str, ...] = DEVICES) -> 
     for path, module in list(layer.named_modules()):
         if path and (norm := fused_norm(module, devices)) is not module:
             layer.set_submodule(path, norm)
-    for path, module in list(layer.named_modules()):  # after the norms: it takes over the fused ones
-        weight = getattr(getattr(module, "q_proj", None), "weight", None)
-        if path and weight is not None and weight.device.type in devices:
-            if (attention := fused_attention(module)) is not module:
-                layer.set_submodule(path, attention)
+    for path, module in list(layer.named_modules()):  # after the projections and norms: they share them
+        weight = next((p for p in module.parameters() if p.dim() == 2), None)
+        if not path or weight is None or weight.device.type not in devices:
+            continue
+        for swap in (fused_attention, fused_mlp):
+            if (swapped := swap(module)) is not module:
+                layer.set_submodule(path, swapped)
+                break

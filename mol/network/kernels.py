@@ -1,7 +1,7 @@
 """Hand-written Triton kernels for the work between the matrix products that torch runs as several small kernels
 (each a launch and a pass over memory): the lanes' output mixture (mol.network.mixing), an RMSNorm in each of
-its forms (mol.network.fusing), and an attention layer's rotary embedding with its cache write
-(mol.network.rotary). They run where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels
+its forms (mol.network.fusing), an attention layer's rotary embedding with its cache write
+(mol.network.rotary) and a gated MLP's activation (mol.network.gated_mlp). They run where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels
 bring it), no gradient wanted (they have no backward), not under torch.compile (which fuses the same work
 itself); elsewhere their callers run the torch operations they stand for. Triton compiles each kernel once per
 process on first use (a second or so) and keeps it on disk."""
@@ -164,6 +164,22 @@ def _rotary(q, k, v, cos, sin, k_out, v_out, write, ko_sb, ko_sh, ko_st) -> torc
         WRITE=write is not None,
     )
     return q_out
+
+
+# ---- a gated MLP's activation ---------------------------------------------------------------------------------
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (`gate`, `up` [..., I] of one dtype, each row's last dimension contiguous, as slices of a
+    fused gate/up product are), in one kernel where torch takes two."""
+    width = gate.shape[-1]
+    g, u = (t.reshape(-1, width) for t in (gate, up))
+    g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
+    out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    if g.shape[0] and width:
+        block = min(BLOCK, triton.next_power_of_2(width))
+        _silu_mul_rows[(g.shape[0], triton.cdiv(width, block))](
+            out, g, u, g.stride(0), u.stride(0), width, BLOCK=block
+        )
+    return out.view(gate.shape)
 
 
 if triton is not None:
@@ -339,3 +355,14 @@ if triton is not None:
             dst = v_out + b * vo_sb + pos * vo_st + h * vo_sh + c
             tl.store(dst, tl.load(src, mask=ok), mask=ok)
             tl.store(dst + half, tl.load(src + half, mask=ok), mask=ok)
+
+    @triton.jit
+    def _silu_mul_rows(out, gate, up, g_st, u_st, width, BLOCK: tl.constexpr):
+        """One row of silu(gate) * up, each rounded to the result's dtype as torch's two operations round it."""
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < width
+        g = tl.load(gate + r * g_st + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(up + r * u_st + cols, mask=ok, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty).to(tl.float32)
+        tl.store(out + r * width + cols, (act * u).to(out.dtype.element_ty), mask=ok)

@@ -5,11 +5,10 @@ q/k norms, `x * cos + rotate_half(x) * sin`, the cache's update, the attention f
 spends a dozen small kernels a layer between its products on the rotary embedding (a negation, a concatenation,
 two products and a sum, for the queries and for the keys) and the cache's two copies: at batch 1 on a GPU, about
 a third of a decode step's kernels. `fused_attention` swaps such a module for one of a subclass of its own class
-(the same parameters, submodules, hooks and names: `state_dict`, loading and export see what they saw) whose
-forward runs them as one Triton kernel (mol.network.kernels.rotate_into: the keys and values written straight
-into a static cache's buffers, or `rotate` where there is no cache) and otherwise its class's own forward: on the
-CPU, under torch.compile (inductor fuses the same work), with a gradient wanted, with another cache. A module is
-swapped only where, on a probe, the kernel's forward gives what its own forward gives."""
+(mol.network.subclassing) whose forward runs them as one Triton kernel (mol.network.kernels.rotate_into: the keys
+and values written straight into a static cache's buffers, or `rotate` where there is no cache) and otherwise its
+class's own forward: on the CPU, under torch.compile (inductor fuses the same work), with a gradient wanted, with
+another cache."""
 
 from __future__ import annotations
 
@@ -20,14 +19,14 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
+from .subclassing import as_subclass, same_to_rounding
 
 _CACHE_NAMES = ("past_key_values", "cache")  # the cache's keyword, by transformers release
-_CLASSES: dict[type, type] = {}  # attention class -> its rotating subclass
 # Modules the probe found otherwise: not probed again at the next fusing (each probe waits on the device).
 _UNMATCHED: weakref.WeakSet = weakref.WeakSet()
 
 
-class RotaryAttention(nn.Module):
+class Rotary(nn.Module):
     """Mixed in before a Llama-form attention class: its forward, with the rotary embedding and the cache write
     as one kernel where they can be (`rotates`)."""
 
@@ -91,39 +90,29 @@ def _llama_form(module: nn.Module) -> bool:
     return all(isinstance(getattr(n, "weight", None), torch.Tensor) and n.weight.shape == (d,) for n in norms)
 
 
-def _rotating_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Rotary{cls.__name__}", (RotaryAttention, cls), {"__module__": __name__})
-    return _CLASSES[cls]
-
-
 def _same_on_a_probe(module: nn.Module, fused: nn.Module) -> bool:
-    """Both modules' outputs for three random tokens at random rotations, with no cache, to rounding."""
+    """Both modules' outputs for three random tokens at random rotations, with no cache."""
     w = module.q_proj.weight
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, w.shape[1], generator=g).to(w.device, w.dtype)
     angles = torch.rand(1, 3, module.head_dim, generator=g) * 6.3
     cos, sin = angles.cos().to(w.device, w.dtype), angles.sin().to(w.device, w.dtype)
     with torch.no_grad():
-        want = type(module).forward(module, x, (cos, sin), None)[0].float()
-        got = fused(x, (cos, sin), None)[0].float()
-    bound = (1e-5 if w.dtype == torch.float32 else 2**-6) * max(1.0, want.abs().max().item())
-    return got.shape == want.shape and (got - want).abs().max().item() <= bound
+        return same_to_rounding(
+            fused(x, (cos, sin), None)[0], type(module).forward(module, x, (cos, sin), None)[0]
+        )
 
 
 def fused_attention(module: nn.Module) -> nn.Module:
-    """`module` as its rotating subclass (RotaryAttention), sharing its parameters, submodules and hooks, where
-    it has the Llama form, sits where the kernel runs and gives its own outputs on a probe; otherwise `module`."""
-    if isinstance(module, RotaryAttention) or module in _UNMATCHED:
+    """`module` as its rotating subclass where it has the Llama form, sits where the kernel runs and gives its
+    own outputs on a probe; otherwise `module`."""
+    if isinstance(module, Rotary) or module in _UNMATCHED:
         return module
     if not _llama_form(module) or hasattr(module, "_hf_hook"):
         return module
     if module.training or not kernels.available(module.q_proj.weight.device):
         return module
-    fused = _rotating_class(type(module)).__new__(_rotating_class(type(module)))
-    fused.__dict__.update(
-        {k: v.copy() if isinstance(v, dict | set) else v for k, v in module.__dict__.items()}
-    )
+    fused = as_subclass(module, Rotary)
     if _same_on_a_probe(module, fused):
         return fused
     _UNMATCHED.add(module)

@@ -1,8 +1,9 @@
-"""mol.network.rotary and its kernels: an attention layer of the Llama form, swapped for its rotating subclass,
-keeps its names, state and outputs, and runs transformers' rotary embedding and the cache's write in one kernel.
+"""mol.network.rotary and mol.network.gated_mlp, and their kernels: an attention layer and a gated MLP of the
+Llama form, each swapped for a subclass of its own class, keep their names, state, outputs and hooks, and run
+transformers' rotary embedding with the cache's write, and silu(gate) * up, in one kernel each.
 
-The kernels are checked against transformers' own `apply_rotary_pos_emb` on CUDA and in Triton's interpreter on
-the CPU; the module's logic (which layers are swapped, which calls take the kernel, the static cache's buffers)
+The kernels are checked against transformers' and torch's own operations on CUDA and in Triton's interpreter on
+the CPU; the modules' logic (which modules are swapped, which calls take a kernel, the static cache's buffers)
 on the CPU also where Triton is absent, with the kernels' functions computed by torch's and transformers'
 operations."""
 
@@ -19,7 +20,8 @@ import mol
 from mol.fast import FastDecoder
 from mol.network import attention, kernels
 from mol.network.fusing import RMS_FORMS, _rms_kernel
-from mol.network.rotary import RotaryAttention, fused_attention
+from mol.network.gated_mlp import Gated, fused_mlp
+from mol.network.rotary import Rotary, fused_attention
 from tests.test_kernels import interpreter
 from tests.test_more_families import _identity, _source
 from tests.tiny_models import identity_recipe
@@ -28,7 +30,7 @@ CPU = ("cpu",)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (dtype, [B, T, query heads, key-value heads, head size]): grouped queries, one token, odd sizes
-SHAPES = [
+ROTARY_SHAPES = [
     ("float32", (2, 3, 4, 2, 16)),
     ("bfloat16", (1, 5, 6, 3, 12)),
     ("bfloat16", (2, 1, 32, 4, 64)),
@@ -85,7 +87,7 @@ def _rotary_gaps(dtype, shape, device):
 
 @cuda
 @torch.no_grad()
-@pytest.mark.parametrize("dtype,shape", SHAPES)
+@pytest.mark.parametrize("dtype,shape", ROTARY_SHAPES)
 def test_the_rotary_kernels_equal_transformers_on_cuda(dtype, shape):
     # Each product rounded, then their sum, as torch's operations do; yet on CUDA some results come a unit off
     # torch's in half precision (about a quarter of them, in a probe of a million), and float32 fuses a product
@@ -104,6 +106,9 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "rotate_into", lambda *a: calls.append("into") or _reference_into(*a))
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps, form: RMS_FORMS[form](x, w, eps, _rms_kernel))
     monkeypatch.setattr(attention, "decode_attention", _attention_reference)
+    monkeypatch.setattr(
+        kernels, "silu_mul", lambda g, u: calls.append("silu") or torch.nn.functional.silu(g) * u
+    )
     return calls
 
 
@@ -127,7 +132,7 @@ def test_swapped_attention_keeps_names_state_and_outputs(tiny, torch_kernels, fa
     fused = mol.build(recipe, device="cpu", dtype=torch.float32)
     fused.fuse_kernels(CPU)
     swapped = _attentions(fused)
-    assert len(swapped) == 4 and all(isinstance(m, RotaryAttention) for m in swapped)
+    assert len(swapped) == 4 and all(isinstance(m, Rotary) for m in swapped)
     assert all(isinstance(m, type(p)) for m, p in zip(swapped, _attentions(plain), strict=True))
     theirs, ours = plain.state_dict(), fused.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -135,13 +140,14 @@ def test_swapped_attention_keeps_names_state_and_outputs(tiny, torch_kernels, fa
     torch_kernels.clear()
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
-    assert torch_kernels == ["rotate"] * 4  # no cache: the rotation alone
+    assert torch_kernels == ["rotate", "silu"] * 4  # no cache: the rotation alone
     kwargs = dict(max_new_tokens=8, eos_token_id=[], fast=False)
     want = plain.generate(ids, **kwargs).tolist()
     assert fused.generate(ids, **kwargs).tolist() == want  # transformers' cache: the layers' own forward
     torch_kernels.clear()
     assert FastDecoder(fused, 2, 17).generate(ids, max_new_tokens=8).tolist() == want
-    assert torch_kernels == ["into"] * 4 * 8  # the prompt and each step: straight into the static cache
+    # the prompt and each step: straight into the static cache
+    assert torch_kernels == ["into", "silu"] * 4 * 8
 
 
 def test_gradients_and_compiling_take_the_layers_own_forward(tiny, torch_kernels):
@@ -149,7 +155,7 @@ def test_gradients_and_compiling_take_the_layers_own_forward(tiny, torch_kernels
     plain = mol.build(recipe, device="cpu", dtype=torch.float32, fuse_kernels=False)
     fused = mol.build(recipe, device="cpu", dtype=torch.float32)
     fused.fuse_kernels(CPU)
-    assert all(isinstance(m, RotaryAttention) for m in _attentions(fused))
+    assert all(isinstance(m, Rotary) for m in _attentions(fused))
     ids = _ids()
     torch_kernels.clear()
     want = plain(ids).logits.square().mean()
@@ -173,7 +179,7 @@ def test_attention_of_another_form_is_left_as_written(tmp_path, tokenizer_dir, t
     layers = [e.layer for s in model.slots for e in s.experts]
     for layer in layers:
         layer.self_attn = fused_attention(layer.self_attn)
-    rotating = [isinstance(layer.self_attn, RotaryAttention) for layer in layers]
+    rotating = [isinstance(layer.self_attn, Rotary) for layer in layers]
     if model_type == "olmo2":
         assert not any(rotating)
     else:  # its layers with no rotation stay; those with one rotate
@@ -186,7 +192,7 @@ def test_attention_of_another_form_is_left_as_written(tmp_path, tokenizer_dir, t
 def test_nothing_is_swapped_where_the_kernels_cannot_run(tiny):
     model = mol.build(identity_recipe(tiny("llama")), device="cpu")
     model.fuse_kernels(CPU)
-    assert not any(isinstance(m, RotaryAttention) for m in model.modules())
+    assert not any(isinstance(m, Rotary) for m in model.modules())
 
 
 @interpreter
@@ -196,8 +202,8 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
     script = textwrap.dedent(
         """
         import torch
-        from tests.test_rotary import SHAPES, _rotary_gaps
-        for dtype, shape in SHAPES:  # (the interpreter rounds half precision by truncation: a unit a rounding)
+        from tests.test_layer_kernels import ROTARY_SHAPES, _rotary_gaps
+        for dtype, shape in ROTARY_SHAPES:  # (the interpreter rounds half precision by truncation: a unit a rounding)
             gaps = _rotary_gaps(dtype, shape, "cpu")
             assert max(gaps) <= 3.0, (dtype, shape, gaps)
         import tempfile
@@ -205,8 +211,8 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
         import mol
         from mol.fast import FastDecoder
         from mol.network import attention, kernels
-        from mol.network.rotary import RotaryAttention
-        from tests.test_rotary import _ids
+        from mol.network.rotary import Rotary
+        from tests.test_layer_kernels import _ids
         from tests.tiny_models import identity_recipe, make_model, make_tokenizer
         kernels.available = lambda device: True  # the interpreter runs them on CPU tensors
         kernels.runs_on = lambda device: not torch.is_grad_enabled()
@@ -216,11 +222,11 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
             plain = mol.build(recipe, device="cpu", dtype=torch.float32, fuse_kernels=False)
             fused = mol.build(recipe, device="cpu", dtype=torch.float32)
             fused.fuse_kernels(("cpu",))
-            assert sum(isinstance(m, RotaryAttention) for m in fused.modules()) == 4
+            assert sum(isinstance(m, Rotary) for m in fused.modules()) == 4
             ids = _ids()
             want = plain.generate(ids, max_new_tokens=8, eos_token_id=[], fast=False).tolist()
             assert FastDecoder(fused, 2, 17).generate(ids, max_new_tokens=8).tolist() == want
-        print("ok", len(SHAPES))
+        print("ok", len(ROTARY_SHAPES))
         """
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
@@ -229,18 +235,108 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
         [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", str(len(SHAPES))]
+    assert done.stdout.split() == ["ok", str(len(ROTARY_SHAPES))]
 
 
 @cuda
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_a_cuda_graph_decode_on_rotating_attention_equals_the_unfused_plain_path(tiny, family):
+def test_a_cuda_graph_decode_on_swapped_layers_equals_the_unfused_plain_path(tiny, family):
     recipe = identity_recipe(tiny(family))
     unfused = mol.build(recipe, device="cuda", dtype=torch.float32, fuse_kernels=False)
     fused = mol.build(recipe, device="cuda", dtype=torch.float32)
     fused.fuse_kernels()
-    assert sum(isinstance(m, RotaryAttention) for m in fused.modules()) == 4
+    assert sum(isinstance(m, Rotary) for m in fused.modules()) == 4
+    assert sum(isinstance(m, Gated) for m in fused.modules()) == 4
     ids = _ids().cuda()
     want = unfused.generate(ids, max_new_tokens=16, eos_token_id=[], fast=False)
     got = FastDecoder(fused, 2, 25, cuda_graph=True).generate(ids, torch.ones_like(ids), max_new_tokens=16)
     assert got.tolist() == want.tolist()
+
+
+# ---- gated MLPs ------------------------------------------------------------------------------------------------
+# (dtype, [rows..., width]): halves of one fused product, a width over several of the kernel's blocks
+SILU_SHAPES = [("bfloat16", (2, 3, 96)), ("float32", (1, 5, 3000)), ("float16", (4, 1, 17))]
+
+
+def _silu_gap(dtype, shape, device):
+    """The kernel against torch's silu(gate) * up on the two halves of one product, in units of the dtype's
+    rounding at each value."""
+    g = torch.Generator().manual_seed(shape[-1])
+    both = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 3).to(getattr(torch, dtype)).to(device)
+    gate, up = both.split(shape[-1], -1)
+    want = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul(gate, up)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    unit = torch.finfo(want.dtype).eps * want.float().abs().clamp(min=1e-3)
+    return ((got.float() - want.float()).abs() / unit).max().item()
+
+
+@cuda
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,shape", SILU_SHAPES)
+def test_the_silu_kernel_equals_torch_on_cuda(dtype, shape):
+    # float32: exp and the quotient to their last bits, a few units; half precision: then one rounding
+    assert _silu_gap(dtype, shape, "cuda") <= (4.0 if dtype == "float32" else 1.0)
+
+
+@interpreter
+def test_the_silu_kernel_equals_torch_in_the_triton_interpreter():
+    script = textwrap.dedent(
+        """
+        from tests.test_layer_kernels import SILU_SHAPES, _silu_gap
+        for dtype, shape in SILU_SHAPES:  # (the interpreter rounds half precision by truncation)
+            assert _silu_gap(dtype, shape, "cpu") <= (4.0 if dtype == "float32" else 2.0), (dtype, shape)
+        print("ok", len(SILU_SHAPES))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ok", str(len(SILU_SHAPES))]
+
+
+def test_a_routed_slot_runs_its_experts_gated_mlps_on_their_tokens(tiny, torch_kernels):
+    recipe = mol.Recipe.from_dict(
+        {
+            "name": "routed",
+            "base": "l",
+            "models": {"l": str(tiny("llama")), "q": str(tiny("qwen2"))},
+            "slots": ["l:0", {"experts": ["l:1", "q:1"], "router": {"type": "token"}}, "l:2", "l:3"],
+        }
+    )
+    plain = mol.build(recipe, device="cpu", dtype=torch.float32, fuse_kernels=False)
+    fused = mol.build(recipe, device="cpu", dtype=torch.float32, fuse_kernels=False)
+    with torch.no_grad():
+        for a, b in zip(plain.routed_slots, fused.routed_slots, strict=True):
+            w = torch.randn(a.router.proj.weight.shape, generator=torch.Generator().manual_seed(3)) * 2
+            a.router.proj.weight.copy_(w)
+            b.router.proj.weight.copy_(w)
+    fused.kernel_fusion = True
+    fused.fuse_kernels(CPU)
+    mlps = [m for m in fused.modules() if type(m).__name__.endswith("MLP")]
+    assert len(mlps) == 5 and all(isinstance(m, Gated) for m in mlps)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    ids = _ids(3, 11, 4)
+    rows = []
+    slot = fused.routed_slots[0]
+    expert_mlp = slot.experts[1].layer.mlp
+    expert_mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    torch_kernels.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
+    assert torch_kernels.count("silu") == 5
+    assert 0 < rows[0] < 3 * 11  # the TokenSubset hook still hands the MLP only its chosen tokens
+
+
+def test_an_mlp_of_another_activation_is_left_as_written(tmp_path, tokenizer_dir, torch_kernels):
+    model = mol.build(
+        _identity(_source(tmp_path / "g", tokenizer_dir, "llama", hidden_act="gelu")),
+        device="cpu",
+        dtype=torch.float32,
+        fuse_kernels=False,
+    )
+    mlps = [e.layer.mlp for s in model.slots for e in s.experts]
+    assert all(fused_mlp(m) is m for m in mlps)

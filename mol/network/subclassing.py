@@ -1,0 +1,30 @@
+"""Swapping a source module for one of a subclass of its own class that runs a kernel of mol.network.kernels
+(mol.network.rotary, mol.network.gated_mlp): the swapped-in module shares the original's parameters, buffers,
+submodules and hooks (its `__dict__`), so `state_dict`, loading, export, `isinstance` and the hooks put on it
+(a routed slot's TokenSubset) see what they saw; its forward takes the kernel where it can and its class's own
+forward otherwise. A module is swapped only where, on a probe, the kernel's forward gives what its own gives."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CLASSES: dict[tuple[type, type], type] = {}  # (mixin, module class) -> their subclass
+
+
+def as_subclass(module: nn.Module, mixin: type) -> nn.Module:
+    """`module` as an instance of a subclass of `mixin` and its class, sharing its state."""
+    key = (mixin, type(module))
+    if key not in _CLASSES:
+        name = f"{mixin.__name__}{type(module).__name__}"
+        _CLASSES[key] = type(name, (mixin, type(module)), {"__module__": mixin.__module__})
+    swapped = object.__new__(_CLASSES[key])
+    swapped.__dict__.update(module.__dict__)
+    return swapped
+
+
+def same_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether two outputs of a probe agree: in float32 to rounding, in half precision to about one rounding
+    of the result."""
+    bound = (1e-5 if want.dtype == torch.float32 else 2**-6) * max(1.0, want.float().abs().max().item())
+    return got.shape == want.shape and (got.float() - want.float()).abs().max().item() <= bound

@@ -2,18 +2,13 @@
 lets through, equals the softmax over all keys computed in float32 (and a decode on it gives the plain path's
 tokens): on CUDA and, where Triton is installed, in Triton's interpreter on the CPU."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import mol
 from mol.fast import FastDecoder
 from mol.network import attention, decode_attention
-from tests.test_kernels import interpreter
+from tests.test_kernels import in_the_interpreter, interpreter
 from tests.tiny_models import identity_recipe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -96,8 +91,7 @@ def test_a_row_with_no_key_gets_zeros_on_cuda():
 
 @interpreter
 def test_decode_attention_equals_the_softmax_over_all_keys_in_the_triton_interpreter():
-    script = textwrap.dedent(
-        """
+    script = """
         from tests.test_decode_attention import CASES, _bound, _gap, _ruled_out_row
         for case in CASES:
             if case[0] != "bfloat16":  # (the interpreter's products of bfloat16 matrices are wrong, Triton 3.9)
@@ -106,14 +100,7 @@ def test_decode_attention_equals_the_softmax_over_all_keys_in_the_triton_interpr
         _ruled_out_row("cpu")
         print("ok", len(CASES))
         """
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", str(len(CASES))]
+    assert in_the_interpreter(script) == ["ok", str(len(CASES))]
 
 
 def test_only_one_token_steps_under_a_mask_take_the_kernel():

@@ -30,6 +30,24 @@ def _interpreter_version() -> tuple[int, ...]:
 # Triton's interpreter before 3.9 cannot run a loop over a runtime bound inside a nested kernel function
 interpreter = pytest.mark.skipif(_interpreter_version() < (3, 9), reason="needs Triton 3.9 or later")
 
+
+def in_the_interpreter(script: str) -> list[str]:
+    """The words `script` prints, run in Triton's interpreter (on CPU tensors), which must be chosen before a kernel
+    is defined: in a process of its own, from the repository's root."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
 # RMSNorm: (form, input dtype, weight dtype, [rows, width])
 NORMS = [
     (form, x, w, shape)
@@ -121,8 +139,7 @@ def test_fused_mix_equals_torch_mix_on_cuda(lanes, shape, dtype):
 def test_fused_mix_equals_torch_mix_in_the_triton_interpreter():
     """The kernel's arithmetic checked on the CPU: Triton's interpreter runs it on CPU tensors (it must be chosen
     before the kernel is defined, so in a process of its own)."""
-    script = textwrap.dedent(
-        """
+    script = """
         from tests.test_kernels import CASES, _gap, _inputs, _reference
         import torch
         from mol.network import kernels
@@ -138,14 +155,7 @@ def test_fused_mix_equals_torch_mix_in_the_triton_interpreter():
             assert _norm_gap(*case, "cpu") <= 2.0, case
         print("ok", len(CASES))
         """
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", str(len(CASES))]
+    assert in_the_interpreter(script) == ["ok", str(len(CASES))]
 
 
 def _two_lanes(tiny, mixture, device):

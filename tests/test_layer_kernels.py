@@ -7,11 +7,6 @@ the CPU; the modules' logic (which modules are swapped, which calls take a kerne
 on the CPU also where Triton is absent, with the kernels' functions computed by torch's and transformers'
 operations."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -22,7 +17,7 @@ from mol.network import attention, kernels
 from mol.network.fusing import RMS_FORMS, _rms_kernel
 from mol.network.gated_mlp import Gated, fused_mlp
 from mol.network.rotary import Rotary, fused_attention
-from tests.test_kernels import interpreter
+from tests.test_kernels import in_the_interpreter, interpreter
 from tests.test_more_families import _identity, _source
 from tests.tiny_models import identity_recipe
 
@@ -199,8 +194,7 @@ def test_nothing_is_swapped_where_the_kernels_cannot_run(tiny):
 def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
     """The kernels' arithmetic on the CPU, in Triton's interpreter (chosen before a kernel is defined, so in a
     process of its own), and a fast decoder on them giving the plain path's tokens."""
-    script = textwrap.dedent(
-        """
+    script = """
         import torch
         from tests.test_layer_kernels import ROTARY_SHAPES, _rotary_gaps
         for dtype, shape in ROTARY_SHAPES:  # (the interpreter rounds half precision by truncation: a unit a rounding)
@@ -228,14 +222,7 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
             assert FastDecoder(fused, 2, 17).generate(ids, max_new_tokens=8).tolist() == want
         print("ok", len(ROTARY_SHAPES))
         """
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", str(len(ROTARY_SHAPES))]
+    assert in_the_interpreter(script) == ["ok", str(len(ROTARY_SHAPES))]
 
 
 @cuda
@@ -282,21 +269,13 @@ def test_the_silu_kernel_equals_torch_on_cuda(dtype, shape):
 
 @interpreter
 def test_the_silu_kernel_equals_torch_in_the_triton_interpreter():
-    script = textwrap.dedent(
-        """
+    script = """
         from tests.test_layer_kernels import SILU_SHAPES, _silu_gap
         for dtype, shape in SILU_SHAPES:  # (the interpreter rounds half precision by truncation)
             assert _silu_gap(dtype, shape, "cpu") <= (4.0 if dtype == "float32" else 2.0), (dtype, shape)
         print("ok", len(SILU_SHAPES))
         """
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", str(len(SILU_SHAPES))]
+    assert in_the_interpreter(script) == ["ok", str(len(SILU_SHAPES))]
 
 
 def test_a_routed_slot_runs_its_experts_gated_mlps_on_their_tokens(tiny, torch_kernels):

@@ -7,6 +7,9 @@ the CPU; the modules' logic (which modules are swapped, which calls take a kerne
 on the CPU also where Triton is absent, with the kernels' functions computed by torch's and transformers'
 operations."""
 
+import copy
+import io
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -320,3 +323,19 @@ def test_an_mlp_of_another_activation_is_left_as_written(tmp_path, tokenizer_dir
     )
     mlps = [e.layer.mlp for s in model.slots for e in s.experts]
     assert all(fused_mlp(m) is m for m in mlps)
+
+
+def test_swapped_modules_copy_and_pickle_as_their_subclass(tiny, torch_kernels):
+    model = mol.build(identity_recipe(tiny("llama")), device="cpu", dtype=torch.float32)
+    model.fuse_kernels(CPU)
+    layer = model.slots[0].experts[0].layer
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert type(twin.self_attn) is type(layer.self_attn) and isinstance(twin.self_attn, Rotary)
+        assert type(twin.mlp) is type(layer.mlp) and isinstance(twin.mlp, Gated)
+        assert twin.mlp.up_proj.weight.data_ptr() != layer.mlp.up_proj.weight.data_ptr()
+        x = torch.randn(2, 3, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(twin.mlp(x), layer.mlp(x), rtol=0, atol=0)

@@ -14,13 +14,24 @@ _CLASSES: dict[tuple[type, type], type] = {}  # (mixin, module class) -> their s
 
 def as_subclass(module: nn.Module, mixin: type) -> nn.Module:
     """`module` as an instance of a subclass of `mixin` and its class, sharing its state."""
-    key = (mixin, type(module))
-    if key not in _CLASSES:
-        name = f"{mixin.__name__}{type(module).__name__}"
-        _CLASSES[key] = type(name, (mixin, type(module)), {"__module__": mixin.__module__})
-    swapped = object.__new__(_CLASSES[key])
+    swapped = _blank(mixin, type(module))
     swapped.__dict__.update(module.__dict__)
     return swapped
+
+
+def _blank(mixin: type, base: type) -> nn.Module:
+    """An instance of the subclass of `mixin` and `base`, with no state yet (made once, not importable by name:
+    pickled and copied through this function)."""
+    if (mixin, base) not in _CLASSES:
+
+        def reduce(self, protocol):
+            return _blank, (mixin, base), self.__dict__
+
+        name = f"{mixin.__name__}{base.__name__}"
+        _CLASSES[mixin, base] = type(
+            name, (mixin, base), {"__module__": mixin.__module__, "__reduce_ex__": reduce}
+        )
+    return object.__new__(_CLASSES[mixin, base])
 
 
 def same_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -141,7 +141,9 @@ def test_swapped_attention_keeps_names_state_and_outputs(tiny, torch_kernels, fa
     assert torch_kernels == ["rotate", "silu"] * 4  # no cache: the rotation alone
     kwargs = dict(max_new_tokens=8, eos_token_id=[], fast=False)
     want = plain.generate(ids, **kwargs).tolist()
-    assert fused.generate(ids, **kwargs).tolist() == want  # transformers' cache: the layers' own forward
+    torch_kernels.clear()
+    assert fused.generate(ids, **kwargs).tolist() == want  # the plain path: rotated before its cache's update
+    assert torch_kernels == ["rotate", "silu"] * 4 * 8
     torch_kernels.clear()
     assert FastDecoder(fused, 2, 17).generate(ids, max_new_tokens=8).tolist() == want
     # the prompt and each step: straight into the static cache
@@ -223,6 +225,7 @@ def test_the_rotary_kernels_equal_transformers_in_the_triton_interpreter():
             ids = _ids()
             want = plain.generate(ids, max_new_tokens=8, eos_token_id=[], fast=False).tolist()
             assert FastDecoder(fused, 2, 17).generate(ids, max_new_tokens=8).tolist() == want
+            assert fused.generate(ids, max_new_tokens=8, eos_token_id=[], fast=False).tolist() == want
         print("ok", len(ROTARY_SHAPES))
         """
     assert in_the_interpreter(script) == ["ok", str(len(ROTARY_SHAPES))]
@@ -241,6 +244,7 @@ def test_a_cuda_graph_decode_on_swapped_layers_equals_the_unfused_plain_path(tin
     want = unfused.generate(ids, max_new_tokens=16, eos_token_id=[], fast=False)
     got = FastDecoder(fused, 2, 25, cuda_graph=True).generate(ids, torch.ones_like(ids), max_new_tokens=16)
     assert got.tolist() == want.tolist()
+    assert fused.generate(ids, max_new_tokens=16, eos_token_id=[], fast=False).tolist() == want.tolist()
 
 
 # ---- gated MLPs ------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ spends a dozen small kernels a layer between its products on the rotary embeddin
 two products and a sum, for the queries and for the keys) and the cache's two copies: at batch 1 on a GPU, about
 a third of a decode step's kernels. `fused_attention` swaps such a module for one of a subclass of its own class
 (mol.network.subclassing) whose forward runs them as one Triton kernel (mol.network.kernels.rotate_into: the keys
-and values written straight into a static cache's buffers, or `rotate` where there is no cache) and otherwise its
-class's own forward: on the CPU, under torch.compile (inductor fuses the same work), with a gradient wanted, with
-another cache."""
+and values written straight into a static cache's buffers; `rotate` before a DynamicCache's update, or where
+there is no cache) and otherwise its class's own forward: on the CPU, under torch.compile (inductor fuses the
+same work), with a gradient wanted, with another cache."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import weakref
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
@@ -32,7 +33,8 @@ class Rotary(nn.Module):
 
     def rotates(self, hidden_states: torch.Tensor, position_embeddings, cache) -> bool:
         """Whether this call runs the kernel: on its device now, not training, cos/sin over whole heads, an
-        attention function of transformers' (not eager) and a static cache (mol.fast.StaticKV) or none."""
+        attention function of transformers' (not eager), and a static cache (mol.fast.StaticKV, written by the
+        kernel), a DynamicCache (the plain path's, updated as it is) or none."""
         impl = self.config._attn_implementation
         return (
             kernels.runs_on(hidden_states.device)
@@ -42,7 +44,7 @@ class Rotary(nn.Module):
             and position_embeddings[0].shape[-1] == self.head_dim
             and impl != "eager"
             and impl in ALL_ATTENTION_FUNCTIONS
-            and (cache is None or hasattr(cache, "static_buffers"))
+            and (cache is None or hasattr(cache, "static_buffers") or isinstance(cache, DynamicCache))
         )
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -60,9 +62,11 @@ class Rotary(nn.Module):
         if getattr(self, "q_norm", None) is not None:  # Qwen3: each head normed before its rotation
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        if cache is None:
+        if not hasattr(cache, "static_buffers"):
             q, k = kernels.rotate(q, k, cos, sin)
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:  # a DynamicCache: its own update, which reads no more than these
+                keys, values = cache.update(keys, values, self.layer_idx)
         else:
             keys, values = cache.static_buffers(self.layer_idx, v, torch.result_type(k, cos))
             q = kernels.rotate_into(q, k, v, cos, sin, keys, values, cache.write)

@@ -343,3 +343,17 @@ def test_swapped_modules_copy_and_pickle_as_their_subclass(tiny, torch_kernels):
         x = torch.randn(2, 3, 64)
         with torch.no_grad():
             torch.testing.assert_close(twin.mlp(x), layer.mlp(x), rtol=0, atol=0)
+
+
+def test_a_module_whose_probe_fails_to_run_keeps_its_forward(tiny, torch_kernels):
+    model = mol.build(identity_recipe(tiny("llama")), device="cpu", dtype=torch.float32, fuse_kernels=False)
+    attn = model.slots[0].experts[0].layer.self_attn
+
+    class Picky(type(attn)):  # a forward that takes another argument than transformers' does
+        def forward(self, hidden_states, position_embeddings, attention_mask, extra, **kwargs):
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+
+    picky = Picky.__new__(Picky)
+    picky.__dict__.update(attn.__dict__)
+    assert fused_attention(picky) is picky
+    assert isinstance(fused_attention(attn), Rotary)  # the module as transformers wrote it

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
-from .subclassing import as_subclass, same_to_rounding
+from .subclassing import as_subclass, probe_passes, same_to_rounding
 
 _CACHE_NAMES = ("past_key_values", "cache")  # the cache's keyword, by transformers release
 # Modules the probe found otherwise: not probed again at the next fusing (each probe waits on the device).
@@ -102,9 +102,8 @@ def _same_on_a_probe(module: nn.Module, fused: nn.Module) -> bool:
     angles = torch.rand(1, 3, module.head_dim, generator=g) * 6.3
     cos, sin = angles.cos().to(w.device, w.dtype), angles.sin().to(w.device, w.dtype)
     with torch.no_grad():
-        return same_to_rounding(
-            fused(x, (cos, sin), None)[0], type(module).forward(module, x, (cos, sin), None)[0]
-        )
+        got = Rotary.forward(fused, x, (cos, sin), None)[0]  # (no hooks of the module run)
+        return same_to_rounding(got, type(module).forward(module, x, (cos, sin), None)[0])
 
 
 def fused_attention(module: nn.Module) -> nn.Module:
@@ -117,7 +116,7 @@ def fused_attention(module: nn.Module) -> nn.Module:
     if module.training or not kernels.available(module.q_proj.weight.device):
         return module
     fused = as_subclass(module, Rotary)
-    if _same_on_a_probe(module, fused):
+    if probe_passes(lambda: _same_on_a_probe(module, fused)):
         return fused
     _UNMATCHED.add(module)
     return module

@@ -39,3 +39,12 @@ def same_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
     of the result."""
     bound = (1e-5 if want.dtype == torch.float32 else 2**-6) * max(1.0, want.float().abs().max().item())
     return got.shape == want.shape and (got.float() - want.float()).abs().max().item() <= bound
+
+
+def probe_passes(probe) -> bool:
+    """`probe()`, where a probe that fails to run (a forward that takes other arguments, shapes the kernel's
+    forward does not expect) counts as a mismatch: the module keeps its own forward."""
+    try:
+        return bool(probe())
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+        return False

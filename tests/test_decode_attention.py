@@ -107,11 +107,17 @@ def test_only_one_token_steps_under_a_mask_take_the_kernel():
     q = torch.zeros(1, 4, 1, 16)
     k = torch.zeros(1, 2, 10, 16)
     mask = torch.zeros(1, 1, 1, 10)
-    assert decode_attention.supports(q, k, mask)
-    assert not decode_attention.supports(q, k, None)  # plainly causal: SDPA's own
-    assert not decode_attention.supports(torch.zeros(1, 4, 2, 16), k, torch.zeros(1, 1, 2, 10))  # a prompt
-    assert not decode_attention.supports(torch.zeros(1, 4, 1, 512), torch.zeros(1, 2, 10, 512), mask)
-    assert not decode_attention.supports(q, k, torch.zeros(1, 1, 1, 9))  # fewer mask columns than keys
+    assert decode_attention.supports(q, k, k, mask)
+    assert not decode_attention.supports(q, k, k, None)  # plainly causal: SDPA's own
+    assert not decode_attention.supports(torch.zeros(1, 4, 2, 16), k, k, torch.zeros(1, 1, 2, 10))  # a prompt
+    wide = torch.zeros(1, 2, 10, 512)
+    assert not decode_attention.supports(torch.zeros(1, 4, 1, 512), wide, wide, mask)  # heads over 256
+    assert not decode_attention.supports(q, k, k, torch.zeros(1, 1, 1, 9))  # fewer mask columns than keys
+    assert not decode_attention.supports(torch.zeros(1, 3, 1, 16), k, k, mask)  # 3 heads over 2 KV heads
+    assert not decode_attention.supports(q, k, k.bfloat16(), mask)  # values of another dtype
+    assert not decode_attention.supports(q, k, k, torch.zeros(3, 1, 1, 10))  # a mask of another batch
+    strided = torch.zeros(1, 2, 10, 32)[..., ::2]
+    assert not decode_attention.supports(q, strided, strided, mask)  # rows not contiguous
 
 
 @cuda

@@ -31,9 +31,9 @@ def mol_sdpa(
     plain = (
         kwargs.get("softcap") is None and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
     )
-    if plain and dropout == 0.0 and runs_on(query.device) and supports(query, key, attention_mask):
+    if plain and dropout == 0.0 and runs_on(query.device) and supports(query, key, value, attention_mask):
         b, heads, _, d = query.shape
-        rows = query.reshape(b, key.shape[1], groups, d)
+        rows = query.reshape(b, key.shape[1], heads // key.shape[1], d)  # [B, kv heads, its query heads, D]
         scale = scaling if scaling is not None else d**-0.5
         out = decode_attention(rows, key, value, attention_mask, scale)
         return out.reshape(b, heads, 1, d).transpose(1, 2), None

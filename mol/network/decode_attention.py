@@ -26,18 +26,24 @@ NUM_WARPS = 4
 MAX_HEAD_DIM = 256
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the kernel takes this call: one query position, a mask of [B, 1, 1 or query rows, keys] (additive
-    or boolean), a head size up to MAX_HEAD_DIM."""
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the kernel takes this call: one query position [B, heads, 1, D] over keys and values [B, KV heads,
+    N, D] whose KV heads divide the heads, each row's last dimension contiguous, one dtype; a mask of [B or 1, 1,
+    1 or query rows, >= N] (additive or boolean); a head size up to MAX_HEAD_DIM."""
     return (
-        query.shape[-2] == 1
+        query.dim() == key.dim() == value.dim() == 4
+        and query.shape[-2] == 1
+        and query.shape[1] % key.shape[1] == 0
+        and key.shape == value.shape
+        and query.shape[-1] == key.shape[-1] <= MAX_HEAD_DIM
+        and query.dtype == key.dtype == value.dtype
+        and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and mask is not None
         and mask.dim() == 4
+        and mask.shape[0] in (1, query.shape[0])
         and mask.shape[1] == 1
         and mask.shape[-1] >= key.shape[2]
-        and query.shape[-1] <= MAX_HEAD_DIM
-        and query.dtype == key.dtype
-        and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
 
 

@@ -32,16 +32,22 @@ class Rotary(nn.Module):
     as one kernel where they can be (`rotates`)."""
 
     def rotates(self, hidden_states: torch.Tensor, position_embeddings, cache) -> bool:
-        """Whether this call runs the kernel: on its device now, not training, cos/sin over whole heads, an
+        """Whether this call runs the kernel: on its device now, not training, cos/sin [B or 1, T, head size], an
         attention function of transformers' (not eager), and a static cache (mol.fast.StaticKV, written by the
         kernel), a DynamicCache (the plain path's, updated as it is) or none."""
         impl = self.config._attn_implementation
+        b, t = hidden_states.shape[:2]
         return (
             kernels.runs_on(hidden_states.device)
             and not self.training
             and isinstance(position_embeddings, tuple | list)
-            and position_embeddings[0].dim() == 3
-            and position_embeddings[0].shape[-1] == self.head_dim
+            and all(
+                f.dim() == 3
+                and f.shape[0] in (1, b)
+                and f.shape[1:] == (t, self.head_dim)
+                and f.stride(-1) == 1
+                for f in position_embeddings
+            )
             and impl != "eager"
             and impl in ALL_ATTENTION_FUNCTIONS
             and (cache is None or hasattr(cache, "static_buffers") or isinstance(cache, DynamicCache))

@@ -232,3 +232,22 @@ def test_a_fused_norm_runs_the_kernel_only_with_no_gradient_wanted(monkeypatch):
         got = fused(x)
     assert calls == [1]
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@torch.no_grad()
+def test_each_kernel_runs_on_its_tensors_gpu_while_another_is_current():
+    """A model placed over two GPUs: its second GPU's layers launch their kernels there (Triton launches on the
+    current device, the first)."""
+    from tests.test_decode_attention import CASES as ATTENTION
+    from tests.test_decode_attention import _bound
+    from tests.test_decode_attention import _gap as attention_gap
+    from tests.test_layer_kernels import ROTARY_SHAPES, SILU_SHAPES, _rotary_gaps, _silu_gap
+
+    assert torch.cuda.current_device() == 0
+    assert _norm_gap(*NORMS[0], "cuda:1") <= 1.0
+    logits, scores = _inputs(*CASES[0], "cuda:1")
+    assert _gap(fused_mix(logits, scores), _reference(logits, scores)) <= 1e-4
+    assert max(_rotary_gaps(*ROTARY_SHAPES[1], "cuda:1")) <= 1.0
+    assert _silu_gap(*SILU_SHAPES[0], "cuda:1") <= 1.0
+    assert attention_gap(ATTENTION[1], "cuda:1") <= _bound(ATTENTION[1][0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import triton
+from .kernels import on_its_device, triton
 
 if triton is not None:
     import triton.language as tl
@@ -47,6 +47,7 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     )
 
 
+@on_its_device
 def decode_attention(
     rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -8,6 +8,8 @@ process on first use (a second or so) and keeps it on disk."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -30,11 +32,28 @@ def runs_on(device: torch.device) -> bool:
     return available(device) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def on_its_device(fn):
+    """`fn` run with its first tensor's CUDA device current: Triton launches a kernel on the current device, which
+    is not the tensors' where a model is placed over several GPUs."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = args[0][0] if isinstance(args[0], list | tuple) else args[0]
+        index = first.device.index
+        if first.device.type != "cuda" or index is None or index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _block(v: int) -> int:
     return min(BLOCK, triton.next_power_of_2(v))
 
 
 # ---- the lanes' mixture --------------------------------------------------------------------------------------
+@on_its_device
 def mix_lanes(logits: list[torch.Tensor], log_gate: torch.Tensor) -> torch.Tensor:
     """log sum_l exp(log_gate_l + log_softmax(logits_l)), [B, T, V] float32: `logits` [B, T, V] each (the last
     dimension contiguous), `log_gate` [B, T, lanes]."""
@@ -66,6 +85,7 @@ def mix_lanes(logits: list[torch.Tensor], log_gate: torch.Tensor) -> torch.Tenso
     return out
 
 
+@on_its_device
 def log_normalisers(logits: torch.Tensor) -> torch.Tensor:
     """log sum_x exp(z(x)) of each row of `logits` ([B, T, V], the last dimension contiguous), [B, T] float32."""
     b, t, v = logits.shape
@@ -81,6 +101,7 @@ FORMS = {"scale_after_cast": 0, "scale_before_cast": 1, "one_plus_weight": 2}
 MAX_NORM_WIDTH = 16384  # a row is held in one program's registers; wider rows take torch's form
 
 
+@on_its_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, form: str) -> torch.Tensor:
     """The RMSNorm of `x` over its last dimension in `form`, with the dtype torch's operations of that form give."""
     d = x.shape[-1]
@@ -105,6 +126,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, form: str) -> to
 
 
 # ---- rotary embedding -----------------------------------------------------------------------------------------
+@on_its_device
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """transformers' rotary embedding (`x * cos + rotate_half(x) * sin`, rounded as its operations round) of
     `q` [B, T, H, D] and `k` [B, T, KV heads, D] (the last dimension contiguous) by `cos`, `sin` [B or 1, T, D]:
@@ -116,6 +138,7 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     ), k_out
 
 
+@on_its_device
 def rotate_into(
     q, k, v, cos, sin, keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor
 ) -> torch.Tensor:
@@ -167,6 +190,7 @@ def _rotary(q, k, v, cos, sin, k_out, v_out, write, ko_sb, ko_sh, ko_st) -> torc
 
 
 # ---- a gated MLP's activation ---------------------------------------------------------------------------------
+@on_its_device
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (`gate`, `up` [..., I] of one dtype, each row's last dimension contiguous, as slices of a
     fused gate/up product are), in one kernel where torch takes two."""

@@ -254,8 +254,9 @@ def fused_norm(module: nn.Module, devices: tuple[str, ...] = DEVICES) -> nn.Modu
 # ---- a layer --------------------------------------------------------------------------------------------------
 def fuse_layer(layer: nn.Module, groups, devices: tuple[str, ...] = DEVICES) -> None:
     """Swap in `layer` the FusedLinears of each group of projections (paths relative to the layer) that can be
-    fused, and FusedRMSNorms for its norms, where their weights sit on a device of a type in `devices` (a layer
-    fused already is left as it is)."""
+    fused, FusedRMSNorms for its norms, and the kernels' subclasses of its Llama-form attention and MLP (where
+    Triton's kernels can run), where their weights sit on a device of a type in `devices` (a layer fused already
+    is left as it is)."""
     for paths in groups:
         fuse_projections(layer, paths, devices)
     for path, module in list(layer.named_modules()):

@@ -465,8 +465,9 @@ class MoLNetwork(nn.Module):
         return sorted({e.window for s in self.all_slots for e in s.experts if e.window is not None})
 
     def fuse_kernels(self, devices: tuple[str, ...] = FUSED_DEVICES) -> None:
-        """Run each source layer's projections of one input as one matrix product and its RMSNorms as one kernel
-        (mol.network.fusing), for the layers on a device of a type in `devices` (CUDA: on the CPU it does not
+        """Run each source layer's projections of one input as one matrix product, its RMSNorms as one kernel,
+        and its Llama-form attention's rotary embedding and cache write and its MLP's activation as one kernel
+        each (mol.network.fusing), for the layers on a device of a type in `devices` (CUDA: on the CPU it does not
         pay), unless `kernel_fusion` is off: same tensors and memory, outputs as before to rounding. Layers fused
         already are skipped, so building, a fast decoder and the plain `generate` each call it (a model moved to a GPU
         after building is fused at its first `generate`)."""

@@ -31,19 +31,24 @@ def mol_sdpa(
     plain = (
         kwargs.get("softcap") is None and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
     )
-    if plain and dropout == 0.0 and runs_on(query.device) and supports(query, key, value, attention_mask):
+    kernel = (
+        plain and dropout == 0.0 and runs_on(query.device) and supports(query, key, value, attention_mask)
+    )
+    if kernel or (
+        groups > 1 and query.shape[2] == 1 and attention_mask is not None and dropout == 0.0 and plain
+    ):
         b, heads, _, d = query.shape
-        rows = query.reshape(b, key.shape[1], heads // key.shape[1], d)  # [B, kv heads, its query heads, D]
-        scale = scaling if scaling is not None else d**-0.5
-        out = decode_attention(rows, key, value, attention_mask, scale)
-        return out.reshape(b, heads, 1, d).transpose(1, 2), None
-    if groups > 1 and query.shape[2] == 1 and attention_mask is not None and dropout == 0.0 and plain:
-        b, heads, _, d = query.shape
+        groups = heads // key.shape[1]
         rows = query.reshape(b, key.shape[1], groups, d)  # [B, kv heads, its query heads, D]
-        mask = attention_mask[:, :, :, : key.shape[2]].expand(b, 1, groups, key.shape[2])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            rows, key, value, attn_mask=mask, scale=scaling
-        )
+        if kernel:
+            out = decode_attention(
+                rows, key, value, attention_mask, scaling if scaling is not None else d**-0.5
+            )
+        else:
+            mask = attention_mask[:, :, :, : key.shape[2]].expand(b, 1, groups, key.shape[2])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                rows, key, value, attn_mask=mask, scale=scaling
+            )
         return out.reshape(b, heads, 1, d).transpose(
             1, 2
         ), None  # [B, 1, heads, D], as transformers returns it

@@ -3,8 +3,8 @@
 A fast decoder's static cache hands attention all of its capacity, the mask ruling out what is not written yet;
 torch's SDPA reads every key, and for one query position its kernel is mostly latency. Here one program takes
 one key-value head's query rows (its group of query heads, stacked, as mol.network.attention does for SDPA) over
-a chunk of keys, and skips each block of keys the mask rules out
-entirely: the softmax over the keys it reads is the softmax over all (a ruled-out key's weight is exp(-inf)).
+a chunk of keys, and skips each block of keys the mask rules out entirely: the softmax over the keys it reads is
+the softmax over all (a ruled-out key's weight is exp(-inf)).
 The chunks of a cache run side by side, their partial softmaxes combined by a second kernel. A row the mask rules
 out entirely (no key at all) gets zeros."""
 
@@ -19,7 +19,7 @@ if triton is not None:
 
 # Keys one program reads at most, keys it reads at once, its warps. On an H200, bfloat16, 8 query heads a key-value
 # head of 64: 5.6-7.0 us for 40-200 of 384 keys (torch's SDPA 10.2), 11.0 for 1500 of 2048 (34.0); a chunk of 512
-# is quicker for a few keys (4.6) but slower over more (8.6, 17.8). bench/perf: decode_attention
+# is quicker for a few keys (4.6) but slower over more (8.6, 17.8). bench/perf: decode_profile.attention
 CHUNK = 128
 BLOCK_N = 64
 NUM_WARPS = 4

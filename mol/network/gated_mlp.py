@@ -6,16 +6,11 @@ it (TokenSubset) stay; its class's own forward runs on the CPU, under torch.comp
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from . import kernels
-from .subclassing import as_subclass, probe_passes, same_to_rounding
-
-# Modules the probe found otherwise (another activation): not probed again at the next fusing.
-_UNMATCHED: weakref.WeakSet = weakref.WeakSet()
+from .subclassing import same_to_rounding, swapped_where_same
 
 
 class Gated(nn.Module):
@@ -30,7 +25,7 @@ class Gated(nn.Module):
 def fused_mlp(module: nn.Module) -> nn.Module:
     """`module` as its gated subclass where it has Linear gate, up and down projections, sits where the kernel
     runs and gives its own outputs on a probe (its activation is SiLU); otherwise `module`."""
-    if isinstance(module, Gated) or module in _UNMATCHED or hasattr(module, "_hf_hook") or module.training:
+    if isinstance(module, Gated) or hasattr(module, "_hf_hook") or module.training:
         return module
     projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, nn.Linear) for p in projections) or not hasattr(module, "act_fn"):
@@ -38,14 +33,10 @@ def fused_mlp(module: nn.Module) -> nn.Module:
     w = projections[0].weight
     if not kernels.available(w.device):
         return module
-    fused = as_subclass(module, Gated)
     x = torch.randn(1, 3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype) * 3
 
-    def same() -> bool:
+    def same(fused) -> bool:
         with torch.no_grad():  # (the forwards called directly: no hooks of the module run)
             return same_to_rounding(Gated.forward(fused, x), type(module).forward(module, x))
 
-    if probe_passes(same):
-        return fused
-    _UNMATCHED.add(module)
-    return module
+    return swapped_where_same(module, Gated, same)

@@ -1,10 +1,11 @@
 """Hand-written Triton kernels for the work between the matrix products that torch runs as several small kernels
 (each a launch and a pass over memory): the lanes' output mixture (mol.network.mixing), an RMSNorm in each of
-its forms (mol.network.fusing), an attention layer's rotary embedding with its cache write
-(mol.network.rotary) and a gated MLP's activation (mol.network.gated_mlp). They run where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels
-bring it), no gradient wanted (they have no backward), not under torch.compile (which fuses the same work
-itself); elsewhere their callers run the torch operations they stand for. Triton compiles each kernel once per
-process on first use (a second or so) and keeps it on disk."""
+its forms (mol.network.fusing), an attention layer's rotary embedding with its cache write (mol.network.rotary)
+and a gated MLP's activation (mol.network.gated_mlp); mol.network.decode_attention holds one more. They run
+where `runs_on` says: a CUDA device with Triton (torch's CUDA wheels bring it), no gradient wanted (they have no
+backward), not under torch.compile (which fuses the same work itself); elsewhere their callers run the torch
+operations they stand for. Triton compiles each kernel once per process on first use (a second or so) and keeps
+it on disk."""
 
 from __future__ import annotations
 

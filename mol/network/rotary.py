@@ -12,19 +12,15 @@ same work), with a gradient wanted, with another cache."""
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
-from .subclassing import as_subclass, probe_passes, same_to_rounding
+from .subclassing import same_to_rounding, swapped_where_same
 
 _CACHE_NAMES = ("past_key_values", "cache")  # the cache's keyword, by transformers release
-# Modules the probe found otherwise: not probed again at the next fusing (each probe waits on the device).
-_UNMATCHED: weakref.WeakSet = weakref.WeakSet()
 
 
 class Rotary(nn.Module):
@@ -115,14 +111,8 @@ def _same_on_a_probe(module: nn.Module, fused: nn.Module) -> bool:
 def fused_attention(module: nn.Module) -> nn.Module:
     """`module` as its rotating subclass where it has the Llama form, sits where the kernel runs and gives its
     own outputs on a probe; otherwise `module`."""
-    if isinstance(module, Rotary) or module in _UNMATCHED:
-        return module
-    if not _llama_form(module) or hasattr(module, "_hf_hook"):
+    if isinstance(module, Rotary) or not _llama_form(module) or hasattr(module, "_hf_hook"):
         return module
     if module.training or not kernels.available(module.q_proj.weight.device):
         return module
-    fused = as_subclass(module, Rotary)
-    if probe_passes(lambda: _same_on_a_probe(module, fused)):
-        return fused
-    _UNMATCHED.add(module)
-    return module
+    return swapped_where_same(module, Rotary, lambda fused: _same_on_a_probe(module, fused))

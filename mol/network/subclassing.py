@@ -6,10 +6,13 @@ forward otherwise. A module is swapped only where, on a probe, the kernel's forw
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 _CLASSES: dict[tuple[type, type], type] = {}  # (mixin, module class) -> their subclass
+_UNMATCHED: dict[type, weakref.WeakSet] = {}  # mixin -> the modules its probe found otherwise
 
 
 def as_subclass(module: nn.Module, mixin: type) -> nn.Module:
@@ -41,10 +44,19 @@ def same_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
     return got.shape == want.shape and (got.float() - want.float()).abs().max().item() <= bound
 
 
-def probe_passes(probe) -> bool:
-    """`probe()`, where a probe that fails to run (a forward that takes other arguments, shapes the kernel's
-    forward does not expect) counts as a mismatch: the module keeps its own forward."""
+def swapped_where_same(module: nn.Module, mixin: type, same) -> nn.Module:
+    """`module` as its `mixin` subclass where `same(swapped)` finds, on a probe, the kernel's forward giving the
+    module's own outputs; otherwise `module`, not probed again (each probe waits on the device). A probe that
+    fails to run (a forward that takes other arguments, shapes the kernel's forward does not expect) counts as a
+    mismatch: the module keeps its own forward."""
+    unmatched = _UNMATCHED.setdefault(mixin, weakref.WeakSet())
+    if isinstance(module, mixin) or module in unmatched:
+        return module
+    swapped = as_subclass(module, mixin)
     try:
-        return bool(probe())
+        if same(swapped):
+            return swapped
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
-        return False
+        pass
+    unmatched.add(module)
+    return module
